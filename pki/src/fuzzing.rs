@@ -1,0 +1,134 @@
+//! Invariant checks over untrusted bytes, shared by the cargo-fuzz targets in
+//! `fuzz/` and the corpus replay test, so CI runs what the fuzzers run.
+//!
+//! Each function panics only when an invariant breaks: a parse that
+//! succeeds must round-trip, and nothing may panic on any input.
+
+// Panicking on a broken invariant is how a fuzz oracle reports it.
+#![allow(clippy::expect_used, clippy::panic)]
+
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime};
+
+use crate::bundle::Bundle;
+use crate::id::{SpiffeId, TrustDomain};
+use crate::jwt::{JwtSigner, verify_jwt_svid};
+use crate::key::{KeyAlgorithm, KeyPair};
+use crate::x509::{Csr, SvidParams, X509Ca};
+
+/// SPIFFE ID and trust domain parsing: print(parse(s)) == s, and parse again
+/// gives the same value.
+pub fn spiffe_id(data: &[u8]) {
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(id) = s.parse::<SpiffeId>() {
+        assert_eq!(id.to_string(), s);
+        let again: SpiffeId = id.to_string().parse().expect("printed ID reparses");
+        assert_eq!(again, id);
+        assert!(id.as_str().len() <= crate::id::MAX_SPIFFE_ID_LEN);
+        assert_eq!(
+            format!("spiffe://{}{}", id.trust_domain(), id.path()),
+            s,
+            "trust domain and path split"
+        );
+    }
+    if let Ok(td) = TrustDomain::new(s) {
+        assert_eq!(td.to_string(), s);
+        assert_eq!(td.id().trust_domain(), &td);
+    }
+    let _ = s.parse::<TrustDomain>();
+}
+
+struct JwtFixture {
+    bundle: Bundle,
+    signer: JwtSigner,
+}
+
+fn jwt_fixture() -> &'static JwtFixture {
+    static FIXTURE: OnceLock<JwtFixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let td = TrustDomain::new("example.org").expect("literal trust domain");
+        let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).expect("key generation");
+        let signer = JwtSigner::new(key, "fuzz", None, SystemTime::UNIX_EPOCH + Duration::from_secs(4_000_000_000))
+            .expect("signer");
+        let mut bundle = Bundle::new(td);
+        bundle.add_jwt_authority(signer.authority().clone()).expect("authority");
+        JwtFixture { bundle, signer }
+    })
+}
+
+/// JWT-SVID verification never panics; a token that verifies has a workload
+/// subject and the expected audience. Also mints a token whose claims come
+/// from the input and checks that it verifies.
+pub fn jwt(data: &[u8]) {
+    let fx = jwt_fixture();
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let token = String::from_utf8_lossy(data);
+    if let Ok(v) = verify_jwt_svid(&token, &fx.bundle, "fuzz", now) {
+        assert!(!v.spiffe_id.is_trust_domain_id());
+        assert!(v.audiences.iter().any(|a| a == "fuzz"));
+    }
+    // Mint with input-derived audience and path; a mint that succeeds must verify.
+    let text = String::from_utf8_lossy(data);
+    let mut parts = text.splitn(2, '\n');
+    let path = parts.next().unwrap_or_default();
+    let audience = parts.next().unwrap_or("fuzz").to_owned();
+    if let Ok(id) = fx.bundle.trust_domain().spiffe_id(&format!("/{path}")) {
+        if let Ok(svid) = fx.signer.mint(&id, std::slice::from_ref(&audience), Duration::from_secs(60), now) {
+            let v = verify_jwt_svid(&svid.token, &fx.bundle, &audience, now)
+                .expect("a minted token verifies");
+            assert_eq!(v.spiffe_id, id);
+        }
+    }
+}
+
+/// Bundle decoding never panics, and decode(encode(b)) == b for the SPIFFE
+/// format; likewise for the plain JWKS.
+pub fn bundle(data: &[u8]) {
+    let td = TrustDomain::new("example.org").expect("literal trust domain");
+    if let Ok(b) = Bundle::from_spiffe_json(td.clone(), data) {
+        let again = Bundle::from_spiffe_json(td.clone(), b.to_spiffe_json().as_bytes())
+            .expect("encoded bundle decodes");
+        assert_eq!(again, b);
+    }
+    if let Ok(b) = Bundle::from_jwks_json(td.clone(), data) {
+        let again = Bundle::from_jwks_json(td, b.to_jwks_json().as_bytes())
+            .expect("encoded JWKS decodes");
+        assert_eq!(
+            again.jwt_authorities().collect::<Vec<_>>(),
+            b.jwt_authorities().collect::<Vec<_>>()
+        );
+    }
+}
+
+fn ca_fixture() -> &'static X509Ca {
+    static CA: OnceLock<X509Ca> = OnceLock::new();
+    CA.get_or_init(|| {
+        let td = TrustDomain::new("example.org").expect("literal trust domain");
+        let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).expect("key generation");
+        X509Ca::new_root(td, key, Duration::from_secs(86400 * 365 * 50), SystemTime::now())
+            .expect("root CA")
+    })
+}
+
+/// CSR parsing never panics; an accepted CSR's key can be certified, and the
+/// certificate names the entry's ID (never one from the CSR).
+pub fn csr(data: &[u8]) {
+    if let Ok(csr) = Csr::parse(data) {
+        let ca = ca_fixture();
+        let id = ca.trust_domain().spiffe_id("/fuzz").expect("literal path");
+        let svid = ca
+            .issue_x509_svid(
+                &SvidParams {
+                    spiffe_id: &id,
+                    public_key: csr.public_key(),
+                    ttl: Duration::from_secs(60),
+                    dns_names: &[],
+                },
+                SystemTime::now(),
+            )
+            .expect("an accepted CSR key can be certified");
+        assert_eq!(svid.spiffe_id, id);
+    }
+}
