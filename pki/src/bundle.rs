@@ -100,8 +100,8 @@ impl JwtPublicKey {
 
     /// Parses a SubjectPublicKeyInfo DER (checked by [`PublicKey`] rules).
     pub fn from_spki_der(spki: &[u8]) -> Result<Self, BundleError> {
-        let checked =
-            PublicKey::from_spki_der(spki).map_err(|e| BundleError::UnsupportedKey(e.to_string()))?;
+        let checked = PublicKey::from_spki_der(spki)
+            .map_err(|e| BundleError::UnsupportedKey(e.to_string()))?;
         let (_, parsed) = x509_parser::x509::SubjectPublicKeyInfo::from_der(spki)
             .map_err(|e| BundleError::UnsupportedKey(e.to_string()))?;
         match (checked.algorithm(), parsed.parsed()) {
@@ -111,7 +111,9 @@ impl JwtPublicKey {
                 n: strip_zeros(rsa.modulus).to_vec(),
                 e: strip_zeros(rsa.exponent).to_vec(),
             }),
-            _ => Err(BundleError::UnsupportedKey("unexpected key encoding".into())),
+            _ => Err(BundleError::UnsupportedKey(
+                "unexpected key encoding".into(),
+            )),
         }
     }
 
@@ -129,7 +131,11 @@ impl JwtPublicKey {
         let b64 = |b: &[u8]| Value::String(URL_SAFE_NO_PAD.encode(b));
         match self {
             Self::EcP256(point) | Self::EcP384(point) => {
-                let crv = if matches!(self, Self::EcP256(_)) { "P-256" } else { "P-384" };
+                let crv = if matches!(self, Self::EcP256(_)) {
+                    "P-256"
+                } else {
+                    "P-384"
+                };
                 // Invariant: constructors only accept 0x04 || x || y.
                 let coord = (point.len() - 1) / 2;
                 out.insert("kty".into(), "EC".into());
@@ -172,7 +178,11 @@ impl JwtPublicKey {
                     }
                     point.extend_from_slice(&bytes);
                 }
-                Ok(if width == 32 { Self::EcP256(point) } else { Self::EcP384(point) })
+                Ok(if width == 32 {
+                    Self::EcP256(point)
+                } else {
+                    Self::EcP384(point)
+                })
             }
             "RSA" => {
                 let n = b64url_member(jwk, "n", at)?;
@@ -336,7 +346,8 @@ impl Bundle {
             Some(existing) if existing == &authority => Ok(()),
             Some(_) => Err(BundleError::DuplicateKeyId(authority.key_id)),
             None => {
-                self.jwt_authorities.insert(authority.key_id.clone(), authority);
+                self.jwt_authorities
+                    .insert(authority.key_id.clone(), authority);
                 Ok(())
             }
         }
@@ -380,7 +391,9 @@ impl Bundle {
     /// A bundle of X.509 roots read from PEM.
     pub fn from_x509_pem(trust_domain: TrustDomain, pem: &[u8]) -> Result<Self, BundleError> {
         let mut bundle = Self::new(trust_domain);
-        for cert in x509::certs_from_pem(pem).map_err(|e| BundleError::Certificate(e.to_string()))? {
+        for cert in
+            x509::certs_from_pem(pem).map_err(|e| BundleError::Certificate(e.to_string()))?
+        {
             bundle.add_x509_authority(cert)?;
         }
         Ok(bundle)
@@ -397,7 +410,9 @@ impl Bundle {
             // cannot describe as a JWK is still published through x5c.
             if let Ok(cert_key) = x509::parse_cert(cert)
                 .map_err(|e| e.to_string())
-                .and_then(|c| JwtPublicKey::from_spki_der(c.public_key().raw).map_err(|e| e.to_string()))
+                .and_then(|c| {
+                    JwtPublicKey::from_spki_der(c.public_key().raw).map_err(|e| e.to_string())
+                })
             {
                 cert_key.jwk_members(&mut jwk);
             }
@@ -426,14 +441,16 @@ impl Bundle {
                 .ok_or_else(|| field_err("spiffe_sequence", "must be a non-negative integer"))?;
         }
         if let Some(hint) = root.get("spiffe_refresh_hint") {
-            let secs = hint
-                .as_u64()
-                .ok_or_else(|| field_err("spiffe_refresh_hint", "must be a non-negative integer"))?;
+            let secs = hint.as_u64().ok_or_else(|| {
+                field_err("spiffe_refresh_hint", "must be a non-negative integer")
+            })?;
             bundle.refresh_hint = Some(Duration::from_secs(secs));
         }
         for (i, jwk) in keys_array(&root)?.iter().enumerate() {
             let at = format!("keys[{i}]");
-            let jwk = jwk.as_object().ok_or_else(|| field_err(&at, "must be an object"))?;
+            let jwk = jwk
+                .as_object()
+                .ok_or_else(|| field_err(&at, "must be an object"))?;
             match str_member(jwk, "use", &at)? {
                 "x509-svid" => {
                     let x5c = jwk
@@ -441,7 +458,10 @@ impl Bundle {
                         .and_then(Value::as_array)
                         .ok_or_else(|| field_err(format!("{at}.x5c"), "missing or not an array"))?;
                     let [cert] = x5c.as_slice() else {
-                        return Err(field_err(format!("{at}.x5c"), "must hold exactly one certificate"));
+                        return Err(field_err(
+                            format!("{at}.x5c"),
+                            "must hold exactly one certificate",
+                        ));
                     };
                     let der = cert
                         .as_str()
@@ -463,7 +483,11 @@ impl Bundle {
     /// Encodes the JWT authorities as a plain JWKS (the Workload API's JWT
     /// bundle): `{"keys":[...]}`, each key with its `kid`; never absent.
     pub fn to_jwks_json(&self) -> String {
-        let keys: Vec<Value> = self.jwt_authorities.values().map(|a| a.to_jwk(false)).collect();
+        let keys: Vec<Value> = self
+            .jwt_authorities
+            .values()
+            .map(|a| a.to_jwk(false))
+            .collect();
         json!({ "keys": keys }).to_string()
     }
 
@@ -474,10 +498,15 @@ impl Bundle {
         let mut bundle = Self::new(trust_domain);
         for (i, jwk) in keys_array(&root)?.iter().enumerate() {
             let at = format!("keys[{i}]");
-            let jwk = jwk.as_object().ok_or_else(|| field_err(&at, "must be an object"))?;
+            let jwk = jwk
+                .as_object()
+                .ok_or_else(|| field_err(&at, "must be an object"))?;
             if let Some(u) = jwk.get("use") {
                 if !matches!(u.as_str(), Some("jwt-svid" | "sig")) {
-                    return Err(field_err(format!("{at}.use"), "must be \"jwt-svid\" or \"sig\""));
+                    return Err(field_err(
+                        format!("{at}.use"),
+                        "must be \"jwt-svid\" or \"sig\"",
+                    ));
                 }
             }
             let kid = str_member(jwk, "kid", &at)?;
@@ -501,7 +530,11 @@ fn keys_array(root: &Map<String, Value>) -> Result<&Vec<Value>, BundleError> {
         .ok_or_else(|| field_err("keys", "missing or not an array"))
 }
 
-fn str_member<'a>(jwk: &'a Map<String, Value>, name: &str, at: &str) -> Result<&'a str, BundleError> {
+fn str_member<'a>(
+    jwk: &'a Map<String, Value>,
+    name: &str,
+    at: &str,
+) -> Result<&'a str, BundleError> {
     jwk.get(name)
         .and_then(Value::as_str)
         .ok_or_else(|| field_err(format!("{at}.{name}"), "missing or not a string"))

@@ -50,10 +50,17 @@ fn jwt_fixture() -> &'static JwtFixture {
     FIXTURE.get_or_init(|| {
         let td = TrustDomain::new("example.org").expect("literal trust domain");
         let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).expect("key generation");
-        let signer = JwtSigner::new(key, "fuzz", None, SystemTime::UNIX_EPOCH + Duration::from_secs(4_000_000_000))
-            .expect("signer");
+        let signer = JwtSigner::new(
+            key,
+            "fuzz",
+            None,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(4_000_000_000),
+        )
+        .expect("signer");
         let mut bundle = Bundle::new(td);
-        bundle.add_jwt_authority(signer.authority().clone()).expect("authority");
+        bundle
+            .add_jwt_authority(signer.authority().clone())
+            .expect("authority");
         JwtFixture { bundle, signer }
     })
 }
@@ -75,7 +82,12 @@ pub fn jwt(data: &[u8]) {
     let path = parts.next().unwrap_or_default();
     let audience = parts.next().unwrap_or("fuzz").to_owned();
     if let Ok(id) = fx.bundle.trust_domain().spiffe_id(&format!("/{path}")) {
-        if let Ok(svid) = fx.signer.mint(&id, std::slice::from_ref(&audience), Duration::from_secs(60), now) {
+        if let Ok(svid) = fx.signer.mint(
+            &id,
+            std::slice::from_ref(&audience),
+            Duration::from_secs(60),
+            now,
+        ) {
             let v = verify_jwt_svid(&svid.token, &fx.bundle, &audience, now)
                 .expect("a minted token verifies");
             assert_eq!(v.spiffe_id, id);
@@ -93,8 +105,8 @@ pub fn bundle(data: &[u8]) {
         assert_eq!(again, b);
     }
     if let Ok(b) = Bundle::from_jwks_json(td.clone(), data) {
-        let again = Bundle::from_jwks_json(td, b.to_jwks_json().as_bytes())
-            .expect("encoded JWKS decodes");
+        let again =
+            Bundle::from_jwks_json(td, b.to_jwks_json().as_bytes()).expect("encoded JWKS decodes");
         assert_eq!(
             again.jwt_authorities().collect::<Vec<_>>(),
             b.jwt_authorities().collect::<Vec<_>>()
@@ -107,8 +119,13 @@ fn ca_fixture() -> &'static X509Ca {
     CA.get_or_init(|| {
         let td = TrustDomain::new("example.org").expect("literal trust domain");
         let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).expect("key generation");
-        X509Ca::new_root(td, key, Duration::from_secs(86400 * 365 * 50), SystemTime::now())
-            .expect("root CA")
+        X509Ca::new_root(
+            td,
+            key,
+            Duration::from_secs(86400 * 365 * 50),
+            SystemTime::now(),
+        )
+        .expect("root CA")
     })
 }
 

@@ -354,7 +354,9 @@ mod tests {
     fn errors_name_the_problem() {
         let err = "spiffe://Example.org/x".parse::<SpiffeId>().unwrap_err();
         assert_eq!(err, IdError::BadTrustDomainChar { ch: 'E', pos: 0 });
-        let err = "spiffe://example.org/a/b?c".parse::<SpiffeId>().unwrap_err();
+        let err = "spiffe://example.org/a/b?c"
+            .parse::<SpiffeId>()
+            .unwrap_err();
         assert_eq!(err, IdError::BadPathChar { ch: '?', pos: 4 });
         assert!(err.to_string().contains("'?'"), "{err}");
         assert_eq!(
@@ -377,7 +379,10 @@ mod tests {
     #[test]
     fn builder_checks_path() {
         let td = TrustDomain::new("example.org").unwrap();
-        assert_eq!(td.spiffe_id("/a/b").unwrap().as_str(), "spiffe://example.org/a/b");
+        assert_eq!(
+            td.spiffe_id("/a/b").unwrap().as_str(),
+            "spiffe://example.org/a/b"
+        );
         assert_eq!(td.spiffe_id("a"), Err(IdError::NoLeadingSlash));
         assert_eq!(td.spiffe_id("/a/../b"), Err(IdError::DotSegment));
         let long = format!("/{}", "a".repeat(MAX_SPIFFE_ID_LEN));

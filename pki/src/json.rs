@@ -99,7 +99,10 @@ mod tests {
         assert!(parse_strict(br#"{"a":1,"a":2}"#).is_err());
         assert!(parse_strict(br#"{"a":{"b":1,"b":1}}"#).is_err());
         assert!(parse_strict(br#"[{"b":1,"b":1}]"#).is_err());
-        assert_eq!(parse_strict(br#"{"a":[1,"x",null,true]}"#).unwrap()["a"][1], "x");
+        assert_eq!(
+            parse_strict(br#"{"a":[1,"x",null,true]}"#).unwrap()["a"][1],
+            "x"
+        );
     }
 
     #[test]

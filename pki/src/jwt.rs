@@ -193,7 +193,10 @@ impl JwtAlgorithm {
             (self, key),
             (Self::Es256, KeyAlgorithm::EcdsaP256)
                 | (Self::Es384, KeyAlgorithm::EcdsaP384)
-                | (Self::Rs256 | Self::Rs384 | Self::Ps256 | Self::Ps384, KeyAlgorithm::Rsa)
+                | (
+                    Self::Rs256 | Self::Rs384 | Self::Ps256 | Self::Ps384,
+                    KeyAlgorithm::Rsa
+                )
         )
     }
 
@@ -253,8 +256,8 @@ impl JwtSigner {
                 alg: algorithm.name(),
                 key: key.algorithm().name(),
             })?;
-        let authority =
-            JwtAuthority::new(key_id, public_key).map_err(|e| JwtError::InvalidKeyId(e.to_string()))?;
+        let authority = JwtAuthority::new(key_id, public_key)
+            .map_err(|e| JwtError::InvalidKeyId(e.to_string()))?;
         Ok(Self {
             key,
             authority,
@@ -313,7 +316,11 @@ impl JwtSigner {
             return Err(JwtError::KeyExpired);
         }
         let iat = unix(now);
-        let exp = unix(now.checked_add(ttl).unwrap_or(self.not_after).min(self.not_after));
+        let exp = unix(
+            now.checked_add(ttl)
+                .unwrap_or(self.not_after)
+                .min(self.not_after),
+        );
         let header = json!({"alg": self.algorithm.name(), "kid": self.key_id(), "typ": "JWT"});
         let claims = json!({"sub": spiffe_id.as_str(), "aud": audiences, "exp": exp, "iat": iat});
         let mut token = String::with_capacity(512);
@@ -423,7 +430,9 @@ pub fn verify_jwt_svid(
 }
 
 fn decode_object(part: &str, name: &'static str) -> Result<Map<String, Value>, JwtError> {
-    let bytes = URL_SAFE_NO_PAD.decode(part).map_err(|_| JwtError::Base64(name))?;
+    let bytes = URL_SAFE_NO_PAD
+        .decode(part)
+        .map_err(|_| JwtError::Base64(name))?;
     crate::json::parse_strict_object(&bytes).map_err(|reason| JwtError::Json { part: name, reason })
 }
 
@@ -475,7 +484,10 @@ fn subject(claims: &Map<String, Value>) -> Result<SpiffeId, JwtError> {
 
 /// `aud` as a list: a string (one audience) or an array of 1 to 32 strings.
 fn audiences(claims: &Map<String, Value>) -> Result<Vec<String>, JwtError> {
-    let invalid = |reason| JwtError::InvalidClaim { claim: "aud", reason };
+    let invalid = |reason| JwtError::InvalidClaim {
+        claim: "aud",
+        reason,
+    };
     let list = match claims.get("aud") {
         None => return Err(JwtError::MissingClaim("aud")),
         Some(Value::String(s)) => vec![s.clone()],
@@ -485,7 +497,11 @@ fn audiences(claims: &Map<String, Value>) -> Result<Vec<String>, JwtError> {
             }
             items
                 .iter()
-                .map(|v| v.as_str().map(str::to_owned).ok_or(invalid("must hold strings")))
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_owned)
+                        .ok_or(invalid("must hold strings"))
+                })
                 .collect::<Result<_, _>>()?
         }
         Some(_) => return Err(invalid("must be a string or an array of strings")),
@@ -540,7 +556,9 @@ fn verify_signature(
 /// use it to answer `InvalidArgument` before any work.
 pub fn check_audiences(audiences: &[String]) -> Result<(), JwtError> {
     if audiences.is_empty() {
-        return Err(JwtError::InvalidAudience("at least one audience is required".into()));
+        return Err(JwtError::InvalidAudience(
+            "at least one audience is required".into(),
+        ));
     }
     if audiences.len() > MAX_AUDIENCES {
         return Err(JwtError::InvalidAudience(format!(

@@ -154,8 +154,14 @@ impl KeyPair {
     pub fn from_pkcs8_der(der: &[u8]) -> Result<Self, KeyError> {
         let rng = SystemRandom::new();
         let ec = [
-            (KeyAlgorithm::EcdsaP256, &signature::ECDSA_P256_SHA256_ASN1_SIGNING),
-            (KeyAlgorithm::EcdsaP384, &signature::ECDSA_P384_SHA384_ASN1_SIGNING),
+            (
+                KeyAlgorithm::EcdsaP256,
+                &signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+            ),
+            (
+                KeyAlgorithm::EcdsaP384,
+                &signature::ECDSA_P384_SHA384_ASN1_SIGNING,
+            ),
         ];
         for (algorithm, ring_alg) in ec {
             if let Ok(asn1) = EcdsaKeyPair::from_pkcs8(ring_alg, der, &rng) {
@@ -171,7 +177,11 @@ impl KeyPair {
                 if rsa.public().modulus_len() * 8 < MIN_RSA_BITS {
                     return Err(KeyError::RsaTooSmall);
                 }
-                Ok(Self::assemble(KeyAlgorithm::Rsa, Signer::Rsa(Box::new(rsa)), der))
+                Ok(Self::assemble(
+                    KeyAlgorithm::Rsa,
+                    Signer::Rsa(Box::new(rsa)),
+                    der,
+                ))
             }
             // ring refuses RSA keys under 2048 bits at parse time with this text.
             Err(e) if e.to_string().contains("TooSmall") => Err(KeyError::RsaTooSmall),
@@ -379,17 +389,20 @@ impl rcgen::PublicKeyData for KeyPair {
 
 impl rcgen::SigningKey for KeyPair {
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
-        self.sign_x509(msg).map_err(|_| rcgen::Error::RingUnspecified)
+        self.sign_x509(msg)
+            .map_err(|_| rcgen::Error::RingUnspecified)
     }
 }
 
 /// Lowercase hex of `bytes`.
 pub(crate) fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 #[cfg(test)]
@@ -447,21 +460,34 @@ mod tests {
         key.store(&path).unwrap();
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert_eq!(KeyPair::load(&path).unwrap().fingerprint(), key.fingerprint());
+        assert_eq!(
+            KeyPair::load(&path).unwrap().fingerprint(),
+            key.fingerprint()
+        );
         // Storing again replaces the key atomically.
         let other = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
         other.store(&path).unwrap();
-        assert_eq!(KeyPair::load(&path).unwrap().fingerprint(), other.fingerprint());
+        assert_eq!(
+            KeyPair::load(&path).unwrap().fingerprint(),
+            other.fingerprint()
+        );
 
         fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
         let err = KeyPair::load(&path).unwrap_err();
-        assert!(matches!(err, KeyError::InsecurePermissions { mode: 0o640, .. }), "{err}");
+        assert!(
+            matches!(err, KeyError::InsecurePermissions { mode: 0o640, .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("chmod 600"), "{err}");
     }
 
     #[test]
     fn algorithm_names_round_trip() {
-        for alg in [KeyAlgorithm::EcdsaP256, KeyAlgorithm::EcdsaP384, KeyAlgorithm::Rsa] {
+        for alg in [
+            KeyAlgorithm::EcdsaP256,
+            KeyAlgorithm::EcdsaP384,
+            KeyAlgorithm::Rsa,
+        ] {
             assert_eq!(alg.name().parse::<KeyAlgorithm>().unwrap(), alg);
         }
         assert!("ed25519".parse::<KeyAlgorithm>().is_err());

@@ -261,7 +261,11 @@ impl std::fmt::Debug for X509Ca {
 }
 
 /// `[now - BACKDATE, min(now + ttl, limit)]`.
-fn validity(now: SystemTime, ttl: Duration, limit: Option<SystemTime>) -> Result<Validity, X509Error> {
+fn validity(
+    now: SystemTime,
+    ttl: Duration,
+    limit: Option<SystemTime>,
+) -> Result<Validity, X509Error> {
     if ttl.is_zero() {
         return Err(X509Error::ZeroTtl);
     }

@@ -76,11 +76,15 @@ impl PublicKey {
             } else if curve == OID_NIST_EC_P384 {
                 (KeyAlgorithm::EcdsaP384, 97)
             } else {
-                return Err(unsupported(&format!("EC curve {curve} (use P-256 or P-384)")));
+                return Err(unsupported(&format!(
+                    "EC curve {curve} (use P-256 or P-384)"
+                )));
             };
             let point = spki.subject_public_key.as_ref();
             if point.len() != point_len || point[0] != 4 {
-                return Err(unsupported("EC point is not an uncompressed point on its curve"));
+                return Err(unsupported(
+                    "EC point is not an uncompressed point on its curve",
+                ));
             }
             algorithm
         } else if *alg_oid == OID_PKCS1_RSAENCRYPTION {
@@ -223,7 +227,10 @@ mod tests {
         let b = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
         let der = Csr::create(&a).unwrap();
         let point_a = a.public_key_raw();
-        let pos = der.windows(point_a.len()).position(|w| w == point_a).unwrap();
+        let pos = der
+            .windows(point_a.len())
+            .position(|w| w == point_a)
+            .unwrap();
         let mut forged = der.clone();
         forged[pos..pos + point_a.len()].copy_from_slice(b.public_key_raw());
         assert_eq!(Csr::parse(&forged).unwrap_err(), CsrError::BadSignature);
@@ -232,13 +239,19 @@ mod tests {
     #[test]
     fn garbage_trailing_and_oversized_are_refused() {
         assert!(matches!(Csr::parse(b""), Err(CsrError::Malformed(_))));
-        assert!(matches!(Csr::parse(&[0x30, 0x03, 1, 2, 3]), Err(CsrError::Malformed(_))));
+        assert!(matches!(
+            Csr::parse(&[0x30, 0x03, 1, 2, 3]),
+            Err(CsrError::Malformed(_))
+        ));
         let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
         let mut der = Csr::create(&key).unwrap();
         der.push(0);
         assert!(matches!(Csr::parse(&der), Err(CsrError::Malformed(_))));
         let big = vec![0u8; MAX_CSR_LEN + 1];
-        assert_eq!(Csr::parse(&big).unwrap_err(), CsrError::TooLarge(MAX_CSR_LEN + 1));
+        assert_eq!(
+            Csr::parse(&big).unwrap_err(),
+            CsrError::TooLarge(MAX_CSR_LEN + 1)
+        );
     }
 
     #[test]

@@ -167,7 +167,9 @@ pub(crate) fn parse_cert(
 ) -> Result<x509_parser::certificate::X509Certificate<'_>, X509Error> {
     match x509_parser::parse_x509_certificate(der) {
         Ok(([], cert)) => Ok(cert),
-        Ok(_) => Err(X509Error::Malformed("trailing bytes after certificate".into())),
+        Ok(_) => Err(X509Error::Malformed(
+            "trailing bytes after certificate".into(),
+        )),
         Err(e) => Err(X509Error::Malformed(e.to_string())),
     }
 }

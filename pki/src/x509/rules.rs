@@ -202,7 +202,12 @@ fn check_key_ids(cert: &X509Certificate<'_>, need_aki: bool) -> Result<(), Viola
     if !has(&OID_X509_EXT_SUBJECT_KEY_IDENTIFIER, "subjectKeyIdentifier")? {
         return Err(Violation::MissingSubjectKeyId);
     }
-    if need_aki && !has(&OID_X509_EXT_AUTHORITY_KEY_IDENTIFIER, "authorityKeyIdentifier")? {
+    if need_aki
+        && !has(
+            &OID_X509_EXT_AUTHORITY_KEY_IDENTIFIER,
+            "authorityKeyIdentifier",
+        )?
+    {
         return Err(Violation::MissingAuthorityKeyId);
     }
     Ok(())

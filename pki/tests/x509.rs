@@ -1,0 +1,745 @@
+//! X.509 CA, X509-SVID issuance and verification, against every rule of the
+//! wire contract (DESIGN.md item 5) and the SPIFFE X509-SVID spec.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use oxid_pki::x509::{
+    BACKDATE, Csr, ExtendedKeyUsage, PublicKey, SvidParams, Violation, X509Ca, X509Error,
+    certs_from_pem, certs_to_pem, split_der_certs, verify_x509_svid,
+};
+use oxid_pki::{KeyAlgorithm, KeyPair, SpiffeId, bundle::Bundle};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose,
+    SanType,
+};
+use rustls_pki_types::CertificateDer;
+use x509_parser::prelude::*;
+
+use common::{HOUR, id, now, root_ca, td, workload_key};
+
+fn issue(
+    ca: &X509Ca,
+    spiffe_id: &SpiffeId,
+    ttl: Duration,
+    at: SystemTime,
+) -> Vec<CertificateDer<'static>> {
+    let key = workload_key();
+    let csr = Csr::parse(&Csr::create(&key).unwrap()).unwrap();
+    ca.issue_x509_svid(
+        &SvidParams {
+            spiffe_id,
+            public_key: csr.public_key(),
+            ttl,
+            dns_names: &[],
+        },
+        at,
+    )
+    .unwrap()
+    .cert_chain
+}
+
+fn parsed(der: &[u8]) -> X509Certificate<'_> {
+    parse_x509_certificate(der).unwrap().1
+}
+
+fn uri_sans(cert: &X509Certificate<'_>) -> Vec<String> {
+    cert.subject_alternative_name()
+        .unwrap()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::URI(u) => Some(u.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn bundle_of(ca: &X509Ca) -> Bundle {
+    let mut b = Bundle::new(ca.trust_domain().clone());
+    b.add_x509_authority(ca.root().clone()).unwrap();
+    b
+}
+
+// ---------- CA certificates ----------
+
+#[test]
+fn root_ca_follows_the_ca_profile() {
+    let ca = root_ca("example.org", 24 * HOUR);
+    let cert = parsed(ca.cert());
+    let bc = cert.basic_constraints().unwrap().unwrap();
+    assert!(bc.value.ca);
+    assert!(bc.critical);
+    let ku = cert.key_usage().unwrap().unwrap();
+    assert!(ku.critical, "CA keyUsage must be critical");
+    assert!(ku.value.key_cert_sign() && ku.value.crl_sign());
+    assert!(!ku.value.digital_signature());
+    assert_eq!(uri_sans(&cert), ["spiffe://example.org"]);
+    assert!(
+        cert.get_extension_unique(&oid_registry::OID_X509_EXT_SUBJECT_KEY_IDENTIFIER)
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(cert.subject(), cert.issuer(), "a root is self-signed");
+    assert!(
+        ca.intermediates().is_empty(),
+        "an SVID chain never carries the root"
+    );
+    assert_eq!(ca.root(), ca.cert());
+}
+
+#[test]
+fn every_ca_generation_has_unique_subject_and_key_ids() {
+    let a = root_ca("example.org", HOUR);
+    let b = root_ca("example.org", HOUR);
+    let (pa, pb) = (parsed(a.cert()), parsed(b.cert()));
+    assert_ne!(pa.subject().to_string(), pb.subject().to_string());
+    let ski = |c: &X509Certificate<'_>| {
+        c.get_extension_unique(&oid_registry::OID_X509_EXT_SUBJECT_KEY_IDENTIFIER)
+            .unwrap()
+            .unwrap()
+            .value
+            .to_vec()
+    };
+    assert_ne!(ski(&pa), ski(&pb));
+    assert_ne!(pa.raw_serial(), pb.raw_serial());
+}
+
+#[test]
+fn ca_validity_is_backdated_and_bounded_by_ttl() {
+    let t = now();
+    let ca = X509Ca::new_root(td("example.org"), workload_key(), 24 * HOUR, t).unwrap();
+    let cert = parsed(ca.cert());
+    let secs = |d: SystemTime| d.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert_eq!(cert.validity().not_before.timestamp(), secs(t - BACKDATE));
+    assert_eq!(cert.validity().not_after.timestamp(), secs(t + 24 * HOUR));
+    assert_eq!(secs(ca.not_after()), secs(t + 24 * HOUR));
+}
+
+#[test]
+fn p384_ca_issues_p256_svids() {
+    let key = KeyPair::generate(KeyAlgorithm::EcdsaP384).unwrap();
+    let ca = X509Ca::new_root(td("example.org"), key, HOUR, now()).unwrap();
+    let chain = issue(&ca, &id("spiffe://example.org/web"), HOUR, now());
+    let v = verify_x509_svid(&chain, &bundle_of(&ca), ExtendedKeyUsage::ClientAuth, now()).unwrap();
+    assert_eq!(v.spiffe_id.as_str(), "spiffe://example.org/web");
+}
+
+#[test]
+fn intermediate_chain_is_leaf_then_intermediate_never_root() {
+    let upstream = root_ca("example.org", 48 * HOUR);
+    let inter = X509Ca::new_intermediate(
+        &upstream,
+        td("example.org"),
+        workload_key(),
+        24 * HOUR,
+        now(),
+    )
+    .unwrap();
+    assert_eq!(inter.intermediates(), &[inter.cert().clone()]);
+    assert_eq!(inter.root(), upstream.cert());
+    let p = parsed(inter.cert());
+    assert_eq!(p.issuer(), parsed(upstream.cert()).subject());
+    assert!(
+        p.get_extension_unique(&oid_registry::OID_X509_EXT_AUTHORITY_KEY_IDENTIFIER)
+            .unwrap()
+            .is_some()
+    );
+    let chain = issue(&inter, &id("spiffe://example.org/web"), HOUR, now());
+    assert_eq!(chain.len(), 2);
+    assert_eq!(&chain[1], inter.cert());
+    assert!(!chain.contains(upstream.cert()));
+    let bundle = bundle_of(&inter);
+    assert_eq!(bundle.x509_authorities(), &[upstream.cert().clone()]);
+    verify_x509_svid(&chain, &bundle, ExtendedKeyUsage::ServerAuth, now()).unwrap();
+}
+
+#[test]
+fn intermediate_never_outlives_its_upstream() {
+    let upstream = root_ca("example.org", HOUR);
+    let inter = X509Ca::new_intermediate(
+        &upstream,
+        td("example.org"),
+        workload_key(),
+        24 * HOUR,
+        now(),
+    )
+    .unwrap();
+    assert_eq!(inter.not_after(), upstream.not_after());
+}
+
+#[test]
+fn upstream_ca_loads_from_files_and_checks_key_and_permissions() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = root_ca("corp.example", 48 * HOUR);
+    let cert_path = dir.path().join("upstream.pem");
+    let key_path = dir.path().join("upstream.key");
+    std::fs::write(&cert_path, certs_to_pem([upstream.cert()])).unwrap();
+    upstream.key().store(&key_path).unwrap();
+
+    let loaded = X509Ca::load_upstream(td("example.org"), &cert_path, &key_path).unwrap();
+    let inter =
+        X509Ca::new_intermediate(&loaded, td("example.org"), workload_key(), HOUR, now()).unwrap();
+    let chain = issue(&inter, &id("spiffe://example.org/db"), HOUR, now());
+    verify_x509_svid(&chain, &bundle_of(&inter), ExtendedKeyUsage::Any, now()).unwrap();
+
+    // A key that is not the certificate's.
+    let other_key = dir.path().join("other.key");
+    workload_key().store(&other_key).unwrap();
+    assert!(matches!(
+        X509Ca::load_upstream(td("example.org"), &cert_path, &other_key),
+        Err(X509Error::KeyMismatch)
+    ));
+    // A key file others can read.
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = X509Ca::load_upstream(td("example.org"), &cert_path, &key_path).unwrap_err();
+    assert!(err.to_string().contains("chmod 600"), "{err}");
+    // A file without certificates.
+    std::fs::write(&cert_path, "not pem").unwrap();
+    assert!(X509Ca::load_upstream(td("example.org"), &cert_path, &other_key).is_err());
+    // A missing file names the path.
+    let err = X509Ca::load_upstream(td("example.org"), &dir.path().join("nope.pem"), &other_key)
+        .unwrap_err();
+    assert!(err.to_string().contains("nope.pem"), "{err}");
+}
+
+#[test]
+fn a_leaf_certificate_cannot_be_loaded_as_a_ca() {
+    let ca = root_ca("example.org", HOUR);
+    let key = workload_key();
+    let pk = PublicKey::from_spki_der(key.public_key_spki()).unwrap();
+    let svid = ca
+        .issue_x509_svid(
+            &SvidParams {
+                spiffe_id: &id("spiffe://example.org/web"),
+                public_key: &pk,
+                ttl: HOUR,
+                dns_names: &[],
+            },
+            now(),
+        )
+        .unwrap();
+    let err = X509Ca::from_chain(td("example.org"), svid.cert_chain.clone(), key).unwrap_err();
+    assert!(matches!(err, X509Error::NotACa(_)), "{err}");
+}
+
+// ---------- X509-SVID issuance ----------
+
+#[test]
+fn issued_svid_follows_every_leaf_rule() {
+    let ca = root_ca("example.org", 24 * HOUR);
+    let t = now();
+    let key = workload_key();
+    let csr = Csr::parse(&Csr::create(&key).unwrap()).unwrap();
+    let dns = vec!["web.example.org".to_owned(), "web".to_owned()];
+    let svid = ca
+        .issue_x509_svid(
+            &SvidParams {
+                spiffe_id: &id("spiffe://example.org/ns/prod/web"),
+                public_key: csr.public_key(),
+                ttl: HOUR,
+                dns_names: &dns,
+            },
+            t,
+        )
+        .unwrap();
+    assert_eq!(
+        svid.cert_chain.len(),
+        1,
+        "root CA: the chain is the leaf alone"
+    );
+    let cert = parsed(svid.leaf());
+
+    assert_eq!(uri_sans(&cert), ["spiffe://example.org/ns/prod/web"]);
+    let dns_sans: Vec<String> = cert
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(d) => Some(d.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(dns_sans, dns);
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(cn, "web.example.org");
+
+    let bc = cert
+        .basic_constraints()
+        .unwrap()
+        .expect("basicConstraints present");
+    assert!(!bc.value.ca, "CA:FALSE");
+    let ku = cert.key_usage().unwrap().expect("keyUsage present");
+    assert!(ku.critical, "keyUsage critical");
+    assert!(ku.value.digital_signature());
+    assert!(ku.value.key_encipherment());
+    assert!(ku.value.key_agreement());
+    assert!(!ku.value.key_cert_sign());
+    assert!(!ku.value.crl_sign());
+    let eku = cert.extended_key_usage().unwrap().expect("EKU present");
+    assert!(eku.value.server_auth && eku.value.client_auth);
+    for oid in [
+        oid_registry::OID_X509_EXT_SUBJECT_KEY_IDENTIFIER,
+        oid_registry::OID_X509_EXT_AUTHORITY_KEY_IDENTIFIER,
+    ] {
+        assert!(cert.get_extension_unique(&oid).unwrap().is_some(), "{oid}");
+    }
+    let secs = |d: SystemTime| d.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert_eq!(cert.validity().not_before.timestamp(), secs(t - BACKDATE));
+    assert_eq!(cert.validity().not_after.timestamp(), secs(t + HOUR));
+    assert_eq!(secs(svid.not_after), secs(t + HOUR));
+    assert_eq!(cert.public_key().raw, key.public_key_spki());
+    assert_eq!(cert.issuer(), parsed(ca.cert()).subject());
+}
+
+#[test]
+fn svid_lifetime_is_clamped_to_the_ca() {
+    let t = now();
+    let ca = X509Ca::new_root(td("example.org"), workload_key(), HOUR, t).unwrap();
+    let chain = issue(&ca, &id("spiffe://example.org/web"), 10 * HOUR, t);
+    assert_eq!(
+        parsed(&chain[0]).validity().not_after.timestamp(),
+        parsed(ca.cert()).validity().not_after.timestamp()
+    );
+}
+
+#[test]
+fn serials_are_unique_and_positive() {
+    let ca = root_ca("example.org", HOUR);
+    let mut serials = std::collections::HashSet::new();
+    for _ in 0..50 {
+        let chain = issue(&ca, &id("spiffe://example.org/web"), HOUR, now());
+        let cert = parsed(&chain[0]);
+        assert!(cert.raw_serial()[0] & 0x80 == 0, "serial must be positive");
+        assert!(serials.insert(cert.raw_serial().to_vec()));
+    }
+}
+
+#[test]
+fn issuance_refuses_what_the_ca_must_not_sign() {
+    let t = now();
+    let ca = X509Ca::new_root(td("example.org"), workload_key(), HOUR, t).unwrap();
+    let key = workload_key();
+    let pk = PublicKey::from_spki_der(key.public_key_spki()).unwrap();
+    let try_issue = |spiffe_id: &SpiffeId, ttl, dns: &[String], at| {
+        ca.issue_x509_svid(
+            &SvidParams {
+                spiffe_id,
+                public_key: &pk,
+                ttl,
+                dns_names: dns,
+            },
+            at,
+        )
+    };
+    let web = id("spiffe://example.org/web");
+    assert!(matches!(
+        try_issue(&id("spiffe://other.org/web"), HOUR, &[], t),
+        Err(X509Error::BadSpiffeId { .. })
+    ));
+    assert!(matches!(
+        try_issue(&id("spiffe://example.org"), HOUR, &[], t),
+        Err(X509Error::BadSpiffeId { .. })
+    ));
+    assert!(matches!(
+        try_issue(&web, Duration::ZERO, &[], t),
+        Err(X509Error::ZeroTtl)
+    ));
+    assert!(matches!(
+        try_issue(&web, HOUR, &[], t + 2 * HOUR),
+        Err(X509Error::CaNotValid)
+    ));
+    assert!(matches!(
+        try_issue(&web, HOUR, &[], t - HOUR),
+        Err(X509Error::CaNotValid)
+    ));
+    for bad in ["bad name", "", "a..b", "-x.example", "é.example"] {
+        assert!(
+            matches!(
+                try_issue(&web, HOUR, &[bad.to_owned()], t),
+                Err(X509Error::InvalidDnsName(_))
+            ),
+            "{bad:?}"
+        );
+    }
+}
+
+#[test]
+fn the_spiffe_id_comes_from_the_caller_never_from_the_csr() {
+    // A CSR asking for another identity: its names are ignored.
+    let ca = root_ca("example.org", HOUR);
+    let key = workload_key();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::URI(
+        "spiffe://example.org/admin".try_into().unwrap(),
+    )];
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let csr_der = params.serialize_request(&key).unwrap().der().to_vec();
+    let csr = Csr::parse(&csr_der).unwrap();
+    let svid = ca
+        .issue_x509_svid(
+            &SvidParams {
+                spiffe_id: &id("spiffe://example.org/web"),
+                public_key: csr.public_key(),
+                ttl: HOUR,
+                dns_names: &[],
+            },
+            now(),
+        )
+        .unwrap();
+    let cert = parsed(svid.leaf());
+    assert_eq!(uri_sans(&cert), ["spiffe://example.org/web"]);
+    assert!(!cert.basic_constraints().unwrap().unwrap().value.ca);
+}
+
+#[test]
+fn csr_key_types_are_policed() {
+    let ca = root_ca("example.org", HOUR);
+    let p384 = KeyPair::generate(KeyAlgorithm::EcdsaP384).unwrap();
+    let csr = Csr::parse(&Csr::create(&p384).unwrap()).unwrap();
+    let chain = ca
+        .issue_x509_svid(
+            &SvidParams {
+                spiffe_id: &id("spiffe://example.org/web"),
+                public_key: csr.public_key(),
+                ttl: HOUR,
+                dns_names: &[],
+            },
+            now(),
+        )
+        .unwrap()
+        .cert_chain;
+    verify_x509_svid(&chain, &bundle_of(&ca), ExtendedKeyUsage::Any, now()).unwrap();
+}
+
+// ---------- verification ----------
+
+/// Builds a leaf signed by `ca` from a good template changed by `edit`.
+fn craft(ca: &X509Ca, edit: impl FnOnce(&mut CertificateParams)) -> Vec<CertificateDer<'static>> {
+    let signer = KeyPair::from_pkcs8_der(ca.key().pkcs8_der()).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_der(ca.cert(), signer).unwrap();
+    let t = now();
+    let mut p = CertificateParams::default();
+    p.not_before = (t - BACKDATE).into();
+    p.not_after = (t + HOUR).into();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name.push(DnType::OrganizationName, "test");
+    p.subject_alt_names = vec![SanType::URI("spiffe://example.org/web".try_into().unwrap())];
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    p.use_authority_key_identifier_extension = true;
+    edit(&mut p);
+    let leaf_key = workload_key();
+    let leaf = p.signed_by(&leaf_key, &issuer).unwrap();
+    let mut chain = vec![leaf.der().clone()];
+    chain.extend(ca.intermediates().iter().cloned());
+    chain
+}
+
+fn verify(chain: &[CertificateDer<'_>], ca: &X509Ca) -> Result<SpiffeId, X509Error> {
+    verify_x509_svid(chain, &bundle_of(ca), ExtendedKeyUsage::Any, now()).map(|v| v.spiffe_id)
+}
+
+#[test]
+fn crafted_good_leaf_verifies() {
+    let ca = root_ca("example.org", HOUR);
+    let chain = craft(&ca, |_| {});
+    assert_eq!(
+        verify(&chain, &ca).unwrap().as_str(),
+        "spiffe://example.org/web"
+    );
+}
+
+#[test]
+fn leaf_with_two_uri_sans_is_refused() {
+    let ca = root_ca("example.org", HOUR);
+    let chain = craft(&ca, |p| {
+        p.subject_alt_names.push(SanType::URI(
+            "spiffe://example.org/other".try_into().unwrap(),
+        ))
+    });
+    assert!(matches!(
+        verify(&chain, &ca),
+        Err(X509Error::Rule(Violation::UriSanCount(2)))
+    ));
+}
+
+#[test]
+fn leaf_without_uri_san_is_refused() {
+    let ca = root_ca("example.org", HOUR);
+    let chain = craft(&ca, |p| {
+        p.subject_alt_names = vec![SanType::DnsName("web.example.org".try_into().unwrap())]
+    });
+    assert!(matches!(
+        verify(&chain, &ca),
+        Err(X509Error::Rule(Violation::UriSanCount(0)))
+    ));
+}
+
+#[test]
+fn leaf_with_a_non_spiffe_uri_is_refused() {
+    let ca = root_ca("example.org", HOUR);
+    for uri in [
+        "https://example.org/web",
+        "spiffe://EXAMPLE.org/web",
+        "spiffe://example.org/a/",
+    ] {
+        let chain = craft(&ca, |p| {
+            p.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())]
+        });
+        assert!(
+            matches!(
+                verify(&chain, &ca),
+                Err(X509Error::Rule(Violation::NotSpiffeId(_)))
+            ),
+            "{uri}"
+        );
+    }
+}
+
+#[test]
+fn leaf_naming_the_trust_domain_itself_is_refused() {
+    let ca = root_ca("example.org", HOUR);
+    let chain = craft(&ca, |p| {
+        p.subject_alt_names = vec![SanType::URI("spiffe://example.org".try_into().unwrap())]
+    });
+    assert!(matches!(
+        verify(&chain, &ca),
+        Err(X509Error::Rule(Violation::TrustDomainIdInLeaf(_)))
+    ));
+}
+
+#[test]
+fn ca_leaf_is_refused() {
+    let ca = root_ca("example.org", HOUR);
+    let chain = craft(&ca, |p| p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained));
+    assert!(matches!(
+        verify(&chain, &ca),
+        Err(X509Error::Rule(Violation::LeafIsCa))
+    ));
+}
+
+#[test]
+fn leaf_without_key_usage_is_refused() {
+    let ca = root_ca("example.org", HOUR);
+    let chain = craft(&ca, |p| p.key_usages.clear());
+    assert!(matches!(
+        verify(&chain, &ca),
+        Err(X509Error::Rule(Violation::MissingKeyUsage))
+    ));
+}
+
+#[test]
+fn leaf_without_digital_signature_is_refused() {
+    let ca = root_ca("example.org", HOUR);
+    let chain = craft(&ca, |p| {
+        p.key_usages = vec![KeyUsagePurpose::KeyEncipherment]
+    });
+    assert!(matches!(
+        verify(&chain, &ca),
+        Err(X509Error::Rule(Violation::NoDigitalSignature))
+    ));
+}
+
+#[test]
+fn leaf_with_key_cert_sign_is_refused() {
+    let ca = root_ca("example.org", HOUR);
+    let chain = craft(&ca, |p| p.key_usages.push(KeyUsagePurpose::KeyCertSign));
+    assert!(matches!(
+        verify(&chain, &ca),
+        Err(X509Error::Rule(Violation::LeafKeyCertSign))
+    ));
+}
+
+#[test]
+fn leaf_with_crl_sign_is_refused() {
+    let ca = root_ca("example.org", HOUR);
+    let chain = craft(&ca, |p| p.key_usages.push(KeyUsagePurpose::CrlSign));
+    assert!(matches!(
+        verify(&chain, &ca),
+        Err(X509Error::Rule(Violation::LeafCrlSign))
+    ));
+}
+
+#[test]
+fn expired_leaf_is_refused() {
+    let ca = root_ca("example.org", 48 * HOUR);
+    let chain = craft(&ca, |p| {
+        p.not_before = (now() - 3 * HOUR).into();
+        p.not_after = (now() - HOUR).into();
+    });
+    assert!(matches!(verify(&chain, &ca), Err(X509Error::Expired)));
+}
+
+#[test]
+fn not_yet_valid_leaf_is_refused() {
+    let ca = root_ca("example.org", 48 * HOUR);
+    let chain = craft(&ca, |p| p.not_before = (now() + HOUR).into());
+    assert!(matches!(verify(&chain, &ca), Err(X509Error::NotYetValid)));
+}
+
+#[test]
+fn verification_time_is_the_callers() {
+    let ca = root_ca("example.org", 48 * HOUR);
+    let chain = issue(&ca, &id("spiffe://example.org/web"), HOUR, now());
+    let b = bundle_of(&ca);
+    verify_x509_svid(&chain, &b, ExtendedKeyUsage::Any, now() + HOUR / 2).unwrap();
+    assert!(matches!(
+        verify_x509_svid(&chain, &b, ExtendedKeyUsage::Any, now() + 2 * HOUR),
+        Err(X509Error::Expired)
+    ));
+}
+
+#[test]
+fn leaf_of_another_trust_domain_finds_no_bundle() {
+    let ca = root_ca("example.org", HOUR);
+    let chain = craft(&ca, |p| {
+        p.subject_alt_names = vec![SanType::URI("spiffe://other.org/web".try_into().unwrap())]
+    });
+    assert!(matches!(verify(&chain, &ca), Err(X509Error::NoBundle(td)) if td == "other.org"));
+}
+
+#[test]
+fn leaf_claiming_our_trust_domain_from_a_foreign_ca_is_untrusted() {
+    // other.org's CA signs a leaf naming example.org: the example.org bundle
+    // does not hold that CA, so path validation fails.
+    let ours = root_ca("example.org", HOUR);
+    let theirs = root_ca("other.org", HOUR);
+    let chain = craft(&theirs, |_| {});
+    assert!(matches!(
+        verify(&chain, &ours),
+        Err(X509Error::Untrusted(_))
+    ));
+}
+
+#[test]
+fn unknown_issuer_is_untrusted() {
+    let ca = root_ca("example.org", HOUR);
+    let stranger = root_ca("example.org", HOUR);
+    let chain = issue(&stranger, &id("spiffe://example.org/web"), HOUR, now());
+    let err = verify(&chain, &ca).unwrap_err();
+    assert!(
+        matches!(&err, X509Error::Untrusted(m) if m.contains("UnknownIssuer")),
+        "{err}"
+    );
+}
+
+#[test]
+fn tampered_leaf_is_untrusted() {
+    let ca = root_ca("example.org", HOUR);
+    let mut chain = issue(&ca, &id("spiffe://example.org/web"), HOUR, now());
+    let mut der = chain[0].to_vec();
+    let last = der.len() - 1;
+    der[last] ^= 1;
+    chain[0] = CertificateDer::from(der);
+    assert!(matches!(verify(&chain, &ca), Err(X509Error::Untrusted(_))));
+}
+
+#[test]
+fn intermediate_without_ca_flag_is_refused() {
+    // A leaf signed by another leaf: the "intermediate" is not a CA.
+    let ca = root_ca("example.org", HOUR);
+    let signer_key = workload_key();
+    let pk = PublicKey::from_spki_der(signer_key.public_key_spki()).unwrap();
+    let fake_intermediate = ca
+        .issue_x509_svid(
+            &SvidParams {
+                spiffe_id: &id("spiffe://example.org/evil"),
+                public_key: &pk,
+                ttl: HOUR,
+                dns_names: &[],
+            },
+            now(),
+        )
+        .unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_der(fake_intermediate.leaf(), signer_key).unwrap();
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = vec![SanType::URI(
+        "spiffe://example.org/victim".try_into().unwrap(),
+    )];
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.not_before = (now() - BACKDATE).into();
+    p.not_after = (now() + HOUR).into();
+    let leaf = p.signed_by(&workload_key(), &issuer).unwrap();
+    let chain = vec![leaf.der().clone(), fake_intermediate.leaf().clone()];
+    assert!(matches!(
+        verify(&chain, &ca),
+        Err(X509Error::Rule(Violation::SignerNotCa))
+    ));
+}
+
+#[test]
+fn extended_key_usage_is_enforced_when_asked() {
+    let ca = root_ca("example.org", HOUR);
+    let server_only = craft(&ca, |p| {
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth]
+    });
+    let b = bundle_of(&ca);
+    verify_x509_svid(&server_only, &b, ExtendedKeyUsage::ServerAuth, now()).unwrap();
+    verify_x509_svid(&server_only, &b, ExtendedKeyUsage::Any, now()).unwrap();
+    assert!(matches!(
+        verify_x509_svid(&server_only, &b, ExtendedKeyUsage::ClientAuth, now()),
+        Err(X509Error::Untrusted(_))
+    ));
+    // No EKU at all: any usage is allowed.
+    let none = craft(&ca, |p| p.extended_key_usages.clear());
+    verify_x509_svid(&none, &b, ExtendedKeyUsage::ClientAuth, now()).unwrap();
+}
+
+#[test]
+fn empty_and_garbage_chains_are_refused() {
+    let ca = root_ca("example.org", HOUR);
+    assert!(matches!(verify(&[], &ca), Err(X509Error::EmptyChain)));
+    let garbage = [CertificateDer::from(vec![0x30, 0x03, 0x01, 0x01, 0xff])];
+    assert!(matches!(
+        verify(&garbage, &ca),
+        Err(X509Error::Malformed(_))
+    ));
+    let mut trailing = issue(&ca, &id("spiffe://example.org/web"), HOUR, now())[0].to_vec();
+    trailing.push(0);
+    assert!(matches!(
+        verify(&[CertificateDer::from(trailing)], &ca),
+        Err(X509Error::Malformed(_))
+    ));
+}
+
+// ---------- encodings ----------
+
+#[test]
+fn der_concatenation_and_pem_round_trip() {
+    let upstream = root_ca("example.org", 48 * HOUR);
+    let inter = X509Ca::new_intermediate(&upstream, td("example.org"), workload_key(), HOUR, now())
+        .unwrap();
+    let chain = issue(&inter, &id("spiffe://example.org/web"), HOUR, now());
+    let concat = oxid_pki::x509::concat_der(&chain);
+    assert_eq!(split_der_certs(&concat).unwrap(), chain);
+    assert_eq!(
+        certs_from_pem(certs_to_pem(&chain).as_bytes()).unwrap(),
+        chain
+    );
+    assert!(split_der_certs(&concat[..concat.len() - 1]).is_err());
+    assert!(matches!(split_der_certs(&[]), Err(X509Error::EmptyChain)));
+    assert!(matches!(certs_from_pem(b""), Err(X509Error::NoCertificate)));
+}
