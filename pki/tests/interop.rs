@@ -1,0 +1,220 @@
+//! Interoperability: what oxid issues is accepted by OpenSSL and by the Rust
+//! `spiffe` crate (the client's own code, used here as a dev-dependency).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use oxid_pki::bundle::Bundle;
+use oxid_pki::jwt::{JwtAlgorithm, JwtSigner};
+use oxid_pki::x509::{Csr, SvidParams, X509Ca, X509Svid, certs_to_pem, concat_der};
+use oxid_pki::{KeyAlgorithm, KeyPair};
+use rustls_pki_types::CertificateDer;
+
+use common::{HOUR, id, now, openssl_rsa_key, root_ca, run_tool, td, workload_key};
+
+fn issue(ca: &X509Ca, key: &KeyPair) -> X509Svid {
+    let csr = Csr::parse(&Csr::create(key).unwrap()).unwrap();
+    ca.issue_x509_svid(
+        &SvidParams {
+            spiffe_id: &id("spiffe://example.org/ns/prod/web"),
+            public_key: csr.public_key(),
+            ttl: HOUR,
+            dns_names: &["web.example.org".to_owned()],
+        },
+        now(),
+    )
+    .unwrap()
+}
+
+fn write_pem(dir: &Path, name: &str, certs: &[CertificateDer<'_>]) {
+    std::fs::write(dir.join(name), certs_to_pem(certs)).unwrap();
+}
+
+/// `openssl verify` with the given arguments; returns (success, output).
+fn openssl_verify(dir: &Path, args: &[&str]) -> (bool, String) {
+    let mut all = vec!["verify"];
+    all.extend_from_slice(args);
+    let out = run_tool("openssl", &all, dir);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn openssl_verifies_an_svid_for_client_and_server_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = root_ca("example.org", 24 * HOUR);
+    let svid = issue(&ca, &workload_key());
+    write_pem(dir.path(), "root.pem", &[ca.root().clone()]);
+    write_pem(dir.path(), "svid.pem", &svid.cert_chain);
+    for purpose in ["sslclient", "sslserver"] {
+        let (ok, text) = openssl_verify(
+            dir.path(),
+            &["-CAfile", "root.pem", "-purpose", purpose, "svid.pem"],
+        );
+        assert!(ok, "openssl verify -purpose {purpose}: {text}");
+        assert!(text.contains("svid.pem: OK"), "{text}");
+    }
+    // The check can fail: another root does not verify it.
+    write_pem(
+        dir.path(),
+        "other.pem",
+        &[root_ca("example.org", HOUR).root().clone()],
+    );
+    let (ok, text) = openssl_verify(dir.path(), &["-CAfile", "other.pem", "svid.pem"]);
+    assert!(!ok, "{text}");
+}
+
+#[test]
+fn openssl_verifies_an_svid_under_an_intermediate() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = root_ca("example.org", 48 * HOUR);
+    let inter = X509Ca::new_intermediate(
+        &upstream,
+        td("example.org"),
+        workload_key(),
+        24 * HOUR,
+        now(),
+    )
+    .unwrap();
+    let svid = issue(&inter, &workload_key());
+    assert_eq!(svid.cert_chain.len(), 2);
+    write_pem(dir.path(), "root.pem", &[inter.root().clone()]);
+    write_pem(dir.path(), "leaf.pem", &svid.cert_chain[..1]);
+    write_pem(dir.path(), "inter.pem", &svid.cert_chain[1..]);
+    for purpose in ["sslclient", "sslserver"] {
+        let (ok, text) = openssl_verify(
+            dir.path(),
+            &[
+                "-CAfile",
+                "root.pem",
+                "-untrusted",
+                "inter.pem",
+                "-purpose",
+                purpose,
+                "leaf.pem",
+            ],
+        );
+        assert!(ok, "{purpose}: {text}");
+    }
+}
+
+#[test]
+fn openssl_reads_the_profile_we_claim() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = root_ca("example.org", HOUR);
+    write_pem(
+        dir.path(),
+        "svid.pem",
+        &issue(&ca, &workload_key()).cert_chain,
+    );
+    let out = run_tool(
+        "openssl",
+        &["x509", "-in", "svid.pem", "-noout", "-text"],
+        dir.path(),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for needle in [
+        "X509v3 Key Usage: critical",
+        "Digital Signature, Key Encipherment, Key Agreement",
+        "CA:FALSE",
+        "TLS Web Server Authentication, TLS Web Client Authentication",
+        "URI:spiffe://example.org/ns/prod/web",
+        "DNS:web.example.org",
+        "X509v3 Subject Key Identifier",
+        "X509v3 Authority Key Identifier",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn spiffe_crate_parses_oxid_x509_svids_and_bundles() {
+    for ca in [
+        root_ca("example.org", HOUR),
+        X509Ca::new_intermediate(
+            &root_ca("example.org", 2 * HOUR),
+            td("example.org"),
+            workload_key(),
+            HOUR,
+            now(),
+        )
+        .unwrap(),
+    ] {
+        let key = workload_key();
+        let svid = issue(&ca, &key);
+        let parsed =
+            spiffe::X509Svid::parse_from_der(&concat_der(&svid.cert_chain), key.pkcs8_der())
+                .unwrap();
+        assert_eq!(
+            parsed.spiffe_id().to_string(),
+            "spiffe://example.org/ns/prod/web"
+        );
+        assert_eq!(parsed.cert_chain().len(), svid.cert_chain.len());
+
+        let mut bundle = Bundle::new(td("example.org"));
+        bundle.add_x509_authority(ca.root().clone()).unwrap();
+        let spiffe_bundle = spiffe::X509Bundle::parse_from_der(
+            spiffe::TrustDomain::new("example.org").unwrap(),
+            &bundle.x509_authorities_der(),
+        )
+        .unwrap();
+        assert_eq!(spiffe_bundle.authorities().len(), 1);
+    }
+    // The client's leaf rules are real: a CA certificate offered as a leaf fails.
+    let ca = root_ca("example.org", HOUR);
+    assert!(spiffe::X509Svid::parse_from_der(ca.cert(), ca.key().pkcs8_der()).is_err());
+}
+
+#[test]
+fn spiffe_crate_validates_oxid_jwt_svids() {
+    let cases = [
+        (KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap(), None),
+        (KeyPair::generate(KeyAlgorithm::EcdsaP384).unwrap(), None),
+        (openssl_rsa_key(2048), Some(JwtAlgorithm::Rs256)),
+        (openssl_rsa_key(2048), Some(JwtAlgorithm::Ps256)),
+    ];
+    for (key, alg) in cases {
+        let kid = JwtSigner::key_id_for(&key);
+        let signer = JwtSigner::new(key, kid, alg, now() + HOUR).unwrap();
+        let mut bundle = Bundle::new(td("example.org"));
+        bundle
+            .add_jwt_authority(signer.authority().clone())
+            .unwrap();
+
+        let spiffe_td = spiffe::TrustDomain::new("example.org").unwrap();
+        let jwt_bundle =
+            spiffe::JwtBundle::from_jwt_authorities(spiffe_td, bundle.to_jwks_json().as_bytes())
+                .unwrap();
+        let mut set = spiffe::JwtBundleSet::new();
+        set.add_bundle(jwt_bundle);
+
+        let auds = vec!["spiffe://example.org/db".to_owned(), "other".to_owned()];
+        let token = signer
+            .mint(
+                &id("spiffe://example.org/web"),
+                &auds,
+                Duration::from_secs(300),
+                now(),
+            )
+            .unwrap()
+            .token;
+        let name = signer.algorithm().name();
+        let svid = spiffe::JwtSvid::parse_and_validate(&token, &set, &["spiffe://example.org/db"])
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/web");
+        assert_eq!(svid.audience(), auds.as_slice());
+        assert!(
+            spiffe::JwtSvid::parse_and_validate(&token, &set, &["somebody-else"]).is_err(),
+            "{name}: wrong audience must fail"
+        );
+    }
+}
