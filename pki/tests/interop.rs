@@ -218,3 +218,101 @@ fn spiffe_crate_validates_oxid_jwt_svids() {
         );
     }
 }
+
+#[test]
+fn rsa_upstream_ca_signs_an_ecdsa_intermediate_that_openssl_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    // An organisation's RSA root, made by openssl (oxid never generates RSA).
+    let out = run_tool(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "up.key",
+            "-out",
+            "up.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/O=Corp/CN=Corp Root",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    use std::os::unix::fs::PermissionsExt as _;
+    let key_path = dir.path().join("up.key");
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let upstream =
+        X509Ca::load_upstream(td("example.org"), &dir.path().join("up.pem"), &key_path).unwrap();
+    assert_eq!(upstream.key().algorithm(), KeyAlgorithm::Rsa);
+    let inter = X509Ca::new_intermediate(&upstream, td("example.org"), workload_key(), HOUR, now())
+        .unwrap();
+    let svid = issue(&inter, &workload_key());
+    write_pem(dir.path(), "leaf.pem", &svid.cert_chain[..1]);
+    write_pem(dir.path(), "inter.pem", &svid.cert_chain[1..]);
+    let (ok, text) = openssl_verify(
+        dir.path(),
+        &[
+            "-CAfile",
+            "up.pem",
+            "-untrusted",
+            "inter.pem",
+            "-purpose",
+            "sslclient",
+            "leaf.pem",
+        ],
+    );
+    assert!(ok, "{text}");
+    let mut bundle = Bundle::new(td("example.org"));
+    bundle.add_x509_authority(inter.root().clone()).unwrap();
+    oxid_pki::x509::verify_x509_svid(
+        &svid.cert_chain,
+        &bundle,
+        oxid_pki::x509::ExtendedKeyUsage::ClientAuth,
+        now(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn rsa_keys_under_2048_bits_are_refused_on_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_tool(
+        "openssl",
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:1024",
+            "-out",
+            "k.pem",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success());
+    let pem = std::fs::read(dir.path().join("k.pem")).unwrap();
+    let err = KeyPair::from_pkcs8_pem_or_der(&pem).unwrap_err();
+    assert!(matches!(err, oxid_pki::KeyError::RsaTooSmall), "{err}");
+    // 2048 is accepted, and its PKCS#8 survives a store/load round trip.
+    let key = openssl_rsa_key(2048);
+    key.store(&dir.path().join("rsa.key")).unwrap();
+    assert_eq!(
+        KeyPair::load(&dir.path().join("rsa.key"))
+            .unwrap()
+            .fingerprint(),
+        key.fingerprint()
+    );
+}
