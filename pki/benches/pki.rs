@@ -120,7 +120,14 @@ fn jwt(c: &mut Criterion) {
     let now = SystemTime::now();
     let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
     let kid = JwtSigner::key_id_for(&key);
-    let signer = JwtSigner::new(key, kid, None, now + 24 * HOUR).unwrap();
+    let signer = JwtSigner::new(
+        TrustDomain::new("example.org").unwrap(),
+        key,
+        kid,
+        None,
+        now + 24 * HOUR,
+    )
+    .unwrap();
     let mut bundle = Bundle::new(TrustDomain::new("example.org").unwrap());
     bundle
         .add_jwt_authority(signer.authority().clone())

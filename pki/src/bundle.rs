@@ -18,7 +18,7 @@ use x509_parser::public_key::PublicKey as ParsedKey;
 
 use crate::id::TrustDomain;
 use crate::key::{KeyAlgorithm, KeyPair, MIN_RSA_BITS};
-use crate::x509::{self, PublicKey};
+use crate::x509::{self, MAX_RSA_BITS, PublicKey};
 
 /// Largest bundle document decoded, in bytes.
 pub const MAX_BUNDLE_LEN: usize = 1024 * 1024;
@@ -66,28 +66,29 @@ fn field_err(field: impl Into<String>, reason: impl Into<String>) -> BundleError
 }
 
 /// A public key that verifies JWT-SVIDs, in the form ring consumes.
+///
+/// Built only from a parsed SPKI, a key pair, or a checked JWK, so the key
+/// material always has the right shape for its type.
 #[derive(Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum JwtPublicKey {
-    /// P-256 uncompressed point (65 bytes).
+pub struct JwtPublicKey(pub(crate) KeyMaterial);
+
+/// The shapes a [`JwtPublicKey`] can take.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) enum KeyMaterial {
+    /// P-256 uncompressed point: 65 bytes, starting with 0x04.
     EcP256(Vec<u8>),
-    /// P-384 uncompressed point (97 bytes).
+    /// P-384 uncompressed point: 97 bytes, starting with 0x04.
     EcP384(Vec<u8>),
     /// RSA modulus and exponent, big-endian without leading zeros.
-    Rsa {
-        /// Modulus.
-        n: Vec<u8>,
-        /// Public exponent.
-        e: Vec<u8>,
-    },
+    Rsa { n: Vec<u8>, e: Vec<u8> },
 }
 
 impl std::fmt::Debug for JwtPublicKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::EcP256(_) => f.write_str("JwtPublicKey::EcP256"),
-            Self::EcP384(_) => f.write_str("JwtPublicKey::EcP384"),
-            Self::Rsa { n, .. } => write!(f, "JwtPublicKey::Rsa({} bits)", n.len() * 8),
+        match &self.0 {
+            KeyMaterial::EcP256(_) => f.write_str("JwtPublicKey(P-256)"),
+            KeyMaterial::EcP384(_) => f.write_str("JwtPublicKey(P-384)"),
+            KeyMaterial::Rsa { n, .. } => write!(f, "JwtPublicKey(RSA-{})", n.len() * 8),
         }
     }
 }
@@ -104,46 +105,58 @@ impl JwtPublicKey {
             .map_err(|e| BundleError::UnsupportedKey(e.to_string()))?;
         let (_, parsed) = x509_parser::x509::SubjectPublicKeyInfo::from_der(spki)
             .map_err(|e| BundleError::UnsupportedKey(e.to_string()))?;
-        match (checked.algorithm(), parsed.parsed()) {
-            (KeyAlgorithm::EcdsaP256, Ok(ParsedKey::EC(p))) => Ok(Self::EcP256(p.data().to_vec())),
-            (KeyAlgorithm::EcdsaP384, Ok(ParsedKey::EC(p))) => Ok(Self::EcP384(p.data().to_vec())),
-            (KeyAlgorithm::Rsa, Ok(ParsedKey::RSA(rsa))) => Ok(Self::Rsa {
-                n: strip_zeros(rsa.modulus).to_vec(),
-                e: strip_zeros(rsa.exponent).to_vec(),
-            }),
-            _ => Err(BundleError::UnsupportedKey(
-                "unexpected key encoding".into(),
-            )),
-        }
+        // `PublicKey` checked the point length and prefix, and the RSA size.
+        let material = match (checked.algorithm(), parsed.parsed()) {
+            (KeyAlgorithm::EcdsaP256, Ok(ParsedKey::EC(p))) => {
+                KeyMaterial::EcP256(p.data().to_vec())
+            }
+            (KeyAlgorithm::EcdsaP384, Ok(ParsedKey::EC(p))) => {
+                KeyMaterial::EcP384(p.data().to_vec())
+            }
+            (KeyAlgorithm::Rsa, Ok(ParsedKey::RSA(rsa)))
+                if !strip_zeros(rsa.exponent).is_empty() =>
+            {
+                KeyMaterial::Rsa {
+                    n: strip_zeros(rsa.modulus).to_vec(),
+                    e: strip_zeros(rsa.exponent).to_vec(),
+                }
+            }
+            _ => {
+                return Err(BundleError::UnsupportedKey(
+                    "unexpected key encoding".into(),
+                ));
+            }
+        };
+        Ok(Self(material))
     }
 
     /// The key's type.
     pub fn algorithm(&self) -> KeyAlgorithm {
-        match self {
-            Self::EcP256(_) => KeyAlgorithm::EcdsaP256,
-            Self::EcP384(_) => KeyAlgorithm::EcdsaP384,
-            Self::Rsa { .. } => KeyAlgorithm::Rsa,
+        match self.0 {
+            KeyMaterial::EcP256(_) => KeyAlgorithm::EcdsaP256,
+            KeyMaterial::EcP384(_) => KeyAlgorithm::EcdsaP384,
+            KeyMaterial::Rsa { .. } => KeyAlgorithm::Rsa,
         }
     }
 
     /// JWK members describing the key (`kty`, `crv`, `x`, `y` or `n`, `e`).
     fn jwk_members(&self, out: &mut Map<String, Value>) {
         let b64 = |b: &[u8]| Value::String(URL_SAFE_NO_PAD.encode(b));
-        match self {
-            Self::EcP256(point) | Self::EcP384(point) => {
-                let crv = if matches!(self, Self::EcP256(_)) {
+        match &self.0 {
+            KeyMaterial::EcP256(point) | KeyMaterial::EcP384(point) => {
+                let crv = if matches!(self.0, KeyMaterial::EcP256(_)) {
                     "P-256"
                 } else {
                     "P-384"
                 };
-                // Invariant: constructors only accept 0x04 || x || y.
+                // Invariant: every constructor yields 0x04 || x || y.
                 let coord = (point.len() - 1) / 2;
                 out.insert("kty".into(), "EC".into());
                 out.insert("crv".into(), crv.into());
                 out.insert("x".into(), b64(&point[1..1 + coord]));
                 out.insert("y".into(), b64(&point[1 + coord..]));
             }
-            Self::Rsa { n, e } => {
+            KeyMaterial::Rsa { n, e } => {
                 out.insert("kty".into(), "RSA".into());
                 out.insert("n".into(), b64(n));
                 out.insert("e".into(), b64(e));
@@ -151,8 +164,10 @@ impl JwtPublicKey {
         }
     }
 
-    /// Parses the key members of a JWK object.
-    fn from_jwk(jwk: &Map<String, Value>, at: &str) -> Result<Self, BundleError> {
+    /// Parses the key members of a JWK object. A key type or curve oxid does
+    /// not know is `None`: the bundle spec says such keys are skipped, so one
+    /// new key type from a federated peer does not cut federation.
+    fn from_jwk(jwk: &Map<String, Value>, at: &str) -> Result<Option<Self>, BundleError> {
         let kty = str_member(jwk, "kty", at)?;
         match kty {
             "EC" => {
@@ -160,12 +175,7 @@ impl JwtPublicKey {
                 let width = match crv {
                     "P-256" => 32,
                     "P-384" => 48,
-                    other => {
-                        return Err(field_err(
-                            format!("{at}.crv"),
-                            format!("curve {other:?} is not supported (P-256 or P-384)"),
-                        ));
-                    }
+                    _ => return Ok(None),
                 };
                 let mut point = vec![4u8];
                 for coord in ["x", "y"] {
@@ -178,11 +188,11 @@ impl JwtPublicKey {
                     }
                     point.extend_from_slice(&bytes);
                 }
-                Ok(if width == 32 {
-                    Self::EcP256(point)
+                Ok(Some(Self(if width == 32 {
+                    KeyMaterial::EcP256(point)
                 } else {
-                    Self::EcP384(point)
-                })
+                    KeyMaterial::EcP384(point)
+                })))
             }
             "RSA" => {
                 let n = b64url_member(jwk, "n", at)?;
@@ -195,19 +205,19 @@ impl JwtPublicKey {
                         ));
                     }
                 }
+                // Invariant: the loop above refused an empty `n`.
                 let bits = n.len() * 8 - n[0].leading_zeros() as usize;
-                if bits < MIN_RSA_BITS {
+                if !(MIN_RSA_BITS..=MAX_RSA_BITS).contains(&bits) {
                     return Err(field_err(
                         format!("{at}.n"),
-                        format!("RSA key of {bits} bits; at least {MIN_RSA_BITS} required"),
+                        format!(
+                            "RSA key of {bits} bits; {MIN_RSA_BITS} to {MAX_RSA_BITS} accepted"
+                        ),
                     ));
                 }
-                Ok(Self::Rsa { n, e })
+                Ok(Some(Self(KeyMaterial::Rsa { n, e })))
             }
-            other => Err(field_err(
-                format!("{at}.kty"),
-                format!("key type {other:?} is not supported (EC or RSA)"),
-            )),
+            _ => Ok(None),
         }
     }
 }
@@ -314,9 +324,15 @@ impl Bundle {
         &self.x509_authorities
     }
 
-    /// Adds an X.509 root (ignored if already present). It must parse.
+    /// Adds an X.509 root (ignored if already present). It must be a CA
+    /// certificate whose key oxid accepts (ECDSA P-256/P-384, RSA 2048 to
+    /// 8192), so every authority can be published as a complete JWK.
     pub fn add_x509_authority(&mut self, cert: CertificateDer<'static>) -> Result<(), BundleError> {
-        x509::parse_cert(&cert).map_err(|e| BundleError::Certificate(e.to_string()))?;
+        let parsed =
+            x509::parse_cert(&cert).map_err(|e| BundleError::Certificate(e.to_string()))?;
+        crate::x509::check_authority(&parsed)
+            .map_err(|v| BundleError::Certificate(v.to_string()))?;
+        JwtPublicKey::from_spki_der(parsed.public_key().raw)?;
         if !self.x509_authorities.contains(&cert) {
             self.x509_authorities.push(cert);
         }
@@ -358,7 +374,8 @@ impl Bundle {
         self.jwt_authorities.remove(kid).is_some()
     }
 
-    /// The bundle's sequence number (`spiffe_sequence`), bumped on change.
+    /// The bundle's sequence number (`spiffe_sequence`). The bundle's owner
+    /// sets it, and must change it whenever the authorities change.
     pub fn sequence_number(&self) -> u64 {
         self.sequence_number
     }
@@ -471,8 +488,9 @@ impl Bundle {
                 }
                 "jwt-svid" => {
                     let kid = str_member(jwk, "kid", &at)?;
-                    let key = JwtPublicKey::from_jwk(jwk, &at)?;
-                    bundle.add_jwt_authority(JwtAuthority::new(kid, key)?)?;
+                    if let Some(key) = JwtPublicKey::from_jwk(jwk, &at)? {
+                        bundle.add_jwt_authority(JwtAuthority::new(kid, key)?)?;
+                    }
                 }
                 _ => {}
             }
@@ -510,8 +528,9 @@ impl Bundle {
                 }
             }
             let kid = str_member(jwk, "kid", &at)?;
-            let key = JwtPublicKey::from_jwk(jwk, &at)?;
-            bundle.add_jwt_authority(JwtAuthority::new(kid, key)?)?;
+            if let Some(key) = JwtPublicKey::from_jwk(jwk, &at)? {
+                bundle.add_jwt_authority(JwtAuthority::new(kid, key)?)?;
+            }
         }
         Ok(bundle)
     }

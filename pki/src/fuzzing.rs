@@ -51,6 +51,7 @@ fn jwt_fixture() -> &'static JwtFixture {
         let td = TrustDomain::new("example.org").expect("literal trust domain");
         let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).expect("key generation");
         let signer = JwtSigner::new(
+            td.clone(),
             key,
             "fuzz",
             None,
@@ -146,6 +147,6 @@ pub fn csr(data: &[u8]) {
                 SystemTime::now(),
             )
             .expect("an accepted CSR key can be certified");
-        assert_eq!(svid.spiffe_id, id);
+        assert_eq!(svid.spiffe_id(), &id);
     }
 }

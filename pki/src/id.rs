@@ -12,6 +12,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// as go-spiffe does, so one identity has exactly one spelling.
 pub const SCHEME_PREFIX: &str = "spiffe://";
 
+/// The path under which oxid names its own server and agents. No entry,
+/// alias or workload SVID may use it.
+pub const RESERVED_PATH: &str = "/oxid";
+
 /// Longest trust domain name accepted, in bytes (the spec's DNS-like bound).
 pub const MAX_TRUST_DOMAIN_LEN: usize = 255;
 
@@ -196,14 +200,25 @@ impl SpiffeId {
         self.path().split('/').skip(1)
     }
 
-    /// True if the path starts with the segments of `prefix` (whole segments:
-    /// `/oxid` is a prefix of `/oxid/agent` but not of `/oxidant`).
+    /// True if the path starts with the whole segments of `prefix`: `/oxid`
+    /// and `/oxid/` are prefixes of `/oxid` and `/oxid/agent`, not of
+    /// `/oxidant`. An empty prefix (or `/`) matches nothing, so a blank
+    /// setting can never select every ID.
     pub fn path_has_prefix(&self, prefix: &str) -> bool {
-        let path = self.path();
-        match path.strip_prefix(prefix) {
-            Some(rest) => rest.is_empty() || rest.starts_with('/') || prefix.ends_with('/'),
+        let prefix = prefix.trim_end_matches('/');
+        if prefix.is_empty() {
+            return false;
+        }
+        match self.path().strip_prefix(prefix) {
+            Some(rest) => rest.is_empty() || rest.starts_with('/'),
             None => false,
         }
+    }
+
+    /// True if the path is under [`RESERVED_PATH`]: such IDs name oxid's own
+    /// server and agents, and only the server mints them.
+    pub fn is_reserved(&self) -> bool {
+        self.path_has_prefix(RESERVED_PATH)
     }
 }
 
@@ -344,10 +359,36 @@ mod tests {
         assert_eq!(id.segments().collect::<Vec<_>>(), ["ns", "web"]);
         assert!(!id.is_trust_domain_id());
         assert!(id.path_has_prefix("/ns"));
+        assert!(id.path_has_prefix("/ns/"));
+        assert!(id.path_has_prefix("/ns/web"));
         assert!(!id.path_has_prefix("/n"));
+        assert!(!id.path_has_prefix(""));
+        assert!(!id.path_has_prefix("/"));
         let td_id = id.trust_domain().id();
         assert_eq!(td_id.as_str(), "spiffe://example.org");
         assert!(td_id.is_trust_domain_id());
+    }
+
+    #[test]
+    fn reserved_paths() {
+        for reserved in [
+            "spiffe://td/oxid",
+            "spiffe://td/oxid/agent/x509pop/ab",
+            "spiffe://td/oxid/server",
+        ] {
+            assert!(
+                reserved.parse::<SpiffeId>().unwrap().is_reserved(),
+                "{reserved}"
+            );
+        }
+        for free in [
+            "spiffe://td/oxidant",
+            "spiffe://td/web/oxid",
+            "spiffe://td",
+            "spiffe://td/Oxid",
+        ] {
+            assert!(!free.parse::<SpiffeId>().unwrap().is_reserved(), "{free}");
+        }
     }
 
     #[test]

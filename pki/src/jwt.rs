@@ -14,8 +14,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
 use serde_json::{Map, Value, json};
 
-use crate::bundle::{BundleSource, JwtAuthority, JwtPublicKey};
-use crate::id::{IdError, SpiffeId};
+use crate::bundle::{BundleSource, JwtAuthority, JwtPublicKey, KeyMaterial};
+use crate::id::{IdError, SpiffeId, TrustDomain};
 use crate::key::{KeyAlgorithm, KeyError, KeyPair};
 use crate::policy::JWT_CLOCK_SKEW;
 
@@ -213,6 +213,9 @@ impl JwtAlgorithm {
 /// A key that mints JWT-SVIDs, with its key ID and lifetime.
 #[derive(Debug)]
 pub struct JwtSigner {
+    /// Tokens are minted only for IDs of this trust domain, whose bundle
+    /// publishes the key.
+    trust_domain: TrustDomain,
     key: KeyPair,
     /// Key ID and public key, built (and so validated) once in `new`.
     authority: JwtAuthority,
@@ -220,8 +223,8 @@ pub struct JwtSigner {
     not_after: SystemTime,
 }
 
-/// A minted JWT-SVID.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A minted JWT-SVID. `Debug` leaves the token out: it is a bearer credential.
+#[derive(Clone, PartialEq, Eq)]
 pub struct JwtSvid {
     /// The compact token.
     pub token: String,
@@ -235,10 +238,22 @@ pub struct JwtSvid {
     pub issued_at: SystemTime,
 }
 
+impl std::fmt::Debug for JwtSvid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtSvid")
+            .field("spiffe_id", &self.spiffe_id)
+            .field("audiences", &self.audiences)
+            .field("expiry", &self.expiry)
+            .finish_non_exhaustive()
+    }
+}
+
 impl JwtSigner {
-    /// Wraps `key`. The algorithm defaults by key type; a mismatched one is
-    /// refused. Tokens never outlive `not_after` (the key's retirement).
+    /// Wraps `key` to mint for `trust_domain`. The algorithm defaults by key
+    /// type; a mismatched one is refused. Tokens never outlive `not_after`
+    /// (the key's retirement).
     pub fn new(
+        trust_domain: TrustDomain,
         key: KeyPair,
         key_id: impl Into<String>,
         algorithm: Option<JwtAlgorithm>,
@@ -259,6 +274,7 @@ impl JwtSigner {
         let authority = JwtAuthority::new(key_id, public_key)
             .map_err(|e| JwtError::InvalidKeyId(e.to_string()))?;
         Ok(Self {
+            trust_domain,
             key,
             authority,
             algorithm,
@@ -308,6 +324,12 @@ impl JwtSigner {
                 reason: "a JWT-SVID subject needs a path",
             });
         }
+        if !spiffe_id.is_member_of(&self.trust_domain) {
+            return Err(JwtError::InvalidClaim {
+                claim: "sub",
+                reason: "the subject belongs to another trust domain than the signing key",
+            });
+        }
         check_audiences(audiences)?;
         if ttl.is_zero() {
             return Err(JwtError::ZeroTtl);
@@ -352,7 +374,8 @@ pub struct VerifiedJwtSvid {
     pub audiences: Vec<String>,
     /// `exp`.
     pub expiry: SystemTime,
-    /// Every claim, as sent (for ValidateJWTSVID's `claims`).
+    /// Every claim as sent, except `aud`, which is always the list of
+    /// audiences (ValidateJWTSVID's `claims` must hold `aud` as a list).
     pub claims: Map<String, Value>,
 }
 
@@ -366,6 +389,11 @@ pub fn verify_jwt_svid(
     expected_audience: &str,
     now: SystemTime,
 ) -> Result<VerifiedJwtSvid, JwtError> {
+    if expected_audience.is_empty() {
+        return Err(JwtError::InvalidAudience(
+            "the expected audience is empty".into(),
+        ));
+    }
     if token.len() > MAX_TOKEN_LEN {
         return Err(JwtError::TooLong(token.len()));
     }
@@ -376,7 +404,7 @@ pub fn verify_jwt_svid(
         return Err(JwtError::NotCompact);
     };
     let header = decode_object(h64, "header")?;
-    let claims = decode_object(p64, "payload")?;
+    let mut claims = decode_object(p64, "payload")?;
     let sig = URL_SAFE_NO_PAD
         .decode(s64)
         .map_err(|_| JwtError::Base64("signature"))?;
@@ -421,6 +449,7 @@ pub fn verify_jwt_svid(
     if !audiences.iter().any(|a| a == expected_audience) {
         return Err(JwtError::AudienceMismatch(expected_audience.to_owned()));
     }
+    claims.insert("aud".into(), Value::from(audiences.clone()));
     Ok(VerifiedJwtSvid {
         spiffe_id,
         audiences,
@@ -529,14 +558,14 @@ fn verify_signature(
     signed: &[u8],
     sig: &[u8],
 ) -> Result<(), JwtError> {
-    let result = match key {
-        JwtPublicKey::EcP256(point) => {
+    let result = match &key.0 {
+        KeyMaterial::EcP256(point) => {
             UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, point).verify(signed, sig)
         }
-        JwtPublicKey::EcP384(point) => {
+        KeyMaterial::EcP384(point) => {
             UnparsedPublicKey::new(&signature::ECDSA_P384_SHA384_FIXED, point).verify(signed, sig)
         }
-        JwtPublicKey::Rsa { n, e } => {
+        KeyMaterial::Rsa { n, e } => {
             let params: &signature::RsaParameters = match alg {
                 JwtAlgorithm::Rs256 => &signature::RSA_PKCS1_2048_8192_SHA256,
                 JwtAlgorithm::Rs384 => &signature::RSA_PKCS1_2048_8192_SHA384,

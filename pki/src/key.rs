@@ -19,7 +19,7 @@ use zeroize::Zeroizing;
 /// Smallest RSA modulus accepted on import, in bits.
 pub const MIN_RSA_BITS: usize = 2048;
 
-/// Largest key file read, in bytes: a PKCS#8 RSA-8192 PEM is under 7 KiB.
+/// Largest key file read, in bytes: a PKCS#8 RSA-4096 PEM is under 4 KiB.
 const MAX_KEY_FILE_LEN: u64 = 64 * 1024;
 
 /// Why a key could not be generated, loaded, stored or used.
@@ -185,6 +185,9 @@ impl KeyPair {
             }
             // ring refuses RSA keys under 2048 bits at parse time with this text.
             Err(e) if e.to_string().contains("TooSmall") => Err(KeyError::RsaTooSmall),
+            Err(e) if e.to_string().contains("TooLarge") => Err(KeyError::Unsupported(
+                "RSA private keys over 4096 bits are not supported",
+            )),
             Err(_) => Err(KeyError::Unsupported(
                 "expected a PKCS#8 ECDSA P-256/P-384 or RSA key (convert with \
                  `openssl pkcs8 -topk8 -nocrypt`)",
@@ -198,11 +201,11 @@ impl KeyPair {
             return Self::from_pkcs8_der(bytes);
         }
         let block = pem::parse(bytes).map_err(|_| KeyError::Unsupported("malformed PEM"))?;
-        match block.tag() {
-            "PRIVATE KEY" => {
-                let der = Zeroizing::new(block.into_contents());
-                Self::from_pkcs8_der(&der)
-            }
+        let tag = block.tag().to_owned();
+        // Zeroized whatever the block turns out to be.
+        let der = Zeroizing::new(block.into_contents());
+        match tag.as_str() {
+            "PRIVATE KEY" => Self::from_pkcs8_der(&der),
             "EC PRIVATE KEY" | "RSA PRIVATE KEY" => Err(KeyError::Unsupported(
                 "key is not PKCS#8 (convert with `openssl pkcs8 -topk8 -nocrypt`)",
             )),
@@ -214,13 +217,25 @@ impl KeyPair {
     }
 
     /// Loads a key file (PKCS#8, PEM or DER). Refuses a file that group or
-    /// others can access: such a key must be treated as already leaked.
+    /// others can access (such a key must be treated as already leaked) and
+    /// anything but a regular file. The checks and the read use one open
+    /// file, so the file checked is the file read.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
+        use std::io::Read as _;
         let io = |source| KeyError::Io {
             path: path.to_owned(),
             source,
         };
-        let meta = fs::metadata(path).map_err(io)?;
+        // O_NONBLOCK: opening a FIFO must not hang; it is refused below.
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc_o_nonblock())
+            .open(path)
+            .map_err(io)?;
+        let meta = file.metadata().map_err(io)?;
+        if !meta.is_file() {
+            return Err(KeyError::Unsupported("a key file must be a regular file"));
+        }
         let mode = meta.permissions().mode() & 0o7777;
         if mode & 0o077 != 0 {
             return Err(KeyError::InsecurePermissions {
@@ -228,12 +243,15 @@ impl KeyPair {
                 mode,
             });
         }
-        if meta.len() > MAX_KEY_FILE_LEN {
+        let mut bytes = Zeroizing::new(Vec::new());
+        file.take(MAX_KEY_FILE_LEN + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+        if bytes.len() as u64 > MAX_KEY_FILE_LEN {
             return Err(KeyError::FileTooLarge {
                 path: path.to_owned(),
             });
         }
-        let bytes = Zeroizing::new(fs::read(path).map_err(io)?);
         Self::from_pkcs8_pem_or_der(&bytes)
     }
 
@@ -245,26 +263,31 @@ impl KeyPair {
             path: path.to_owned(),
             source,
         };
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+        // A bare file name lives in the current directory, which is synced too.
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
         let mut tmp_name = path.as_os_str().to_owned();
         tmp_name.push(".tmp");
         let tmp = PathBuf::from(tmp_name);
         let _ = fs::remove_file(&tmp);
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io)?;
-        let pem = self.to_pkcs8_pem();
-        file.write_all(pem.as_bytes()).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        drop(file);
-        fs::rename(&tmp, path).map_err(io)?;
-        if let Some(dir) = dir {
-            fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-        }
-        Ok(())
+        let write = || -> std::io::Result<()> {
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            file.write_all(self.to_pkcs8_pem().as_bytes())?;
+            file.sync_all()?;
+            fs::rename(&tmp, path)?;
+            fs::File::open(dir)?.sync_all()
+        };
+        write().map_err(|source| {
+            // Never leave a partial key file behind.
+            let _ = fs::remove_file(&tmp);
+            io(source)
+        })
     }
 
     fn assemble(algorithm: KeyAlgorithm, signer: Signer, der: &[u8]) -> Self {
@@ -351,6 +374,12 @@ impl KeyPair {
     pub fn fingerprint(&self) -> String {
         hex(ring::digest::digest(&ring::digest::SHA256, &self.spki).as_ref())
     }
+}
+
+/// `O_NONBLOCK` on Linux (the only platform oxid targets); spelled out to
+/// avoid a libc dependency for one constant.
+const fn libc_o_nonblock() -> i32 {
+    0o4000
 }
 
 fn rsa_sign(
@@ -472,13 +501,42 @@ mod tests {
             other.fingerprint()
         );
 
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
-        let err = KeyPair::load(&path).unwrap_err();
-        assert!(
-            matches!(err, KeyError::InsecurePermissions { mode: 0o640, .. }),
-            "{err}"
-        );
-        assert!(err.to_string().contains("chmod 600"), "{err}");
+        for mode in [0o640, 0o604, 0o660, 0o602] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            let err = KeyPair::load(&path).unwrap_err();
+            assert!(
+                matches!(err, KeyError::InsecurePermissions { mode: m, .. } if m == mode),
+                "{err}"
+            );
+            assert!(err.to_string().contains("chmod 600"), "{err}");
+        }
+    }
+
+    #[test]
+    fn load_refuses_what_is_not_a_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("key.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        fs::set_permissions(&sock, fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(matches!(
+            KeyPair::load(&sock),
+            Err(KeyError::Io { .. } | KeyError::Unsupported(_))
+        ));
+        let sub = dir.path().join("dir");
+        fs::create_dir(&sub).unwrap();
+        fs::set_permissions(&sub, fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(matches!(KeyPair::load(&sub), Err(KeyError::Unsupported(_))));
+        let big = dir.path().join("big.pem");
+        fs::write(&big, vec![b'a'; (MAX_KEY_FILE_LEN + 1) as usize]).unwrap();
+        fs::set_permissions(&big, fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(matches!(
+            KeyPair::load(&big),
+            Err(KeyError::FileTooLarge { .. })
+        ));
+        assert!(matches!(
+            KeyPair::load(&dir.path().join("missing")),
+            Err(KeyError::Io { .. })
+        ));
     }
 
     #[test]

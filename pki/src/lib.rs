@@ -26,5 +26,5 @@ pub mod x509;
 #[doc(hidden)]
 pub mod fuzzing;
 
-pub use id::{IdError, SpiffeId, TrustDomain};
+pub use id::{IdError, RESERVED_PATH, SpiffeId, TrustDomain};
 pub use key::{KeyAlgorithm, KeyError, KeyPair};

@@ -266,14 +266,15 @@ fn jwt_keys_are_checked() {
         with(&|k| k["kid"] = json!("")),
         Err(BundleError::InvalidKeyId(_))
     ));
-    assert_eq!(
-        field_error(with(&|k| k["kty"] = json!("oct"))),
-        "keys[0].kty"
-    );
-    assert_eq!(
-        field_error(with(&|k| k["crv"] = json!("P-521"))),
-        "keys[0].crv"
-    );
+    // Unknown key types and curves are skipped, as the bundle spec says, so
+    // a peer adding one new key type does not cut federation.
+    for edit in [
+        &(|k: &mut Value| k["kty"] = json!("oct")) as &dyn Fn(&mut Value),
+        &|k: &mut Value| k["kty"] = json!("OKP"),
+        &|k: &mut Value| k["crv"] = json!("P-521"),
+    ] {
+        assert_eq!(with(edit).unwrap().jwt_authorities().len(), 0);
+    }
     assert_eq!(
         field_error(with(&|k| k["crv"] = json!("P-384"))),
         "keys[0].x"
@@ -337,4 +338,37 @@ fn plain_jwks_requires_kids_and_sane_use() {
     doc["keys"][0].as_object_mut().unwrap().remove("use");
     doc["keys"][0].as_object_mut().unwrap().remove("kid");
     assert_eq!(field_error(parse(&doc)), "keys[0].kid");
+}
+
+#[test]
+fn only_ca_certificates_can_be_authorities() {
+    let ca = root_ca("example.org", HOUR);
+    let key = common::workload_key();
+    let pk = oxid_pki::x509::PublicKey::from_spki_der(key.public_key_spki()).unwrap();
+    let svid = ca
+        .issue_x509_svid(
+            &oxid_pki::x509::SvidParams {
+                spiffe_id: &common::id("spiffe://example.org/web"),
+                public_key: &pk,
+                ttl: HOUR,
+                dns_names: &[],
+            },
+            common::now(),
+        )
+        .unwrap();
+    let mut b = Bundle::new(td("example.org"));
+    assert!(matches!(
+        b.add_x509_authority(svid.leaf().clone()),
+        Err(BundleError::Certificate(_))
+    ));
+    assert!(b.x509_authorities().is_empty());
+}
+
+#[test]
+fn pem_with_a_private_key_is_refused() {
+    let ca = root_ca("example.org", HOUR);
+    let mut pem = oxid_pki::x509::certs_to_pem([ca.cert()]);
+    pem.push_str(&ca.key().to_pkcs8_pem());
+    let err = Bundle::from_x509_pem(td("example.org"), pem.as_bytes()).unwrap_err();
+    assert!(err.to_string().contains("private key"), "{err}");
 }

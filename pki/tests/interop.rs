@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use oxid_pki::bundle::Bundle;
@@ -53,7 +53,7 @@ fn openssl_verifies_an_svid_for_client_and_server_use() {
     let ca = root_ca("example.org", 24 * HOUR);
     let svid = issue(&ca, &workload_key());
     write_pem(dir.path(), "root.pem", &[ca.root().clone()]);
-    write_pem(dir.path(), "svid.pem", &svid.cert_chain);
+    write_pem(dir.path(), "svid.pem", &svid.cert_chain());
     for purpose in ["sslclient", "sslserver"] {
         let (ok, text) = openssl_verify(
             dir.path(),
@@ -85,10 +85,10 @@ fn openssl_verifies_an_svid_under_an_intermediate() {
     )
     .unwrap();
     let svid = issue(&inter, &workload_key());
-    assert_eq!(svid.cert_chain.len(), 2);
+    assert_eq!(svid.cert_chain().len(), 2);
     write_pem(dir.path(), "root.pem", &[inter.root().clone()]);
-    write_pem(dir.path(), "leaf.pem", &svid.cert_chain[..1]);
-    write_pem(dir.path(), "inter.pem", &svid.cert_chain[1..]);
+    write_pem(dir.path(), "leaf.pem", &svid.cert_chain()[..1]);
+    write_pem(dir.path(), "inter.pem", &svid.cert_chain()[1..]);
     for purpose in ["sslclient", "sslserver"] {
         let (ok, text) = openssl_verify(
             dir.path(),
@@ -113,7 +113,7 @@ fn openssl_reads_the_profile_we_claim() {
     write_pem(
         dir.path(),
         "svid.pem",
-        &issue(&ca, &workload_key()).cert_chain,
+        issue(&ca, &workload_key()).cert_chain(),
     );
     let out = run_tool(
         "openssl",
@@ -152,13 +152,13 @@ fn spiffe_crate_parses_oxid_x509_svids_and_bundles() {
         let key = workload_key();
         let svid = issue(&ca, &key);
         let parsed =
-            spiffe::X509Svid::parse_from_der(&concat_der(&svid.cert_chain), key.pkcs8_der())
+            spiffe::X509Svid::parse_from_der(&concat_der(svid.cert_chain()), key.pkcs8_der())
                 .unwrap();
         assert_eq!(
             parsed.spiffe_id().to_string(),
             "spiffe://example.org/ns/prod/web"
         );
-        assert_eq!(parsed.cert_chain().len(), svid.cert_chain.len());
+        assert_eq!(parsed.cert_chain().len(), svid.cert_chain().len());
 
         let mut bundle = Bundle::new(td("example.org"));
         bundle.add_x509_authority(ca.root().clone()).unwrap();
@@ -184,7 +184,7 @@ fn spiffe_crate_validates_oxid_jwt_svids() {
     ];
     for (key, alg) in cases {
         let kid = JwtSigner::key_id_for(&key);
-        let signer = JwtSigner::new(key, kid, alg, now() + HOUR).unwrap();
+        let signer = JwtSigner::new(td("example.org"), key, kid, alg, now() + HOUR).unwrap();
         let mut bundle = Bundle::new(td("example.org"));
         bundle
             .add_jwt_authority(signer.authority().clone())
@@ -260,8 +260,8 @@ fn rsa_upstream_ca_signs_an_ecdsa_intermediate_that_openssl_accepts() {
     let inter = X509Ca::new_intermediate(&upstream, td("example.org"), workload_key(), HOUR, now())
         .unwrap();
     let svid = issue(&inter, &workload_key());
-    write_pem(dir.path(), "leaf.pem", &svid.cert_chain[..1]);
-    write_pem(dir.path(), "inter.pem", &svid.cert_chain[1..]);
+    write_pem(dir.path(), "leaf.pem", &svid.cert_chain()[..1]);
+    write_pem(dir.path(), "inter.pem", &svid.cert_chain()[1..]);
     let (ok, text) = openssl_verify(
         dir.path(),
         &[
@@ -278,7 +278,7 @@ fn rsa_upstream_ca_signs_an_ecdsa_intermediate_that_openssl_accepts() {
     let mut bundle = Bundle::new(td("example.org"));
     bundle.add_x509_authority(inter.root().clone()).unwrap();
     oxid_pki::x509::verify_x509_svid(
-        &svid.cert_chain,
+        &svid.cert_chain(),
         &bundle,
         oxid_pki::x509::ExtendedKeyUsage::ClientAuth,
         now(),
@@ -314,5 +314,184 @@ fn rsa_keys_under_2048_bits_are_refused_on_import() {
             .unwrap()
             .fingerprint(),
         key.fingerprint()
+    );
+}
+
+/// An organisation's root and issuing CA made by openssl; returns the
+/// upstream chain file (issuing CA, then root) and the issuing CA's key.
+fn openssl_issuing_ca(dir: &Path, subject: &str, pathlen: Option<u32>) -> (PathBuf, PathBuf) {
+    let sh = |args: &[&str]| {
+        let out = run_tool("openssl", args, dir);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    sh(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "root.key",
+        "-out",
+        "root.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/O=Corp/CN=Root",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    sh(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "issuing.key",
+        "-out",
+        "issuing.csr",
+        "-subj",
+        subject,
+    ]);
+    let bc = match pathlen {
+        Some(n) => format!("basicConstraints=critical,CA:TRUE,pathlen:{n}\n"),
+        None => "basicConstraints=critical,CA:TRUE\n".to_owned(),
+    };
+    std::fs::write(
+        dir.join("ext.cnf"),
+        bc + "keyUsage=critical,keyCertSign,cRLSign\n",
+    )
+    .unwrap();
+    sh(&[
+        "x509",
+        "-req",
+        "-in",
+        "issuing.csr",
+        "-CA",
+        "root.pem",
+        "-CAkey",
+        "root.key",
+        "-CAcreateserial",
+        "-out",
+        "issuing.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    let chain = [
+        std::fs::read_to_string(dir.join("issuing.pem")).unwrap(),
+        std::fs::read_to_string(dir.join("root.pem")).unwrap(),
+    ]
+    .concat();
+    std::fs::write(dir.join("upstream.pem"), chain).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    let key = dir.join("issuing.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    (dir.join("upstream.pem"), key)
+}
+
+#[test]
+fn upstream_issuing_ca_chain_works_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let (chain, key) = openssl_issuing_ca(dir.path(), "/O=Corp/OU=PKI/CN=Issuing CA", None);
+    let upstream = X509Ca::load_upstream(td("example.org"), &chain, &key).unwrap();
+    assert_eq!(upstream.chain().len(), 2);
+    let inter = X509Ca::new_intermediate(&upstream, td("example.org"), workload_key(), HOUR, now())
+        .unwrap();
+    let svid = issue(&inter, &workload_key());
+    assert_eq!(
+        svid.cert_chain().len(),
+        3,
+        "leaf, our intermediate, the issuing CA"
+    );
+    write_pem(dir.path(), "leaf.pem", &svid.cert_chain()[..1]);
+    write_pem(dir.path(), "inters.pem", &svid.cert_chain()[1..]);
+    let (ok, text) = openssl_verify(
+        dir.path(),
+        &[
+            "-CAfile",
+            "root.pem",
+            "-untrusted",
+            "inters.pem",
+            "-purpose",
+            "sslclient",
+            "leaf.pem",
+        ],
+    );
+    assert!(ok, "{text}");
+}
+
+#[test]
+fn upstream_with_path_length_zero_is_refused_at_load() {
+    // Our intermediate under it would be invalid for every client: say so now.
+    let dir = tempfile::tempdir().unwrap();
+    let (chain, key) = openssl_issuing_ca(dir.path(), "/O=Corp/CN=Issuing CA", Some(0));
+    let upstream = X509Ca::load_upstream(td("example.org"), &chain, &key).unwrap();
+    let err = X509Ca::new_intermediate(&upstream, td("example.org"), workload_key(), HOUR, now())
+        .unwrap_err();
+    assert!(
+        matches!(err, oxid_pki::x509::X509Error::UnusableChain(_)),
+        "{err}"
+    );
+}
+
+#[test]
+fn upstream_with_repeated_name_attributes_is_reproduced_or_refused() {
+    // A subject with two DC attributes: the issuer name of what we sign must
+    // match it byte for byte, or loading must fail with a clear error.
+    let dir = tempfile::tempdir().unwrap();
+    let (chain, key) = openssl_issuing_ca(dir.path(), "/DC=com/DC=example/CN=Issuing CA", None);
+    match X509Ca::load_upstream(td("example.org"), &chain, &key) {
+        Ok(upstream) => {
+            let inter =
+                X509Ca::new_intermediate(&upstream, td("example.org"), workload_key(), HOUR, now())
+                    .unwrap();
+            let svid = issue(&inter, &workload_key());
+            write_pem(dir.path(), "leaf.pem", &svid.cert_chain()[..1]);
+            write_pem(dir.path(), "inters.pem", &svid.cert_chain()[1..]);
+            let (ok, text) = openssl_verify(
+                dir.path(),
+                &[
+                    "-CAfile",
+                    "root.pem",
+                    "-untrusted",
+                    "inters.pem",
+                    "leaf.pem",
+                ],
+            );
+            assert!(ok, "{text}");
+        }
+        Err(err) => {
+            assert!(
+                matches!(err, oxid_pki::x509::X509Error::UnusableChain(_)),
+                "{err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn upstream_file_with_an_unrelated_certificate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (chain, key) = openssl_issuing_ca(dir.path(), "/O=Corp/CN=Issuing CA", None);
+    let mut pem = std::fs::read_to_string(&chain).unwrap();
+    pem.push_str(&certs_to_pem([root_ca("evil.example", HOUR).cert()]));
+    std::fs::write(&chain, pem).unwrap();
+    let err = X509Ca::load_upstream(td("example.org"), &chain, &key).unwrap_err();
+    assert!(
+        matches!(err, oxid_pki::x509::X509Error::UnusableChain(_)),
+        "{err}"
     );
 }

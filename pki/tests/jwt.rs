@@ -28,7 +28,7 @@ struct Fixture {
 
 fn fixture_with(key: KeyPair, alg: Option<JwtAlgorithm>) -> Fixture {
     let kid = JwtSigner::key_id_for(&key);
-    let signer = JwtSigner::new(key, kid, alg, now() + 24 * HOUR).unwrap();
+    let signer = JwtSigner::new(td("example.org"), key, kid, alg, now() + 24 * HOUR).unwrap();
     let mut bundle = Bundle::new(td("example.org"));
     bundle
         .add_jwt_authority(signer.authority().clone())
@@ -163,6 +163,7 @@ fn signer_refuses_an_algorithm_that_does_not_fit_its_key() {
         (JwtAlgorithm::Rs256, KeyAlgorithm::EcdsaP256),
     ] {
         let err = JwtSigner::new(
+            td("example.org"),
             KeyPair::generate(key).unwrap(),
             "k",
             Some(alg),
@@ -173,7 +174,7 @@ fn signer_refuses_an_algorithm_that_does_not_fit_its_key() {
     }
     let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
     assert!(matches!(
-        JwtSigner::new(key, "", None, now() + HOUR),
+        JwtSigner::new(td("example.org"), key, "", None, now() + HOUR),
         Err(JwtError::InvalidKeyId(_))
     ));
 }
@@ -219,7 +220,14 @@ fn mint_refuses_bad_audiences_ttl_and_expired_keys() {
 #[test]
 fn token_lifetime_is_clamped_to_the_signing_key() {
     let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
-    let signer = JwtSigner::new(key, "k", None, now() + Duration::from_secs(100)).unwrap();
+    let signer = JwtSigner::new(
+        td("example.org"),
+        key,
+        "k",
+        None,
+        now() + Duration::from_secs(100),
+    )
+    .unwrap();
     let svid = signer
         .mint(&id("spiffe://example.org/web"), &[AUD.into()], HOUR, now())
         .unwrap();
@@ -602,4 +610,76 @@ fn errors_read_well() {
         "key ID \"k1\" is not in the bundle of example.org"
     );
     assert_eq!(JwtError::Expired.to_string(), "token has expired");
+}
+
+#[test]
+fn verified_claims_hold_aud_as_a_list() {
+    let fx = fixture();
+    let mut c = good_claims();
+    c["aud"] = json!(AUD);
+    let v = verify(&fx, &forge(&fx, good_header(&fx), c)).unwrap();
+    assert_eq!(v.claims["aud"], json!([AUD]));
+    assert!(v.claims["exp"].is_number());
+    assert_eq!(v.claims["sub"], "spiffe://example.org/web");
+}
+
+#[test]
+fn an_empty_expected_audience_never_matches() {
+    let fx = fixture();
+    let mut c = good_claims();
+    c["aud"] = json!([""]);
+    let token = forge(&fx, good_header(&fx), c);
+    assert!(matches!(
+        verify_jwt_svid(&token, &fx.bundle, "", now()),
+        Err(JwtError::InvalidAudience(_))
+    ));
+}
+
+#[test]
+fn expiry_skew_edge() {
+    let fx = fixture();
+    let t = now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let skew = oxid_pki::policy::JWT_CLOCK_SKEW.as_secs();
+    let with_exp = |exp: u64| {
+        let mut c = good_claims();
+        c["exp"] = json!(exp);
+        verify(&fx, &forge(&fx, good_header(&fx), c))
+    };
+    assert_eq!(with_exp(t - skew).unwrap_err(), JwtError::Expired);
+    assert!(with_exp(t - skew + 1).is_ok());
+}
+
+#[test]
+fn debug_output_never_holds_the_token() {
+    let fx = fixture();
+    let svid = fx
+        .signer
+        .mint(
+            &id("spiffe://example.org/web"),
+            &[AUD.into()],
+            Duration::from_secs(60),
+            now(),
+        )
+        .unwrap();
+    let sig = svid.token.rsplit('.').next().unwrap().to_owned();
+    let debug = format!("{svid:?}");
+    assert!(!debug.contains(&sig), "{debug}");
+    assert!(debug.contains("spiffe://example.org/web"), "{debug}");
+}
+
+#[test]
+fn a_signer_mints_only_for_its_trust_domain() {
+    let fx = fixture();
+    assert!(matches!(
+        fx.signer.mint(
+            &id("spiffe://other.org/web"),
+            &[AUD.into()],
+            Duration::from_secs(60),
+            now()
+        ),
+        Err(JwtError::InvalidClaim { claim: "sub", .. })
+    ));
 }

@@ -38,7 +38,7 @@ fn issue(
         at,
     )
     .unwrap()
-    .cert_chain
+    .into_cert_chain()
 }
 
 fn parsed(der: &[u8]) -> X509Certificate<'_> {
@@ -226,7 +226,7 @@ fn a_leaf_certificate_cannot_be_loaded_as_a_ca() {
             now(),
         )
         .unwrap();
-    let err = X509Ca::from_chain(td("example.org"), svid.cert_chain.clone(), key).unwrap_err();
+    let err = X509Ca::restore(td("example.org"), svid.cert_chain().to_vec(), key).unwrap_err();
     assert!(matches!(err, X509Error::NotACa(_)), "{err}");
 }
 
@@ -251,7 +251,7 @@ fn issued_svid_follows_every_leaf_rule() {
         )
         .unwrap();
     assert_eq!(
-        svid.cert_chain.len(),
+        svid.cert_chain().len(),
         1,
         "root CA: the chain is the leaf alone"
     );
@@ -304,7 +304,7 @@ fn issued_svid_follows_every_leaf_rule() {
     let secs = |d: SystemTime| d.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as i64;
     assert_eq!(cert.validity().not_before.timestamp(), secs(t - BACKDATE));
     assert_eq!(cert.validity().not_after.timestamp(), secs(t + HOUR));
-    assert_eq!(secs(svid.not_after), secs(t + HOUR));
+    assert_eq!(secs(svid.not_after()), secs(t + HOUR));
     assert_eq!(cert.public_key().raw, key.public_key_spki());
     assert_eq!(cert.issuer(), parsed(ca.cert()).subject());
 }
@@ -425,7 +425,7 @@ fn csr_key_types_are_policed() {
             now(),
         )
         .unwrap()
-        .cert_chain;
+        .into_cert_chain();
     verify_x509_svid(&chain, &bundle_of(&ca), ExtendedKeyUsage::Any, now()).unwrap();
 }
 
@@ -742,4 +742,46 @@ fn der_concatenation_and_pem_round_trip() {
     assert!(split_der_certs(&concat[..concat.len() - 1]).is_err());
     assert!(matches!(split_der_certs(&[]), Err(X509Error::EmptyChain)));
     assert!(matches!(certs_from_pem(b""), Err(X509Error::NoCertificate)));
+}
+
+#[test]
+fn absurd_ttls_are_errors_not_panics() {
+    let err = X509Ca::new_root(
+        td("example.org"),
+        workload_key(),
+        Duration::from_secs(20_000 * 365 * 86_400),
+        now(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, X509Error::TtlTooLong), "{err}");
+    assert!(matches!(
+        X509Ca::new_root(td("example.org"), workload_key(), Duration::MAX, now()),
+        Err(X509Error::TtlTooLong)
+    ));
+}
+
+#[test]
+fn restore_checks_the_trust_domain_and_the_chain() {
+    let ca = root_ca("example.org", HOUR);
+    let key = KeyPair::from_pkcs8_der(ca.key().pkcs8_der()).unwrap();
+    let err = X509Ca::restore(td("other.org"), ca.chain().to_vec(), key).unwrap_err();
+    assert!(
+        matches!(err, X509Error::Rule(Violation::CaWrongUri { .. })),
+        "{err}"
+    );
+    // An intermediate followed by an unrelated root: the chain does not link.
+    let upstream = root_ca("example.org", 2 * HOUR);
+    let inter = X509Ca::new_intermediate(&upstream, td("example.org"), workload_key(), HOUR, now())
+        .unwrap();
+    let stranger = root_ca("example.org", HOUR);
+    let key = KeyPair::from_pkcs8_der(inter.key().pkcs8_der()).unwrap();
+    let err = X509Ca::restore(
+        td("example.org"),
+        vec![inter.cert().clone(), stranger.cert().clone()],
+        key,
+    )
+    .unwrap_err();
+    assert!(matches!(err, X509Error::UnusableChain(_)), "{err}");
+    let key = KeyPair::from_pkcs8_der(inter.key().pkcs8_der()).unwrap();
+    X509Ca::restore(td("example.org"), inter.chain().to_vec(), key).unwrap();
 }

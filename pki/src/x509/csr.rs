@@ -16,6 +16,9 @@ use x509_parser::x509::SubjectPublicKeyInfo;
 
 use crate::key::{KeyAlgorithm, MIN_RSA_BITS};
 
+/// Largest RSA modulus accepted in a public key: ring verifies up to 8192.
+pub const MAX_RSA_BITS: usize = 8192;
+
 /// Largest CSR accepted, in bytes: an RSA-8192 CSR is about 2 KiB; anything
 /// far larger is an attempt to make the parser work for nothing.
 pub const MAX_CSR_LEN: usize = 16 * 1024;
@@ -89,10 +92,14 @@ impl PublicKey {
             algorithm
         } else if *alg_oid == OID_PKCS1_RSAENCRYPTION {
             match spki.parsed() {
-                Ok(ParsedKey::RSA(rsa)) if rsa.key_size() >= MIN_RSA_BITS => KeyAlgorithm::Rsa,
+                Ok(ParsedKey::RSA(rsa))
+                    if (MIN_RSA_BITS..=MAX_RSA_BITS).contains(&rsa.key_size()) =>
+                {
+                    KeyAlgorithm::Rsa
+                }
                 Ok(ParsedKey::RSA(rsa)) => {
                     return Err(unsupported(&format!(
-                        "RSA key of {} bits (at least {MIN_RSA_BITS} required)",
+                        "RSA key of {} bits ({MIN_RSA_BITS} to {MAX_RSA_BITS} accepted)",
                         rsa.key_size()
                     )));
                 }

@@ -15,11 +15,12 @@ use std::time::{Duration, SystemTime};
 
 use rustls_pki_types::CertificateDer;
 
+use crate::id::IdError;
+
 pub use self::ca::{SvidParams, X509Ca, X509Svid};
-pub use self::csr::{Csr, CsrError, MAX_CSR_LEN, PublicKey};
+pub use self::csr::{Csr, CsrError, MAX_CSR_LEN, MAX_RSA_BITS, PublicKey};
 pub use self::rules::Violation;
 pub use self::verify::{ExtendedKeyUsage, VerifiedX509Svid, verify_x509_svid};
-use crate::id::IdError;
 
 /// How far an issued certificate's `notBefore` is set in the past, so that a
 /// peer whose clock runs slightly behind still accepts a fresh SVID.
@@ -69,7 +70,14 @@ pub enum X509Error {
     KeyMismatch,
     /// A CA certificate cannot sign: it is not a CA, or its key usage forbids it.
     #[error("certificate cannot be used as a CA: {0}")]
-    NotACa(&'static str),
+    NotACa(String),
+    /// A CA chain does not link up, or what the CA signs does not verify to
+    /// its anchor (issuer name, path length, algorithm, validity).
+    #[error("unusable CA chain: {0}")]
+    UnusableChain(String),
+    /// The requested lifetime ends after 9999-12-31, the last X.509 time.
+    #[error("TTL is too long: the certificate would expire after the year 9999")]
+    TtlTooLong,
     /// The certificate generator failed.
     #[error("certificate generation failed: {0}")]
     Generate(String),
@@ -125,6 +133,14 @@ pub fn certs_to_pem<'a>(certs: impl IntoIterator<Item = &'a CertificateDer<'a>>)
 /// Each certificate must parse as X.509.
 pub fn certs_from_pem(pem_bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, X509Error> {
     let blocks = pem::parse_many(pem_bytes).map_err(|e| X509Error::Malformed(e.to_string()))?;
+    if blocks.iter().any(|b| b.tag().contains("PRIVATE KEY")) {
+        // A key in a certificate file usually means the key sits in a file
+        // that is readable by more than its owner.
+        return Err(X509Error::Malformed(
+            "a certificate file must not contain a private key; keep keys in their own 0600 file"
+                .into(),
+        ));
+    }
     let certs: Vec<_> = blocks
         .into_iter()
         .filter(|b| b.tag() == "CERTIFICATE")
@@ -159,6 +175,14 @@ pub fn split_der_certs(mut der: &[u8]) -> Result<Vec<CertificateDer<'static>>, X
 /// Concatenates DER certificates (the Workload API encoding).
 pub fn concat_der<'a>(certs: impl IntoIterator<Item = &'a CertificateDer<'a>>) -> Vec<u8> {
     certs.into_iter().flat_map(|c| c.iter().copied()).collect()
+}
+
+/// Checks that a certificate can be a trust anchor in a bundle: a CA that
+/// may sign certificates.
+pub(crate) fn check_authority(
+    cert: &x509_parser::certificate::X509Certificate<'_>,
+) -> Result<(), Violation> {
+    rules::check_signing_cert(cert)
 }
 
 /// Parses one DER certificate, refusing trailing bytes.

@@ -92,6 +92,12 @@ pub enum Violation {
     /// The issued certificate expires after its CA.
     #[error("certificate outlives its CA")]
     OutlivesCa,
+    /// The issued certificate's issuer name differs from the CA's subject.
+    #[error("certificate issuer name differs from the CA subject")]
+    WrongIssuer,
+    /// A signing certificate's SPIFFE ID has a path (only a leaf may).
+    #[error("signing certificate SPIFFE ID {0} has a path")]
+    SignerHasPath(String),
 }
 
 /// Checks the SPIFFE X509-SVID leaf rules and returns the leaf's SPIFFE ID.
@@ -157,11 +163,19 @@ pub(crate) fn check_issued_leaf(
     Ok(())
 }
 
-/// Rules for a certificate that signs others in an SVID chain.
+/// Rules for a certificate that signs others in an SVID chain. Its URI SAN,
+/// if it has one naming a SPIFFE ID, must have no path.
 pub(crate) fn check_signing_cert(cert: &X509Certificate<'_>) -> Result<(), Violation> {
     match basic_constraints(cert)? {
         Some((_, true)) => {}
         _ => return Err(Violation::SignerNotCa),
+    }
+    for uri in uri_sans(cert)? {
+        if let Ok(id) = uri.parse::<SpiffeId>() {
+            if !id.is_trust_domain_id() {
+                return Err(Violation::SignerHasPath(id.to_string()));
+            }
+        }
     }
     match key_usage(cert)? {
         Some((_, ku)) if ku.key_cert_sign() => Ok(()),
@@ -213,19 +227,36 @@ fn check_key_ids(cert: &X509Certificate<'_>, need_aki: bool) -> Result<(), Viola
     Ok(())
 }
 
-/// The only URI SAN of the certificate.
-fn single_uri_san<'a>(cert: &'a X509Certificate<'_>) -> Result<&'a str, Violation> {
+/// The issued certificate names the CA (whose subject DER is given) as issuer.
+pub(crate) fn check_issuer_name(
+    cert: &X509Certificate<'_>,
+    ca_subject: &[u8],
+) -> Result<(), Violation> {
+    if cert.issuer().as_raw() == ca_subject {
+        Ok(())
+    } else {
+        Err(Violation::WrongIssuer)
+    }
+}
+
+/// Every URI SAN of the certificate.
+fn uri_sans<'a>(cert: &'a X509Certificate<'_>) -> Result<Vec<&'a str>, Violation> {
     let san = cert
         .subject_alternative_name()
         .map_err(|_| Violation::BadExtension("subjectAltName"))?;
-    let uris: Vec<&str> = san
+    Ok(san
         .iter()
         .flat_map(|s| s.value.general_names.iter())
         .filter_map(|n| match n {
             GeneralName::URI(u) => Some(*u),
             _ => None,
         })
-        .collect();
+        .collect())
+}
+
+/// The only URI SAN of the certificate.
+fn single_uri_san<'a>(cert: &'a X509Certificate<'_>) -> Result<&'a str, Violation> {
+    let uris = uri_sans(cert)?;
     match uris.as_slice() {
         [uri] => Ok(uri),
         other => Err(Violation::UriSanCount(other.len())),
@@ -262,5 +293,149 @@ fn key_usage(
             ParsedExtension::KeyUsage(ku) => Ok(Some((ext.critical, *ku))),
             _ => Err(bad),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The output checks must fail closed: each case a template bug could
+    //! produce is refused.
+
+    use std::time::{Duration, SystemTime};
+
+    use rcgen::{
+        BasicConstraints, CertificateParams, CustomExtension, ExtendedKeyUsagePurpose, IsCa,
+        KeyUsagePurpose, SanType,
+    };
+
+    use super::*;
+    use crate::{KeyAlgorithm, KeyPair};
+
+    const WEB: &str = "spiffe://example.org/web";
+
+    fn good() -> CertificateParams {
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI(WEB.try_into().unwrap())];
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.use_authority_key_identifier_extension = true;
+        p.not_after = (SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000)).into();
+        p
+    }
+
+    /// Self-signs `p` and runs `check_issued_leaf` with the expected values.
+    fn issued(p: &CertificateParams) -> Result<(), Violation> {
+        let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let der = p.self_signed(&key).unwrap().der().to_vec();
+        let cert = crate::x509::parse_cert(&der).unwrap();
+        let ca_not_after = SystemTime::UNIX_EPOCH + Duration::from_secs(3_000_000_000);
+        check_issued_leaf(
+            &cert,
+            &WEB.parse().unwrap(),
+            key.public_key_spki(),
+            ca_not_after,
+        )
+    }
+
+    #[test]
+    fn the_good_template_passes() {
+        issued(&good()).unwrap();
+    }
+
+    #[test]
+    fn wrong_id_key_or_lifetime_is_refused() {
+        let mut p = good();
+        p.subject_alt_names = vec![SanType::URI("spiffe://example.org/db".try_into().unwrap())];
+        assert!(matches!(issued(&p), Err(Violation::WrongSpiffeId { .. })));
+
+        let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let other = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let der = good().self_signed(&key).unwrap().der().to_vec();
+        let cert = crate::x509::parse_cert(&der).unwrap();
+        let far = SystemTime::UNIX_EPOCH + Duration::from_secs(3_000_000_000);
+        assert_eq!(
+            check_issued_leaf(&cert, &WEB.parse().unwrap(), other.public_key_spki(), far),
+            Err(Violation::WrongPublicKey)
+        );
+        let soon = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        assert_eq!(
+            check_issued_leaf(&cert, &WEB.parse().unwrap(), key.public_key_spki(), soon),
+            Err(Violation::OutlivesCa)
+        );
+    }
+
+    #[test]
+    fn missing_profile_extensions_are_refused() {
+        let mut p = good();
+        p.is_ca = IsCa::NoCa;
+        assert_eq!(issued(&p), Err(Violation::MissingBasicConstraints));
+        let mut p = good();
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        assert_eq!(issued(&p), Err(Violation::ExtendedKeyUsage));
+        let mut p = good();
+        p.extended_key_usages.clear();
+        assert_eq!(issued(&p), Err(Violation::ExtendedKeyUsage));
+        let mut p = good();
+        p.use_authority_key_identifier_extension = false;
+        assert_eq!(issued(&p), Err(Violation::MissingAuthorityKeyId));
+    }
+
+    #[test]
+    fn non_critical_key_usage_is_refused() {
+        let mut p = good();
+        p.key_usages.clear();
+        // keyUsage digitalSignature, not critical: BIT STRING 0x80.
+        p.custom_extensions = vec![CustomExtension::from_oid_content(
+            &[2, 5, 29, 15],
+            vec![0x03, 0x02, 0x07, 0x80],
+        )];
+        assert_eq!(issued(&p), Err(Violation::KeyUsageNotCritical));
+    }
+
+    #[test]
+    fn malformed_extensions_are_errors_never_absent() {
+        for oid in [[2u64, 5, 29, 19], [2, 5, 29, 15], [2, 5, 29, 17]] {
+            let mut p = good();
+            match oid[3] {
+                19 => p.is_ca = IsCa::NoCa,
+                15 => p.key_usages.clear(),
+                _ => p.subject_alt_names.clear(),
+            }
+            let mut junk = CustomExtension::from_oid_content(&oid, vec![0x04, 0x01, 0xff]);
+            junk.set_criticality(true);
+            p.custom_extensions = vec![junk];
+            let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
+            let der = p.self_signed(&key).unwrap().der().to_vec();
+            let cert = crate::x509::parse_cert(&der).unwrap();
+            assert!(
+                matches!(check_leaf(&cert), Err(Violation::BadExtension(_))),
+                "{oid:?}: {:?}",
+                check_leaf(&cert)
+            );
+        }
+    }
+
+    #[test]
+    fn signing_certificates_need_key_cert_sign_and_no_path() {
+        let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let mut p = CertificateParams::default();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::CrlSign];
+        let der = p.self_signed(&key).unwrap().der().to_vec();
+        assert_eq!(
+            check_signing_cert(&crate::x509::parse_cert(&der).unwrap()),
+            Err(Violation::SignerNoKeyCertSign)
+        );
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        p.subject_alt_names = vec![SanType::URI(WEB.try_into().unwrap())];
+        let der = p.self_signed(&key).unwrap().der().to_vec();
+        assert!(matches!(
+            check_signing_cert(&crate::x509::parse_cert(&der).unwrap()),
+            Err(Violation::SignerHasPath(_))
+        ));
     }
 }

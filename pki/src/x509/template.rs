@@ -50,7 +50,8 @@ pub(crate) fn x509_svid(
     let mut params = base(validity, serial);
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, ORGANIZATION);
-    if let Some(first) = dns_names.first() {
+    // X.520 caps a CN at 64 characters; a longer name stays a SAN only.
+    if let Some(first) = dns_names.first().filter(|n| n.len() <= 64) {
         dn.push(DnType::CommonName, first.as_str());
     }
     params.distinguished_name = dn;

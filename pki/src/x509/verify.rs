@@ -68,7 +68,7 @@ pub struct VerifiedX509Svid {
 /// against the bundle for the leaf's trust domain.
 pub fn verify_x509_svid(
     chain: &[CertificateDer<'_>],
-    bundles: &impl BundleSource,
+    bundles: &(impl BundleSource + ?Sized),
     usage: ExtendedKeyUsage,
     now: SystemTime,
 ) -> Result<VerifiedX509Svid, X509Error> {
