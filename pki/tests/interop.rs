@@ -53,7 +53,7 @@ fn openssl_verifies_an_svid_for_client_and_server_use() {
     let ca = root_ca("example.org", 24 * HOUR);
     let svid = issue(&ca, &workload_key());
     write_pem(dir.path(), "root.pem", &[ca.root().clone()]);
-    write_pem(dir.path(), "svid.pem", &svid.cert_chain());
+    write_pem(dir.path(), "svid.pem", svid.cert_chain());
     for purpose in ["sslclient", "sslserver"] {
         let (ok, text) = openssl_verify(
             dir.path(),
@@ -278,7 +278,7 @@ fn rsa_upstream_ca_signs_an_ecdsa_intermediate_that_openssl_accepts() {
     let mut bundle = Bundle::new(td("example.org"));
     bundle.add_x509_authority(inter.root().clone()).unwrap();
     oxid_pki::x509::verify_x509_svid(
-        &svid.cert_chain(),
+        svid.cert_chain(),
         &bundle,
         oxid_pki::x509::ExtendedKeyUsage::ClientAuth,
         now(),

@@ -181,13 +181,8 @@ impl X509Ca {
         bundle
             .add_x509_authority(self.root().clone())
             .map_err(|e| X509Error::UnusableChain(e.to_string()))?;
-        super::verify_x509_svid(
-            svid.cert_chain(),
-            &bundle,
-            super::ExtendedKeyUsage::Any,
-            at,
-        )
-        .map_err(|e| X509Error::UnusableChain(e.to_string()))?;
+        super::verify_x509_svid(svid.cert_chain(), &bundle, super::ExtendedKeyUsage::Any, at)
+            .map_err(|e| X509Error::UnusableChain(e.to_string()))?;
         Ok(())
     }
 
