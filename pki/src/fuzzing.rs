@@ -14,7 +14,7 @@ use crate::bundle::Bundle;
 use crate::id::{SpiffeId, TrustDomain};
 use crate::jwt::{JwtSigner, verify_jwt_svid};
 use crate::key::{KeyAlgorithm, KeyPair};
-use crate::x509::{Csr, SvidParams, X509Ca};
+use crate::x509::{Csr, ExtendedKeyUsage, SvidParams, X509Ca, verify_x509_svid};
 
 /// SPIFFE ID and trust domain parsing: print(parse(s)) == s, and parse again
 /// gives the same value.
@@ -148,5 +148,82 @@ pub fn csr(data: &[u8]) {
             )
             .expect("an accepted CSR key can be certified");
         assert_eq!(svid.spiffe_id(), &id);
+    }
+}
+
+/// X.509 chain verification never panics on any bytes (split as the Workload
+/// API's concatenated DER, then verified against a fixed bundle); a chain
+/// that verifies names a workload of the bundle's trust domain.
+pub fn x509_chain(data: &[u8]) {
+    let ca = ca_fixture();
+    let mut bundle = Bundle::new(ca.trust_domain().clone());
+    bundle
+        .add_x509_authority(ca.root().clone())
+        .expect("fixture root is an authority");
+    let Ok(chain) = crate::x509::split_der_certs(data) else {
+        return;
+    };
+    let now = SystemTime::now();
+    for usage in [ExtendedKeyUsage::Any, ExtendedKeyUsage::ClientAuth] {
+        if let Ok(v) = verify_x509_svid(&chain, &bundle, usage, now) {
+            assert!(v.spiffe_id.is_member_of(ca.trust_domain()));
+            assert!(!v.spiffe_id.is_trust_domain_id());
+        }
+    }
+}
+
+#[cfg(test)]
+mod corpus_replay {
+    //! Replays the checked-in fuzz corpus (`fuzz/corpus/<target>/`) and every
+    //! input that once broke a target (`fuzz/regressions/<target>/`) through
+    //! the same checks the fuzzers run, so CI exercises them on stable.
+
+    use std::path::Path;
+
+    fn replay(target: &str, check: fn(&[u8])) {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+        let mut seen = 0;
+        for dir in ["corpus", "regressions"] {
+            let Ok(entries) = std::fs::read_dir(root.join(dir).join(target)) else {
+                continue;
+            };
+            for entry in entries {
+                let path = entry.unwrap().path();
+                let data = std::fs::read(&path).unwrap();
+                let result = std::panic::catch_unwind(|| check(&data));
+                assert!(
+                    result.is_ok(),
+                    "{target}: invariant broken by {}",
+                    path.display()
+                );
+                seen += 1;
+            }
+        }
+        assert!(seen > 0, "no corpus for fuzz target {target}");
+    }
+
+    #[test]
+    fn spiffe_id_corpus() {
+        replay("spiffe_id", super::spiffe_id);
+    }
+
+    #[test]
+    fn jwt_corpus() {
+        replay("jwt", super::jwt);
+    }
+
+    #[test]
+    fn bundle_corpus() {
+        replay("bundle", super::bundle);
+    }
+
+    #[test]
+    fn x509_chain_corpus() {
+        replay("x509_chain", super::x509_chain);
+    }
+
+    #[test]
+    fn csr_corpus() {
+        replay("csr", super::csr);
     }
 }

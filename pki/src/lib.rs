@@ -23,6 +23,9 @@ pub mod key;
 pub mod policy;
 pub mod x509;
 
+/// Invariant checks for the fuzz targets; compiled only for them (feature
+/// `fuzzing`) and for this crate's tests, never into what oxid ships.
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
 
