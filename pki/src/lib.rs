@@ -1,7 +1,8 @@
 //! oxid-pki: the identity primitives of oxid.
 //!
 //! This crate owns everything that decides whether an identity is valid:
-//! SPIFFE ID syntax ([`SpiffeId`], [`TrustDomain`]), key pairs ([`KeyPair`]),
+//! SPIFFE ID syntax ([`SpiffeId`], [`TrustDomain`]), selectors ([`Selector`]),
+//! key pairs ([`KeyPair`]),
 //! the X.509 CA and X509-SVID issuance and verification ([`x509`]),
 //! JWT-SVIDs ([`jwt`]) and trust bundles ([`bundle`]).
 //!
@@ -21,6 +22,7 @@ mod json;
 pub mod jwt;
 pub mod key;
 pub mod policy;
+pub mod selector;
 pub mod x509;
 
 /// Invariant checks for the fuzz targets; compiled only for them (feature
@@ -31,3 +33,4 @@ pub mod fuzzing;
 
 pub use id::{IdError, RESERVED_PATH, SpiffeId, TrustDomain};
 pub use key::{KeyAlgorithm, KeyError, KeyPair};
+pub use selector::{Selector, SelectorError};

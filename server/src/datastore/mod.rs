@@ -1,0 +1,167 @@
+//! The datastore: the narrow async interface the rest of the server uses,
+//! and its embedded backend (sled).
+//!
+//! Contract every backend keeps:
+//! - A write the caller sees succeed is durable (flushed) before it returns.
+//! - A write that touches several keys (an entry and its uniqueness index,
+//!   the change feed, the revision counter) is one atomic transaction.
+//! - Every write appends one record to the change feed with the next global
+//!   revision; the feed is readable from any retained revision, so a
+//!   restarted server (or several servers sharing one database) can resume.
+
+mod sled_store;
+mod types;
+
+use async_trait::async_trait;
+use oxid_pki::{SpiffeId, TrustDomain};
+use tokio::sync::watch;
+
+pub use self::sled_store::SledStore;
+pub use self::types::{
+    Agent, Change, ChangeEvent, Entry, EntryId, InvalidEntryId, JoinToken, StoredBundle,
+};
+
+/// Why a datastore operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DataStoreError {
+    /// The record does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// A record with the same identity already exists.
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    /// The requested revision is older than the oldest retained change.
+    #[error("revision {requested} is no longer retained (oldest is {oldest})")]
+    RevisionGone {
+        /// What the reader asked for.
+        requested: u64,
+        /// The oldest revision still readable.
+        oldest: u64,
+    },
+    /// A join token was used after it expired.
+    #[error("join token has expired")]
+    TokenExpired,
+    /// The store could not complete the operation (I/O, disk full,
+    /// read-only file system). Nothing was changed.
+    #[error("datastore unavailable: {0}")]
+    Backend(String),
+    /// A stored record does not decode: the store is damaged.
+    #[error("datastore record is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Filters for listing entries. Every set filter must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EntryFilter {
+    /// Only entries granting this ID.
+    pub spiffe_id: Option<SpiffeId>,
+    /// Only entries parented on this ID.
+    pub parent_id: Option<SpiffeId>,
+    /// Only entries whose selectors are exactly these (if `exact`), or
+    /// include all of these.
+    pub selectors: Option<(Vec<oxid_pki::Selector>, bool)>,
+}
+
+impl EntryFilter {
+    /// True if `entry` passes the filter.
+    pub fn matches(&self, entry: &Entry) -> bool {
+        if self
+            .spiffe_id
+            .as_ref()
+            .is_some_and(|id| id != &entry.spiffe_id)
+        {
+            return false;
+        }
+        if self
+            .parent_id
+            .as_ref()
+            .is_some_and(|id| id != &entry.parent_id)
+        {
+            return false;
+        }
+        match &self.selectors {
+            None => true,
+            Some((wanted, true)) => {
+                wanted.len() == entry.selectors.len()
+                    && wanted.iter().all(|s| entry.selectors.contains(s))
+            }
+            Some((wanted, false)) => wanted.iter().all(|s| entry.selectors.contains(s)),
+        }
+    }
+}
+
+/// The datastore the server uses. Implementations: [`SledStore`] (embedded,
+/// the default); PostgreSQL later.
+#[async_trait]
+pub trait DataStore: Send + Sync + 'static {
+    /// Creates entries in one durable write. Each result is the stored entry
+    /// (with its revision) or why that one entry was refused; the others
+    /// are still created.
+    async fn create_entries(&self, entries: Vec<Entry>) -> Vec<Result<Entry, DataStoreError>>;
+
+    /// Replaces an existing entry (same ID).
+    async fn update_entry(&self, entry: Entry) -> Result<Entry, DataStoreError>;
+
+    /// Deletes an entry, returning it as it was.
+    async fn delete_entry(&self, id: &EntryId) -> Result<Entry, DataStoreError>;
+
+    /// One entry.
+    async fn get_entry(&self, id: &EntryId) -> Result<Entry, DataStoreError>;
+
+    /// Entries passing `filter`, ordered by creation time, then ID.
+    async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<Entry>, DataStoreError>;
+
+    /// Creates or replaces an agent record.
+    async fn put_agent(&self, agent: Agent) -> Result<Agent, DataStoreError>;
+
+    /// One agent.
+    async fn get_agent(&self, id: &SpiffeId) -> Result<Agent, DataStoreError>;
+
+    /// All agents, ordered by SPIFFE ID.
+    async fn list_agents(&self) -> Result<Vec<Agent>, DataStoreError>;
+
+    /// Deletes an agent (eviction), returning it as it was.
+    async fn delete_agent(&self, id: &SpiffeId) -> Result<Agent, DataStoreError>;
+
+    /// Stores a new join token (by hash).
+    async fn create_join_token(&self, token: JoinToken) -> Result<(), DataStoreError>;
+
+    /// Atomically removes and returns the token with this hash: of several
+    /// concurrent callers exactly one gets it. An expired token is removed
+    /// and refused.
+    async fn consume_join_token(
+        &self,
+        hash: &str,
+        now_secs: u64,
+    ) -> Result<JoinToken, DataStoreError>;
+
+    /// Sets a bundle (own or federated).
+    async fn put_bundle(&self, bundle: StoredBundle) -> Result<(), DataStoreError>;
+
+    /// One bundle.
+    async fn get_bundle(&self, trust_domain: &TrustDomain) -> Result<StoredBundle, DataStoreError>;
+
+    /// All bundles, ordered by trust domain.
+    async fn list_bundles(&self) -> Result<Vec<StoredBundle>, DataStoreError>;
+
+    /// Deletes a bundle.
+    async fn delete_bundle(&self, trust_domain: &TrustDomain) -> Result<(), DataStoreError>;
+
+    /// Replaces the CA journal (opaque to the store).
+    async fn put_ca_journal(&self, journal: Vec<u8>) -> Result<(), DataStoreError>;
+
+    /// The CA journal, if one was ever stored.
+    async fn get_ca_journal(&self) -> Result<Option<Vec<u8>>, DataStoreError>;
+
+    /// Changes with revision greater than `after`, oldest first, at most
+    /// `limit`. Fails with `RevisionGone` if changes after `after` were pruned.
+    async fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<Change>, DataStoreError>;
+
+    /// Drops changes with revision at most `up_to` (feed retention).
+    async fn prune_changes(&self, up_to: u64) -> Result<(), DataStoreError>;
+
+    /// The latest revision, updated after each durable write: followers wait
+    /// on it instead of polling.
+    fn revision(&self) -> watch::Receiver<u64>;
+}

@@ -1,0 +1,482 @@
+//! The embedded datastore, on sled: one directory, no setup.
+//!
+//! sled writes reach disk only on flush, so every write here ends with
+//! `flush_async` before the caller hears of success. Multi-key writes run as
+//! one sled transaction across all trees, including the revision counter and
+//! the change-feed record, so a crash leaves either all of a write or none.
+
+use std::path::Path;
+
+use async_trait::async_trait;
+use oxid_pki::{SpiffeId, TrustDomain};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sled::transaction::{
+    ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
+};
+use tokio::sync::watch;
+
+use super::{
+    Agent, Change, ChangeEvent, DataStore, DataStoreError, Entry, EntryFilter, EntryId, JoinToken,
+    StoredBundle,
+};
+
+const REVISION_KEY: &[u8] = b"revision";
+const PRUNED_KEY: &[u8] = b"pruned_up_to";
+const CA_JOURNAL_KEY: &[u8] = b"ca_journal";
+
+/// The trees of one transaction, named.
+struct Txn<'a> {
+    entries: &'a TransactionalTree,
+    entry_keys: &'a TransactionalTree,
+    agents: &'a TransactionalTree,
+    tokens: &'a TransactionalTree,
+    bundles: &'a TransactionalTree,
+    meta: &'a TransactionalTree,
+    changes: &'a TransactionalTree,
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<DataStoreError>>;
+
+impl Txn<'_> {
+    /// Takes the next global revision.
+    fn next_revision(&self) -> TxResult<u64> {
+        let current = match self.meta.get(REVISION_KEY)? {
+            Some(v) => decode_u64(&v).map_err(abort)?,
+            None => 0,
+        };
+        let revision = current + 1;
+        self.meta.insert(REVISION_KEY, &revision.to_be_bytes())?;
+        Ok(revision)
+    }
+
+    /// Appends `event` to the change feed under `revision`.
+    fn append(&self, revision: u64, event: ChangeEvent) -> TxResult<()> {
+        let change = Change { revision, event };
+        self.changes
+            .insert(&revision.to_be_bytes(), encode(&change).map_err(abort)?)?;
+        Ok(())
+    }
+
+    /// Takes the next revision and records `event` under it.
+    fn record(&self, event: ChangeEvent) -> TxResult<u64> {
+        let revision = self.next_revision()?;
+        self.append(revision, event)?;
+        Ok(revision)
+    }
+
+    /// Stores `entry` under the next revision and records it.
+    fn store_entry(&self, mut entry: Entry) -> TxResult<Entry> {
+        entry.revision = self.next_revision()?;
+        self.entries
+            .insert(entry.id.as_str(), encode(&entry).map_err(abort)?)?;
+        self.append(
+            entry.revision,
+            ChangeEvent::EntryUpserted {
+                entry: entry.clone(),
+            },
+        )?;
+        Ok(entry)
+    }
+}
+
+/// The embedded store.
+pub struct SledStore {
+    db: sled::Db,
+    entries: sled::Tree,
+    /// Uniqueness index: hash of (SPIFFE ID, parent, selectors) → entry ID.
+    entry_keys: sled::Tree,
+    agents: sled::Tree,
+    /// Join tokens by hash of the secret.
+    tokens: sled::Tree,
+    bundles: sled::Tree,
+    /// Revision counter, retention mark, CA journal.
+    meta: sled::Tree,
+    /// The change feed, keyed by big-endian revision so iteration is ordered.
+    changes: sled::Tree,
+    revision_tx: watch::Sender<u64>,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir`. `cache_bytes` bounds sled's
+    /// page cache, which otherwise grows with the database.
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, DataStoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .open()
+            .map_err(backend)?;
+        let tree = |name: &str| db.open_tree(name).map_err(backend);
+        let meta = tree("meta")?;
+        let revision = match meta.get(REVISION_KEY).map_err(backend)? {
+            Some(v) => decode_u64(&v)?,
+            None => 0,
+        };
+        let (revision_tx, _) = watch::channel(revision);
+        Ok(Self {
+            entries: tree("entries")?,
+            entry_keys: tree("entry_keys")?,
+            agents: tree("agents")?,
+            tokens: tree("tokens")?,
+            bundles: tree("bundles")?,
+            changes: tree("changes")?,
+            meta,
+            db,
+            revision_tx,
+        })
+    }
+
+    /// Runs `f` as one transaction over every tree, then flushes, then
+    /// publishes the new revision. The closure may run more than once (sled
+    /// retries on conflict), so it must only touch the transaction.
+    async fn write<R>(&self, f: impl Fn(&Txn<'_>) -> TxResult<R>) -> Result<R, DataStoreError> {
+        let trees = (
+            &self.entries,
+            &self.entry_keys,
+            &self.agents,
+            &self.tokens,
+            &self.bundles,
+            &self.meta,
+            &self.changes,
+        );
+        let result = sled::Transactional::transaction(&trees, |(e, k, a, t, b, m, c)| {
+            f(&Txn {
+                entries: e,
+                entry_keys: k,
+                agents: a,
+                tokens: t,
+                bundles: b,
+                meta: m,
+                changes: c,
+            })
+        });
+        let value = match result {
+            Ok(v) => v,
+            Err(TransactionError::Abort(e)) => return Err(e),
+            Err(TransactionError::Storage(e)) => return Err(backend(e)),
+        };
+        self.db.flush_async().await.map_err(backend)?;
+        let revision = match self.meta.get(REVISION_KEY).map_err(backend)? {
+            Some(v) => decode_u64(&v)?,
+            None => 0,
+        };
+        self.revision_tx.send_replace(revision);
+        Ok(value)
+    }
+
+    fn read<T: DeserializeOwned>(
+        tree: &sled::Tree,
+        key: &[u8],
+        what: &str,
+    ) -> Result<T, DataStoreError> {
+        match tree.get(key).map_err(backend)? {
+            Some(v) => decode(&v),
+            None => Err(DataStoreError::NotFound(what.to_owned())),
+        }
+    }
+
+    fn scan<T: DeserializeOwned>(tree: &sled::Tree) -> Result<Vec<T>, DataStoreError> {
+        tree.iter()
+            .values()
+            .map(|v| v.map_err(backend).and_then(|v| decode(&v)))
+            .collect()
+    }
+}
+
+/// The uniqueness key of an entry.
+fn entry_key(entry: &Entry) -> Result<Vec<u8>, DataStoreError> {
+    let encoded = serde_json::to_vec(&entry.unique_key())
+        .map_err(|e| DataStoreError::Corrupt(e.to_string()))?;
+    Ok(ring::digest::digest(&ring::digest::SHA256, &encoded)
+        .as_ref()
+        .to_vec())
+}
+
+/// Inserts `entry` (refusing a duplicate) and records the change.
+fn insert_entry(tx: &Txn<'_>, entry: Entry) -> TxResult<Result<Entry, DataStoreError>> {
+    let key = entry_key(&entry).map_err(abort)?;
+    if tx.entry_keys.get(&key)?.is_some() {
+        return Ok(Err(DataStoreError::AlreadyExists(format!(
+            "an entry for {} with parent {} and these selectors",
+            entry.spiffe_id, entry.parent_id
+        ))));
+    }
+    if tx.entries.get(entry.id.as_str())?.is_some() {
+        return Ok(Err(DataStoreError::AlreadyExists(format!(
+            "entry {}",
+            entry.id
+        ))));
+    }
+    tx.entry_keys.insert(key, entry.id.as_str())?;
+    Ok(Ok(tx.store_entry(entry)?))
+}
+
+#[async_trait]
+impl DataStore for SledStore {
+    async fn create_entries(&self, entries: Vec<Entry>) -> Vec<Result<Entry, DataStoreError>> {
+        let count = entries.len();
+        let outcome = self
+            .write(|tx| {
+                entries
+                    .iter()
+                    .map(|e| insert_entry(tx, e.clone()))
+                    .collect::<TxResult<Vec<_>>>()
+            })
+            .await;
+        match outcome {
+            Ok(results) => results,
+            Err(e) => (0..count).map(|_| Err(e.clone())).collect(),
+        }
+    }
+
+    async fn update_entry(&self, entry: Entry) -> Result<Entry, DataStoreError> {
+        self.write(|tx| {
+            let old: Entry = match tx.entries.get(entry.id.as_str())? {
+                Some(v) => decode(&v).map_err(abort)?,
+                None => {
+                    return Err(abort(DataStoreError::NotFound(format!(
+                        "entry {}",
+                        entry.id
+                    ))));
+                }
+            };
+            let old_key = entry_key(&old).map_err(abort)?;
+            let new_key = entry_key(&entry).map_err(abort)?;
+            if new_key != old_key {
+                if tx.entry_keys.get(&new_key)?.is_some() {
+                    return Err(abort(DataStoreError::AlreadyExists(format!(
+                        "an entry for {} with parent {} and these selectors",
+                        entry.spiffe_id, entry.parent_id
+                    ))));
+                }
+                tx.entry_keys.remove(old_key)?;
+                tx.entry_keys.insert(new_key, entry.id.as_str())?;
+            }
+            tx.store_entry(Entry {
+                created_at: old.created_at,
+                ..entry.clone()
+            })
+        })
+        .await
+    }
+
+    async fn delete_entry(&self, id: &EntryId) -> Result<Entry, DataStoreError> {
+        self.write(|tx| {
+            let old: Entry = match tx.entries.remove(id.as_str())? {
+                Some(v) => decode(&v).map_err(abort)?,
+                None => return Err(abort(DataStoreError::NotFound(format!("entry {id}")))),
+            };
+            tx.entry_keys.remove(entry_key(&old).map_err(abort)?)?;
+            tx.record(ChangeEvent::EntryDeleted { entry: old.clone() })?;
+            Ok(old)
+        })
+        .await
+    }
+
+    async fn get_entry(&self, id: &EntryId) -> Result<Entry, DataStoreError> {
+        Self::read(
+            &self.entries,
+            id.as_str().as_bytes(),
+            &format!("entry {id}"),
+        )
+    }
+
+    async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<Entry>, DataStoreError> {
+        let mut entries: Vec<Entry> = Self::scan(&self.entries)?;
+        entries.retain(|e| filter.matches(e));
+        entries.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(entries)
+    }
+
+    async fn put_agent(&self, agent: Agent) -> Result<Agent, DataStoreError> {
+        self.write(|tx| {
+            tx.agents
+                .insert(agent.spiffe_id.as_str(), encode(&agent).map_err(abort)?)?;
+            tx.record(ChangeEvent::AgentUpserted {
+                agent: agent.clone(),
+            })?;
+            Ok(agent.clone())
+        })
+        .await
+    }
+
+    async fn get_agent(&self, id: &SpiffeId) -> Result<Agent, DataStoreError> {
+        Self::read(&self.agents, id.as_str().as_bytes(), &format!("agent {id}"))
+    }
+
+    async fn list_agents(&self) -> Result<Vec<Agent>, DataStoreError> {
+        Self::scan(&self.agents)
+    }
+
+    async fn delete_agent(&self, id: &SpiffeId) -> Result<Agent, DataStoreError> {
+        self.write(|tx| {
+            let old: Agent = match tx.agents.remove(id.as_str())? {
+                Some(v) => decode(&v).map_err(abort)?,
+                None => return Err(abort(DataStoreError::NotFound(format!("agent {id}")))),
+            };
+            tx.record(ChangeEvent::AgentDeleted { agent: old.clone() })?;
+            Ok(old)
+        })
+        .await
+    }
+
+    async fn create_join_token(&self, token: JoinToken) -> Result<(), DataStoreError> {
+        self.write(|tx| {
+            if tx.tokens.get(token.hash.as_str())?.is_some() {
+                return Err(abort(DataStoreError::AlreadyExists("join token".into())));
+            }
+            tx.tokens
+                .insert(token.hash.as_str(), encode(&token).map_err(abort)?)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn consume_join_token(
+        &self,
+        hash: &str,
+        now_secs: u64,
+    ) -> Result<JoinToken, DataStoreError> {
+        // Removal inside the transaction is the single point of truth: two
+        // concurrent consumers serialise on it and only one sees the token.
+        let token = self
+            .write(|tx| match tx.tokens.remove(hash)? {
+                Some(v) => decode::<JoinToken>(&v).map_err(abort),
+                None => Err(abort(DataStoreError::NotFound("join token".into()))),
+            })
+            .await?;
+        if token.expires_at <= now_secs {
+            return Err(DataStoreError::TokenExpired);
+        }
+        Ok(token)
+    }
+
+    async fn put_bundle(&self, bundle: StoredBundle) -> Result<(), DataStoreError> {
+        self.write(|tx| {
+            tx.bundles.insert(
+                bundle.trust_domain.as_str(),
+                encode(&bundle).map_err(abort)?,
+            )?;
+            tx.record(ChangeEvent::BundleUpserted {
+                bundle: bundle.clone(),
+            })?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_bundle(&self, trust_domain: &TrustDomain) -> Result<StoredBundle, DataStoreError> {
+        Self::read(
+            &self.bundles,
+            trust_domain.as_str().as_bytes(),
+            &format!("bundle of {trust_domain}"),
+        )
+    }
+
+    async fn list_bundles(&self) -> Result<Vec<StoredBundle>, DataStoreError> {
+        Self::scan(&self.bundles)
+    }
+
+    async fn delete_bundle(&self, trust_domain: &TrustDomain) -> Result<(), DataStoreError> {
+        self.write(|tx| {
+            if tx.bundles.remove(trust_domain.as_str())?.is_none() {
+                return Err(abort(DataStoreError::NotFound(format!(
+                    "bundle of {trust_domain}"
+                ))));
+            }
+            tx.record(ChangeEvent::BundleDeleted {
+                trust_domain: trust_domain.clone(),
+            })?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn put_ca_journal(&self, journal: Vec<u8>) -> Result<(), DataStoreError> {
+        self.write(|tx| {
+            tx.meta.insert(CA_JOURNAL_KEY, journal.as_slice())?;
+            tx.record(ChangeEvent::CaJournalUpdated)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_ca_journal(&self) -> Result<Option<Vec<u8>>, DataStoreError> {
+        Ok(self
+            .meta
+            .get(CA_JOURNAL_KEY)
+            .map_err(backend)?
+            .map(|v| v.to_vec()))
+    }
+
+    async fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<Change>, DataStoreError> {
+        let pruned = match self.meta.get(PRUNED_KEY).map_err(backend)? {
+            Some(v) => decode_u64(&v)?,
+            None => 0,
+        };
+        if after < pruned {
+            return Err(DataStoreError::RevisionGone {
+                requested: after,
+                oldest: pruned + 1,
+            });
+        }
+        let start = after.saturating_add(1).to_be_bytes();
+        self.changes
+            .range(start..)
+            .values()
+            .take(limit)
+            .map(|v| v.map_err(backend).and_then(|v| decode(&v)))
+            .collect()
+    }
+
+    async fn prune_changes(&self, up_to: u64) -> Result<(), DataStoreError> {
+        // Removing keys one by one outside a transaction is safe: readers
+        // check the retention mark first, and it is raised before removal.
+        let current = *self.revision_tx.borrow();
+        let up_to = up_to.min(current);
+        self.meta
+            .insert(PRUNED_KEY, &up_to.to_be_bytes())
+            .map_err(backend)?;
+        self.db.flush_async().await.map_err(backend)?;
+        for key in self.changes.range(..=up_to.to_be_bytes()).keys() {
+            self.changes
+                .remove(key.map_err(backend)?)
+                .map_err(backend)?;
+        }
+        self.db.flush_async().await.map_err(backend)?;
+        Ok(())
+    }
+
+    fn revision(&self) -> watch::Receiver<u64> {
+        self.revision_tx.subscribe()
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, DataStoreError> {
+    serde_json::to_vec(value).map_err(|e| DataStoreError::Corrupt(e.to_string()))
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DataStoreError> {
+    serde_json::from_slice(bytes).map_err(|e| DataStoreError::Corrupt(e.to_string()))
+}
+
+fn decode_u64(bytes: &[u8]) -> Result<u64, DataStoreError> {
+    let array: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| DataStoreError::Corrupt("counter is not 8 bytes".into()))?;
+    Ok(u64::from_be_bytes(array))
+}
+
+fn backend(e: impl std::fmt::Display) -> DataStoreError {
+    DataStoreError::Backend(e.to_string())
+}
+
+fn abort(e: DataStoreError) -> ConflictableTransactionError<DataStoreError> {
+    ConflictableTransactionError::Abort(e)
+}
+
+impl From<UnabortableTransactionError> for DataStoreError {
+    fn from(e: UnabortableTransactionError) -> Self {
+        backend(e)
+    }
+}

@@ -1,0 +1,217 @@
+//! What the datastore holds. Plain data with serde, so every backend stores
+//! the same shapes and a change-feed record carries a whole value.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::str::FromStr;
+
+use oxid_pki::{Selector, SpiffeId, TrustDomain};
+use ring::rand::SecureRandom as _;
+use serde::{Deserialize, Serialize};
+
+/// The ID of a registration entry: 1 to 64 characters of `[A-Za-z0-9_-]`.
+/// New IDs are 32 random hex characters.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct EntryId(String);
+
+/// Why a string is not an entry ID.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid entry ID {0:?}: 1 to 64 characters of letters, digits, '-' or '_'")]
+pub struct InvalidEntryId(pub String);
+
+impl EntryId {
+    /// A fresh random ID; fails only if the system random generator does.
+    pub fn random() -> Result<Self, ring::error::Unspecified> {
+        let mut bytes = [0u8; 16];
+        ring::rand::SystemRandom::new().fill(&mut bytes)?;
+        Ok(Self(bytes.iter().map(|b| format!("{b:02x}")).collect()))
+    }
+
+    /// The ID as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for EntryId {
+    type Err = InvalidEntryId;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let ok = (1..=64).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(InvalidEntryId(s.to_owned()))
+        }
+    }
+}
+
+impl TryFrom<String> for EntryId {
+    type Error = InvalidEntryId;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<EntryId> for String {
+    fn from(id: EntryId) -> Self {
+        id.0
+    }
+}
+
+impl fmt::Display for EntryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for EntryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EntryId({})", self.0)
+    }
+}
+
+/// A registration entry: "processes matching these selectors, on nodes
+/// known as `parent_id`, are `spiffe_id`".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    /// Stable ID.
+    pub id: EntryId,
+    /// The identity granted.
+    pub spiffe_id: SpiffeId,
+    /// The agent, node alias or entry this entry is parented on.
+    pub parent_id: SpiffeId,
+    /// All must be among the caller's selectors. Never empty.
+    pub selectors: BTreeSet<Selector>,
+    /// X509-SVID lifetime in seconds; `None` uses the server default.
+    pub x509_svid_ttl: Option<u64>,
+    /// JWT-SVID lifetime in seconds; `None` uses the server default.
+    pub jwt_svid_ttl: Option<u64>,
+    /// Extra DNS SANs for the X509-SVID.
+    pub dns_names: Vec<String>,
+    /// Trust domains whose bundles workloads of this entry receive.
+    pub federates_with: BTreeSet<TrustDomain>,
+    /// Free text passed to workloads as the SVID hint.
+    pub hint: String,
+    /// Unix seconds after which the entry no longer applies.
+    pub expires_at: Option<u64>,
+    /// Unix milliseconds of creation: the first key of the stable SVID order.
+    pub created_at: u64,
+    /// Store revision of the last change to this entry.
+    pub revision: u64,
+}
+
+impl Entry {
+    /// The fields that make an entry unique: two entries may not give the
+    /// same identity to the same selectors under the same parent.
+    pub fn unique_key(&self) -> (String, String, Vec<String>) {
+        (
+            self.spiffe_id.to_string(),
+            self.parent_id.to_string(),
+            self.selectors.iter().map(ToString::to_string).collect(),
+        )
+    }
+}
+
+/// An attested agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Agent {
+    /// The agent's SPIFFE ID, e.g. `spiffe://td/oxid/agent/join_token/<id>`.
+    pub spiffe_id: SpiffeId,
+    /// How it attested: `join_token` or `x509pop`.
+    pub attestation_type: String,
+    /// Node selectors from attestation.
+    pub selectors: BTreeSet<Selector>,
+    /// Extra IDs the agent is known by (from a join token's alias).
+    pub aliases: BTreeSet<SpiffeId>,
+    /// Serial (hex) of the agent's current SVID.
+    pub serial: String,
+    /// Serial of the previous SVID, accepted until the current one is used.
+    pub previous_serial: Option<String>,
+    /// Unix seconds at which the current SVID expires.
+    pub expires_at: u64,
+    /// Refused on every call and may not re-attest.
+    pub banned: bool,
+    /// Unix milliseconds of first attestation.
+    pub created_at: u64,
+}
+
+/// A join token as stored: only its hash, never the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinToken {
+    /// Non-secret ID (a prefix of the hash), used in the agent's SPIFFE ID.
+    pub id: String,
+    /// SHA-256 of the secret, hex.
+    pub hash: String,
+    /// Unix seconds after which the token is refused.
+    pub expires_at: u64,
+    /// Optional node alias the agent using this token is also known by.
+    pub alias: Option<SpiffeId>,
+}
+
+/// A trust bundle as stored: the SPIFFE bundle JSON of a trust domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredBundle {
+    /// The trust domain the bundle speaks for.
+    pub trust_domain: TrustDomain,
+    /// SPIFFE bundle format JSON.
+    pub spiffe_json: String,
+}
+
+/// One record of the change feed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Change {
+    /// Global, gap-free revision of this change.
+    pub revision: u64,
+    /// What changed.
+    pub event: ChangeEvent,
+}
+
+/// What a change did. Carries whole values so a follower can update an
+/// index without reading the store again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ChangeEvent {
+    /// An entry was created or updated.
+    EntryUpserted {
+        /// The entry as stored.
+        entry: Entry,
+    },
+    /// An entry was deleted.
+    EntryDeleted {
+        /// The entry as it was.
+        entry: Entry,
+    },
+    /// An agent attested, renewed, or was banned/unbanned.
+    AgentUpserted {
+        /// The agent as stored.
+        agent: Agent,
+    },
+    /// An agent was evicted.
+    AgentDeleted {
+        /// The agent as it was.
+        agent: Agent,
+    },
+    /// A bundle was set.
+    BundleUpserted {
+        /// The bundle as stored.
+        bundle: StoredBundle,
+    },
+    /// A federated bundle was deleted.
+    BundleDeleted {
+        /// Its trust domain.
+        trust_domain: TrustDomain,
+    },
+    /// The CA journal changed (rotation).
+    CaJournalUpdated,
+}

@@ -1,0 +1,8 @@
+//! oxid-server: the certificate authority of one trust domain.
+//!
+//! This crate owns the server's state and its rules: the datastore (every
+//! acknowledged write durable, every multi-key write atomic, a change feed
+//! that followers resume from any retained revision). The CA manager, node
+//! attestation, the agent and admin APIs and the CLI build on it.
+
+pub mod datastore;

@@ -1,0 +1,539 @@
+//! The embedded datastore against its contract: atomic, durable writes, a
+//! gap-free change feed readable from any retained revision, single-use join
+//! tokens under concurrency, and clear errors instead of crashes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use oxid_pki::{Selector, SpiffeId, TrustDomain};
+use oxid_server::datastore::{
+    Agent, ChangeEvent, DataStore, DataStoreError, Entry, EntryFilter, EntryId, JoinToken,
+    SledStore, StoredBundle,
+};
+
+const CACHE: u64 = 8 * 1024 * 1024;
+
+fn open(dir: &std::path::Path) -> SledStore {
+    SledStore::open(dir, CACHE).unwrap()
+}
+
+fn id(s: &str) -> SpiffeId {
+    s.parse().unwrap()
+}
+
+fn selectors(list: &[&str]) -> BTreeSet<Selector> {
+    list.iter().map(|s| s.parse().unwrap()).collect()
+}
+
+fn entry(spiffe_id: &str, parent: &str, sels: &[&str], created_at: u64) -> Entry {
+    Entry {
+        id: EntryId::random().unwrap(),
+        spiffe_id: id(spiffe_id),
+        parent_id: id(parent),
+        selectors: selectors(sels),
+        x509_svid_ttl: None,
+        jwt_svid_ttl: None,
+        dns_names: vec![],
+        federates_with: BTreeSet::new(),
+        hint: String::new(),
+        expires_at: None,
+        created_at,
+        revision: 0,
+    }
+}
+
+const AGENT: &str = "spiffe://example.org/oxid/agent/join_token/abc";
+
+fn agent(spiffe_id: &str) -> Agent {
+    Agent {
+        spiffe_id: id(spiffe_id),
+        attestation_type: "join_token".into(),
+        selectors: BTreeSet::new(),
+        aliases: BTreeSet::new(),
+        serial: "01".into(),
+        previous_serial: None,
+        expires_at: 2_000_000_000,
+        banned: false,
+        created_at: 1,
+    }
+}
+
+async fn create_one(store: &SledStore, e: Entry) -> Result<Entry, DataStoreError> {
+    store.create_entries(vec![e]).await.pop().unwrap()
+}
+
+#[tokio::test]
+async fn entries_round_trip_with_increasing_revisions() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let a = create_one(
+        &store,
+        entry("spiffe://example.org/web", AGENT, &["unix:uid:1000"], 1),
+    )
+    .await
+    .unwrap();
+    let b = create_one(
+        &store,
+        entry("spiffe://example.org/db", AGENT, &["unix:uid:1001"], 2),
+    )
+    .await
+    .unwrap();
+    assert_eq!((a.revision, b.revision), (1, 2));
+    assert_eq!(store.get_entry(&a.id).await.unwrap(), a);
+
+    let mut changed = b.clone();
+    changed.hint = "primary".into();
+    changed.created_at = 99; // ignored: creation time is kept
+    let updated = store.update_entry(changed).await.unwrap();
+    assert_eq!(updated.revision, 3);
+    assert_eq!(updated.created_at, 2);
+    assert_eq!(store.get_entry(&b.id).await.unwrap().hint, "primary");
+
+    let deleted = store.delete_entry(&a.id).await.unwrap();
+    assert_eq!(deleted, a);
+    assert!(matches!(
+        store.get_entry(&a.id).await,
+        Err(DataStoreError::NotFound(_))
+    ));
+
+    let changes = store.changes_since(0, 100).await.unwrap();
+    let revisions: Vec<u64> = changes.iter().map(|c| c.revision).collect();
+    assert_eq!(revisions, [1, 2, 3, 4]);
+    assert!(matches!(&changes[0].event, ChangeEvent::EntryUpserted { entry } if entry == &a));
+    assert!(matches!(&changes[2].event, ChangeEvent::EntryUpserted { entry } if entry == &updated));
+    assert!(matches!(&changes[3].event, ChangeEvent::EntryDeleted { entry } if entry.id == a.id));
+    assert_eq!(*store.revision().borrow(), 4);
+}
+
+#[tokio::test]
+async fn duplicate_entries_are_refused_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let first = entry("spiffe://example.org/web", AGENT, &["unix:uid:1000"], 1);
+    create_one(&store, first.clone()).await.unwrap();
+    // Same identity, parent and selectors under a new ID.
+    let dup = entry("spiffe://example.org/web", AGENT, &["unix:uid:1000"], 2);
+    assert!(matches!(
+        create_one(&store, dup).await,
+        Err(DataStoreError::AlreadyExists(_))
+    ));
+    // Same ID again.
+    assert!(matches!(
+        create_one(&store, first).await,
+        Err(DataStoreError::AlreadyExists(_))
+    ));
+    assert_eq!(
+        store
+            .list_entries(&EntryFilter::default())
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        *store.revision().borrow(),
+        1,
+        "a refused write takes no revision"
+    );
+}
+
+#[tokio::test]
+async fn a_batch_creates_the_good_entries_and_reports_the_bad() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let batch = vec![
+        entry("spiffe://example.org/a", AGENT, &["unix:uid:1"], 1),
+        entry("spiffe://example.org/a", AGENT, &["unix:uid:1"], 2), // duplicate of the first
+        entry("spiffe://example.org/b", AGENT, &["unix:uid:2"], 3),
+    ];
+    let results = store.create_entries(batch).await;
+    assert!(results[0].is_ok());
+    assert!(matches!(results[1], Err(DataStoreError::AlreadyExists(_))));
+    assert!(results[2].is_ok());
+    assert_eq!(
+        store
+            .list_entries(&EntryFilter::default())
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn updates_cannot_collide_or_invent_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    create_one(
+        &store,
+        entry("spiffe://example.org/a", AGENT, &["unix:uid:1"], 1),
+    )
+    .await
+    .unwrap();
+    let b = create_one(
+        &store,
+        entry("spiffe://example.org/b", AGENT, &["unix:uid:2"], 2),
+    )
+    .await
+    .unwrap();
+    let mut clash = b.clone();
+    clash.spiffe_id = id("spiffe://example.org/a");
+    clash.selectors = selectors(&["unix:uid:1"]);
+    assert!(matches!(
+        store.update_entry(clash).await,
+        Err(DataStoreError::AlreadyExists(_))
+    ));
+    assert_eq!(store.get_entry(&b.id).await.unwrap(), b, "unchanged");
+    let ghost = entry("spiffe://example.org/c", AGENT, &["unix:uid:3"], 3);
+    assert!(matches!(
+        store.update_entry(ghost.clone()).await,
+        Err(DataStoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.delete_entry(&ghost.id).await,
+        Err(DataStoreError::NotFound(_))
+    ));
+    // Moving an entry to a free key frees the old one.
+    let mut moved = b.clone();
+    moved.selectors = selectors(&["unix:uid:9"]);
+    store.update_entry(moved).await.unwrap();
+    create_one(
+        &store,
+        entry("spiffe://example.org/b", AGENT, &["unix:uid:2"], 4),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn list_filters_and_orders_by_creation_then_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let other_parent = "spiffe://example.org/oxid/agent/x509pop/ff";
+    for (i, (sid, parent, sels)) in [
+        (
+            "spiffe://example.org/c",
+            AGENT,
+            vec!["unix:uid:1", "unix:gid:1"],
+        ),
+        ("spiffe://example.org/a", AGENT, vec!["unix:uid:1"]),
+        ("spiffe://example.org/b", other_parent, vec!["unix:uid:1"]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        create_one(&store, entry(sid, parent, &sels, 10 - i as u64))
+            .await
+            .unwrap();
+    }
+    let all = store.list_entries(&EntryFilter::default()).await.unwrap();
+    let order: Vec<&str> = all.iter().map(|e| e.spiffe_id.as_str()).collect();
+    assert_eq!(
+        order,
+        [
+            "spiffe://example.org/b",
+            "spiffe://example.org/a",
+            "spiffe://example.org/c"
+        ]
+    );
+
+    let by_parent = EntryFilter {
+        parent_id: Some(id(AGENT)),
+        ..Default::default()
+    };
+    assert_eq!(store.list_entries(&by_parent).await.unwrap().len(), 2);
+    let by_id = EntryFilter {
+        spiffe_id: Some(id("spiffe://example.org/c")),
+        ..Default::default()
+    };
+    assert_eq!(store.list_entries(&by_id).await.unwrap().len(), 1);
+    let uid1: Vec<Selector> = vec!["unix:uid:1".parse().unwrap()];
+    let subset = EntryFilter {
+        selectors: Some((uid1.clone(), false)),
+        ..Default::default()
+    };
+    assert_eq!(store.list_entries(&subset).await.unwrap().len(), 3);
+    let exact = EntryFilter {
+        selectors: Some((uid1, true)),
+        ..Default::default()
+    };
+    assert_eq!(store.list_entries(&exact).await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn everything_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (e, a) = {
+        let store = open(dir.path());
+        let e = create_one(
+            &store,
+            entry("spiffe://example.org/web", AGENT, &["unix:uid:1"], 1),
+        )
+        .await
+        .unwrap();
+        let a = store.put_agent(agent(AGENT)).await.unwrap();
+        store.put_ca_journal(b"journal-v1".to_vec()).await.unwrap();
+        store
+            .put_bundle(StoredBundle {
+                trust_domain: TrustDomain::new("example.org").unwrap(),
+                spiffe_json: "{\"keys\":[]}".into(),
+            })
+            .await
+            .unwrap();
+        (e, a)
+    };
+    let store = open(dir.path());
+    assert_eq!(store.get_entry(&e.id).await.unwrap(), e);
+    assert_eq!(store.get_agent(&id(AGENT)).await.unwrap(), a);
+    assert_eq!(
+        store.get_ca_journal().await.unwrap().unwrap(),
+        b"journal-v1"
+    );
+    assert_eq!(store.list_bundles().await.unwrap().len(), 1);
+    assert_eq!(
+        *store.revision().borrow(),
+        4,
+        "the revision counter resumes"
+    );
+    let next = create_one(
+        &store,
+        entry("spiffe://example.org/db", AGENT, &["unix:uid:2"], 2),
+    )
+    .await
+    .unwrap();
+    assert_eq!(next.revision, 5);
+    assert_eq!(store.changes_since(0, 100).await.unwrap().len(), 5);
+}
+
+#[tokio::test]
+async fn the_change_feed_resumes_from_any_retained_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    for i in 0..10u64 {
+        let sid = format!("spiffe://example.org/w{i}");
+        create_one(&store, entry(&sid, AGENT, &["unix:uid:1"], i))
+            .await
+            .unwrap();
+    }
+    let page = store.changes_since(3, 4).await.unwrap();
+    assert_eq!(
+        page.iter().map(|c| c.revision).collect::<Vec<_>>(),
+        [4, 5, 6, 7]
+    );
+    assert!(store.changes_since(10, 10).await.unwrap().is_empty());
+    store.prune_changes(5).await.unwrap();
+    assert_eq!(
+        store.changes_since(4, 10).await.unwrap_err(),
+        DataStoreError::RevisionGone {
+            requested: 4,
+            oldest: 6
+        }
+    );
+    let rest = store.changes_since(5, 10).await.unwrap();
+    assert_eq!(rest.first().unwrap().revision, 6);
+    assert_eq!(rest.len(), 5);
+}
+
+#[tokio::test]
+async fn followers_are_woken_by_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(open(dir.path()));
+    let mut rx = store.revision();
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            create_one(
+                &store,
+                entry("spiffe://example.org/web", AGENT, &["unix:uid:1"], 1),
+            )
+            .await
+            .unwrap()
+        })
+    };
+    rx.changed().await.unwrap();
+    assert_eq!(*rx.borrow(), 1);
+    writer.await.unwrap();
+}
+
+fn token(hash: &str, expires_at: u64) -> JoinToken {
+    JoinToken {
+        id: hash[..8].to_owned(),
+        hash: hash.to_owned(),
+        expires_at,
+        alias: None,
+    }
+}
+
+#[tokio::test]
+async fn join_tokens_are_single_use_and_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .create_join_token(token("aaaaaaaaaaaa", 100))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.create_join_token(token("aaaaaaaaaaaa", 100)).await,
+        Err(DataStoreError::AlreadyExists(_))
+    ));
+    assert_eq!(
+        store
+            .consume_join_token("aaaaaaaaaaaa", 50)
+            .await
+            .unwrap()
+            .id,
+        "aaaaaaaa"
+    );
+    assert!(matches!(
+        store.consume_join_token("aaaaaaaaaaaa", 50).await,
+        Err(DataStoreError::NotFound(_))
+    ));
+    store
+        .create_join_token(token("bbbbbbbbbbbb", 100))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .consume_join_token("bbbbbbbbbbbb", 100)
+            .await
+            .unwrap_err(),
+        DataStoreError::TokenExpired
+    );
+    // An expired token is gone, not merely refused.
+    assert!(matches!(
+        store.consume_join_token("bbbbbbbbbbbb", 0).await,
+        Err(DataStoreError::NotFound(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_join_token_is_consumed_once_under_concurrency() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(open(dir.path()));
+    for round in 0..5 {
+        let hash = format!("{round:0>12}");
+        store.create_join_token(token(&hash, 100)).await.unwrap();
+        let barrier = Arc::new(tokio::sync::Barrier::new(32));
+        let tasks: Vec<_> = (0..32)
+            .map(|_| {
+                let (store, barrier, hash) = (store.clone(), barrier.clone(), hash.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    store.consume_join_token(&hash, 1).await
+                })
+            })
+            .collect();
+        let mut winners = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => winners += 1,
+                Err(DataStoreError::NotFound(_)) => {}
+                Err(e) => panic!("unexpected {e}"),
+            }
+        }
+        assert_eq!(winners, 1, "round {round}");
+    }
+}
+
+#[tokio::test]
+async fn agents_and_bundles_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut a = store.put_agent(agent(AGENT)).await.unwrap();
+    a.banned = true;
+    store.put_agent(a.clone()).await.unwrap();
+    assert!(store.get_agent(&id(AGENT)).await.unwrap().banned);
+    assert_eq!(store.list_agents().await.unwrap(), [a.clone()]);
+    assert_eq!(store.delete_agent(&id(AGENT)).await.unwrap(), a);
+    assert!(matches!(
+        store.get_agent(&id(AGENT)).await,
+        Err(DataStoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.delete_agent(&id(AGENT)).await,
+        Err(DataStoreError::NotFound(_))
+    ));
+
+    let td = TrustDomain::new("partner.example").unwrap();
+    let bundle = StoredBundle {
+        trust_domain: td.clone(),
+        spiffe_json: "{\"keys\":[]}".into(),
+    };
+    store.put_bundle(bundle.clone()).await.unwrap();
+    assert_eq!(store.get_bundle(&td).await.unwrap(), bundle);
+    store.delete_bundle(&td).await.unwrap();
+    assert!(matches!(
+        store.delete_bundle(&td).await,
+        Err(DataStoreError::NotFound(_))
+    ));
+    assert!(store.get_ca_journal().await.unwrap().is_none());
+    let kinds: Vec<String> = store
+        .changes_since(0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| {
+            format!("{:?}", c.event)
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "AgentUpserted",
+            "AgentUpserted",
+            "AgentDeleted",
+            "BundleUpserted",
+            "BundleDeleted"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_corrupt_record_is_an_error_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = {
+        let store = open(dir.path());
+        create_one(
+            &store,
+            entry("spiffe://example.org/web", AGENT, &["unix:uid:1"], 1),
+        )
+        .await
+        .unwrap()
+    };
+    {
+        // Damage the record behind the store's back.
+        let db = sled::open(dir.path()).unwrap();
+        db.open_tree("entries")
+            .unwrap()
+            .insert(e.id.as_str(), b"{not json".as_slice())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let store = open(dir.path());
+    assert!(matches!(
+        store.get_entry(&e.id).await,
+        Err(DataStoreError::Corrupt(_))
+    ));
+    assert!(matches!(
+        store.list_entries(&EntryFilter::default()).await,
+        Err(DataStoreError::Corrupt(_))
+    ));
+}
+
+#[test]
+fn entry_ids_are_checked() {
+    assert!("abc-DEF_123".parse::<EntryId>().is_ok());
+    for bad in ["", "a b", "a/b", &"x".repeat(65)] {
+        assert!(bad.parse::<EntryId>().is_err(), "{bad:?}");
+    }
+    let a = EntryId::random().unwrap();
+    assert_eq!(a.as_str().len(), 32);
+    assert_ne!(a, EntryId::random().unwrap());
+    assert!(serde_json::from_str::<EntryId>("\"a b\"").is_err());
+}
