@@ -5,4 +5,6 @@
 //! that followers resume from any retained revision). The CA manager, node
 //! attestation, the agent and admin APIs and the CLI build on it.
 
+pub mod ca;
+pub mod clock;
 pub mod datastore;

@@ -1,0 +1,500 @@
+//! The CA manager: the server's X.509 CA and JWT key, rotated on schedule.
+//!
+//! Two slots, current and next. The next authority is prepared at 1/2 of
+//! the current one's lifetime and published in the bundle at once, so every
+//! agent trusts it before it signs anything; it becomes active at 5/6.
+//! Retired authorities stay in the bundle until their `notAfter`, after
+//! which nothing they signed is valid (every SVID is clamped to its CA).
+
+mod journal;
+mod schedule;
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use oxid_pki::bundle::{Bundle, JwtAuthority, JwtPublicKey};
+use oxid_pki::jwt::{JwtError, JwtSigner, JwtSvid};
+use oxid_pki::x509::{SvidParams, X509Ca, X509Error, X509Svid};
+use oxid_pki::{KeyAlgorithm, KeyError, KeyPair, SpiffeId, TrustDomain};
+use rustls_pki_types::CertificateDer;
+
+use crate::clock::{Clock, unix_secs};
+use crate::datastore::{DataStore, DataStoreError, StoredBundle};
+
+pub use self::journal::{AuthorityState, Journal, JournalEntry};
+use self::journal::{b64, unb64};
+pub use self::schedule::{Action, plan};
+
+/// Why the CA could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CaError {
+    /// No authority can sign right now.
+    #[error("no active CA")]
+    NoActiveAuthority,
+    /// A forced rotation step is not possible in the current state.
+    #[error("{0}")]
+    InvalidTransition(String),
+    /// The stored journal does not decode.
+    #[error("CA journal is unreadable: {0}")]
+    Journal(String),
+    /// Certificate work failed.
+    #[error(transparent)]
+    X509(#[from] X509Error),
+    /// JWT work failed.
+    #[error(transparent)]
+    Jwt(#[from] JwtError),
+    /// A key could not be made, stored or loaded.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// The datastore refused the journal or bundle.
+    #[error(transparent)]
+    Store(#[from] DataStoreError),
+}
+
+/// An upstream CA on disk that signs the server's intermediates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// PEM: the upstream CA certificate, then its chain to the root.
+    pub cert_file: PathBuf,
+    /// PKCS#8 key of the upstream CA (mode 0600).
+    pub key_file: PathBuf,
+}
+
+/// How the CA is set up.
+#[derive(Debug, Clone)]
+pub struct CaConfig {
+    /// The trust domain it is the authority of.
+    pub trust_domain: TrustDomain,
+    /// Key type of CA and JWT keys.
+    pub key_type: KeyAlgorithm,
+    /// Lifetime of each authority (default 24 h).
+    pub ca_ttl: Duration,
+    /// Directory for key files (0600). `None` keeps keys in memory only: a
+    /// restart then starts a new authority (old roots stay trusted until
+    /// they expire).
+    pub key_dir: Option<PathBuf>,
+    /// Sign intermediates with this upstream CA instead of self-signing.
+    pub upstream: Option<UpstreamConfig>,
+}
+
+struct Signers {
+    x509: X509Ca,
+    jwt: JwtSigner,
+}
+
+struct Generation {
+    entry: JournalEntry,
+    root: CertificateDer<'static>,
+    jwt_authority: JwtAuthority,
+    /// Absent for an authority whose keys were in memory before a restart.
+    signers: Option<Arc<Signers>>,
+}
+
+#[derive(Default)]
+struct State {
+    version: u64,
+    generations: Vec<Generation>,
+}
+
+/// The CA manager.
+pub struct CaManager {
+    config: CaConfig,
+    clock: Arc<dyn Clock>,
+    store: Arc<dyn DataStore>,
+    upstream: Option<X509Ca>,
+    state: RwLock<State>,
+    /// Serialises rotation steps (timer and operator) so each persists whole.
+    rotation: tokio::sync::Mutex<()>,
+}
+
+/// What `ca show` reports of an authority.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorityStatus {
+    /// Generation sequence.
+    pub sequence: u64,
+    /// Lifecycle state.
+    pub state: AuthorityState,
+    /// Operator-tainted.
+    pub tainted: bool,
+    /// Unix seconds.
+    pub not_before: u64,
+    /// Unix seconds.
+    pub not_after: u64,
+    /// JWT key ID.
+    pub jwt_key_id: String,
+    /// False if its keys were lost in a restart (in-memory keys).
+    pub can_sign: bool,
+}
+
+impl CaManager {
+    /// Loads the journal (or starts fresh), restores what it can, and makes
+    /// sure an authority is active.
+    pub async fn start(
+        config: CaConfig,
+        clock: Arc<dyn Clock>,
+        store: Arc<dyn DataStore>,
+    ) -> Result<Arc<Self>, CaError> {
+        let upstream = match &config.upstream {
+            Some(u) => Some(X509Ca::load_upstream(
+                config.trust_domain.clone(),
+                &u.cert_file,
+                &u.key_file,
+            )?),
+            None => None,
+        };
+        if let Some(dir) = &config.key_dir {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                CaError::Journal(format!(
+                    "cannot create key directory {}: {e}",
+                    dir.display()
+                ))
+            })?;
+        }
+        let mut state = State::default();
+        if let Some(bytes) = store.get_ca_journal().await? {
+            let journal = Journal::decode(&bytes)?;
+            state.version = journal.version;
+            for entry in journal.entries {
+                let mut generation = restore(&config, entry)?;
+                if generation.signers.is_none() && generation.entry.state != AuthorityState::Old {
+                    // Its keys were in memory: it can no longer sign, but what
+                    // it signed stays trusted until it expires.
+                    generation.entry.state = AuthorityState::Old;
+                    state.version += 1;
+                }
+                state.generations.push(generation);
+            }
+        }
+        let manager = Arc::new(Self {
+            config,
+            clock,
+            store,
+            upstream,
+            state: RwLock::new(state),
+            rotation: tokio::sync::Mutex::new(()),
+        });
+        manager.rotate().await?;
+        // The bundle write may have been lost with a crash after the journal
+        // write: publish it again from the journal.
+        manager.persist().await?;
+        Ok(manager)
+    }
+
+    /// One scheduled rotation step, if one is due. Returns what was done.
+    pub async fn rotate(&self) -> Result<Action, CaError> {
+        let _guard = self.rotation.lock().await;
+        let now = self.clock.now();
+        let action = {
+            let state = self.read();
+            let entries: Vec<&JournalEntry> = state.generations.iter().map(|g| &g.entry).collect();
+            plan(&entries, now)
+        };
+        self.apply(&action, now).await?;
+        Ok(action)
+    }
+
+    /// Operator: prepare the next authority now.
+    pub async fn force_prepare(&self) -> Result<(), CaError> {
+        let _guard = self.rotation.lock().await;
+        if self.find(AuthorityState::Prepared).is_some() {
+            return Err(CaError::InvalidTransition(
+                "an authority is already prepared".into(),
+            ));
+        }
+        self.apply(&Action::Prepare, self.clock.now()).await
+    }
+
+    /// Operator: activate the prepared authority now.
+    pub async fn force_activate(&self) -> Result<(), CaError> {
+        let _guard = self.rotation.lock().await;
+        if self.find(AuthorityState::Prepared).is_none() {
+            return Err(CaError::InvalidTransition(
+                "no prepared authority to activate (run `ca rotate --prepare` first)".into(),
+            ));
+        }
+        self.apply(&Action::Activate, self.clock.now()).await
+    }
+
+    /// Operator: mark a retired authority tainted, so agents replace what it
+    /// signed. The active authority cannot be tainted: rotate first.
+    pub async fn taint(&self, sequence: u64) -> Result<(), CaError> {
+        let _guard = self.rotation.lock().await;
+        {
+            let mut state = self.write();
+            let g = state
+                .generations
+                .iter_mut()
+                .find(|g| g.entry.sequence == sequence)
+                .ok_or_else(|| CaError::InvalidTransition(format!("no authority {sequence}")))?;
+            if g.entry.state != AuthorityState::Old {
+                return Err(CaError::InvalidTransition(format!(
+                    "authority {sequence} is {:?}; only a retired authority can be tainted",
+                    g.entry.state
+                )));
+            }
+            g.entry.tainted = true;
+            state.version += 1;
+        }
+        self.persist().await
+    }
+
+    /// Signs an X509-SVID with the active authority.
+    pub fn sign_x509_svid(&self, params: &SvidParams<'_>) -> Result<X509Svid, CaError> {
+        let signers = self.active_signers()?;
+        Ok(signers.x509.issue_x509_svid(params, self.clock.now())?)
+    }
+
+    /// Mints a JWT-SVID with the active authority's key.
+    pub fn mint_jwt_svid(
+        &self,
+        spiffe_id: &SpiffeId,
+        audiences: &[String],
+        ttl: Duration,
+    ) -> Result<JwtSvid, CaError> {
+        let signers = self.active_signers()?;
+        Ok(signers
+            .jwt
+            .mint(spiffe_id, audiences, ttl, self.clock.now())?)
+    }
+
+    /// The trust domain's bundle: every authority not yet expired.
+    pub fn bundle(&self) -> Bundle {
+        let state = self.read();
+        bundle_of(&self.config.trust_domain, &state)
+    }
+
+    /// All authorities, oldest first.
+    pub fn authorities(&self) -> Vec<AuthorityStatus> {
+        self.read()
+            .generations
+            .iter()
+            .map(|g| AuthorityStatus {
+                sequence: g.entry.sequence,
+                state: g.entry.state,
+                tainted: g.entry.tainted,
+                not_before: g.entry.not_before,
+                not_after: g.entry.not_after,
+                jwt_key_id: g.entry.jwt_key_id.clone(),
+                can_sign: g.signers.is_some(),
+            })
+            .collect()
+    }
+
+    /// Longest SVID TTL an entry may ask for: 1/6 of the CA lifetime, so an
+    /// SVID signed just before a rotation never outlives its CA by design.
+    pub fn max_svid_ttl(&self) -> Duration {
+        self.config.ca_ttl / 6
+    }
+
+    fn active_signers(&self) -> Result<Arc<Signers>, CaError> {
+        self.read()
+            .generations
+            .iter()
+            .find(|g| g.entry.state == AuthorityState::Active)
+            .and_then(|g| g.signers.clone())
+            .ok_or(CaError::NoActiveAuthority)
+    }
+
+    fn find(&self, wanted: AuthorityState) -> Option<u64> {
+        self.read()
+            .generations
+            .iter()
+            .find(|g| g.entry.state == wanted)
+            .map(|g| g.entry.sequence)
+    }
+
+    async fn apply(&self, action: &Action, now: SystemTime) -> Result<(), CaError> {
+        match action {
+            Action::None => return Ok(()),
+            Action::CreateActive | Action::Prepare => {
+                let state = if *action == Action::CreateActive {
+                    AuthorityState::Active
+                } else {
+                    AuthorityState::Prepared
+                };
+                let generation = self.mint_generation(state, now)?;
+                let mut s = self.write();
+                if state == AuthorityState::Active {
+                    for g in &mut s.generations {
+                        if g.entry.state == AuthorityState::Active {
+                            g.entry.state = AuthorityState::Old;
+                        }
+                    }
+                }
+                s.generations.push(generation);
+                s.version += 1;
+            }
+            Action::Activate => {
+                let mut s = self.write();
+                for g in &mut s.generations {
+                    g.entry.state = match g.entry.state {
+                        AuthorityState::Active => AuthorityState::Old,
+                        AuthorityState::Prepared => AuthorityState::Active,
+                        other => other,
+                    };
+                }
+                s.version += 1;
+            }
+            Action::Prune(sequences) => {
+                let removed: Vec<JournalEntry> = {
+                    let mut s = self.write();
+                    let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut s.generations)
+                        .into_iter()
+                        .partition(|g| sequences.contains(&g.entry.sequence));
+                    s.generations = kept;
+                    s.version += 1;
+                    gone.into_iter().map(|g| g.entry).collect()
+                };
+                self.persist().await?;
+                for entry in removed {
+                    if let Some((x, j)) = entry.key_files {
+                        let _ = std::fs::remove_file(x);
+                        let _ = std::fs::remove_file(j);
+                    }
+                }
+                return Ok(());
+            }
+        }
+        self.persist().await
+    }
+
+    /// Creates a new generation's keys and certificates.
+    fn mint_generation(
+        &self,
+        state: AuthorityState,
+        now: SystemTime,
+    ) -> Result<Generation, CaError> {
+        let sequence = self
+            .read()
+            .generations
+            .iter()
+            .map(|g| g.entry.sequence)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let td = self.config.trust_domain.clone();
+        let x509_key = KeyPair::generate(self.config.key_type)?;
+        let jwt_key = KeyPair::generate(self.config.key_type)?;
+        let key_files = match &self.config.key_dir {
+            Some(dir) => {
+                let x = dir.join(format!("ca-{sequence}-x509.key"));
+                let j = dir.join(format!("ca-{sequence}-jwt.key"));
+                x509_key.store(&x)?;
+                jwt_key.store(&j)?;
+                Some((x.display().to_string(), j.display().to_string()))
+            }
+            None => None,
+        };
+        let x509 = match &self.upstream {
+            Some(up) => {
+                X509Ca::new_intermediate(up, td.clone(), x509_key, self.config.ca_ttl, now)?
+            }
+            None => X509Ca::new_root(td.clone(), x509_key, self.config.ca_ttl, now)?,
+        };
+        let jwt_public_key = b64(jwt_key.public_key_spki());
+        let kid = JwtSigner::key_id_for(&jwt_key);
+        let jwt = JwtSigner::new(td, jwt_key, kid.clone(), None, x509.not_after())?;
+        let entry = JournalEntry {
+            sequence,
+            state,
+            tainted: false,
+            x509_chain: x509.chain().iter().map(|c| b64(c)).collect(),
+            jwt_key_id: kid,
+            jwt_public_key,
+            not_before: unix_secs(x509.not_before()),
+            not_after: unix_secs(x509.not_after()),
+            key_files,
+        };
+        Ok(Generation {
+            root: x509.root().clone(),
+            jwt_authority: jwt.authority().clone(),
+            entry,
+            signers: Some(Arc::new(Signers { x509, jwt })),
+        })
+    }
+
+    /// Writes the journal, then the bundle, each durably.
+    async fn persist(&self) -> Result<(), CaError> {
+        let (journal, bundle) = {
+            let state = self.read();
+            let journal = Journal {
+                version: state.version,
+                entries: state.generations.iter().map(|g| g.entry.clone()).collect(),
+            };
+            (journal, bundle_of(&self.config.trust_domain, &state))
+        };
+        self.store.put_ca_journal(journal.encode()?).await?;
+        self.store
+            .put_bundle(StoredBundle {
+                trust_domain: self.config.trust_domain.clone(),
+                spiffe_json: bundle.to_spiffe_json(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        // A panic while holding the lock cannot leave `State` half-updated:
+        // every writer mutates plain fields in place.
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn bundle_of(trust_domain: &TrustDomain, state: &State) -> Bundle {
+    let mut bundle = Bundle::new(trust_domain.clone());
+    bundle.set_sequence_number(state.version);
+    for g in &state.generations {
+        // Invariant: roots were accepted as authorities when created or restored.
+        let _ = bundle.add_x509_authority(g.root.clone());
+        let _ = bundle.add_jwt_authority(g.jwt_authority.clone());
+    }
+    bundle
+}
+
+/// Rebuilds a generation from its journal entry, with its keys if they are
+/// on disk. A generation whose keys are gone keeps its public parts.
+fn restore(config: &CaConfig, entry: JournalEntry) -> Result<Generation, CaError> {
+    let chain: Vec<CertificateDer<'static>> = entry
+        .x509_chain
+        .iter()
+        .map(|c| unb64(c).map(CertificateDer::from))
+        .collect::<Result<_, _>>()?;
+    let root = chain
+        .last()
+        .cloned()
+        .ok_or_else(|| CaError::Journal(format!("authority {} has no chain", entry.sequence)))?;
+    let jwt_public = JwtPublicKey::from_spki_der(&unb64(&entry.jwt_public_key)?)
+        .map_err(|e| CaError::Journal(e.to_string()))?;
+    let jwt_authority = JwtAuthority::new(entry.jwt_key_id.clone(), jwt_public)
+        .map_err(|e| CaError::Journal(e.to_string()))?;
+    let signers = match &entry.key_files {
+        Some((x, j)) if config.key_dir.is_some() => {
+            let x509 = X509Ca::restore(
+                config.trust_domain.clone(),
+                chain,
+                KeyPair::load(std::path::Path::new(x))?,
+            )?;
+            let jwt = JwtSigner::new(
+                config.trust_domain.clone(),
+                KeyPair::load(std::path::Path::new(j))?,
+                entry.jwt_key_id.clone(),
+                None,
+                x509.not_after(),
+            )?;
+            Some(Arc::new(Signers { x509, jwt }))
+        }
+        _ => None,
+    };
+    Ok(Generation {
+        entry,
+        root,
+        jwt_authority,
+        signers,
+    })
+}
