@@ -62,5 +62,7 @@ pub mod workload {
     include!(concat!(env!("OUT_DIR"), "/_.rs"));
 }
 
-// oxid's own APIs go here as `pub mod <name> { include!(...) }` once their
-// protos exist in `oxid/` (see `oxid/README.md` next to this crate's build.rs).
+/// oxid's admin API (`oxid.admin.v1`), served on the server's Unix socket.
+pub mod admin {
+    include!(concat!(env!("OUT_DIR"), "/oxid.admin.v1.rs"));
+}

@@ -5,6 +5,11 @@
 //! that followers resume from any retained revision). The CA manager, node
 //! attestation, the agent and admin APIs and the CLI build on it.
 
+pub mod admin;
+pub mod attest;
 pub mod ca;
+pub mod cli;
 pub mod clock;
+pub mod config;
 pub mod datastore;
+pub mod run;

@@ -1,0 +1,205 @@
+//! The admin API, served on the server's Unix socket only.
+//!
+//! Every call is checked against the caller's peer credentials (its uid must
+//! be the server's, root's, or listed in `admin_uids`) and leaves one audit
+//! log line: caller uid and pid, method, result.
+
+mod convert;
+mod service;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::Status;
+
+use crate::ca::CaError;
+use crate::datastore::DataStoreError;
+
+pub use self::convert::{EntryPolicy, agent_to_pb, entry_to_pb};
+pub use self::service::{AdminService, DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL};
+
+/// Why an admin call failed. Mapped to a gRPC status in one place.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdminError {
+    /// The request is malformed or breaks a rule.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The caller may not use the admin API.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The named thing does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The thing to create exists already.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The request is valid but not in the current state.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The datastore cannot serve (disk full, read-only, I/O error).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug or a damaged store.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl AdminError {
+    pub(crate) fn invalid(message: String) -> Self {
+        Self::InvalidArgument(message)
+    }
+}
+
+impl From<DataStoreError> for AdminError {
+    fn from(e: DataStoreError) -> Self {
+        match e {
+            DataStoreError::NotFound(_) => Self::NotFound(e.to_string()),
+            DataStoreError::AlreadyExists(_) => Self::AlreadyExists(e.to_string()),
+            DataStoreError::Backend(_) => Self::Unavailable(e.to_string()),
+            _ => Self::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<CaError> for AdminError {
+    fn from(e: CaError) -> Self {
+        match e {
+            CaError::InvalidTransition(m) => Self::FailedPrecondition(m),
+            CaError::NoActiveAuthority => Self::Unavailable(e.to_string()),
+            CaError::X509(_) | CaError::Jwt(_) => Self::InvalidArgument(e.to_string()),
+            CaError::Store(s) => s.into(),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<AdminError> for Status {
+    fn from(e: AdminError) -> Self {
+        match e {
+            AdminError::InvalidArgument(m) => Status::invalid_argument(m),
+            AdminError::PermissionDenied(m) => Status::permission_denied(m),
+            AdminError::NotFound(m) => Status::not_found(m),
+            AdminError::AlreadyExists(m) => Status::already_exists(m),
+            AdminError::FailedPrecondition(m) => Status::failed_precondition(m),
+            AdminError::Unavailable(m) => Status::unavailable(m),
+            AdminError::Internal(m) => Status::internal(m),
+        }
+    }
+}
+
+/// Who may call the admin API.
+#[derive(Debug, Clone)]
+pub struct AdminAccess {
+    /// The server's own uid, root, and these.
+    pub allowed_uids: BTreeSet<u32>,
+}
+
+impl AdminAccess {
+    /// The server's uid and root, plus `admin_uids`.
+    pub fn new(admin_uids: impl IntoIterator<Item = u32>) -> std::io::Result<Self> {
+        let mut allowed_uids: BTreeSet<u32> = admin_uids.into_iter().collect();
+        allowed_uids.insert(0);
+        allowed_uids.insert(current_uid()?);
+        Ok(Self { allowed_uids })
+    }
+}
+
+/// The effective uid of this process, read from `/proc/self` (owned by it),
+/// which spares an `unsafe` call to `geteuid`.
+pub fn current_uid() -> std::io::Result<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    Ok(std::fs::metadata("/proc/self")?.uid())
+}
+
+/// Why a socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SocketError {
+    /// The directory is unsafe: owned by another user or writable by others.
+    #[error("refusing to use socket directory {dir}: {reason}")]
+    UnsafeDirectory {
+        /// The directory.
+        dir: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Creating, cleaning or binding failed.
+    #[error("socket {path}: {source}")]
+    Io {
+        /// The socket path.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// Binds a Unix socket at `path` after checking its directory: created
+/// 0755 if missing; refused if owned by another user or writable by group
+/// or others (anyone who can write there could swap the socket). A stale
+/// socket file is replaced; any other file there is an error.
+pub fn bind_unix_socket(path: &Path, mode: u32) -> Result<UnixListener, SocketError> {
+    use std::os::unix::fs::{
+        DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, PermissionsExt as _,
+    };
+    let io = |source| SocketError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .map_err(io)?;
+    }
+    let meta = std::fs::metadata(dir).map_err(io)?;
+    let unsafe_dir = |reason: String| SocketError::UnsafeDirectory {
+        dir: dir.display().to_string(),
+        reason,
+    };
+    let me = current_uid().map_err(io)?;
+    if meta.uid() != me {
+        return Err(unsafe_dir(format!(
+            "owned by uid {}, not by this process (uid {me})",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(unsafe_dir(format!(
+            "mode {:04o} lets group or others write; use chmod go-w",
+            meta.mode() & 0o7777
+        )));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(io)?,
+        Ok(_) => {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            )));
+        }
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+    Ok(listener)
+}
+
+/// Serves the admin API on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: UnixListener,
+    service: AdminService,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(oxid_proto::admin::admin_server::AdminServer::new(service))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+}

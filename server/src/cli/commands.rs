@@ -1,0 +1,676 @@
+//! What each command does.
+
+// A command line prints its results; that is its job.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser as _;
+use oxid_pki::x509::{Csr, certs_to_pem};
+use oxid_pki::{KeyAlgorithm, KeyPair};
+use oxid_proto::admin as pb;
+use rustls_pki_types::CertificateDer;
+use serde_json::json;
+
+use super::output::{agent_json, agent_pretty, entry_json, entry_pretty, print_list, println};
+use super::{
+    AgentCommand, BundleCommand, BundleFormat, CaCommand, Cli, Command, Common, EntryCommand,
+    EntryFields, JwtCommand, Output, RunArgs, TokenCommand, X509Command, client,
+};
+use crate::clock::SystemClock;
+use crate::config::{Config, Overrides};
+
+/// A command failure: one line for the user.
+type CliResult = Result<(), String>;
+
+/// Entry point of the `oxid-server` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Validate { config } => validate(config.as_deref()),
+        other => match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt.block_on(operator(other)),
+            Err(e) => Err(format!("cannot start the runtime: {e}")),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> CliResult {
+    let config = Config::load(
+        args.config.as_deref(),
+        Overrides {
+            trust_domain: args.trust_domain,
+            data_dir: args.data_dir,
+            socket_path: args.socket_path,
+            log_format: args.log_format,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    init_logging(&config.log_level, &config.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    rt.block_on(async {
+        crate::run::run(config, Arc::new(SystemClock), shutdown_signal())
+            .await
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+fn init_logging(level: &str, format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    use std::io::IsTerminal as _;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn validate(config: Option<&Path>) -> CliResult {
+    let c = Config::load(config, Overrides::default()).map_err(|e| e.to_string())?;
+    println!(
+        "configuration is valid: trust domain {}, data in {}, admin socket {}",
+        c.trust_domain,
+        c.data_dir.display(),
+        c.socket_path.display()
+    );
+    Ok(())
+}
+
+fn status_line(s: tonic::Status) -> String {
+    let code = format!("{:?}", s.code());
+    format!("{} ({code})", s.message())
+}
+
+async fn operator(command: Command) -> CliResult {
+    match command {
+        Command::Healthcheck(common) => {
+            let mut c = client::connect(&common.socket_path).await?;
+            let h = c
+                .health(pb::HealthRequest {})
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            if !h.ready {
+                return Err("server is up but has no active CA".into());
+            }
+            match common.output {
+                Output::Json => println(&json!({"ready": true, "revision": h.revision})),
+                Output::Pretty => println!("server is healthy"),
+            }
+            Ok(())
+        }
+        Command::Entry(cmd) => entry(cmd).await,
+        Command::Agent(cmd) => agent(cmd).await,
+        Command::Token(TokenCommand::Generate {
+            ttl,
+            spiffe_id,
+            common,
+        }) => {
+            let mut c = client::connect(&common.socket_path).await?;
+            let t = c
+                .create_join_token(pb::CreateJoinTokenRequest {
+                    ttl: ttl.map_or(0, |d| d.0.as_secs()),
+                    spiffe_id: spiffe_id.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            match common.output {
+                Output::Json => {
+                    println(&json!({"token": t.token, "id": t.id, "expires_at": t.expires_at}))
+                }
+                Output::Pretty => println!("{}", t.token),
+            }
+            Ok(())
+        }
+        Command::Bundle(cmd) => bundle(cmd).await,
+        Command::X509(X509Command::Mint {
+            spiffe_id,
+            ttl,
+            dns_names,
+            write,
+            common,
+        }) => x509_mint(spiffe_id, ttl, dns_names, write, common).await,
+        Command::Jwt(JwtCommand::Mint {
+            spiffe_id,
+            audiences,
+            ttl,
+            common,
+        }) => {
+            let mut c = client::connect(&common.socket_path).await?;
+            let r = c
+                .mint_jwt_svid(pb::MintJwtSvidRequest {
+                    spiffe_id,
+                    audience: audiences,
+                    ttl: ttl.map_or(0, |d| d.0.as_secs()),
+                })
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            match common.output {
+                Output::Json => println(&json!({"token": r.token, "expires_at": r.expires_at})),
+                Output::Pretty => println!("{}", r.token),
+            }
+            Ok(())
+        }
+        Command::Ca(cmd) => ca(cmd).await,
+        Command::Run(_) | Command::Validate { .. } => Ok(()),
+    }
+}
+
+fn fields_to_entry(id: String, f: EntryFields) -> pb::Entry {
+    pb::Entry {
+        id,
+        spiffe_id: f.spiffe_id.unwrap_or_default(),
+        parent_id: f.parent_id.unwrap_or_default(),
+        selectors: f.selectors,
+        x509_svid_ttl: f.x509_svid_ttl.map_or(0, |d| d.0.as_secs()),
+        jwt_svid_ttl: f.jwt_svid_ttl.map_or(0, |d| d.0.as_secs()),
+        dns_names: f.dns_names,
+        federates_with: f.federates_with,
+        hint: f.hint.unwrap_or_default(),
+        expires_at: f.expires_at.unwrap_or(0),
+        created_at: 0,
+        revision: 0,
+    }
+}
+
+/// Reads a file, or stdin for `-`.
+fn read_input(path: &Path) -> Result<String, String> {
+    if path == Path::new("-") {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| format!("cannot read stdin: {e}"))?;
+        Ok(s)
+    } else {
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    }
+}
+
+/// Parses a batch file: `{"entries":[{...}]}` with the entry fields.
+fn batch_entries(text: &str) -> Result<Vec<pb::Entry>, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Batch {
+        entries: Vec<BatchEntry>,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct BatchEntry {
+        #[serde(default)]
+        id: String,
+        spiffe_id: String,
+        parent_id: String,
+        selectors: Vec<String>,
+        #[serde(default)]
+        x509_svid_ttl: u64,
+        #[serde(default)]
+        jwt_svid_ttl: u64,
+        #[serde(default)]
+        dns_names: Vec<String>,
+        #[serde(default)]
+        federates_with: Vec<String>,
+        #[serde(default)]
+        hint: String,
+        #[serde(default)]
+        expires_at: u64,
+    }
+    let batch: Batch =
+        serde_json::from_str(text).map_err(|e| format!("invalid entries file: {e}"))?;
+    Ok(batch
+        .entries
+        .into_iter()
+        .map(|e| pb::Entry {
+            id: e.id,
+            spiffe_id: e.spiffe_id,
+            parent_id: e.parent_id,
+            selectors: e.selectors,
+            x509_svid_ttl: e.x509_svid_ttl,
+            jwt_svid_ttl: e.jwt_svid_ttl,
+            dns_names: e.dns_names,
+            federates_with: e.federates_with,
+            hint: e.hint,
+            expires_at: e.expires_at,
+            created_at: 0,
+            revision: 0,
+        })
+        .collect())
+}
+
+/// Prints batch results; fails if any item failed.
+fn report_results(output: Output, results: &[pb::EntryResult], verb: &str) -> CliResult {
+    let failed = results.iter().filter(|r| !r.error.is_empty()).count();
+    match output {
+        Output::Json => println(&json!({"results": results.iter().map(|r| json!({
+            "id": r.id,
+            "entry": r.entry.as_ref().map(entry_json),
+            "error": (!r.error.is_empty()).then_some(&r.error),
+        })).collect::<Vec<_>>()})),
+        Output::Pretty => {
+            for r in results {
+                match (&r.entry, r.error.is_empty()) {
+                    (Some(e), true) => print!("{verb} entry\n{}\n", entry_pretty(e)),
+                    // A lone failure is the command's error line; only batches
+                    // list failures one by one.
+                    _ if results.len() > 1 => {
+                        let who = if r.id.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" {}", r.id)
+                        };
+                        eprintln!("failed entry{who}: {}", r.error);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    match (failed, results.len()) {
+        (0, _) => Ok(()),
+        (1, 1) => Err(results[0].error.clone()),
+        (n, total) => Err(format!("{n} of {total} entries failed")),
+    }
+}
+
+async fn entry(cmd: EntryCommand) -> CliResult {
+    match cmd {
+        EntryCommand::Create {
+            fields,
+            entry_id,
+            data,
+            common,
+        } => {
+            let entries = match data {
+                Some(path) => batch_entries(&read_input(&path)?)?,
+                None => vec![fields_to_entry(entry_id.unwrap_or_default(), fields)],
+            };
+            let mut c = client::connect(&common.socket_path).await?;
+            let r = c
+                .create_entries(pb::CreateEntriesRequest { entries })
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            report_results(common.output, &r.results, "Created")
+        }
+        EntryCommand::Update {
+            entry_id,
+            fields,
+            common,
+        } => {
+            let mut c = client::connect(&common.socket_path).await?;
+            let e = c
+                .update_entry(pb::UpdateEntryRequest {
+                    entry: Some(fields_to_entry(entry_id, fields)),
+                })
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            match common.output {
+                Output::Json => println(&entry_json(&e)),
+                Output::Pretty => print!("Updated entry\n{}", entry_pretty(&e)),
+            }
+            Ok(())
+        }
+        EntryCommand::Delete { entry_ids, common } => {
+            let mut c = client::connect(&common.socket_path).await?;
+            let r = c
+                .delete_entries(pb::DeleteEntriesRequest { ids: entry_ids })
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            report_results(common.output, &r.results, "Deleted")
+        }
+        EntryCommand::Show {
+            entry_id,
+            spiffe_id,
+            parent_id,
+            selectors,
+            exact,
+            common,
+        } => {
+            let mut c = client::connect(&common.socket_path).await?;
+            let entries = match entry_id {
+                Some(id) => vec![
+                    c.get_entry(pb::GetEntryRequest { id })
+                        .await
+                        .map_err(status_line)?
+                        .into_inner(),
+                ],
+                None => {
+                    c.list_entries(pb::ListEntriesRequest {
+                        spiffe_id: spiffe_id.unwrap_or_default(),
+                        parent_id: parent_id.unwrap_or_default(),
+                        selectors,
+                        selectors_exact: exact,
+                    })
+                    .await
+                    .map_err(status_line)?
+                    .into_inner()
+                    .entries
+                }
+            };
+            print_list(
+                common.output,
+                ("entries", "entry"),
+                &entries,
+                entry_json,
+                entry_pretty,
+            );
+            Ok(())
+        }
+        EntryCommand::Count(common) => {
+            let mut c = client::connect(&common.socket_path).await?;
+            let n = c
+                .list_entries(pb::ListEntriesRequest::default())
+                .await
+                .map_err(status_line)?
+                .into_inner()
+                .entries
+                .len();
+            match common.output {
+                Output::Json => println(&json!({"count": n})),
+                Output::Pretty => println!("{n} registration entries"),
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn agent(cmd: AgentCommand) -> CliResult {
+    let one = |spiffe_id: String| pb::AgentRequest { spiffe_id };
+    match cmd {
+        AgentCommand::List(common) => {
+            let mut c = client::connect(&common.socket_path).await?;
+            let agents = c
+                .list_agents(pb::ListAgentsRequest {})
+                .await
+                .map_err(status_line)?
+                .into_inner()
+                .agents;
+            print_list(
+                common.output,
+                ("agents", "agent"),
+                &agents,
+                agent_json,
+                agent_pretty,
+            );
+            Ok(())
+        }
+        AgentCommand::Count(common) => {
+            let mut c = client::connect(&common.socket_path).await?;
+            let n = c
+                .list_agents(pb::ListAgentsRequest {})
+                .await
+                .map_err(status_line)?
+                .into_inner()
+                .agents
+                .len();
+            match common.output {
+                Output::Json => println(&json!({"count": n})),
+                Output::Pretty => println!("{n} attested agents"),
+            }
+            Ok(())
+        }
+        AgentCommand::Show { spiffe_id, common } => {
+            let mut c = client::connect(&common.socket_path).await?;
+            let a = c
+                .get_agent(one(spiffe_id))
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            print_one_agent(common.output, &a, "");
+            Ok(())
+        }
+        AgentCommand::Ban { spiffe_id, common } => {
+            let mut c = client::connect(&common.socket_path).await?;
+            let a = c
+                .ban_agent(one(spiffe_id))
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            print_one_agent(common.output, &a, "Banned agent\n");
+            Ok(())
+        }
+        AgentCommand::Evict { spiffe_id, common } => {
+            let mut c = client::connect(&common.socket_path).await?;
+            let a = c
+                .evict_agent(one(spiffe_id))
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            print_one_agent(common.output, &a, "Evicted agent\n");
+            Ok(())
+        }
+    }
+}
+
+fn print_one_agent(output: Output, a: &pb::Agent, title: &str) {
+    match output {
+        Output::Json => println(&agent_json(a)),
+        Output::Pretty => print!("{title}{}", agent_pretty(a)),
+    }
+}
+
+async fn bundle(cmd: BundleCommand) -> CliResult {
+    match cmd {
+        BundleCommand::Show { format, common } => {
+            let mut c = client::connect(&common.socket_path).await?;
+            let b = c
+                .get_bundle(pb::GetBundleRequest {})
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            match format {
+                BundleFormat::Pem => print!("{}", b.pem),
+                BundleFormat::Spiffe => println!("{}", b.spiffe_json),
+            }
+            Ok(())
+        }
+        BundleCommand::Set { id, path, common } => {
+            let bundle = read_input(&path)?;
+            let mut c = client::connect(&common.socket_path).await?;
+            let b = c
+                .set_federated_bundle(pb::SetFederatedBundleRequest {
+                    trust_domain: id,
+                    bundle,
+                })
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            match common.output {
+                Output::Json => println(&json!({"trust_domain": b.trust_domain})),
+                Output::Pretty => println!("bundle set for {}", b.trust_domain),
+            }
+            Ok(())
+        }
+        BundleCommand::List(common) => {
+            let mut c = client::connect(&common.socket_path).await?;
+            let list = c
+                .list_federated_bundles(pb::ListFederatedBundlesRequest {})
+                .await
+                .map_err(status_line)?
+                .into_inner()
+                .bundles;
+            match common.output {
+                Output::Json => println(&json!({"bundles": list.iter().map(|b| json!({
+                    "trust_domain": b.trust_domain,
+                    "bundle": serde_json::from_str::<serde_json::Value>(&b.spiffe_json).unwrap_or_default(),
+                })).collect::<Vec<_>>()})),
+                Output::Pretty => {
+                    println!("Found {} federated bundles", list.len());
+                    for b in &list {
+                        println!("{}", b.trust_domain);
+                    }
+                }
+            }
+            Ok(())
+        }
+        BundleCommand::Delete { id, common } => {
+            let mut c = client::connect(&common.socket_path).await?;
+            c.delete_federated_bundle(pb::DeleteFederatedBundleRequest {
+                trust_domain: id.clone(),
+            })
+            .await
+            .map_err(status_line)?;
+            match common.output {
+                Output::Json => println(&json!({"deleted": id})),
+                Output::Pretty => println!("bundle of {id} deleted"),
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn x509_mint(
+    spiffe_id: String,
+    ttl: Option<crate::config::HumanDuration>,
+    dns_names: Vec<String>,
+    write: Option<PathBuf>,
+    common: Common,
+) -> CliResult {
+    let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).map_err(|e| e.to_string())?;
+    let csr = Csr::create(&key).map_err(|e| e.to_string())?;
+    let mut c = client::connect(&common.socket_path).await?;
+    let r = c
+        .mint_x509_svid(pb::MintX509SvidRequest {
+            spiffe_id,
+            csr,
+            ttl: ttl.map_or(0, |d| d.0.as_secs()),
+            dns_names,
+        })
+        .await
+        .map_err(status_line)?
+        .into_inner();
+    let to_certs = |v: &[Vec<u8>]| -> Vec<CertificateDer<'static>> {
+        v.iter().map(|c| CertificateDer::from(c.clone())).collect()
+    };
+    let svid_pem = certs_to_pem(&to_certs(&r.cert_chain));
+    let bundle_pem = certs_to_pem(&to_certs(&r.bundle));
+    match write {
+        Some(dir) => {
+            let w = |name: &str, text: &str| {
+                std::fs::write(dir.join(name), text)
+                    .map_err(|e| format!("cannot write {}: {e}", dir.join(name).display()))
+            };
+            w("svid.pem", &svid_pem)?;
+            w("bundle.pem", &bundle_pem)?;
+            key.store(&dir.join("key.pem")).map_err(|e| e.to_string())?;
+            match common.output {
+                Output::Json => println(&json!({"written": dir, "expires_at": r.expires_at})),
+                Output::Pretty => println!(
+                    "wrote svid.pem, key.pem (0600) and bundle.pem to {}",
+                    dir.display()
+                ),
+            }
+        }
+        None => match common.output {
+            Output::Json => println(&json!({
+                "svid": svid_pem,
+                "key": key.to_pkcs8_pem().as_str(),
+                "bundle": bundle_pem,
+                "expires_at": r.expires_at,
+            })),
+            Output::Pretty => print!("{svid_pem}{}{bundle_pem}", key.to_pkcs8_pem().as_str()),
+        },
+    }
+    Ok(())
+}
+
+async fn ca(cmd: CaCommand) -> CliResult {
+    let (status, common) = match cmd {
+        CaCommand::Show(common) => {
+            let mut c = client::connect(&common.socket_path).await?;
+            let s = c
+                .get_ca_status(pb::GetCaStatusRequest {})
+                .await
+                .map_err(status_line)?;
+            (s.into_inner(), common)
+        }
+        CaCommand::Rotate {
+            prepare,
+            activate,
+            taint,
+            common,
+        } => {
+            let (step, sequence) = match (prepare, activate, taint) {
+                (true, _, _) => ("prepare", 0),
+                (_, true, _) => ("activate", 0),
+                (_, _, Some(seq)) => ("taint", seq),
+                _ => return Err("choose one of --prepare, --activate, --taint <SEQUENCE>".into()),
+            };
+            let mut c = client::connect(&common.socket_path).await?;
+            let s = c
+                .rotate_ca(pb::RotateCaRequest {
+                    step: step.into(),
+                    sequence,
+                })
+                .await
+                .map_err(status_line)?;
+            (s.into_inner(), common)
+        }
+    };
+    match common.output {
+        Output::Json => println(
+            &json!({"authorities": status.authorities.iter().map(|a| json!({
+            "sequence": a.sequence, "state": a.state, "tainted": a.tainted,
+            "not_before": a.not_before, "not_after": a.not_after,
+            "jwt_key_id": a.jwt_key_id, "can_sign": a.can_sign,
+        })).collect::<Vec<_>>()}),
+        ),
+        Output::Pretty => {
+            for a in &status.authorities {
+                println!(
+                    "authority {}: {}{} not_before={} not_after={} jwt_kid={}{}",
+                    a.sequence,
+                    a.state,
+                    if a.tainted { " (tainted)" } else { "" },
+                    a.not_before,
+                    a.not_after,
+                    a.jwt_key_id,
+                    if a.can_sign { "" } else { " (keys lost)" }
+                );
+            }
+        }
+    }
+    Ok(())
+}

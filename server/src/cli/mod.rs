@@ -1,0 +1,362 @@
+//! The `oxid-server` command line: `run`, `validate`, and the operator
+//! commands, which talk to a running server over its admin socket.
+//!
+//! Every failure ends as one line on stderr and a non-zero exit code; the
+//! binary only parses arguments and calls [`main`] here.
+
+mod client;
+mod commands;
+mod output;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub use self::commands::main;
+
+/// oxid-server: the SPIFFE certificate authority of one trust domain.
+#[derive(Debug, Parser)]
+#[command(name = "oxid-server", version, about, propagate_version = true)]
+pub struct Cli {
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output format of operator commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Output {
+    /// Human-readable.
+    #[default]
+    Pretty,
+    /// One JSON document.
+    Json,
+}
+
+/// Options every operator command takes.
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    /// Admin socket of the server.
+    #[arg(long, global = true, default_value = crate::config::DEFAULT_SOCKET_PATH)]
+    pub socket_path: PathBuf,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Pretty)]
+    pub output: Output,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server.
+    Run(RunArgs),
+    /// Check a configuration file and exit.
+    Validate {
+        /// The configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Exit 0 if the server answers and has an active CA.
+    Healthcheck(#[command(flatten)] Common),
+    /// Registration entries.
+    #[command(subcommand)]
+    Entry(EntryCommand),
+    /// Attested agents.
+    #[command(subcommand)]
+    Agent(AgentCommand),
+    /// Join tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Trust bundles (own and federated).
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+    /// X509-SVIDs for use outside agents.
+    #[command(subcommand)]
+    X509(X509Command),
+    /// JWT-SVIDs for use outside agents.
+    #[command(subcommand)]
+    Jwt(JwtCommand),
+    /// The CA.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+/// `run` flags; they win over the configuration file.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Configuration file (TOML).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Trust domain.
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// Data directory.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Admin socket path.
+    #[arg(long)]
+    pub socket_path: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_parser = ["human", "json"])]
+    pub log_format: Option<String>,
+}
+
+/// The fields of an entry, for create and update.
+#[derive(Debug, Clone, Args)]
+pub struct EntryFields {
+    /// SPIFFE ID granted.
+    #[arg(long)]
+    pub spiffe_id: Option<String>,
+    /// Parent: an agent, a node alias, or another entry's SPIFFE ID.
+    #[arg(long)]
+    pub parent_id: Option<String>,
+    /// Selector `type:value` (repeat for several; all must match).
+    #[arg(long = "selector")]
+    pub selectors: Vec<String>,
+    /// X509-SVID TTL, e.g. 30m.
+    #[arg(long)]
+    pub x509_svid_ttl: Option<crate::config::HumanDuration>,
+    /// JWT-SVID TTL, e.g. 5m.
+    #[arg(long)]
+    pub jwt_svid_ttl: Option<crate::config::HumanDuration>,
+    /// DNS SAN (repeatable).
+    #[arg(long = "dns-name")]
+    pub dns_names: Vec<String>,
+    /// Federated trust domain whose bundle the workloads receive (repeatable).
+    #[arg(long = "federates-with")]
+    pub federates_with: Vec<String>,
+    /// Hint passed to workloads.
+    #[arg(long)]
+    pub hint: Option<String>,
+    /// Unix seconds after which the entry no longer applies.
+    #[arg(long)]
+    pub expires_at: Option<u64>,
+}
+
+/// Entry commands.
+#[derive(Debug, Subcommand)]
+pub enum EntryCommand {
+    /// Create an entry (or a batch with --data).
+    Create {
+        /// Entry fields.
+        #[command(flatten)]
+        fields: EntryFields,
+        /// Entry ID (default: generated).
+        #[arg(long)]
+        entry_id: Option<String>,
+        /// JSON file of entries (`{"entries":[...]}`), or `-` for stdin.
+        #[arg(long, conflicts_with_all = ["spiffe_id", "parent_id", "selectors"])]
+        data: Option<PathBuf>,
+        /// Common options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Replace an entry (all fields are set from the flags).
+    Update {
+        /// The entry to replace.
+        #[arg(long)]
+        entry_id: String,
+        /// Entry fields.
+        #[command(flatten)]
+        fields: EntryFields,
+        /// Common options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Delete entries.
+    Delete {
+        /// Entry ID (repeatable).
+        #[arg(long = "entry-id", required = true)]
+        entry_ids: Vec<String>,
+        /// Common options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Show entries: one by ID, or those matching the filters.
+    Show {
+        /// Entry ID.
+        #[arg(long)]
+        entry_id: Option<String>,
+        /// Filter: SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// Filter: parent ID.
+        #[arg(long)]
+        parent_id: Option<String>,
+        /// Filter: selector (repeatable).
+        #[arg(long = "selector")]
+        selectors: Vec<String>,
+        /// With --selector: the entry's selectors are exactly these.
+        #[arg(long)]
+        exact: bool,
+        /// Common options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Count entries.
+    Count(#[command(flatten)] Common),
+}
+
+/// Agent commands.
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// List agents.
+    List(#[command(flatten)] Common),
+    /// Show one agent.
+    Show {
+        /// Agent SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: String,
+        /// Common options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Ban an agent: refused on every call, may not re-attest.
+    Ban {
+        /// Agent SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: String,
+        /// Common options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Evict an agent: delete its record; it must attest again.
+    Evict {
+        /// Agent SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: String,
+        /// Common options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Count agents.
+    Count(#[command(flatten)] Common),
+}
+
+/// Join token commands.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a single-use join token and print it.
+    Generate {
+        /// Lifetime, e.g. 10m (default) or 1h.
+        #[arg(long)]
+        ttl: Option<crate::config::HumanDuration>,
+        /// Node alias the agent using the token is also known by.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// Common options.
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+/// Bundle formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BundleFormat {
+    /// PEM certificates (X.509 authorities only).
+    Pem,
+    /// SPIFFE bundle JSON.
+    Spiffe,
+}
+
+/// Bundle commands.
+#[derive(Debug, Subcommand)]
+pub enum BundleCommand {
+    /// Print the server's own bundle.
+    Show {
+        /// Format.
+        #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
+        format: BundleFormat,
+        /// Common options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Set a federated trust domain's bundle (SPIFFE JSON or PEM).
+    Set {
+        /// The federated trust domain.
+        #[arg(long)]
+        id: String,
+        /// Bundle file, or `-` for stdin.
+        #[arg(long)]
+        path: PathBuf,
+        /// Common options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// List federated bundles.
+    List(#[command(flatten)] Common),
+    /// Delete a federated bundle.
+    Delete {
+        /// The federated trust domain.
+        #[arg(long)]
+        id: String,
+        /// Common options.
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+/// X509-SVID commands.
+#[derive(Debug, Subcommand)]
+pub enum X509Command {
+    /// Mint an X509-SVID; the key is generated here and never sent.
+    Mint {
+        /// SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: String,
+        /// TTL, e.g. 1h.
+        #[arg(long)]
+        ttl: Option<crate::config::HumanDuration>,
+        /// DNS SAN (repeatable).
+        #[arg(long = "dns-name")]
+        dns_names: Vec<String>,
+        /// Write svid.pem, key.pem (0600) and bundle.pem into this directory
+        /// instead of printing them.
+        #[arg(long)]
+        write: Option<PathBuf>,
+        /// Common options.
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+/// JWT-SVID commands.
+#[derive(Debug, Subcommand)]
+pub enum JwtCommand {
+    /// Mint a JWT-SVID and print it.
+    Mint {
+        /// SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: String,
+        /// Audience (repeatable, 1 to 32).
+        #[arg(long = "audience", required = true)]
+        audiences: Vec<String>,
+        /// TTL, e.g. 5m.
+        #[arg(long)]
+        ttl: Option<crate::config::HumanDuration>,
+        /// Common options.
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+/// CA commands.
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Show the CA's authorities.
+    Show(#[command(flatten)] Common),
+    /// Force a rotation step.
+    Rotate {
+        /// Prepare the next authority now (published in the bundle).
+        #[arg(long, group = "step")]
+        prepare: bool,
+        /// Activate the prepared authority now.
+        #[arg(long, group = "step")]
+        activate: bool,
+        /// Taint a retired authority (by sequence).
+        #[arg(long, group = "step")]
+        taint: Option<u64>,
+        /// Common options.
+        #[command(flatten)]
+        common: Common,
+    },
+}

@@ -1,0 +1,360 @@
+//! Server configuration: a TOML file, then flags (flags win), then
+//! documented defaults. Unknown keys are errors, so a typo never silently
+//! falls back to a default.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use oxid_pki::{KeyAlgorithm, TrustDomain};
+use serde::Deserialize;
+
+/// Default trust domain.
+pub const DEFAULT_TRUST_DOMAIN: &str = "example.org";
+/// Default data directory (relative to the working directory).
+pub const DEFAULT_DATA_DIR: &str = "./.oxid/server";
+/// Default admin socket.
+pub const DEFAULT_SOCKET_PATH: &str = "/run/oxid-server/private/admin.sock";
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has an unknown key or a bad value.
+    #[error("config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (names the key).
+        message: String,
+    },
+    /// A value is out of range or contradicts another.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// A duration written as `90s`, `5m`, `1h`, `2d` (or plain seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("invalid duration {s:?}: use e.g. 30s, 5m, 1h or 2d");
+        let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+            Some(i) => s.split_at(i),
+            None => (s, "s"),
+        };
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        let scale = match unit {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            _ => return Err(bad()),
+        };
+        let secs = n.checked_mul(scale).ok_or_else(bad)?;
+        Ok(Self(Duration::from_secs(secs)))
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.0.as_secs();
+        match s {
+            s if s % 86_400 == 0 && s > 0 => write!(f, "{}d", s / 86_400),
+            s if s % 3600 == 0 && s > 0 => write!(f, "{}h", s / 3600),
+            s if s % 60 == 0 && s > 0 => write!(f, "{}m", s / 60),
+            s => write!(f, "{s}s"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Where CA keys live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyStorage {
+    /// 0600 files under `<data_dir>/keys`: a restart keeps the same CA.
+    Disk,
+    /// Memory only: a restart starts a new CA (old roots stay trusted until
+    /// they expire).
+    Memory,
+}
+
+/// The `[ca.upstream]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamFile {
+    /// PEM: upstream CA certificate, then its chain.
+    pub cert_file: PathBuf,
+    /// PKCS#8 key, mode 0600.
+    pub key_file: PathBuf,
+}
+
+/// The `[ca]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaFile {
+    /// `ec-p256` (default) or `ec-p384`.
+    pub key_type: Option<String>,
+    /// Lifetime of each CA (default `24h`).
+    pub ttl: Option<HumanDuration>,
+    /// `disk` (default) or `memory`.
+    pub keys: Option<KeyStorage>,
+    /// Default X509-SVID TTL (`1h`).
+    pub x509_svid_ttl: Option<HumanDuration>,
+    /// Default JWT-SVID TTL (`5m`).
+    pub jwt_svid_ttl: Option<HumanDuration>,
+    /// Sign with an upstream CA on disk instead of self-signing.
+    pub upstream: Option<UpstreamFile>,
+}
+
+/// `server.toml` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Trust domain name.
+    pub trust_domain: Option<String>,
+    /// Data directory.
+    pub data_dir: Option<PathBuf>,
+    /// Admin socket path.
+    pub socket_path: Option<PathBuf>,
+    /// Extra uids allowed on the admin socket.
+    pub admin_uids: Option<Vec<u32>>,
+    /// `info`, `debug`, ...
+    pub log_level: Option<String>,
+    /// `human` or `json`.
+    pub log_format: Option<String>,
+    /// sled page cache bound in MiB (default 64).
+    pub datastore_cache_mb: Option<u64>,
+    /// The CA.
+    pub ca: Option<CaFile>,
+}
+
+/// Flags of `oxid-server run` that override the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--trust-domain`.
+    pub trust_domain: Option<String>,
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--socket-path`.
+    pub socket_path: Option<PathBuf>,
+    /// `--log-format`.
+    pub log_format: Option<String>,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Trust domain.
+    pub trust_domain: TrustDomain,
+    /// Data directory (datastore, CA keys).
+    pub data_dir: PathBuf,
+    /// Admin socket.
+    pub socket_path: PathBuf,
+    /// Extra admin uids.
+    pub admin_uids: Vec<u32>,
+    /// Log level filter.
+    pub log_level: String,
+    /// `human` or `json`.
+    pub log_format: String,
+    /// sled cache bound, bytes.
+    pub datastore_cache_bytes: u64,
+    /// CA key type.
+    pub ca_key_type: KeyAlgorithm,
+    /// CA lifetime.
+    pub ca_ttl: Duration,
+    /// Where CA keys live.
+    pub ca_keys: KeyStorage,
+    /// Default X509-SVID TTL.
+    pub x509_svid_ttl: Duration,
+    /// Default JWT-SVID TTL.
+    pub jwt_svid_ttl: Duration,
+    /// Upstream CA, if any.
+    pub upstream: Option<UpstreamFile>,
+}
+
+impl Config {
+    /// Reads `path` (if given), applies `overrides`, fills defaults, checks.
+    pub fn load(path: Option<&Path>, overrides: Overrides) -> Result<Self, ConfigError> {
+        let file = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?;
+                toml::from_str::<ConfigFile>(&text).map_err(|e| ConfigError::Parse {
+                    path: p.to_owned(),
+                    message: e.message().to_owned()
+                        + &e.span()
+                            .map(|s| format!(" (at byte {})", s.start))
+                            .unwrap_or_default(),
+                })?
+            }
+            None => ConfigFile::default(),
+        };
+        Self::resolve(file, overrides)
+    }
+
+    fn resolve(file: ConfigFile, o: Overrides) -> Result<Self, ConfigError> {
+        let td_name = o
+            .trust_domain
+            .or(file.trust_domain)
+            .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.into());
+        let trust_domain = TrustDomain::new(&td_name)
+            .map_err(|e| ConfigError::Invalid(format!("trust_domain {td_name:?}: {e}")))?;
+        let ca = file.ca.unwrap_or(CaFile {
+            key_type: None,
+            ttl: None,
+            keys: None,
+            x509_svid_ttl: None,
+            jwt_svid_ttl: None,
+            upstream: None,
+        });
+        let ca_key_type: KeyAlgorithm = ca
+            .key_type
+            .as_deref()
+            .unwrap_or("ec-p256")
+            .parse()
+            .map_err(|e| ConfigError::Invalid(format!("ca.key_type: {e}")))?;
+        if ca_key_type == KeyAlgorithm::Rsa {
+            return Err(ConfigError::Invalid(
+                "ca.key_type: oxid generates only ec-p256 or ec-p384 keys".into(),
+            ));
+        }
+        let ca_ttl = ca.ttl.map_or(Duration::from_secs(86_400), |d| d.0);
+        let x509_svid_ttl = ca.x509_svid_ttl.map_or(Duration::from_secs(3600), |d| d.0);
+        let jwt_svid_ttl = ca.jwt_svid_ttl.map_or(Duration::from_secs(300), |d| d.0);
+        if ca_ttl < Duration::from_secs(60) {
+            return Err(ConfigError::Invalid("ca.ttl must be at least 1m".into()));
+        }
+        for (name, ttl) in [
+            ("x509_svid_ttl", x509_svid_ttl),
+            ("jwt_svid_ttl", jwt_svid_ttl),
+        ] {
+            if ttl.is_zero() || ttl > ca_ttl / 6 {
+                return Err(ConfigError::Invalid(format!(
+                    "ca.{name} {} must be between 1s and ca.ttl / 6 ({})",
+                    HumanDuration(ttl),
+                    HumanDuration(ca_ttl / 6)
+                )));
+            }
+        }
+        let log_format = o
+            .log_format
+            .or(file.log_format)
+            .unwrap_or_else(|| "human".into());
+        if !matches!(log_format.as_str(), "human" | "json") {
+            return Err(ConfigError::Invalid(format!(
+                "log_format {log_format:?}: expected human or json"
+            )));
+        }
+        Ok(Self {
+            trust_domain,
+            data_dir: o
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            socket_path: o
+                .socket_path
+                .or(file.socket_path)
+                .unwrap_or_else(|| DEFAULT_SOCKET_PATH.into()),
+            admin_uids: file.admin_uids.unwrap_or_default(),
+            log_level: file.log_level.unwrap_or_else(|| "info".into()),
+            log_format,
+            datastore_cache_bytes: file.datastore_cache_mb.unwrap_or(64) * 1024 * 1024,
+            ca_key_type,
+            ca_ttl,
+            ca_keys: ca.keys.unwrap_or(KeyStorage::Disk),
+            x509_svid_ttl,
+            jwt_svid_ttl,
+            upstream: ca.upstream,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let file: ConfigFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "t".into(),
+            message: e.to_string(),
+        })?;
+        Config::resolve(file, Overrides::default())
+    }
+
+    #[test]
+    fn defaults_are_documented_values() {
+        let c = parse("").unwrap();
+        assert_eq!(c.trust_domain.as_str(), "example.org");
+        assert_eq!(c.data_dir, PathBuf::from("./.oxid/server"));
+        assert_eq!(c.ca_ttl, Duration::from_secs(86_400));
+        assert_eq!(c.x509_svid_ttl, Duration::from_secs(3600));
+        assert_eq!(c.jwt_svid_ttl, Duration::from_secs(300));
+        assert_eq!(c.ca_keys, KeyStorage::Disk);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        assert!(parse("trust_domian = \"x\"").is_err());
+        assert!(parse("[ca]\nttll = \"1h\"").is_err());
+        assert!(parse("trust_domain = \"Bad Domain\"").is_err());
+        assert!(parse("[ca]\nttl = \"1 hour\"").is_err());
+        assert!(parse("[ca]\nkey_type = \"rsa\"").is_err());
+        assert!(parse("[ca]\nttl = \"1h\"\nx509_svid_ttl = \"1h\"").is_err());
+        assert!(parse("log_format = \"xml\"").is_err());
+        assert!(parse("[ca]\nkeys = \"cloud\"").is_err());
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let file: ConfigFile = toml::from_str("trust_domain = \"file.org\"").unwrap();
+        let c = Config::resolve(
+            file,
+            Overrides {
+                trust_domain: Some("flag.org".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.trust_domain.as_str(), "flag.org");
+    }
+
+    #[test]
+    fn durations() {
+        for (s, secs) in [
+            ("30s", 30),
+            ("5m", 300),
+            ("1h", 3600),
+            ("2d", 172_800),
+            ("45", 45),
+        ] {
+            assert_eq!(s.parse::<HumanDuration>().unwrap().0.as_secs(), secs);
+        }
+        for bad in ["", "h", "1x", "-1s", "1.5h", "99999999999999999999d"] {
+            assert!(bad.parse::<HumanDuration>().is_err(), "{bad}");
+        }
+        assert_eq!(HumanDuration(Duration::from_secs(3600)).to_string(), "1h");
+    }
+}

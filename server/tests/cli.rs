@@ -1,0 +1,672 @@
+//! The `oxid-server` binary end to end: a real server process on a temp dir,
+//! driven by the real CLI over the real admin socket. Every command round
+//! trips; every bad input is one error line, a non-zero exit, and no change.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::Write as _;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_oxid-server");
+const AGENT: &str = "spiffe://example.org/oxid/agent/join_token/abc";
+
+struct Server {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Server {
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("run/admin.sock")
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Starts a server with `extra` config lines and waits until it answers.
+    fn start(extra_config: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        // Traversable, so the unprivileged-uid test can reach the socket.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut s = Self { dir, child: None };
+        std::fs::write(s.dir.path().join("server.toml"), extra_config).unwrap();
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(self.dir.path().join("server.toml"))
+            .arg("--data-dir")
+            .arg(self.data())
+            .arg("--socket-path")
+            .arg(self.socket())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Waits for the healthcheck to pass: the event, not a fixed sleep.
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.cli(&["healthcheck"]).status.success() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("server exited early: {status}");
+            }
+            assert!(Instant::now() < deadline, "server did not become healthy");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill9(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            child.wait().unwrap();
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .arg("--socket-path")
+            .arg(self.socket())
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        serde_json::from_str(&self.ok(&all)).unwrap()
+    }
+
+    /// Runs a command that must fail: one error line, non-zero exit.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "{args:?}: one error line, got:\n{stderr}"
+        );
+        assert!(stderr.starts_with("error: "), "{stderr}");
+        stderr
+    }
+
+    fn entry_count(&self) -> u64 {
+        self.json(&["entry", "count"])["count"].as_u64().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn create_args<'a>(spiffe_id: &'a str, selector: &'a str) -> Vec<&'a str> {
+    vec![
+        "entry",
+        "create",
+        "--spiffe-id",
+        spiffe_id,
+        "--parent-id",
+        AGENT,
+        "--selector",
+        selector,
+    ]
+}
+
+#[test]
+fn entry_commands_round_trip() {
+    let s = Server::start("");
+    let created = s.json(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/web",
+        "--parent-id",
+        AGENT,
+        "--selector",
+        "unix:uid:1000",
+        "--selector",
+        "unix:path:/usr/bin/web",
+        "--x509-svid-ttl",
+        "30m",
+        "--jwt-svid-ttl",
+        "5m",
+        "--dns-name",
+        "web.example.org",
+        "--federates-with",
+        "partner.example",
+        "--hint",
+        "primary",
+    ]);
+    let entry = &created["results"][0]["entry"];
+    let id = entry["id"].as_str().unwrap().to_owned();
+    assert_eq!(entry["x509_svid_ttl"], 1800);
+    assert_eq!(entry["selectors"].as_array().unwrap().len(), 2);
+
+    let shown = s.json(&["entry", "show", "--entry-id", &id]);
+    assert_eq!(shown["entries"][0]["hint"], "primary");
+    let pretty = s.ok(&["entry", "show", "--spiffe-id", "spiffe://example.org/web"]);
+    assert!(
+        pretty.contains("Found 1 entry") && pretty.contains(&id),
+        "{pretty}"
+    );
+    let by_sel = s.json(&["entry", "show", "--selector", "unix:uid:1000"]);
+    assert_eq!(by_sel["entries"].as_array().unwrap().len(), 1);
+    let exact = s.json(&["entry", "show", "--selector", "unix:uid:1000", "--exact"]);
+    assert_eq!(exact["entries"].as_array().unwrap().len(), 0);
+
+    let updated = s.json(&[
+        "entry",
+        "update",
+        "--entry-id",
+        &id,
+        "--spiffe-id",
+        "spiffe://example.org/web2",
+        "--parent-id",
+        AGENT,
+        "--selector",
+        "unix:uid:1001",
+    ]);
+    assert_eq!(updated["spiffe_id"], "spiffe://example.org/web2");
+    assert_eq!(s.entry_count(), 1);
+
+    s.ok(&["entry", "delete", "--entry-id", &id]);
+    assert_eq!(s.entry_count(), 0);
+}
+
+#[test]
+fn batches_from_a_file_and_from_stdin() {
+    let s = Server::start("");
+    let batch = serde_json::json!({"entries": [
+        {"spiffe_id": "spiffe://example.org/a", "parent_id": AGENT, "selectors": ["unix:uid:1"]},
+        {"spiffe_id": "spiffe://example.org/b", "parent_id": AGENT, "selectors": ["unix:uid:2"]},
+    ]});
+    let file = s.dir.path().join("batch.json");
+    std::fs::write(&file, batch.to_string()).unwrap();
+    s.ok(&["entry", "create", "--data", file.to_str().unwrap()]);
+    assert_eq!(s.entry_count(), 2);
+
+    let stdin_batch = serde_json::json!({"entries": [
+        {"spiffe_id": "spiffe://example.org/c", "parent_id": AGENT, "selectors": ["unix:uid:3"]},
+        {"spiffe_id": "spiffe://example.org/a", "parent_id": AGENT, "selectors": ["unix:uid:1"]},
+    ]});
+    let mut child = Command::new(BIN)
+        .args(["entry", "create", "--data", "-", "--socket-path"])
+        .arg(s.socket())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin_batch.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "one duplicate fails the command");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("already exists") && err.contains("1 of 2 entries failed"),
+        "{err}"
+    );
+    assert_eq!(
+        s.entry_count(),
+        3,
+        "the good entry of the batch was created"
+    );
+}
+
+#[test]
+fn bad_input_is_one_error_line_and_changes_nothing() {
+    let s = Server::start("");
+    s.ok(&create_args("spiffe://example.org/web", "unix:uid:1000"));
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (create_args("web", "unix:uid:1"), "spiffe_id"),
+        (
+            create_args("spiffe://example.org/oxid/agent/x", "unix:uid:1"),
+            "reserved",
+        ),
+        (
+            create_args("spiffe://other.org/web", "unix:uid:1"),
+            "not in trust domain",
+        ),
+        (create_args("spiffe://example.org/x", "nocolon"), "selector"),
+        (
+            create_args("spiffe://example.org/web", "unix:uid:1000"),
+            "already exists",
+        ),
+        (
+            vec![
+                "entry",
+                "create",
+                "--spiffe-id",
+                "spiffe://example.org/x",
+                "--parent-id",
+                AGENT,
+            ],
+            "at least one selector",
+        ),
+        (
+            vec![
+                "entry",
+                "create",
+                "--spiffe-id",
+                "spiffe://example.org/x",
+                "--parent-id",
+                AGENT,
+                "--selector",
+                "unix:uid:9",
+                "--x509-svid-ttl",
+                "5h",
+            ],
+            "maximum",
+        ),
+        (
+            vec!["entry", "create", "--data", "/nonexistent/batch.json"],
+            "cannot read",
+        ),
+        (
+            vec!["entry", "delete", "--entry-id", "0123456789abcdef"],
+            "not found",
+        ),
+        (vec!["entry", "delete", "--entry-id", "bad id"], "entry ID"),
+        (
+            vec!["entry", "show", "--entry-id", "0123456789abcdef"],
+            "not found",
+        ),
+        (vec!["agent", "show", "--spiffe-id", AGENT], "not found"),
+        (vec!["agent", "ban", "--spiffe-id", "nope"], "spiffe_id"),
+        (
+            vec![
+                "token",
+                "generate",
+                "--spiffe-id",
+                "spiffe://example.org/oxid/x",
+            ],
+            "reserved",
+        ),
+        (vec!["token", "generate", "--ttl", "30d"], "maximum"),
+        (
+            vec![
+                "bundle",
+                "set",
+                "--id",
+                "example.org",
+                "--path",
+                "/dev/null",
+            ],
+            "own trust domain",
+        ),
+        (
+            vec![
+                "bundle",
+                "set",
+                "--id",
+                "partner.example",
+                "--path",
+                "/nonexistent",
+            ],
+            "cannot read",
+        ),
+        (
+            vec!["bundle", "delete", "--id", "partner.example"],
+            "not found",
+        ),
+        (
+            vec![
+                "jwt",
+                "mint",
+                "--spiffe-id",
+                "spiffe://example.org/web",
+                "--audience",
+                "",
+            ],
+            "audience",
+        ),
+        (
+            vec!["x509", "mint", "--spiffe-id", "spiffe://example.org"],
+            "no path",
+        ),
+        (vec!["ca", "rotate", "--activate"], "no prepared authority"),
+        (
+            vec!["ca", "rotate", "--taint", "1"],
+            "only a retired authority",
+        ),
+    ];
+    for (args, needle) in cases {
+        let err = s.fails(&args);
+        assert!(
+            err.contains(needle),
+            "{args:?}: expected {needle:?} in {err}"
+        );
+    }
+    let empty_bundle = s.dir.path().join("empty.pem");
+    std::fs::write(&empty_bundle, "not a bundle").unwrap();
+    s.fails(&[
+        "bundle",
+        "set",
+        "--id",
+        "partner.example",
+        "--path",
+        empty_bundle.to_str().unwrap(),
+    ]);
+    assert_eq!(s.entry_count(), 1, "nothing changed");
+    assert_eq!(
+        s.json(&["bundle", "list"])["bundles"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    // Argument errors from the parser also exit non-zero.
+    assert!(
+        !s.cli(&["entry", "create", "--no-such-flag"])
+            .status
+            .success()
+    );
+    let down = Command::new(BIN)
+        .args(["entry", "count", "--socket-path", "/nonexistent/admin.sock"])
+        .output()
+        .unwrap();
+    assert!(!down.status.success());
+    assert!(String::from_utf8_lossy(&down.stderr).contains("cannot reach the server"));
+}
+
+#[test]
+fn tokens_bundles_svids_and_the_ca() {
+    let s = Server::start("");
+    let token = s.ok(&["token", "generate"]);
+    assert_eq!(token.trim().len(), 64);
+    let t = s.json(&[
+        "token",
+        "generate",
+        "--ttl",
+        "1h",
+        "--spiffe-id",
+        "spiffe://example.org/nodes/a",
+    ]);
+    assert_eq!(t["id"].as_str().unwrap().len(), 16);
+    assert!(
+        !t["token"]
+            .as_str()
+            .unwrap()
+            .contains(t["id"].as_str().unwrap())
+    );
+
+    let pem = s.ok(&["bundle", "show"]);
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
+    let spiffe: serde_json::Value =
+        serde_json::from_str(&s.ok(&["bundle", "show", "--format", "spiffe"])).unwrap();
+    assert_eq!(
+        spiffe["keys"].as_array().unwrap().len(),
+        2,
+        "one X.509 and one JWT authority"
+    );
+
+    // A federated bundle from PEM (another server's root).
+    let other = Server::start("trust_domain = \"partner.example\"\n");
+    let partner_pem = other.dir.path().join("partner.pem");
+    std::fs::write(&partner_pem, other.ok(&["bundle", "show"])).unwrap();
+    s.ok(&[
+        "bundle",
+        "set",
+        "--id",
+        "partner.example",
+        "--path",
+        partner_pem.to_str().unwrap(),
+    ]);
+    let list = s.json(&["bundle", "list"]);
+    assert_eq!(list["bundles"][0]["trust_domain"], "partner.example");
+    s.ok(&["bundle", "delete", "--id", "partner.example"]);
+
+    // An X509-SVID written to disk verifies with openssl against the bundle.
+    let out = s.dir.path().join("svid");
+    std::fs::create_dir(&out).unwrap();
+    s.ok(&[
+        "x509",
+        "mint",
+        "--spiffe-id",
+        "spiffe://example.org/web",
+        "--write",
+        out.to_str().unwrap(),
+    ]);
+    let key_mode = std::fs::metadata(out.join("key.pem"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(key_mode, 0o600);
+    let verify = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(out.join("bundle.pem"))
+        .arg(out.join("svid.pem"))
+        .output()
+        .expect("openssl is required (apt-get install -y openssl, or run ./scripts/test)");
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
+    let jwt = s.ok(&[
+        "jwt",
+        "mint",
+        "--spiffe-id",
+        "spiffe://example.org/web",
+        "--audience",
+        "db",
+    ]);
+    assert_eq!(jwt.trim().split('.').count(), 3);
+
+    let ca = s.json(&["ca", "show"]);
+    assert_eq!(ca["authorities"][0]["state"], "active");
+    s.ok(&["ca", "rotate", "--prepare"]);
+    s.ok(&["ca", "rotate", "--activate"]);
+    let ca = s.json(&["ca", "rotate", "--taint", "1"]);
+    assert_eq!(ca["authorities"][0]["tainted"], true);
+    assert_eq!(ca["authorities"][1]["state"], "active");
+    assert_eq!(s.json(&["agent", "count"])["count"], 0);
+    assert_eq!(
+        s.json(&["agent", "list"])["agents"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+}
+
+#[test]
+fn a_restart_keeps_entries_and_the_ca() {
+    let mut s = Server::start("");
+    s.ok(&create_args("spiffe://example.org/web", "unix:uid:1"));
+    let bundle = s.ok(&["bundle", "show", "--format", "spiffe"]);
+    s.stop();
+    assert!(!s.socket().exists(), "a clean stop removes the socket");
+    s.spawn();
+    assert_eq!(s.entry_count(), 1);
+    assert_eq!(
+        s.ok(&["bundle", "show", "--format", "spiffe"]),
+        bundle,
+        "same CA"
+    );
+}
+
+#[test]
+fn kill_9_loses_no_acknowledged_entry() {
+    let mut s = Server::start("");
+    let socket = s.socket();
+    let writer = std::thread::spawn(move || {
+        let mut acknowledged = Vec::new();
+        for i in 0..10_000 {
+            let sid = format!("spiffe://example.org/burst/{i}");
+            let out = Command::new(BIN)
+                .args([
+                    "entry",
+                    "create",
+                    "--output",
+                    "json",
+                    "--spiffe-id",
+                    &sid,
+                    "--parent-id",
+                    AGENT,
+                ])
+                .args(["--selector", "unix:uid:1", "--socket-path"])
+                .arg(&socket)
+                .output()
+                .unwrap();
+            if !out.status.success() {
+                break; // the server is gone
+            }
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            acknowledged.push(v["results"][0]["entry"]["id"].as_str().unwrap().to_owned());
+        }
+        acknowledged
+    });
+    // Kill once a burst is under way (observed through the store, not a timer).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while s.entry_count() < 20 {
+        assert!(Instant::now() < deadline);
+    }
+    s.kill9();
+    let acknowledged = writer.join().unwrap();
+    assert!(acknowledged.len() >= 20);
+    s.spawn();
+    let stored = s.json(&["entry", "show"]);
+    let ids: std::collections::HashSet<&str> = stored["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    for id in &acknowledged {
+        assert!(
+            ids.contains(id.as_str()),
+            "acknowledged entry {id} was lost"
+        );
+    }
+}
+
+fn run_as_nobody(s: &Server, args: &[&str]) -> Output {
+    assert_eq!(
+        oxid_server::admin::current_uid().unwrap(),
+        0,
+        "this test switches to uid 65534 and must run as root (CI does; run ./scripts/test as root)"
+    );
+    Command::new("setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            BIN,
+        ])
+        .args(args)
+        .arg("--socket-path")
+        .arg(s.socket())
+        .output()
+        .expect("setpriv (util-linux) is required")
+}
+
+#[test]
+fn the_admin_socket_refuses_other_uids_unless_allowed() {
+    let s = Server::start("");
+    let out = run_as_nobody(&s, &["entry", "count"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("uid 65534 may not use the admin API"), "{err}");
+    assert!(err.contains("PermissionDenied"), "{err}");
+
+    let allowed = Server::start("admin_uids = [65534]\n");
+    let out = run_as_nobody(&allowed, &["entry", "count"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn validate_checks_config_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "trust_domain = \"prod.example\"\n[ca]\nttl = \"12h\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["validate", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("prod.example"));
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "trust_domian = \"x\"\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["validate", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("trust_domian"), "{err}");
+}
+
+#[test]
+fn an_unsafe_socket_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock_dir = dir.path().join("open");
+    std::fs::create_dir(&sock_dir).unwrap();
+    std::fs::set_permissions(&sock_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--socket-path")
+        .arg(sock_dir.join("admin.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refusing to use socket directory"), "{err}");
+    let _ = Path::new("");
+}
