@@ -96,11 +96,7 @@ pub(crate) fn print_list<T>(
     match output {
         Output::Json => println(&json!({ key: items.iter().map(to_json).collect::<Vec<_>>() })),
         Output::Pretty => {
-            let noun = if items.len() == 1 {
-                singular
-            } else {
-                key
-            };
+            let noun = if items.len() == 1 { singular } else { key };
             let mut text = format!("Found {} {noun}\n", items.len());
             for item in items {
                 text.push('\n');
