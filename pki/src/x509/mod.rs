@@ -177,6 +177,14 @@ pub fn concat_der<'a>(certs: impl IntoIterator<Item = &'a CertificateDer<'a>>) -
     certs.into_iter().flat_map(|c| c.iter().copied()).collect()
 }
 
+/// The SPIFFE ID and hex serial number of an X509-SVID leaf (its SPIFFE
+/// rules are checked; its chain is not: call this on a verified peer).
+pub fn leaf_identity(der: &[u8]) -> Result<(crate::SpiffeId, String), X509Error> {
+    let cert = parse_cert(der)?;
+    let id = rules::check_leaf(&cert)?;
+    Ok((id, crate::key::hex(cert.raw_serial())))
+}
+
 /// Checks that a certificate can be a trust anchor in a bundle: a CA that
 /// may sign certificates.
 pub(crate) fn check_authority(
