@@ -11,7 +11,11 @@ use std::error::Error;
 /// module in `src/lib.rs` including the `<package>.rs` that prost writes for
 /// it. Well-known types (`google/protobuf/*.proto`) come built into protox and
 /// map to `::prost_types`, so they are neither listed nor generated here.
-const PROTOS: &[&str] = &["spiffe/workload.proto", "oxid/admin/v1/admin.proto"];
+const PROTOS: &[&str] = &[
+    "spiffe/workload.proto",
+    "oxid/admin/v1/admin.proto",
+    "oxid/agent/v1/agent.proto",
+];
 
 fn main() -> Result<(), Box<dyn Error>> {
     for proto in PROTOS {

@@ -62,6 +62,11 @@ pub mod workload {
     include!(concat!(env!("OUT_DIR"), "/_.rs"));
 }
 
+/// oxid's agent API (`oxid.agent.v1`): node agents to the server, over TLS.
+pub mod agent {
+    include!(concat!(env!("OUT_DIR"), "/oxid.agent.v1.rs"));
+}
+
 /// oxid's admin API (`oxid.admin.v1`), served on the server's Unix socket.
 pub mod admin {
     include!(concat!(env!("OUT_DIR"), "/oxid.admin.v1.rs"));

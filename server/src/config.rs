@@ -14,6 +14,8 @@ use serde::Deserialize;
 pub const DEFAULT_TRUST_DOMAIN: &str = "example.org";
 /// Default data directory (relative to the working directory).
 pub const DEFAULT_DATA_DIR: &str = "./.oxid/server";
+/// Default agent API address.
+pub const DEFAULT_BIND_ADDRESS: &str = "0.0.0.0:8081";
 /// Default admin socket.
 pub const DEFAULT_SOCKET_PATH: &str = "/run/oxid-server/private/admin.sock";
 
@@ -123,6 +125,8 @@ pub struct CaFile {
     pub x509_svid_ttl: Option<HumanDuration>,
     /// Default JWT-SVID TTL (`5m`).
     pub jwt_svid_ttl: Option<HumanDuration>,
+    /// Agent SVID TTL (`1h`).
+    pub agent_svid_ttl: Option<HumanDuration>,
     /// Sign with an upstream CA on disk instead of self-signing.
     pub upstream: Option<UpstreamFile>,
 }
@@ -135,8 +139,13 @@ pub struct ConfigFile {
     pub trust_domain: Option<String>,
     /// Data directory.
     pub data_dir: Option<PathBuf>,
+    /// Agent API listen address.
+    pub bind_address: Option<String>,
     /// Admin socket path.
     pub socket_path: Option<PathBuf>,
+    /// PEM file of CAs trusted for x509pop node attestation (x509pop is off
+    /// without it).
+    pub x509pop_ca_bundle: Option<PathBuf>,
     /// Extra uids allowed on the admin socket.
     pub admin_uids: Option<Vec<u32>>,
     /// `info`, `debug`, ...
@@ -156,6 +165,8 @@ pub struct Overrides {
     pub trust_domain: Option<String>,
     /// `--data-dir`.
     pub data_dir: Option<PathBuf>,
+    /// `--bind-address`.
+    pub bind_address: Option<String>,
     /// `--socket-path`.
     pub socket_path: Option<PathBuf>,
     /// `--log-format`.
@@ -169,6 +180,12 @@ pub struct Config {
     pub trust_domain: TrustDomain,
     /// Data directory (datastore, CA keys).
     pub data_dir: PathBuf,
+    /// Agent API listen address.
+    pub bind_address: std::net::SocketAddr,
+    /// x509pop node CA bundle file.
+    pub x509pop_ca_bundle: Option<PathBuf>,
+    /// Agent SVID TTL.
+    pub agent_svid_ttl: Duration,
     /// Admin socket.
     pub socket_path: PathBuf,
     /// Extra admin uids.
@@ -228,6 +245,7 @@ impl Config {
             keys: None,
             x509_svid_ttl: None,
             jwt_svid_ttl: None,
+            agent_svid_ttl: None,
             upstream: None,
         });
         let ca_key_type: KeyAlgorithm = ca
@@ -244,6 +262,7 @@ impl Config {
         let ca_ttl = ca.ttl.map_or(Duration::from_secs(86_400), |d| d.0);
         let x509_svid_ttl = ca.x509_svid_ttl.map_or(Duration::from_secs(3600), |d| d.0);
         let jwt_svid_ttl = ca.jwt_svid_ttl.map_or(Duration::from_secs(300), |d| d.0);
+        let agent_svid_ttl = ca.agent_svid_ttl.map_or(Duration::from_secs(3600), |d| d.0);
         if ca_ttl < Duration::from_secs(60) {
             return Err(ConfigError::Invalid("ca.ttl must be at least 1m".into()));
         }
@@ -268,8 +287,20 @@ impl Config {
                 "log_format {log_format:?}: expected human or json"
             )));
         }
+        let bind = o
+            .bind_address
+            .or(file.bind_address)
+            .unwrap_or_else(|| DEFAULT_BIND_ADDRESS.into());
+        let bind_address = bind.parse().map_err(|_| {
+            ConfigError::Invalid(format!(
+                "bind_address {bind:?}: expected ip:port, e.g. 0.0.0.0:8081"
+            ))
+        })?;
         Ok(Self {
             trust_domain,
+            bind_address,
+            x509pop_ca_bundle: file.x509pop_ca_bundle,
+            agent_svid_ttl,
             data_dir: o
                 .data_dir
                 .or(file.data_dir)
@@ -313,6 +344,9 @@ mod tests {
         assert_eq!(c.x509_svid_ttl, Duration::from_secs(3600));
         assert_eq!(c.jwt_svid_ttl, Duration::from_secs(300));
         assert_eq!(c.ca_keys, KeyStorage::Disk);
+        assert_eq!(c.bind_address.to_string(), "0.0.0.0:8081");
+        assert_eq!(c.agent_svid_ttl, Duration::from_secs(3600));
+        assert!(c.x509pop_ca_bundle.is_none());
     }
 
     #[test]
@@ -325,6 +359,7 @@ mod tests {
         assert!(parse("[ca]\nttl = \"1h\"\nx509_svid_ttl = \"1h\"").is_err());
         assert!(parse("log_format = \"xml\"").is_err());
         assert!(parse("[ca]\nkeys = \"cloud\"").is_err());
+        assert!(parse("bind_address = \"localhost\"").is_err());
     }
 
     #[test]

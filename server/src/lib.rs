@@ -6,7 +6,9 @@
 //! attestation, the agent and admin APIs and the CLI build on it.
 
 pub mod admin;
+pub mod agent_api;
 pub mod attest;
+pub mod authz;
 pub mod ca;
 pub mod cli;
 pub mod clock;

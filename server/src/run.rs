@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::admin::{self, AdminAccess, AdminService, EntryPolicy, SocketError};
+use crate::agent_api::{self, AgentApiConfig, IndexHandle};
 use crate::ca::{CaConfig, CaError, CaManager, UpstreamConfig};
 use crate::clock::Clock;
 use crate::config::{Config, KeyStorage};
@@ -35,6 +36,20 @@ pub enum RunError {
     /// The admin server failed.
     #[error("admin API: {0}")]
     Serve(#[from] tonic::transport::Error),
+    /// The agent API address could not be bound.
+    #[error("agent API address {address}: {source}")]
+    Bind {
+        /// The address.
+        address: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The agent API failed.
+    #[error("agent API: {0}")]
+    AgentApi(String),
+    /// The x509pop node CA file is unusable.
+    #[error("x509pop node CA bundle {0}")]
+    X509Pop(String),
 }
 
 /// How often the rotation schedule is checked: often enough that a step is
@@ -43,10 +58,56 @@ fn rotation_interval(ca_ttl: Duration) -> Duration {
     (ca_ttl / 120).clamp(Duration::from_secs(1), Duration::from_secs(30))
 }
 
-/// Runs the server until `shutdown` completes.
+/// Runs the server until `shutdown` completes, with the agent API on
+/// `config.bind_address`.
 pub async fn run(
     config: Config,
     clock: Arc<dyn Clock>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let listener = tokio::net::TcpListener::bind(config.bind_address)
+        .await
+        .map_err(|source| RunError::Bind {
+            address: config.bind_address.to_string(),
+            source,
+        })?;
+    run_with(config, clock, listener, shutdown).await
+}
+
+/// Loads the x509pop node CAs; refuses a file holding one of oxid's own
+/// authorities, since then any workload SVID could attest as a node.
+fn load_node_cas(
+    path: &std::path::Path,
+    own: &oxid_pki::bundle::Bundle,
+) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, RunError> {
+    let invalid = |m: String| RunError::X509Pop(format!("{}: {m}", path.display()));
+    let pem = std::fs::read(path).map_err(|e| invalid(e.to_string()))?;
+    let cas = oxid_pki::x509::certs_from_pem(&pem).map_err(|e| invalid(e.to_string()))?;
+    let own_keys: Vec<Vec<u8>> = own
+        .x509_authorities()
+        .iter()
+        .filter_map(|c| x509_parser::parse_x509_certificate(c).ok())
+        .map(|(_, c)| c.public_key().raw.to_vec())
+        .collect();
+    for ca in &cas {
+        let key = x509_parser::parse_x509_certificate(ca)
+            .map(|(_, c)| c.public_key().raw.to_vec())
+            .map_err(|e| invalid(e.to_string()))?;
+        if own_keys.contains(&key) {
+            return Err(invalid(
+                "holds one of oxid's own CAs: any workload SVID could then attest as a node".into(),
+            ));
+        }
+    }
+    Ok(cas)
+}
+
+/// Runs the server with the agent API on an already bound `listener` (so
+/// tests can use port 0).
+pub async fn run_with(
+    config: Config,
+    clock: Arc<dyn Clock>,
+    agent_listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     use std::os::unix::fs::DirBuilderExt as _;
@@ -115,17 +176,81 @@ pub async fn run(
         })
     };
 
+    let x509pop_roots = match &config.x509pop_ca_bundle {
+        Some(path) => Some(load_node_cas(path, &ca.bundle())?),
+        None => None,
+    };
+    let server_id = config
+        .trust_domain
+        .spiffe_id("/oxid/server")
+        .map_err(|e| RunError::AgentApi(e.to_string()))?;
+    let index = IndexHandle::load(store.as_ref(), server_id).await?;
+    let follower = index.clone().follow(store.clone());
+    let agent_address = agent_listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    // Either API ending (an error, or shutdown) stops the other one too.
+    let stop_after = |tx: Arc<tokio::sync::watch::Sender<bool>>| {
+        move || {
+            let _ = tx.send(true);
+        }
+    };
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let agent_api = agent_api::serve(
+        agent_listener,
+        ca.clone(),
+        store.clone(),
+        index,
+        service.clock.clone(),
+        AgentApiConfig {
+            agent_svid_ttl: config.agent_svid_ttl,
+            default_x509_ttl: config.x509_svid_ttl,
+            default_jwt_ttl: config.jwt_svid_ttl,
+            max_batch: 1000,
+            x509pop_roots,
+        },
+        stopped(stop_rx.clone()),
+    );
+    let admin_api = admin::serve(listener, service, stopped(stop_rx));
+    let (stop_admin, stop_agent) = (stop_after(stop_tx.clone()), stop_after(stop_tx.clone()));
+    let admin_api = async move {
+        let r = admin_api.await;
+        stop_admin();
+        r
+    };
+    let agent_api = async move {
+        let r = agent_api.await;
+        stop_agent();
+        r
+    };
     tracing::info!(
         trust_domain = %config.trust_domain,
+        agent_api = %agent_address,
         admin_socket = %config.socket_path.display(),
         data_dir = %data_dir.display(),
         "oxid-server ready"
     );
-    let result = admin::serve(listener, service, shutdown).await;
+    let signal = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    let (admin_result, agent_result, ()) = tokio::join!(admin_api, agent_api, signal);
+    // Wait for the background tasks to be gone: they hold the store, whose
+    // lock must be released when `run` returns (a restart reopens it).
     rotation.abort();
+    follower.abort();
+    let _ = rotation.await;
+    let _ = follower.await;
     let _ = std::fs::remove_file(&config.socket_path);
     tracing::info!("oxid-server stopped");
-    result.map_err(RunError::from)
+    admin_result?;
+    agent_result.map_err(RunError::AgentApi)
 }
 
 #[cfg(test)]

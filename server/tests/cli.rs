@@ -46,6 +46,7 @@ impl Server {
             .arg(self.data())
             .arg("--socket-path")
             .arg(self.socket())
+            .args(["--bind-address", "127.0.0.1:0"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -663,6 +664,7 @@ fn an_unsafe_socket_directory_is_refused() {
         .arg(dir.path().join("data"))
         .arg("--socket-path")
         .arg(sock_dir.join("admin.sock"))
+        .args(["--bind-address", "127.0.0.1:0"])
         .output()
         .unwrap();
     assert!(!out.status.success());

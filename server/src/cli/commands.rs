@@ -55,6 +55,7 @@ fn run(args: RunArgs) -> CliResult {
         Overrides {
             trust_domain: args.trust_domain,
             data_dir: args.data_dir,
+            bind_address: args.bind_address,
             socket_path: args.socket_path,
             log_format: args.log_format,
         },

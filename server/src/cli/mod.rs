@@ -92,6 +92,9 @@ pub struct RunArgs {
     /// Data directory.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Agent API listen address (ip:port).
+    #[arg(long)]
+    pub bind_address: Option<String>,
     /// Admin socket path.
     #[arg(long)]
     pub socket_path: Option<PathBuf>,

@@ -1,0 +1,105 @@
+//! The entry index, followed from the store's change feed and shared by
+//! every agent API call and sync stream.
+
+use std::sync::{Arc, RwLock};
+
+use oxid_pki::SpiffeId;
+use tokio::sync::watch;
+
+use crate::authz::EntryIndex;
+use crate::datastore::{DataStore, DataStoreError, EntryFilter};
+
+/// Changes read per feed request.
+const PAGE: usize = 4096;
+
+/// The shared index and the revision it has reached.
+#[derive(Debug)]
+pub struct IndexHandle {
+    index: RwLock<EntryIndex>,
+    revision_tx: watch::Sender<u64>,
+}
+
+impl IndexHandle {
+    /// Loads the full state from `store` and returns the handle.
+    pub async fn load(
+        store: &dyn DataStore,
+        server_id: SpiffeId,
+    ) -> Result<Arc<Self>, DataStoreError> {
+        let mut index = EntryIndex::new(server_id);
+        reload(store, &mut index).await?;
+        let (revision_tx, _) = watch::channel(index.revision());
+        Ok(Arc::new(Self {
+            index: RwLock::new(index),
+            revision_tx,
+        }))
+    }
+
+    /// Reads the index.
+    pub fn read(&self) -> std::sync::RwLockReadGuard<'_, EntryIndex> {
+        // The index is only mutated by `apply`/`load`, which cannot leave it
+        // half-updated on panic (plain map operations).
+        self.index.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes when the index reaches a new revision.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.revision_tx.subscribe()
+    }
+
+    /// Brings the index up to the store's latest revision.
+    pub async fn catch_up(&self, store: &dyn DataStore) -> Result<(), DataStoreError> {
+        loop {
+            let from = self.read().revision();
+            match store.changes_since(from, PAGE).await {
+                Ok(changes) if changes.is_empty() => break,
+                Ok(changes) => {
+                    let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
+                    for change in &changes {
+                        index.apply(change.revision, &change.event);
+                    }
+                }
+                Err(DataStoreError::RevisionGone { .. }) => {
+                    let mut fresh = self.read().clone();
+                    reload(store, &mut fresh).await?;
+                    *self.index.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let revision = self.read().revision();
+        self.revision_tx.send_if_modified(|r| {
+            let changed = *r != revision;
+            *r = revision;
+            changed
+        });
+        Ok(())
+    }
+
+    /// Follows the store until the task is dropped.
+    pub fn follow(self: Arc<Self>, store: Arc<dyn DataStore>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut rx = store.revision();
+            loop {
+                if let Err(e) = self.catch_up(store.as_ref()).await {
+                    tracing::error!(error = %e, "entry index cannot follow the store; retrying");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+}
+
+async fn reload(store: &dyn DataStore, index: &mut EntryIndex) -> Result<(), DataStoreError> {
+    // Revision first: changes that land while listing are re-applied by the
+    // next catch-up, which is harmless (changes carry whole values).
+    let revision = *store.revision().borrow();
+    let entries = store.list_entries(&EntryFilter::default()).await?;
+    let agents = store.list_agents().await?;
+    index.load(entries, agents, revision);
+    Ok(())
+}

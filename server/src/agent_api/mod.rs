@@ -1,0 +1,147 @@
+//! The agent API: node agents talk to the server over TLS 1.3 on one port.
+//!
+//! `Attest` needs no client certificate. Every other call must present the
+//! agent's SVID; the handshake already checked it against the live bundle,
+//! and each call then checks it against the agent's record: known, not
+//! banned, serial current (the previous serial only until the renewed SVID
+//! is first used).
+
+mod attest;
+mod conn;
+mod index;
+mod service;
+mod sync;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use oxid_pki::bundle::Bundle;
+use oxid_pki::{KeyAlgorithm, KeyPair, SpiffeId};
+use oxid_tls::{BundleSource, SpiffeClientVerifier, SvidResolver};
+use tokio::net::TcpListener;
+
+use crate::ca::CaManager;
+use crate::clock::Clock;
+use crate::datastore::DataStore;
+
+pub use self::conn::PeerInfo;
+pub use self::index::IndexHandle;
+pub use self::service::AgentApiService;
+
+/// Settings of the agent API.
+#[derive(Debug, Clone)]
+pub struct AgentApiConfig {
+    /// Agent SVID lifetime.
+    pub agent_svid_ttl: Duration,
+    /// X509-SVID TTL for entries without one.
+    pub default_x509_ttl: Duration,
+    /// JWT-SVID TTL for entries without one.
+    pub default_jwt_ttl: Duration,
+    /// Most CSRs in one `SignX509Svids` call.
+    pub max_batch: usize,
+    /// Trusted CAs for x509pop node attestation; `None` turns x509pop off.
+    pub x509pop_roots: Option<Vec<rustls_pki_types::CertificateDer<'static>>>,
+}
+
+/// The server's trust bundle as the TLS layer reads it: the CA's, live.
+pub(crate) struct CaBundle(pub(crate) Arc<CaManager>);
+
+impl std::fmt::Debug for CaBundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CaBundle")
+    }
+}
+
+impl BundleSource for CaBundle {
+    fn current_bundle(&self) -> Arc<Bundle> {
+        Arc::new(self.0.bundle())
+    }
+}
+
+/// The server's own SVID (`spiffe://<td>/oxid/server`), issued by its CA
+/// with a key that never leaves memory, renewed at half-life.
+pub(crate) async fn issue_server_svid(
+    ca: &CaManager,
+    server_id: &SpiffeId,
+    ttl: Duration,
+    resolver: &SvidResolver,
+) -> Result<Duration, String> {
+    let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).map_err(|e| e.to_string())?;
+    let public_key = oxid_pki::x509::PublicKey::from_spki_der(key.public_key_spki())
+        .map_err(|e| e.to_string())?;
+    let svid = ca
+        .sign_x509_svid(&oxid_pki::x509::SvidParams {
+            spiffe_id: server_id,
+            public_key: &public_key,
+            ttl,
+            dns_names: &[],
+        })
+        .map_err(|e| e.to_string())?;
+    let lifetime = svid
+        .not_after()
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    resolver
+        .set(svid.into_cert_chain(), &key)
+        .map_err(|e| e.to_string())?;
+    Ok(lifetime)
+}
+
+/// Serves the agent API on `listener` until `shutdown` completes.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve(
+    listener: TcpListener,
+    ca: Arc<CaManager>,
+    store: Arc<dyn DataStore>,
+    index: Arc<IndexHandle>,
+    clock: Arc<dyn Clock>,
+    config: AgentApiConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), String> {
+    let trust_domain = ca.bundle().trust_domain().clone();
+    let server_id = trust_domain
+        .spiffe_id("/oxid/server")
+        .map_err(|e| e.to_string())?;
+    let resolver = Arc::new(SvidResolver::default());
+    let svid_ttl = config.default_x509_ttl;
+    issue_server_svid(&ca, &server_id, svid_ttl, &resolver).await?;
+    let renewer = {
+        let (ca, resolver, server_id) = (ca.clone(), resolver.clone(), server_id.clone());
+        tokio::spawn(async move {
+            let mut wait = svid_ttl / 2;
+            loop {
+                tokio::time::sleep(wait).await;
+                wait = match issue_server_svid(&ca, &server_id, svid_ttl, &resolver).await {
+                    Ok(lifetime) => (lifetime / 2).max(Duration::from_secs(1)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "renewing the server SVID failed; retrying");
+                        Duration::from_secs(5)
+                    }
+                };
+            }
+        })
+    };
+    let agent_prefix = trust_domain
+        .spiffe_id("/oxid/agent")
+        .map_err(|e| e.to_string())?;
+    let verifier = Arc::new(SpiffeClientVerifier::new(
+        Arc::new(CaBundle(ca.clone())),
+        move |id: &SpiffeId| {
+            id.is_member_of(agent_prefix.trust_domain()) && id.path_has_prefix(agent_prefix.path())
+        },
+    ));
+    let tls = oxid_tls::server_config(resolver, verifier).map_err(|e| e.to_string())?;
+    let service = AgentApiService::new(ca, store, index, clock, config, server_id)?;
+    let (incoming, accept_task) = conn::incoming(listener, Arc::new(tls));
+    let result = tonic::transport::Server::builder()
+        .add_service(oxid_proto::agent::agent_api_server::AgentApiServer::new(
+            service,
+        ))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(|e| e.to_string());
+    renewer.abort();
+    let _ = renewer.await;
+    let _ = accept_task.await;
+    result
+}

@@ -1,0 +1,448 @@
+//! Agent API handlers.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use oxid_pki::SpiffeId;
+use oxid_pki::x509::{Csr, SvidParams};
+use oxid_proto::agent as pb;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::attest::{self, Attested};
+use super::conn::PeerInfo;
+use super::index::IndexHandle;
+use super::{AgentApiConfig, sync};
+use crate::ca::{CaError, CaManager};
+use crate::clock::{Clock, unix_secs};
+use crate::datastore::{Agent, DataStore, DataStoreError, EntryId};
+
+/// Longest time an attestation may take, challenge rounds included.
+const ATTEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why an agent API call failed. Mapped to a gRPC status in one place.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentApiError {
+    /// Malformed request.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// No (valid) agent SVID on the connection.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// Known caller, refused.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The server cannot serve right now.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug or a damaged store.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<AgentApiError> for Status {
+    fn from(e: AgentApiError) -> Self {
+        match e {
+            AgentApiError::InvalidArgument(m) => Status::invalid_argument(m),
+            AgentApiError::Unauthenticated(m) => Status::unauthenticated(m),
+            AgentApiError::PermissionDenied(m) => Status::permission_denied(m),
+            AgentApiError::Unavailable(m) => Status::unavailable(m),
+            AgentApiError::Internal(m) => Status::internal(m),
+        }
+    }
+}
+
+impl From<DataStoreError> for AgentApiError {
+    fn from(e: DataStoreError) -> Self {
+        match e {
+            DataStoreError::Backend(_) => Self::Unavailable(e.to_string()),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<CaError> for AgentApiError {
+    fn from(e: CaError) -> Self {
+        match e {
+            CaError::NoActiveAuthority => Self::Unavailable(e.to_string()),
+            CaError::X509(_) | CaError::Jwt(_) => Self::InvalidArgument(e.to_string()),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) ca: Arc<CaManager>,
+    pub(crate) store: Arc<dyn DataStore>,
+    pub(crate) index: Arc<IndexHandle>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) config: AgentApiConfig,
+    pub(crate) trust_domain: oxid_pki::TrustDomain,
+}
+
+/// The agent API service.
+#[derive(Clone)]
+pub struct AgentApiService(pub(crate) Arc<Inner>);
+
+impl AgentApiService {
+    pub(crate) fn new(
+        ca: Arc<CaManager>,
+        store: Arc<dyn DataStore>,
+        index: Arc<IndexHandle>,
+        clock: Arc<dyn Clock>,
+        config: AgentApiConfig,
+        server_id: SpiffeId,
+    ) -> Result<Self, String> {
+        Ok(Self(Arc::new(Inner {
+            trust_domain: server_id.trust_domain().clone(),
+            ca,
+            store,
+            index,
+            clock,
+            config,
+        })))
+    }
+}
+
+impl Inner {
+    pub(crate) fn now_secs(&self) -> u64 {
+        unix_secs(self.clock.now())
+    }
+
+    /// The calling agent, checked against its record. Marks a renewed SVID
+    /// as used (which retires the previous one).
+    pub(crate) async fn authenticate<T>(&self, req: &Request<T>) -> Result<Agent, AgentApiError> {
+        let chain = req
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|p| p.chain.clone())
+            .ok_or_else(|| {
+                AgentApiError::Unauthenticated("this call needs the agent's SVID".into())
+            })?;
+        let (id, serial) = oxid_tls::peer_identity(&chain)
+            .ok_or_else(|| AgentApiError::Unauthenticated("unreadable agent SVID".into()))?;
+        let agent = self.index.read().agent(&id).cloned();
+        let agent = match agent {
+            Some(a) => a,
+            // The index may trail the store by a moment right after attestation.
+            None => self.store.get_agent(&id).await.map_err(|_| {
+                AgentApiError::PermissionDenied(format!(
+                    "agent {id} is not attested (evicted?); it must attest again"
+                ))
+            })?,
+        };
+        check_agent(&agent, &serial)?;
+        if agent.serial == serial && agent.previous_serial.is_some() {
+            let mut updated = agent.clone();
+            updated.previous_serial = None;
+            return Ok(self.store.put_agent(updated).await?);
+        }
+        Ok(agent)
+    }
+
+    async fn sign_agent_svid(
+        &self,
+        agent_id: &SpiffeId,
+        csr: &[u8],
+    ) -> Result<(Vec<Vec<u8>>, String, u64), AgentApiError> {
+        let csr =
+            Csr::parse(csr).map_err(|e| AgentApiError::InvalidArgument(format!("csr: {e}")))?;
+        let svid = self.ca.sign_x509_svid(&SvidParams {
+            spiffe_id: agent_id,
+            public_key: csr.public_key(),
+            ttl: self.config.agent_svid_ttl,
+            dns_names: &[],
+        })?;
+        let (_, serial) = oxid_pki::x509::leaf_identity(svid.leaf())
+            .map_err(|e| AgentApiError::Internal(e.to_string()))?;
+        let chain = svid.cert_chain().iter().map(|c| c.to_vec()).collect();
+        Ok((chain, serial, unix_secs(svid.not_after())))
+    }
+
+    async fn attest(
+        &self,
+        inbound: &mut Streaming<pb::AttestRequest>,
+        outbound: &tokio::sync::mpsc::Sender<Result<pb::AttestResponse, Status>>,
+    ) -> Result<pb::AttestResult, AgentApiError> {
+        let first = next(inbound).await?;
+        let data = first
+            .data
+            .ok_or_else(|| AgentApiError::InvalidArgument("attestation data is required".into()))?;
+        let attested: Attested = match data.r#type.as_str() {
+            "join_token" => {
+                attest::join_token(
+                    self.store.as_ref(),
+                    &self.trust_domain,
+                    &data.payload,
+                    self.now_secs(),
+                )
+                .await?
+            }
+            "x509pop" => {
+                let roots = self.config.x509pop_roots.as_deref().ok_or_else(|| {
+                    AgentApiError::PermissionDenied(
+                        "x509pop is not enabled on this server (no node CA configured)".into(),
+                    )
+                })?;
+                let challenge = attest::x509pop_begin(
+                    roots,
+                    &self.trust_domain,
+                    &data.payload,
+                    self.clock.now(),
+                )?;
+                let ask = pb::AttestResponse {
+                    challenge: challenge.nonce.to_vec(),
+                    result: None,
+                };
+                outbound
+                    .send(Ok(ask))
+                    .await
+                    .map_err(|_| AgentApiError::InvalidArgument("agent went away".into()))?;
+                let answer = next(inbound).await?;
+                attest::x509pop_finish(challenge, &answer.challenge_response)?
+            }
+            other => {
+                return Err(AgentApiError::InvalidArgument(format!(
+                    "unknown attestation type {other:?}: expected join_token or x509pop"
+                )));
+            }
+        };
+        let existing = match self.store.get_agent(&attested.spiffe_id).await {
+            Ok(a) => Some(a),
+            Err(DataStoreError::NotFound(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        if existing.as_ref().is_some_and(|a| a.banned) {
+            return Err(AgentApiError::PermissionDenied(format!(
+                "agent {} is banned; evict it to allow it to attest again",
+                attested.spiffe_id
+            )));
+        }
+        let (chain, serial, expires_at) = self
+            .sign_agent_svid(&attested.spiffe_id, &first.csr)
+            .await?;
+        let now_ms = self.now_secs() * 1000;
+        self.store
+            .put_agent(Agent {
+                spiffe_id: attested.spiffe_id.clone(),
+                attestation_type: attested.attestation_type.into(),
+                selectors: attested.selectors,
+                aliases: attested.aliases,
+                serial,
+                previous_serial: None,
+                expires_at,
+                banned: false,
+                created_at: existing.map_or(now_ms, |a| a.created_at),
+            })
+            .await?;
+        tracing::info!(agent = %attested.spiffe_id, kind = attested.attestation_type, "agent attested");
+        Ok(pb::AttestResult {
+            spiffe_id: attested.spiffe_id.to_string(),
+            svid_chain: chain,
+            bundle: self.ca.bundle().to_spiffe_json(),
+        })
+    }
+}
+
+/// Refuses banned agents and unknown SVID serials.
+pub(crate) fn check_agent(agent: &Agent, serial: &str) -> Result<(), AgentApiError> {
+    if agent.banned {
+        return Err(AgentApiError::PermissionDenied(format!(
+            "agent {} is banned",
+            agent.spiffe_id
+        )));
+    }
+    if agent.serial != serial && agent.previous_serial.as_deref() != Some(serial) {
+        return Err(AgentApiError::PermissionDenied(
+            "this agent SVID has been replaced by a renewed one".into(),
+        ));
+    }
+    Ok(())
+}
+
+async fn next(
+    inbound: &mut Streaming<pb::AttestRequest>,
+) -> Result<pb::AttestRequest, AgentApiError> {
+    match inbound.message().await {
+        Ok(Some(m)) => Ok(m),
+        Ok(None) => Err(AgentApiError::InvalidArgument(
+            "the agent closed the attestation stream".into(),
+        )),
+        Err(s) => Err(AgentApiError::InvalidArgument(s.message().to_owned())),
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::agent_api_server::AgentApi for AgentApiService {
+    type AttestStream = BoxStream<pb::AttestResponse>;
+    type SyncStream = BoxStream<pb::SyncResponse>;
+
+    async fn attest(
+        &self,
+        req: Request<Streaming<pb::AttestRequest>>,
+    ) -> Result<Response<Self::AttestStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let inner = self.0.clone();
+        tokio::spawn(async move {
+            let outcome =
+                match tokio::time::timeout(ATTEST_TIMEOUT, inner.attest(&mut inbound, &tx)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(AgentApiError::PermissionDenied(
+                        "attestation timed out".into(),
+                    )),
+                };
+            let message = match outcome {
+                Ok(result) => Ok(pb::AttestResponse {
+                    challenge: vec![],
+                    result: Some(result),
+                }),
+                Err(e) => {
+                    tracing::info!(error = %e, "attestation refused");
+                    Err(Status::from(e))
+                }
+            };
+            let _ = tx.send(message).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn renew(
+        &self,
+        req: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::RenewResponse>, Status> {
+        let inner = &self.0;
+        let mut agent = inner.authenticate(&req).await?;
+        let (chain, serial, expires_at) = inner
+            .sign_agent_svid(&agent.spiffe_id, &req.get_ref().csr)
+            .await?;
+        agent.previous_serial = Some(std::mem::replace(&mut agent.serial, serial));
+        agent.expires_at = expires_at;
+        inner
+            .store
+            .put_agent(agent)
+            .await
+            .map_err(AgentApiError::from)?;
+        Ok(Response::new(pb::RenewResponse { svid_chain: chain }))
+    }
+
+    async fn sign_x509_svids(
+        &self,
+        req: Request<pb::SignX509SvidsRequest>,
+    ) -> Result<Response<pb::SignX509SvidsResponse>, Status> {
+        let inner = &self.0;
+        let agent = inner.authenticate(&req).await?;
+        let requests = req.into_inner().requests;
+        if requests.len() > inner.config.max_batch {
+            return Err(AgentApiError::InvalidArgument(format!(
+                "{} CSRs in one call; at most {}",
+                requests.len(),
+                inner.config.max_batch
+            ))
+            .into());
+        }
+        let now = inner.now_secs();
+        let mut svids = Vec::with_capacity(requests.len());
+        for r in requests {
+            let outcome = sign_one(inner, &agent, &r, now);
+            svids.push(match outcome {
+                Ok((cert_chain, expires_at)) => pb::SignedSvid {
+                    entry_id: r.entry_id,
+                    cert_chain,
+                    expires_at,
+                    error: String::new(),
+                },
+                Err(e) => pb::SignedSvid {
+                    entry_id: r.entry_id,
+                    cert_chain: vec![],
+                    expires_at: 0,
+                    error: e.to_string(),
+                },
+            });
+        }
+        Ok(Response::new(pb::SignX509SvidsResponse { svids }))
+    }
+
+    async fn mint_jwt_svid(
+        &self,
+        req: Request<pb::MintJwtSvidRequest>,
+    ) -> Result<Response<pb::MintJwtSvidResponse>, Status> {
+        let inner = &self.0;
+        let agent = inner.authenticate(&req).await?;
+        let r = req.into_inner();
+        let entry = authorized_entry(inner, &agent, &r.entry_id, inner.now_secs())?;
+        oxid_pki::jwt::check_audiences(&r.audience)
+            .map_err(|e| AgentApiError::InvalidArgument(e.to_string()))?;
+        let ttl = entry
+            .jwt_svid_ttl
+            .map_or(inner.config.default_jwt_ttl, Duration::from_secs);
+        let svid = inner
+            .ca
+            .mint_jwt_svid(&entry.spiffe_id, &r.audience, ttl)
+            .map_err(AgentApiError::from)?;
+        Ok(Response::new(pb::MintJwtSvidResponse {
+            expires_at: unix_secs(svid.expiry),
+            token: svid.token,
+        }))
+    }
+
+    async fn sync(
+        &self,
+        req: Request<pb::SyncRequest>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let agent = self.0.authenticate(&req).await?;
+        let rx = sync::start(self.0.clone(), agent);
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// The entry `entry_id` if it is authorised for `agent`; PermissionDenied
+/// otherwise (unknown entries too, so probing reveals nothing).
+fn authorized_entry(
+    inner: &Inner,
+    agent: &Agent,
+    entry_id: &str,
+    now: u64,
+) -> Result<crate::datastore::Entry, AgentApiError> {
+    let denied = || {
+        AgentApiError::PermissionDenied(format!(
+            "entry {entry_id:?} is not authorised for agent {}",
+            agent.spiffe_id
+        ))
+    };
+    let id: EntryId = entry_id.parse().map_err(|_| denied())?;
+    let index = inner.index.read();
+    if !index.is_authorized(agent, &id, now) {
+        return Err(denied());
+    }
+    index.entry(&id).cloned().ok_or_else(denied)
+}
+
+fn sign_one(
+    inner: &Inner,
+    agent: &Agent,
+    r: &pb::SvidRequest,
+    now: u64,
+) -> Result<(Vec<Vec<u8>>, u64), AgentApiError> {
+    let entry = authorized_entry(inner, agent, &r.entry_id, now)?;
+    let csr =
+        Csr::parse(&r.csr).map_err(|e| AgentApiError::InvalidArgument(format!("csr: {e}")))?;
+    let ttl = entry
+        .x509_svid_ttl
+        .map_or(inner.config.default_x509_ttl, Duration::from_secs);
+    let svid = inner.ca.sign_x509_svid(&SvidParams {
+        spiffe_id: &entry.spiffe_id,
+        public_key: csr.public_key(),
+        ttl,
+        dns_names: &entry.dns_names,
+    })?;
+    Ok((
+        svid.cert_chain().iter().map(|c| c.to_vec()).collect(),
+        unix_secs(svid.not_after()),
+    ))
+}

@@ -1,0 +1,261 @@
+//! The sync stream: a snapshot of the agent's authorised entries and the
+//! bundles it needs, then a delta whenever the index moves. Computed as a
+//! diff against what this stream already sent, so every way an entry can
+//! leave the authorised set (deleted, re-parented, alias or node selectors
+//! changed, expired) is a removal. A reconnecting agent gets a fresh
+//! snapshot, which it applies in place of its view: nothing is lost.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use oxid_pki::TrustDomain;
+use oxid_proto::agent as pb;
+use prost::Message as _;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use super::service::Inner;
+use crate::datastore::{Agent, Entry, EntryId};
+
+/// Page size bound: DESIGN.md caps sync pages at 1 MiB.
+const MAX_PAGE_BYTES: usize = 1024 * 1024;
+
+/// What one recomputation found.
+struct Delta {
+    upserts: Vec<pb::Entry>,
+    removed_ids: Vec<String>,
+    bundles: Vec<pb::Bundle>,
+    removed_bundles: Vec<String>,
+}
+
+impl Delta {
+    fn is_empty(&self) -> bool {
+        self.upserts.is_empty()
+            && self.removed_ids.is_empty()
+            && self.bundles.is_empty()
+            && self.removed_bundles.is_empty()
+    }
+}
+
+/// What this stream has sent so far.
+#[derive(Default)]
+struct Sent {
+    entries: HashMap<EntryId, u64>,
+    bundles: HashMap<TrustDomain, String>,
+}
+
+/// Starts the stream for `agent`.
+pub(crate) fn start(
+    inner: Arc<Inner>,
+    agent: Agent,
+) -> mpsc::Receiver<Result<pb::SyncResponse, Status>> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut sent = Sent::default();
+        let mut changes = inner.index.subscribe();
+        let mut snapshot = true;
+        loop {
+            changes.borrow_and_update();
+            let current = inner.index.read().agent(&agent.spiffe_id).cloned();
+            let current = match current {
+                Some(a) if !a.banned => a,
+                Some(_) => {
+                    let _ = tx
+                        .send(Err(Status::permission_denied("agent is banned")))
+                        .await;
+                    return;
+                }
+                None => {
+                    let _ = tx
+                        .send(Err(Status::permission_denied(
+                            "agent was evicted; it must attest again",
+                        )))
+                        .await;
+                    return;
+                }
+            };
+            let (delta, revision) = match compute(&inner, &current, &mut sent).await {
+                Ok(d) => d,
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+            };
+            if snapshot || !delta.is_empty() {
+                for page in paginate(delta, revision, snapshot) {
+                    if tx.send(Ok(page)).await.is_err() {
+                        return;
+                    }
+                }
+                snapshot = false;
+            }
+            // Entries can also expire without any change: look again then.
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                () = tx.closed() => return,
+                () = tokio::time::sleep(Duration::from_secs(60)) => {}
+            }
+        }
+    });
+    rx
+}
+
+fn to_pb(e: &Entry, inner: &Inner) -> pb::Entry {
+    pb::Entry {
+        id: e.id.to_string(),
+        spiffe_id: e.spiffe_id.to_string(),
+        parent_id: e.parent_id.to_string(),
+        selectors: e.selectors.iter().map(ToString::to_string).collect(),
+        x509_svid_ttl: e
+            .x509_svid_ttl
+            .unwrap_or(inner.config.default_x509_ttl.as_secs()),
+        jwt_svid_ttl: e
+            .jwt_svid_ttl
+            .unwrap_or(inner.config.default_jwt_ttl.as_secs()),
+        dns_names: e.dns_names.clone(),
+        federates_with: e.federates_with.iter().map(ToString::to_string).collect(),
+        hint: e.hint.clone(),
+        created_at: e.created_at,
+        revision: e.revision,
+        expires_at: e.expires_at.unwrap_or(0),
+    }
+}
+
+async fn compute(inner: &Inner, agent: &Agent, sent: &mut Sent) -> Result<(Delta, u64), Status> {
+    let now = inner.now_secs();
+    let (entries, revision) = {
+        let index = inner.index.read();
+        let entries: Vec<Entry> = index.authorized(agent, now).into_iter().cloned().collect();
+        (entries, index.revision())
+    };
+    let mut delta = Delta {
+        upserts: vec![],
+        removed_ids: vec![],
+        bundles: vec![],
+        removed_bundles: vec![],
+    };
+    let mut now_sent: HashMap<EntryId, u64> = HashMap::with_capacity(entries.len());
+    let mut federated: BTreeSet<TrustDomain> = BTreeSet::new();
+    for e in &entries {
+        federated.extend(e.federates_with.iter().cloned());
+        if sent.entries.get(&e.id) != Some(&e.revision) {
+            delta.upserts.push(to_pb(e, inner));
+        }
+        now_sent.insert(e.id.clone(), e.revision);
+    }
+    delta.removed_ids = sent
+        .entries
+        .keys()
+        .filter(|id| !now_sent.contains_key(*id))
+        .map(ToString::to_string)
+        .collect();
+    sent.entries = now_sent;
+
+    let mut bundles: HashMap<TrustDomain, String> = HashMap::new();
+    bundles.insert(
+        inner.trust_domain.clone(),
+        inner.ca.bundle().to_spiffe_json(),
+    );
+    for td in federated {
+        match inner.store.get_bundle(&td).await {
+            Ok(b) => {
+                bundles.insert(td, b.spiffe_json);
+            }
+            Err(crate::datastore::DataStoreError::NotFound(_)) => {}
+            Err(e) => return Err(Status::unavailable(e.to_string())),
+        }
+    }
+    for (td, json) in &bundles {
+        if sent.bundles.get(td) != Some(json) {
+            delta.bundles.push(pb::Bundle {
+                trust_domain: td.to_string(),
+                spiffe_json: json.clone(),
+            });
+        }
+    }
+    delta.removed_bundles = sent
+        .bundles
+        .keys()
+        .filter(|td| !bundles.contains_key(*td))
+        .map(ToString::to_string)
+        .collect();
+    sent.bundles = bundles;
+    Ok((delta, revision))
+}
+
+/// Splits a delta into pages under [`MAX_PAGE_BYTES`]; all but the last say
+/// `more`.
+fn paginate(delta: Delta, revision: u64, snapshot: bool) -> Vec<pb::SyncResponse> {
+    let blank = |first: bool| pb::SyncResponse {
+        revision,
+        snapshot: snapshot && first,
+        more: false,
+        upserts: vec![],
+        removed_ids: vec![],
+        bundles: vec![],
+        removed_bundles: vec![],
+    };
+    let mut pages = vec![blank(true)];
+    pages[0].bundles = delta.bundles;
+    pages[0].removed_bundles = delta.removed_bundles;
+    pages[0].removed_ids = delta.removed_ids;
+    for e in delta.upserts {
+        let last = pages.len() - 1;
+        if pages[last].encoded_len() + e.encoded_len() + 8 > MAX_PAGE_BYTES
+            && !pages[last].upserts.is_empty()
+        {
+            pages[last].more = true;
+            pages.push(blank(false));
+        }
+        let last = pages.len() - 1;
+        pages[last].upserts.push(e);
+    }
+    pages
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(i: usize, size: usize) -> pb::Entry {
+        pb::Entry {
+            id: format!("e{i}"),
+            hint: "x".repeat(size),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn pages_stay_under_the_cap_and_flag_more() {
+        let delta = Delta {
+            upserts: (0..40).map(|i| entry(i, 100_000)).collect(),
+            removed_ids: vec!["gone".into()],
+            bundles: vec![],
+            removed_bundles: vec![],
+        };
+        let pages = paginate(delta, 7, true);
+        assert!(pages.len() >= 4);
+        assert!(pages[0].snapshot && !pages[1].snapshot);
+        for (i, p) in pages.iter().enumerate() {
+            assert!(p.encoded_len() <= MAX_PAGE_BYTES);
+            assert_eq!(p.more, i + 1 < pages.len());
+            assert_eq!(p.revision, 7);
+        }
+        assert_eq!(pages.iter().map(|p| p.upserts.len()).sum::<usize>(), 40);
+        assert_eq!(pages[0].removed_ids, ["gone"]);
+    }
+
+    #[test]
+    fn an_empty_snapshot_is_one_page() {
+        let delta = Delta {
+            upserts: vec![],
+            removed_ids: vec![],
+            bundles: vec![],
+            removed_bundles: vec![],
+        };
+        let pages = paginate(delta, 1, true);
+        assert_eq!(pages.len(), 1);
+        assert!(pages[0].snapshot && !pages[0].more);
+    }
+}

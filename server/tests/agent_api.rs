@@ -1,0 +1,780 @@
+//! The agent API end to end, in process: a real server on a temp dir with
+//! the agent API on 127.0.0.1:0 and the admin API on a Unix socket; real TLS
+//! 1.3 handshakes; agents played by tonic clients with oxid-tls configs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use hyper_util::rt::TokioIo;
+use oxid_pki::bundle::Bundle;
+use oxid_pki::x509::{Csr, ExtendedKeyUsage, PublicKey, SvidParams, X509Ca, verify_x509_svid};
+use oxid_pki::{KeyAlgorithm, KeyPair, SpiffeId, TrustDomain};
+use oxid_proto::admin as admin_pb;
+use oxid_proto::admin::admin_client::AdminClient;
+use oxid_proto::agent as pb;
+use oxid_proto::agent::agent_api_client::AgentApiClient;
+use oxid_server::clock::ManualClock;
+use oxid_server::config::{Config, Overrides};
+use oxid_tls::{SharedBundle, SpiffeServerVerifier, SvidResolver, client_config};
+use rustls_pki_types::{CertificateDer, ServerName};
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Server {
+    dir: tempfile::TempDir,
+    addr: SocketAddr,
+    clock: Arc<ManualClock>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), oxid_server::run::RunError>>>,
+}
+
+impl Server {
+    async fn start(extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, extra).await.unwrap()
+    }
+
+    async fn start_in(dir: tempfile::TempDir, extra: &str) -> Result<Self, String> {
+        let path = dir.path().join("server.toml");
+        std::fs::write(&path, extra).unwrap();
+        let config = Config::load(
+            Some(&path),
+            Overrides {
+                data_dir: Some(dir.path().join("data")),
+                socket_path: Some(dir.path().join("run/admin.sock")),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let clock = Arc::new(ManualClock::new(SystemTime::now()));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(oxid_server::run::run_with(
+            config,
+            clock.clone(),
+            listener,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let s = Self {
+            dir,
+            addr,
+            clock,
+            stop: Some(stop),
+            task: Some(task),
+        };
+        // Ready when the admin socket answers (an event, not a sleep).
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Ok(mut admin) = s.admin_try().await {
+                if admin.health(admin_pb::HealthRequest {}).await.is_ok() {
+                    return Ok(s);
+                }
+            }
+            if s.task.as_ref().unwrap().is_finished() {
+                let mut s = s;
+                let r = s.task.take().unwrap().await.unwrap();
+                return Err(r.err().map(|e| e.to_string()).unwrap_or_default());
+            }
+            assert!(tokio::time::Instant::now() < deadline, "server not ready");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops the server and returns its directory (for a restart).
+    async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("run/admin.sock")
+    }
+
+    async fn admin_try(&self) -> Result<AdminClient<Channel>, tonic::transport::Error> {
+        let path = self.socket();
+        let channel = Endpoint::try_from("http://admin.invalid")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await?;
+        Ok(AdminClient::new(channel))
+    }
+
+    async fn admin(&self) -> AdminClient<Channel> {
+        self.admin_try().await.unwrap()
+    }
+
+    async fn bundle(&self) -> Bundle {
+        let b = self
+            .admin()
+            .await
+            .get_bundle(admin_pb::GetBundleRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        Bundle::from_spiffe_json(td(), b.spiffe_json.as_bytes()).unwrap()
+    }
+
+    async fn token(&self, alias: &str) -> String {
+        self.admin()
+            .await
+            .create_join_token(admin_pb::CreateJoinTokenRequest {
+                ttl: 0,
+                spiffe_id: alias.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .token
+    }
+
+    async fn create_entry(&self, spiffe_id: &str, parent: &str, selector: &str) -> String {
+        let r = self
+            .admin()
+            .await
+            .create_entries(admin_pb::CreateEntriesRequest {
+                entries: vec![admin_pb::Entry {
+                    spiffe_id: spiffe_id.into(),
+                    parent_id: parent.into(),
+                    selectors: vec![selector.into()],
+                    ..Default::default()
+                }],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.results[0].error.is_empty(), "{}", r.results[0].error);
+        r.results[0].id.clone()
+    }
+
+    /// A TLS channel to the agent API, expecting `server_id`, presenting
+    /// `certs` if given.
+    async fn channel_as(
+        &self,
+        server_id: &str,
+        certs: Option<Arc<SvidResolver>>,
+    ) -> Result<AgentApiClient<Channel>, String> {
+        let bundle = Arc::new(SharedBundle::new(self.bundle().await));
+        let verifier = Arc::new(SpiffeServerVerifier::new(
+            server_id.parse().unwrap(),
+            bundle,
+        ));
+        let tls = Arc::new(client_config(verifier, certs).unwrap());
+        let addr = self.addr;
+        let channel = Endpoint::try_from("http://oxid-server.invalid")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let tls = tls.clone();
+                async move {
+                    let tcp = tokio::net::TcpStream::connect(addr).await?;
+                    let name = ServerName::try_from("oxid-server").unwrap();
+                    let stream = tokio_rustls::TlsConnector::from(tls)
+                        .connect(name, tcp)
+                        .await?;
+                    Ok::<_, std::io::Error>(TokioIo::new(stream))
+                }
+            }))
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        Ok(AgentApiClient::new(channel))
+    }
+
+    async fn client(&self, certs: Option<Arc<SvidResolver>>) -> AgentApiClient<Channel> {
+        self.channel_as("spiffe://example.org/oxid/server", certs)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn td() -> TrustDomain {
+    TrustDomain::new("example.org").unwrap()
+}
+
+/// An attested agent: its ID, key and current SVID.
+struct Agent {
+    id: SpiffeId,
+    certs: Arc<SvidResolver>,
+    chain: Vec<CertificateDer<'static>>,
+}
+
+fn chain_of(v: Vec<Vec<u8>>) -> Vec<CertificateDer<'static>> {
+    v.into_iter().map(CertificateDer::from).collect()
+}
+
+async fn attest_token(s: &Server, token: &str) -> Result<Agent, tonic::Status> {
+    let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let first = pb::AttestRequest {
+        data: Some(pb::AttestationData {
+            r#type: "join_token".into(),
+            payload: token.as_bytes().to_vec(),
+        }),
+        csr: Csr::create(&key).unwrap(),
+        challenge_response: vec![],
+    };
+    let mut c = s.client(None).await;
+    let mut responses = c
+        .attest(tokio_stream::iter(vec![first]))
+        .await?
+        .into_inner();
+    let result = responses.message().await?.unwrap().result.unwrap();
+    let chain = chain_of(result.svid_chain);
+    let certs = Arc::new(SvidResolver::default());
+    certs.set(chain.clone(), &key).unwrap();
+    Ok(Agent {
+        id: result.spiffe_id.parse().unwrap(),
+        certs,
+        chain,
+    })
+}
+
+async fn renew(s: &Server, agent: &Agent) -> Agent {
+    let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let mut c = s.client(Some(agent.certs.clone())).await;
+    let r = c
+        .renew(pb::RenewRequest {
+            csr: Csr::create(&key).unwrap(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let chain = chain_of(r.svid_chain);
+    let certs = Arc::new(SvidResolver::default());
+    certs.set(chain.clone(), &key).unwrap();
+    Agent {
+        id: agent.id.clone(),
+        certs,
+        chain,
+    }
+}
+
+async fn sign(s: &Server, agent: &Agent, entry_id: &str) -> pb::SignedSvid {
+    let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let mut c = s.client(Some(agent.certs.clone())).await;
+    c.sign_x509_svids(pb::SignX509SvidsRequest {
+        requests: vec![pb::SvidRequest {
+            entry_id: entry_id.into(),
+            csr: Csr::create(&key).unwrap(),
+        }],
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .svids
+    .remove(0)
+}
+
+#[tokio::test]
+async fn join_token_attestation_ok_reused_unknown_expired() {
+    let s = Server::start("").await;
+    let token = s.token("").await;
+    let agent = attest_token(&s, &token).await.unwrap();
+    assert!(agent.id.path().starts_with("/oxid/agent/join_token/"));
+    assert!(
+        !agent.id.as_str().contains(&token),
+        "the agent ID never holds the secret"
+    );
+    let bundle = s.bundle().await;
+    let v = verify_x509_svid(
+        &agent.chain,
+        &bundle,
+        ExtendedKeyUsage::ClientAuth,
+        SystemTime::now(),
+    )
+    .unwrap();
+    assert_eq!(v.spiffe_id, agent.id);
+
+    let reused = attest_token(&s, &token).await.err().unwrap();
+    assert_eq!(reused.code(), Code::PermissionDenied);
+    assert!(
+        reused.message().contains("already used"),
+        "{}",
+        reused.message()
+    );
+
+    let unknown = attest_token(&s, "not-a-token").await.err().unwrap();
+    assert_eq!(unknown.code(), Code::PermissionDenied);
+
+    let expiring = s.token("").await;
+    s.clock.advance(Duration::from_secs(601));
+    let expired = attest_token(&s, &expiring).await.err().unwrap();
+    assert_eq!(expired.code(), Code::PermissionDenied);
+    assert!(
+        expired.message().contains("expired"),
+        "{}",
+        expired.message()
+    );
+}
+
+#[tokio::test]
+async fn concurrent_attestations_with_one_token_yield_one_agent() {
+    let s = Arc::new(Server::start("").await);
+    let token = s.token("").await;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (s, token) = (s.clone(), token.clone());
+        tasks.push(tokio::spawn(async move {
+            attest_token(&s, &token).await.is_ok()
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        ok += usize::from(t.await.unwrap());
+    }
+    assert_eq!(ok, 1);
+}
+
+#[tokio::test]
+async fn agents_accept_only_the_server_id() {
+    let s = Server::start("").await;
+    let err = s
+        .channel_as("spiffe://example.org/oxid/not-the-server", None)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        err.contains("server presented spiffe://example.org/oxid/server"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn calls_need_an_agent_svid() {
+    let s = Server::start("").await;
+    let mut anonymous = s.client(None).await;
+    let err = anonymous
+        .sync(pb::SyncRequest { revision: 0 })
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn renewal_retires_the_old_serial_once_the_new_one_is_used() {
+    let s = Server::start("").await;
+    let first = attest_token(&s, &s.token("").await).await.unwrap();
+    let second = renew(&s, &first).await;
+    // Until the renewed SVID is used, the old one still works.
+    let mut old = s.client(Some(first.certs.clone())).await;
+    old.sync(pb::SyncRequest { revision: 0 }).await.unwrap();
+    let mut new = s.client(Some(second.certs.clone())).await;
+    new.sync(pb::SyncRequest { revision: 0 }).await.unwrap();
+    let mut old = s.client(Some(first.certs.clone())).await;
+    let err = old
+        .sync(pb::SyncRequest { revision: 0 })
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("replaced"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn svids_are_signed_only_for_authorised_entries_with_the_entry_id() {
+    let s = Server::start("").await;
+    let a = attest_token(&s, &s.token("").await).await.unwrap();
+    let b = attest_token(&s, &s.token("").await).await.unwrap();
+    let mine = s
+        .create_entry("spiffe://example.org/web", a.id.as_str(), "unix:uid:1000")
+        .await;
+    let theirs = s
+        .create_entry("spiffe://example.org/db", b.id.as_str(), "unix:uid:1001")
+        .await;
+    // Wait for the index to see both entries: through a sync snapshot.
+    let _ = snapshot(&s, &a).await;
+
+    let signed = sign(&s, &a, &mine).await;
+    assert!(signed.error.is_empty(), "{}", signed.error);
+    let chain = chain_of(signed.cert_chain);
+    let v = verify_x509_svid(
+        &chain,
+        &s.bundle().await,
+        ExtendedKeyUsage::Any,
+        SystemTime::now(),
+    )
+    .unwrap();
+    assert_eq!(v.spiffe_id.as_str(), "spiffe://example.org/web");
+
+    let refused = sign(&s, &a, &theirs).await;
+    assert!(
+        refused.error.contains("not authorised"),
+        "{}",
+        refused.error
+    );
+    assert!(refused.cert_chain.is_empty());
+    let unknown = sign(&s, &a, "0123456789abcdef").await;
+    assert!(
+        unknown.error.contains("not authorised"),
+        "{}",
+        unknown.error
+    );
+
+    let mut c = s.client(Some(a.certs.clone())).await;
+    let jwt = c
+        .mint_jwt_svid(pb::MintJwtSvidRequest {
+            entry_id: mine.clone(),
+            audience: vec!["db".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    oxid_pki::jwt::verify_jwt_svid(&jwt.token, &s.bundle().await, "db", SystemTime::now()).unwrap();
+    let err = c
+        .mint_jwt_svid(pb::MintJwtSvidRequest {
+            entry_id: theirs,
+            audience: vec!["db".into()],
+        })
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = c
+        .mint_jwt_svid(pb::MintJwtSvidRequest {
+            entry_id: mine,
+            audience: (0..33).map(|i| i.to_string()).collect(),
+        })
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+async fn snapshot(
+    s: &Server,
+    agent: &Agent,
+) -> (tonic::Streaming<pb::SyncResponse>, pb::SyncResponse) {
+    let mut c = s.client(Some(agent.certs.clone())).await;
+    let mut stream = c
+        .sync(pb::SyncRequest { revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(first.snapshot);
+    (stream, first)
+}
+
+#[tokio::test]
+async fn sync_pushes_new_entries_and_removals_at_once() {
+    let s = Server::start("").await;
+    let agent = attest_token(&s, &s.token("").await).await.unwrap();
+    let (mut stream, first) = snapshot(&s, &agent).await;
+    assert!(first.upserts.is_empty());
+    assert_eq!(first.bundles.len(), 1, "the own bundle");
+
+    let started = std::time::Instant::now();
+    let id = s
+        .create_entry("spiffe://example.org/web", agent.id.as_str(), "unix:uid:1")
+        .await;
+    let delta = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let latency = started.elapsed();
+    assert!(!delta.snapshot);
+    assert_eq!(delta.upserts.len(), 1);
+    assert_eq!(delta.upserts[0].id, id);
+    assert_eq!(
+        delta.upserts[0].x509_svid_ttl, 3600,
+        "TTL resolved to the default"
+    );
+    eprintln!("entry create -> sync delta: {latency:?}");
+
+    // An entry parented on this entry is authorised too (recursion).
+    let child = s
+        .create_entry(
+            "spiffe://example.org/web/child",
+            "spiffe://example.org/web",
+            "unix:uid:2",
+        )
+        .await;
+    let delta = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(delta.upserts[0].id, child);
+
+    s.admin()
+        .await
+        .delete_entries(admin_pb::DeleteEntriesRequest {
+            ids: vec![id.clone()],
+        })
+        .await
+        .unwrap();
+    let delta = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let mut removed = delta.removed_ids.clone();
+    removed.sort();
+    let mut expected = vec![id, child];
+    expected.sort();
+    assert_eq!(removed, expected, "the child leaves with its parent");
+}
+
+#[tokio::test]
+async fn token_aliases_authorise_entries() {
+    let s = Server::start("").await;
+    let agent = attest_token(&s, &s.token("spiffe://example.org/group/edge").await)
+        .await
+        .unwrap();
+    let e = s
+        .create_entry(
+            "spiffe://example.org/edge-app",
+            "spiffe://example.org/group/edge",
+            "unix:uid:1",
+        )
+        .await;
+    let (_stream, first) = snapshot(&s, &agent).await;
+    assert_eq!(first.upserts.len(), 1);
+    assert_eq!(first.upserts[0].id, e);
+}
+
+#[tokio::test]
+async fn a_banned_agent_is_cut_off_mid_stream_and_refused() {
+    let s = Server::start("").await;
+    let agent = attest_token(&s, &s.token("").await).await.unwrap();
+    let (mut stream, _) = snapshot(&s, &agent).await;
+    s.admin()
+        .await
+        .ban_agent(admin_pb::AgentRequest {
+            spiffe_id: agent.id.to_string(),
+        })
+        .await
+        .unwrap();
+    let end = tokio::time::timeout(WAIT, stream.message()).await.unwrap();
+    let err = end.expect_err("the stream ends with an error");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let mut c = s.client(Some(agent.certs.clone())).await;
+    let err = c.sync(pb::SyncRequest { revision: 0 }).await.err().unwrap();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("banned"));
+    // Evicted: the record is gone, the old SVID no longer works.
+    s.admin()
+        .await
+        .evict_agent(admin_pb::AgentRequest {
+            spiffe_id: agent.id.to_string(),
+        })
+        .await
+        .unwrap();
+    let mut c = s.client(Some(agent.certs.clone())).await;
+    let err = c.sync(pb::SyncRequest { revision: 0 }).await.err().unwrap();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("not attested"), "{}", err.message());
+}
+
+/// A node CA and a node certificate (with its key) for x509pop.
+fn node_pki(dir: &std::path::Path) -> (X509Ca, PathBuf) {
+    let node_ca = X509Ca::new_root(
+        TrustDomain::new("nodes.example").unwrap(),
+        KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap(),
+        Duration::from_secs(86_400),
+        SystemTime::now(),
+    )
+    .unwrap();
+    let path = dir.join("node-ca.pem");
+    std::fs::write(&path, oxid_pki::x509::certs_to_pem([node_ca.cert()])).unwrap();
+    (node_ca, path)
+}
+
+fn node_cert(ca: &X509Ca, host: &str) -> (Vec<u8>, KeyPair) {
+    let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let pk = PublicKey::from_spki_der(key.public_key_spki()).unwrap();
+    let svid = ca
+        .issue_x509_svid(
+            &SvidParams {
+                spiffe_id: &format!("spiffe://nodes.example/host/{host}")
+                    .parse()
+                    .unwrap(),
+                public_key: &pk,
+                ttl: Duration::from_secs(3600),
+                dns_names: &[format!("{host}.nodes.example")],
+            },
+            SystemTime::now(),
+        )
+        .unwrap();
+    (oxid_pki::x509::concat_der(svid.cert_chain()), key)
+}
+
+async fn attest_x509pop(
+    s: &Server,
+    chain: Vec<u8>,
+    signer: &KeyPair,
+) -> Result<pb::AttestResult, tonic::Status> {
+    let agent_key = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tx.send(pb::AttestRequest {
+        data: Some(pb::AttestationData {
+            r#type: "x509pop".into(),
+            payload: chain,
+        }),
+        csr: Csr::create(&agent_key).unwrap(),
+        challenge_response: vec![],
+    })
+    .await
+    .unwrap();
+    let mut c = s.client(None).await;
+    let mut responses = c
+        .attest(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let challenge = responses.message().await?.unwrap().challenge;
+    assert_eq!(challenge.len(), 32);
+    let mut message = b"oxid x509pop v1\0".to_vec();
+    message.extend_from_slice(&challenge);
+    let sig = signer.sign_x509(&message).unwrap();
+    tx.send(pb::AttestRequest {
+        data: None,
+        csr: vec![],
+        challenge_response: sig,
+    })
+    .await
+    .unwrap();
+    Ok(responses.message().await?.unwrap().result.unwrap())
+}
+
+#[tokio::test]
+async fn x509pop_attestation_ok_untrusted_and_wrong_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node_ca, ca_file) = node_pki(dir.path());
+    let s = Server::start(&format!(
+        "x509pop_ca_bundle = {:?}\n",
+        ca_file.display().to_string()
+    ))
+    .await;
+    let (chain, key) = node_cert(&node_ca, "web-1");
+    let result = attest_x509pop(&s, chain.clone(), &key).await.unwrap();
+    assert!(
+        result
+            .spiffe_id
+            .starts_with("spiffe://example.org/oxid/agent/x509pop/")
+    );
+    let agent = s
+        .admin()
+        .await
+        .get_agent(admin_pb::AgentRequest {
+            spiffe_id: result.spiffe_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        agent
+            .selectors
+            .contains(&"x509pop:subject:cn:web-1.nodes.example".to_owned()),
+        "{:?}",
+        agent.selectors
+    );
+    assert!(
+        agent
+            .selectors
+            .contains(&"x509pop:san:dns:web-1.nodes.example".to_owned())
+    );
+    assert!(
+        agent
+            .selectors
+            .iter()
+            .any(|s| s.starts_with("x509pop:ca:fingerprint:"))
+    );
+    // Re-attestation of the same node is allowed and keeps its ID.
+    let again = attest_x509pop(&s, chain.clone(), &key).await.unwrap();
+    assert_eq!(again.spiffe_id, result.spiffe_id);
+
+    let wrong_key = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let err = attest_x509pop(&s, chain, &wrong_key).await.err().unwrap();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("not signed by the node"),
+        "{}",
+        err.message()
+    );
+
+    let (other_ca, _) = node_pki(&dir.path().join(".."));
+    let (stranger, stranger_key) = node_cert(&other_ca, "web-2");
+    let err = attest_x509pop(&s, stranger, &stranger_key)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("not trusted"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn x509pop_is_off_without_a_node_ca() {
+    let s = Server::start("").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (node_ca, _) = node_pki(dir.path());
+    let (chain, key) = node_cert(&node_ca, "web-1");
+    let key_pair = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let mut c = s.client(None).await;
+    let first = pb::AttestRequest {
+        data: Some(pb::AttestationData {
+            r#type: "x509pop".into(),
+            payload: chain,
+        }),
+        csr: Csr::create(&key_pair).unwrap(),
+        challenge_response: vec![],
+    };
+    let mut r = c
+        .attest(tokio_stream::iter(vec![first]))
+        .await
+        .unwrap()
+        .into_inner();
+    let err = r.message().await.err().unwrap();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("not enabled"));
+    let _ = key;
+}
+
+#[tokio::test]
+async fn a_node_ca_file_holding_the_server_ca_is_refused() {
+    let first = Server::start("").await;
+    let pem = first.bundle().await.x509_authorities_pem();
+    let dir = first.stop().await;
+    let ca_file = dir.path().join("own-ca.pem");
+    std::fs::write(&ca_file, pem).unwrap();
+    // Same data directory, so the same CA: it must not be a node CA.
+    let err = Server::start_in(
+        dir,
+        &format!("x509pop_ca_bundle = {:?}\n", ca_file.display().to_string()),
+    )
+    .await
+    .err()
+    .expect("the server must refuse to start");
+    assert!(err.contains("holds one of oxid's own CAs"), "{err}");
+}
