@@ -93,6 +93,16 @@ impl EntryIndex {
         }
     }
 
+    /// Number of entries.
+    pub fn entry_count(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Number of agents.
+    pub fn agent_count(&self) -> usize {
+        self.agents.len()
+    }
+
     /// An agent record.
     pub fn agent(&self, id: &SpiffeId) -> Option<&Agent> {
         self.agents.get(id)

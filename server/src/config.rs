@@ -146,6 +146,8 @@ pub struct ConfigFile {
     /// PEM file of CAs trusted for x509pop node attestation (x509pop is off
     /// without it).
     pub x509pop_ca_bundle: Option<PathBuf>,
+    /// Address for `/metrics`, `/live` and `/ready` (off if unset).
+    pub metrics_address: Option<String>,
     /// Extra uids allowed on the admin socket.
     pub admin_uids: Option<Vec<u32>>,
     /// `info`, `debug`, ...
@@ -184,6 +186,8 @@ pub struct Config {
     pub bind_address: std::net::SocketAddr,
     /// x509pop node CA bundle file.
     pub x509pop_ca_bundle: Option<PathBuf>,
+    /// Metrics and health listener, if any.
+    pub metrics_address: Option<std::net::SocketAddr>,
     /// Agent SVID TTL.
     pub agent_svid_ttl: Duration,
     /// Admin socket.
@@ -296,9 +300,16 @@ impl Config {
                 "bind_address {bind:?}: expected ip:port, e.g. 0.0.0.0:8081"
             ))
         })?;
+        let metrics_address = match file.metrics_address {
+            Some(a) => Some(a.parse().map_err(|_| {
+                ConfigError::Invalid(format!("metrics_address {a:?}: expected ip:port"))
+            })?),
+            None => None,
+        };
         Ok(Self {
             trust_domain,
             bind_address,
+            metrics_address,
             x509pop_ca_bundle: file.x509pop_ca_bundle,
             agent_svid_ttl,
             data_dir: o

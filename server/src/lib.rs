@@ -14,4 +14,5 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod datastore;
+pub mod metrics;
 pub mod run;

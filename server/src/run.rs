@@ -11,6 +11,7 @@ use crate::ca::{CaConfig, CaError, CaManager, UpstreamConfig};
 use crate::clock::Clock;
 use crate::config::{Config, KeyStorage};
 use crate::datastore::{DataStore, DataStoreError, SledStore};
+use crate::metrics::{MetricsSource, RpcMetrics};
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -65,13 +66,84 @@ pub async fn run(
     clock: Arc<dyn Clock>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    let listener = tokio::net::TcpListener::bind(config.bind_address)
-        .await
-        .map_err(|source| RunError::Bind {
-            address: config.bind_address.to_string(),
-            source,
-        })?;
-    run_with(config, clock, listener, shutdown).await
+    let bind = |address: std::net::SocketAddr| async move {
+        tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|source| RunError::Bind {
+                address: address.to_string(),
+                source,
+            })
+    };
+    let listeners = Listeners {
+        agent_api: bind(config.bind_address).await?,
+        metrics: match config.metrics_address {
+            Some(a) => Some(bind(a).await?),
+            None => None,
+        },
+    };
+    run_with(config, clock, listeners, shutdown).await
+}
+
+/// The TCP listeners a server serves on, bound by the caller (tests bind
+/// port 0 and read the port back).
+pub struct Listeners {
+    /// The agent API.
+    pub agent_api: tokio::net::TcpListener,
+    /// `/metrics`, `/live`, `/ready`, if enabled.
+    pub metrics: Option<tokio::net::TcpListener>,
+}
+
+/// What `/metrics` and `/ready` read.
+struct ServerMetrics {
+    rpc: Arc<RpcMetrics>,
+    ca: Arc<CaManager>,
+    index: Arc<IndexHandle>,
+    store: Arc<dyn DataStore>,
+}
+
+impl MetricsSource for ServerMetrics {
+    fn render(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        self.rpc.render(&mut out);
+        let (x509, jwt) = self.ca.signed_counts();
+        out.push_str("# HELP oxid_svids_signed_total SVIDs signed since start.\n");
+        out.push_str("# TYPE oxid_svids_signed_total counter\n");
+        let _ = writeln!(out, "oxid_svids_signed_total{{kind=\"x509\"}} {x509}");
+        let _ = writeln!(out, "oxid_svids_signed_total{{kind=\"jwt\"}} {jwt}");
+        let (entries, agents) = {
+            let index = self.index.read();
+            (index.entry_count(), index.agent_count())
+        };
+        out.push_str("# HELP oxid_entries Registration entries.\n# TYPE oxid_entries gauge\n");
+        let _ = writeln!(out, "oxid_entries {entries}");
+        out.push_str("# HELP oxid_agents Attested agents.\n# TYPE oxid_agents gauge\n");
+        let _ = writeln!(out, "oxid_agents {agents}");
+        out.push_str("# HELP oxid_ca_not_after_seconds Expiry of each CA authority (unix time).\n");
+        out.push_str("# TYPE oxid_ca_not_after_seconds gauge\n");
+        for a in self.ca.authorities() {
+            let state = format!("{:?}", a.state).to_lowercase();
+            let _ = writeln!(
+                out,
+                "oxid_ca_not_after_seconds{{sequence=\"{}\",state=\"{state}\"}} {}",
+                a.sequence, a.not_after
+            );
+        }
+        out.push_str("# HELP oxid_store_revision Latest datastore revision.\n# TYPE oxid_store_revision gauge\n");
+        let _ = writeln!(
+            out,
+            "oxid_store_revision {}",
+            *self.store.revision().borrow()
+        );
+        out
+    }
+
+    fn ready(&self) -> bool {
+        self.ca
+            .authorities()
+            .iter()
+            .any(|a| a.state == crate::ca::AuthorityState::Active && a.can_sign)
+    }
 }
 
 /// Loads the x509pop node CAs; refuses a file holding one of oxid's own
@@ -107,9 +179,14 @@ fn load_node_cas(
 pub async fn run_with(
     config: Config,
     clock: Arc<dyn Clock>,
-    agent_listener: tokio::net::TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
+    let Listeners {
+        agent_api: agent_listener,
+        metrics: metrics_listener,
+    } = listeners;
+    let rpc = Arc::new(RpcMetrics::default());
     use std::os::unix::fs::DirBuilderExt as _;
     let data_dir = &config.data_dir;
     std::fs::DirBuilder::new()
@@ -185,6 +262,15 @@ pub async fn run_with(
         .spiffe_id("/oxid/server")
         .map_err(|e| RunError::AgentApi(e.to_string()))?;
     let index = IndexHandle::load(store.as_ref(), server_id).await?;
+    let metrics_task = metrics_listener.map(|listener| {
+        let source = Arc::new(ServerMetrics {
+            rpc: rpc.clone(),
+            ca: ca.clone(),
+            index: index.clone(),
+            store: store.clone(),
+        });
+        (listener, source)
+    });
     let follower = index.clone().follow(store.clone());
     let agent_address = agent_listener
         .local_addr()
@@ -214,10 +300,18 @@ pub async fn run_with(
             default_jwt_ttl: config.jwt_svid_ttl,
             max_batch: 1000,
             x509pop_roots,
+            rpc_metrics: rpc.clone(),
         },
         stopped(stop_rx.clone()),
     );
-    let admin_api = admin::serve(listener, service, stopped(stop_rx));
+    let metrics_server = metrics_task.map(|(listener, source)| {
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            source,
+            stopped(stop_rx.clone()),
+        ))
+    });
+    let admin_api = admin::serve(listener, service, rpc, stopped(stop_rx));
     let (stop_admin, stop_agent) = (stop_after(stop_tx.clone()), stop_after(stop_tx.clone()));
     let admin_api = async move {
         let r = admin_api.await;
@@ -247,6 +341,9 @@ pub async fn run_with(
     follower.abort();
     let _ = rotation.await;
     let _ = follower.await;
+    if let Some(task) = metrics_server {
+        let _ = task.await;
+    }
     let _ = std::fs::remove_file(&config.socket_path);
     tracing::info!("oxid-server stopped");
     admin_result?;

@@ -29,6 +29,7 @@ const WAIT: Duration = Duration::from_secs(20);
 struct Server {
     dir: tempfile::TempDir,
     addr: SocketAddr,
+    metrics_addr: SocketAddr,
     clock: Arc<ManualClock>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), oxid_server::run::RunError>>>,
@@ -54,12 +55,18 @@ impl Server {
         .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics_addr = metrics.local_addr().unwrap();
+        let listeners = oxid_server::run::Listeners {
+            agent_api: listener,
+            metrics: Some(metrics),
+        };
         let clock = Arc::new(ManualClock::new(SystemTime::now()));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(oxid_server::run::run_with(
             config,
             clock.clone(),
-            listener,
+            listeners,
             async {
                 let _ = stopped.await;
             },
@@ -67,6 +74,7 @@ impl Server {
         let s = Self {
             dir,
             addr,
+            metrics_addr,
             clock,
             stop: Some(stop),
             task: Some(task),
@@ -777,4 +785,44 @@ async fn a_node_ca_file_holding_the_server_ca_is_refused() {
     .err()
     .expect("the server must refuse to start");
     assert!(err.contains("holds one of oxid's own CAs"), "{err}");
+}
+
+/// One HTTP/1.1 GET; returns (status line, body).
+async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: oxid\r\nConnection: close\r\n\r\n");
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).await.unwrap();
+    let status = text.lines().next().unwrap_or_default().to_owned();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn metrics_and_health_endpoints() {
+    let s = Server::start("").await;
+    let agent = attest_token(&s, &s.token("").await).await.unwrap();
+    s.create_entry("spiffe://example.org/web", agent.id.as_str(), "unix:uid:1")
+        .await;
+    let _ = attest_token(&s, "bogus").await;
+    let (status, body) = http_get(s.metrics_addr, "/metrics").await;
+    assert!(status.contains("200"), "{status}");
+    for needle in [
+        "oxid_rpc_requests_total{api=\"agent\",method=\"Attest\",code=\"0\"}",
+        "oxid_rpc_requests_total{api=\"admin\",method=\"CreateEntries\",code=\"0\"} 1",
+        "oxid_rpc_duration_seconds_bucket{api=\"admin\",method=\"CreateEntries\",le=\"+Inf\"} 1",
+        "oxid_svids_signed_total{kind=\"x509\"}",
+        "oxid_agents 1",
+        "oxid_ca_not_after_seconds{sequence=\"1\",state=\"active\"}",
+    ] {
+        assert!(body.contains(needle), "missing {needle} in:\n{body}");
+    }
+    assert!(http_get(s.metrics_addr, "/live").await.0.contains("200"));
+    assert!(http_get(s.metrics_addr, "/ready").await.0.contains("200"));
+    assert!(http_get(s.metrics_addr, "/nope").await.0.contains("404"));
 }

@@ -192,13 +192,16 @@ pub fn bind_unix_socket(path: &Path, mode: u32) -> Result<UnixListener, SocketEr
     Ok(listener)
 }
 
-/// Serves the admin API on `listener` until `shutdown` completes.
+/// Serves the admin API on `listener` until `shutdown` completes; calls are
+/// recorded in `rpc`.
 pub async fn serve(
     listener: UnixListener,
     service: AdminService,
+    rpc: std::sync::Arc<crate::metrics::RpcMetrics>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
+        .layer(crate::metrics::RpcLayer::new("admin", rpc))
         .add_service(oxid_proto::admin::admin_server::AdminServer::new(service))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await

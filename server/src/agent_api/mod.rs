@@ -41,6 +41,8 @@ pub struct AgentApiConfig {
     pub max_batch: usize,
     /// Trusted CAs for x509pop node attestation; `None` turns x509pop off.
     pub x509pop_roots: Option<Vec<rustls_pki_types::CertificateDer<'static>>>,
+    /// Where calls are counted.
+    pub rpc_metrics: Arc<crate::metrics::RpcMetrics>,
 }
 
 /// The server's trust bundle as the TLS layer reads it: the CA's, live.
@@ -131,9 +133,11 @@ pub async fn serve(
         },
     ));
     let tls = oxid_tls::server_config(resolver, verifier).map_err(|e| e.to_string())?;
+    let rpc_layer = crate::metrics::RpcLayer::new("agent", config.rpc_metrics.clone());
     let service = AgentApiService::new(ca, store, index, clock, config, server_id)?;
     let (incoming, accept_task) = conn::incoming(listener, Arc::new(tls));
     let result = tonic::transport::Server::builder()
+        .layer(rpc_layer)
         .add_service(oxid_proto::agent::agent_api_server::AgentApiServer::new(
             service,
         ))

@@ -107,6 +107,10 @@ pub struct CaManager {
     state: RwLock<State>,
     /// Serialises rotation steps (timer and operator) so each persists whole.
     rotation: tokio::sync::Mutex<()>,
+    /// X509-SVIDs signed since start (metrics).
+    x509_signed: std::sync::atomic::AtomicU64,
+    /// JWT-SVIDs minted since start (metrics).
+    jwt_signed: std::sync::atomic::AtomicU64,
 }
 
 /// What `ca show` reports of an authority.
@@ -174,6 +178,8 @@ impl CaManager {
             upstream,
             state: RwLock::new(state),
             rotation: tokio::sync::Mutex::new(()),
+            x509_signed: std::sync::atomic::AtomicU64::new(0),
+            jwt_signed: std::sync::atomic::AtomicU64::new(0),
         });
         manager.rotate().await?;
         // The bundle write may have been lost with a crash after the journal
@@ -243,7 +249,10 @@ impl CaManager {
     /// Signs an X509-SVID with the active authority.
     pub fn sign_x509_svid(&self, params: &SvidParams<'_>) -> Result<X509Svid, CaError> {
         let signers = self.active_signers()?;
-        Ok(signers.x509.issue_x509_svid(params, self.clock.now())?)
+        let svid = signers.x509.issue_x509_svid(params, self.clock.now())?;
+        self.x509_signed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(svid)
     }
 
     /// Mints a JWT-SVID with the active authority's key.
@@ -280,6 +289,15 @@ impl CaManager {
                 can_sign: g.signers.is_some(),
             })
             .collect()
+    }
+
+    /// (X509-SVIDs, JWT-SVIDs) signed since start.
+    pub fn signed_counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.x509_signed.load(Relaxed),
+            self.jwt_signed.load(Relaxed),
+        )
     }
 
     /// Longest SVID TTL an entry may ask for: 1/6 of the CA lifetime, so an
