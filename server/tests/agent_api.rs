@@ -826,3 +826,23 @@ async fn metrics_and_health_endpoints() {
     assert!(http_get(s.metrics_addr, "/ready").await.0.contains("200"));
     assert!(http_get(s.metrics_addr, "/nope").await.0.contains("404"));
 }
+
+#[tokio::test]
+async fn a_restart_keeps_agents_entries_and_the_ca() {
+    let s = Server::start("").await;
+    let agent = attest_token(&s, &s.token("").await).await.unwrap();
+    let entry = s
+        .create_entry("spiffe://example.org/web", agent.id.as_str(), "unix:uid:1")
+        .await;
+    let bundle = s.bundle().await;
+    let dir = s.stop().await;
+    let s = Server::start_in(dir, "").await.unwrap();
+    assert_eq!(s.bundle().await, bundle, "same CA");
+    // The agent's SVID from before the restart is still accepted, and its
+    // entries are still authorised.
+    let (_stream, snapshot) = snapshot(&s, &agent).await;
+    assert_eq!(snapshot.upserts.len(), 1);
+    assert_eq!(snapshot.upserts[0].id, entry);
+    let signed = sign(&s, &agent, &entry).await;
+    assert!(signed.error.is_empty(), "{}", signed.error);
+}
