@@ -108,11 +108,18 @@ impl PublicKey {
         } else {
             return Err(unsupported(&format!("key algorithm {alg_oid}")));
         };
-        Ok(Self {
+        let key = Self {
             algorithm,
             spki: spki.raw.to_vec(),
             raw: spki.subject_public_key.as_ref().to_vec(),
-        })
+        };
+        // BER (e.g. long-form lengths) parses but is not what a certificate
+        // will carry: refuse anything but the canonical DER encoding, so the
+        // key certified is byte for byte the key requested.
+        if rcgen::PublicKeyData::subject_public_key_info(&key) != key.spki {
+            return Err(unsupported("public key is not in canonical DER form"));
+        }
+        Ok(key)
     }
 
     /// The key's type.
