@@ -10,6 +10,8 @@
 //! - Certificates rotate under running connections: resolvers hold the
 //!   current SVID and each new handshake picks it up.
 
+pub mod socket;
+
 use std::fmt;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};

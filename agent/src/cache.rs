@@ -1,0 +1,157 @@
+//! What the agent knows, published as immutable snapshots: authorised
+//! entries, the SVIDs signed for them, and the bundles. Workload API streams
+//! watch the snapshot and send a full new state whenever it changes.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use oxid_pki::bundle::Bundle;
+use oxid_pki::{KeyPair, Selector, SpiffeId, TrustDomain};
+use oxid_proto::agent as pb;
+use rustls_pki_types::CertificateDer;
+use tokio::sync::watch;
+
+/// A registration entry as the agent uses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Entry ID.
+    pub id: String,
+    /// The identity a matching workload gets.
+    pub spiffe_id: SpiffeId,
+    /// All must be among the workload's selectors.
+    pub selectors: BTreeSet<Selector>,
+    /// X509-SVID TTL, seconds.
+    pub x509_svid_ttl: u64,
+    /// JWT-SVID TTL, seconds.
+    pub jwt_svid_ttl: u64,
+    /// Federated trust domains whose bundles the workload gets.
+    pub federates_with: BTreeSet<TrustDomain>,
+    /// Hint for the workload.
+    pub hint: String,
+    /// Creation time, ms: first key of the SVID order.
+    pub created_at: u64,
+    /// Server revision of the entry.
+    pub revision: u64,
+}
+
+impl Entry {
+    /// Parses a synced entry; `None` (logged) if the server sent nonsense.
+    pub fn from_pb(e: &pb::Entry) -> Option<Self> {
+        let parsed = (|| -> Result<Self, String> {
+            Ok(Self {
+                id: e.id.clone(),
+                spiffe_id: e.spiffe_id.parse().map_err(|err| format!("{err}"))?,
+                selectors: e
+                    .selectors
+                    .iter()
+                    .map(|s| s.parse().map_err(|err| format!("{err}")))
+                    .collect::<Result<_, _>>()?,
+                x509_svid_ttl: e.x509_svid_ttl,
+                jwt_svid_ttl: e.jwt_svid_ttl,
+                federates_with: e
+                    .federates_with
+                    .iter()
+                    .map(|t| TrustDomain::new(t).map_err(|err| format!("{err}")))
+                    .collect::<Result<_, _>>()?,
+                hint: e.hint.clone(),
+                created_at: e.created_at,
+                revision: e.revision,
+            })
+        })();
+        match parsed {
+            Ok(entry) if !entry.selectors.is_empty() => Some(entry),
+            Ok(_) => None,
+            Err(err) => {
+                tracing::warn!(entry = %e.id, error = %err, "ignoring an unreadable synced entry");
+                None
+            }
+        }
+    }
+}
+
+/// An X509-SVID held for an entry.
+#[derive(Debug)]
+pub struct HeldSvid {
+    /// Leaf first, then intermediates.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Its private key (generated here, never sent).
+    pub key: KeyPair,
+    /// The entry revision it was signed for.
+    pub entry_revision: u64,
+    /// When it was signed.
+    pub issued_at: SystemTime,
+    /// Its expiry.
+    pub not_after: SystemTime,
+    /// When to replace it (about half-life, jittered).
+    pub rotate_at: SystemTime,
+}
+
+/// The agent's view at one moment.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// True once the first sync snapshot has arrived.
+    pub synced: bool,
+    /// Authorised entries in the stable order (creation time, then ID).
+    pub entries: Vec<Entry>,
+    /// SVIDs by entry ID.
+    pub svids: HashMap<String, Arc<HeldSvid>>,
+    /// Bundles by trust domain (own and federated).
+    pub bundles: BTreeMap<TrustDomain, Arc<Bundle>>,
+}
+
+/// The published snapshot.
+#[derive(Debug)]
+pub struct Cache {
+    tx: watch::Sender<Arc<Snapshot>>,
+    /// The agent's trust domain.
+    pub trust_domain: TrustDomain,
+}
+
+impl Cache {
+    /// An empty cache.
+    pub fn new(trust_domain: TrustDomain) -> Self {
+        let (tx, _) = watch::channel(Arc::new(Snapshot::default()));
+        Self { tx, trust_domain }
+    }
+
+    /// The current snapshot.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.tx.borrow().clone()
+    }
+
+    /// Wakes on every new snapshot.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
+    }
+
+    /// Replaces the snapshot with `f(current)`.
+    pub fn update(&self, f: impl FnOnce(&Snapshot) -> Snapshot) {
+        self.tx.send_modify(|s| {
+            *s = Arc::new(f(s));
+        });
+    }
+}
+
+impl Snapshot {
+    /// A copy with the same SVIDs and bundles (cheap: shared `Arc`s).
+    pub fn clone_shallow(&self) -> Self {
+        Self {
+            synced: self.synced,
+            entries: self.entries.clone(),
+            svids: self.svids.clone(),
+            bundles: self.bundles.clone(),
+        }
+    }
+
+    /// Entries whose selectors are all among `selectors`, in SVID order.
+    pub fn matching<'a>(
+        &'a self,
+        selectors: &BTreeSet<Selector>,
+    ) -> impl Iterator<Item = &'a Entry> {
+        let selectors = selectors.clone();
+        self.entries
+            .iter()
+            .filter(move |e| e.selectors.is_subset(&selectors))
+    }
+}

@@ -1,0 +1,125 @@
+//! The `oxid-agent` command line.
+
+// A command line prints its errors; that is its job.
+#![allow(clippy::print_stderr)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{AgentConfig, AgentFile};
+
+/// oxid-agent: serves SPIFFE identities to the workloads of this node.
+#[derive(Debug, Parser)]
+#[command(name = "oxid-agent", version, about)]
+pub struct Cli {
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent.
+    Run(RunArgs),
+}
+
+/// `run` flags; they win over the configuration file.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Configuration file (TOML).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Server agent API address, host:port.
+    #[arg(long)]
+    pub server_address: Option<String>,
+    /// Trust domain.
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// Bootstrap bundle (PEM, from `oxid-server bundle show`).
+    #[arg(long)]
+    pub trust_bundle: Option<PathBuf>,
+    /// Join token (from `oxid-server token generate`).
+    #[arg(long)]
+    pub join_token: Option<String>,
+    /// x509pop node certificate chain (PEM).
+    #[arg(long)]
+    pub node_cert: Option<PathBuf>,
+    /// x509pop node key (PKCS#8, mode 0600).
+    #[arg(long)]
+    pub node_key: Option<PathBuf>,
+    /// Data directory.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Workload API socket path.
+    #[arg(long)]
+    pub socket_path: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_parser = ["human", "json"])]
+    pub log_format: Option<String>,
+}
+
+/// Entry point of the `oxid-agent` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Command::Run(args) = cli.command;
+    let flags = AgentFile {
+        server_address: args.server_address,
+        trust_domain: args.trust_domain,
+        trust_bundle: args.trust_bundle,
+        join_token: args.join_token,
+        node_cert: args.node_cert,
+        node_key: args.node_key,
+        data_dir: args.data_dir,
+        socket_path: args.socket_path,
+        log_level: None,
+        log_format: args.log_format,
+    };
+    let result = AgentConfig::load(args.config.as_deref(), flags).and_then(|config| {
+        init_logging(&config.log_level, &config.log_format);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| crate::AgentError::Internal(e.to_string()))?;
+        rt.block_on(crate::run::run(config, shutdown_signal()))
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn init_logging(level: &str, format: &str) {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,153 @@
+//! Agent configuration: `agent.toml`, then flags (flags win), then defaults.
+//! Unknown keys are errors.
+
+use std::path::{Path, PathBuf};
+
+use oxid_pki::TrustDomain;
+use serde::Deserialize;
+
+use crate::AgentError;
+use crate::server::Attestation;
+
+/// Default server address.
+pub const DEFAULT_SERVER_ADDRESS: &str = "127.0.0.1:8081";
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "./.oxid/agent";
+/// Default Workload API socket.
+pub const DEFAULT_SOCKET_PATH: &str = "/run/oxid-agent/public/api.sock";
+
+/// `agent.toml` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFile {
+    /// host:port of the server's agent API.
+    pub server_address: Option<String>,
+    /// Trust domain.
+    pub trust_domain: Option<String>,
+    /// Bootstrap bundle (PEM).
+    pub trust_bundle: Option<PathBuf>,
+    /// Join token (prefer the flag: tokens are secrets).
+    pub join_token: Option<String>,
+    /// x509pop node certificate chain (PEM).
+    pub node_cert: Option<PathBuf>,
+    /// x509pop node key (PKCS#8, 0600).
+    pub node_key: Option<PathBuf>,
+    /// Data directory.
+    pub data_dir: Option<PathBuf>,
+    /// Workload API socket.
+    pub socket_path: Option<PathBuf>,
+    /// Log level.
+    pub log_level: Option<String>,
+    /// `human` or `json`.
+    pub log_format: Option<String>,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Server address.
+    pub server_address: String,
+    /// Trust domain.
+    pub trust_domain: TrustDomain,
+    /// Bootstrap bundle file.
+    pub trust_bundle: Option<PathBuf>,
+    /// How to attest when no saved identity exists.
+    pub attestation: Option<Attestation>,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Workload API socket.
+    pub socket_path: PathBuf,
+    /// Log level.
+    pub log_level: String,
+    /// Log format.
+    pub log_format: String,
+}
+
+impl AgentConfig {
+    /// Reads `path` (if any), then applies `flags` over it.
+    pub fn load(path: Option<&Path>, flags: AgentFile) -> Result<Self, AgentError> {
+        let file = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| AgentError::Config(format!("{}: {e}", p.display())))?;
+                toml::from_str::<AgentFile>(&text)
+                    .map_err(|e| AgentError::Config(format!("{}: {}", p.display(), e.message())))?
+            }
+            None => AgentFile::default(),
+        };
+        let pick = |f: Option<String>, d: Option<String>| f.or(d);
+        let td_name =
+            pick(flags.trust_domain, file.trust_domain).unwrap_or_else(|| "example.org".into());
+        let trust_domain = TrustDomain::new(&td_name)
+            .map_err(|e| AgentError::Config(format!("trust_domain {td_name:?}: {e}")))?;
+        let join_token = pick(flags.join_token, file.join_token);
+        let node_cert = flags.node_cert.or(file.node_cert);
+        let node_key = flags.node_key.or(file.node_key);
+        let attestation = match (join_token, node_cert, node_key) {
+            (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+                return Err(AgentError::Config(
+                    "give either a join token or x509pop node credentials, not both".into(),
+                ));
+            }
+            (Some(t), None, None) => Some(Attestation::JoinToken(t)),
+            (None, Some(cert), Some(key)) => Some(Attestation::X509Pop { cert, key }),
+            (None, Some(_), None) | (None, None, Some(_)) => {
+                return Err(AgentError::Config(
+                    "x509pop needs both --node-cert and --node-key".into(),
+                ));
+            }
+            (None, None, None) => None,
+        };
+        let log_format = pick(flags.log_format, file.log_format).unwrap_or_else(|| "human".into());
+        if !matches!(log_format.as_str(), "human" | "json") {
+            return Err(AgentError::Config(format!(
+                "log_format {log_format:?}: expected human or json"
+            )));
+        }
+        Ok(Self {
+            server_address: pick(flags.server_address, file.server_address)
+                .unwrap_or_else(|| DEFAULT_SERVER_ADDRESS.into()),
+            trust_domain,
+            trust_bundle: flags.trust_bundle.or(file.trust_bundle),
+            attestation,
+            data_dir: flags
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            socket_path: flags
+                .socket_path
+                .or(file.socket_path)
+                .unwrap_or_else(|| DEFAULT_SOCKET_PATH.into()),
+            log_level: pick(flags.log_level, file.log_level).unwrap_or_else(|| "info".into()),
+            log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_conflicts() {
+        let c = AgentConfig::load(None, AgentFile::default()).unwrap();
+        assert_eq!(c.server_address, "127.0.0.1:8081");
+        assert!(c.attestation.is_none());
+        let both = AgentFile {
+            join_token: Some("t".into()),
+            node_cert: Some("c".into()),
+            node_key: Some("k".into()),
+            ..Default::default()
+        };
+        assert!(AgentConfig::load(None, both).is_err());
+        let half = AgentFile {
+            node_cert: Some("c".into()),
+            ..Default::default()
+        };
+        assert!(AgentConfig::load(None, half).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("agent.toml");
+        std::fs::write(&f, "sever_address = \"x\"\n").unwrap();
+        assert!(AgentConfig::load(Some(&f), AgentFile::default()).is_err());
+    }
+}

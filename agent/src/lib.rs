@@ -1,0 +1,50 @@
+//! oxid-agent: the node agent.
+//!
+//! It proves to the server which node it runs on (join token or x509pop),
+//! keeps its own SVID and the bundle in its data directory (0600), follows
+//! the server's push sync, keeps an X509-SVID for every authorised entry
+//! (keys generated here, never sent), and serves the SPIFFE Workload API on
+//! a Unix socket to the processes it can attest. Any SPIFFE client works
+//! unchanged: the wire contract is DESIGN.md's, not ours.
+
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod run;
+pub mod server;
+pub mod state;
+mod svids;
+mod sync;
+pub mod workload;
+
+/// Why the agent could not do its work.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// Bad flags or configuration file.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The data directory could not be read or written.
+    #[error("data directory: {0}")]
+    State(String),
+    /// The server refused the agent (unknown, banned, evicted, bad token).
+    #[error("refused by the server: {0}")]
+    Refused(String),
+    /// The server could not be reached or answered oddly.
+    #[error("server: {0}")]
+    Server(String),
+    /// A bug.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl AgentError {
+    pub(crate) fn from_status(s: tonic::Status) -> Self {
+        match s.code() {
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
+                Self::Refused(s.message().to_owned())
+            }
+            _ => Self::Server(format!("{} ({:?})", s.message(), s.code())),
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! Running an agent: restore or attest its identity, follow the server, keep
+//! SVIDs fresh, serve the Workload API until told to stop.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use oxid_pki::bundle::Bundle;
+use oxid_tls::{SharedBundle, SvidResolver};
+
+use crate::cache::Cache;
+use crate::config::AgentConfig;
+use crate::server::{Attestation, Identity, ServerClient};
+use crate::workload::{WorkloadApi, attest::UnixAttestor, check_header};
+use crate::{AgentError, state, svids, sync};
+
+/// Runs the agent until `shutdown` completes.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    let dir = config.data_dir.clone();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| AgentError::State(format!("{}: {e}", dir.display())))?;
+    let td = config.trust_domain.clone();
+    let bundle = match state::load_bundle(&dir, &td) {
+        Some(b) => b,
+        None => {
+            let path = config.trust_bundle.as_ref().ok_or_else(|| {
+                AgentError::Config(
+                    "no saved bundle: give --trust-bundle (from `oxid-server bundle show`)".into(),
+                )
+            })?;
+            let pem = std::fs::read(path)
+                .map_err(|e| AgentError::Config(format!("{}: {e}", path.display())))?;
+            Bundle::from_x509_pem(td.clone(), &pem)
+                .map_err(|e| AgentError::Config(format!("{}: {e}", path.display())))?
+        }
+    };
+    let tls_bundle = Arc::new(SharedBundle::new(bundle));
+    let server_id = td
+        .spiffe_id("/oxid/server")
+        .map_err(|e| AgentError::Internal(e.to_string()))?;
+    let server = Arc::new(ServerClient::new(
+        config.server_address.clone(),
+        server_id,
+        tls_bundle.clone(),
+        Arc::new(SvidResolver::default()),
+    )?);
+
+    let identity = match state::load_identity(&dir).filter(|i| i.not_after > SystemTime::now()) {
+        Some(i) => {
+            tracing::info!(agent = %i.spiffe_id, "restored the agent identity");
+            i
+        }
+        None => attest(&server, config.attestation.as_ref(), &dir, &tls_bundle, &td).await?,
+    };
+    server.use_identity(&identity)?;
+
+    let cache = Arc::new(Cache::new(td));
+    let renewer = tokio::spawn(keep_identity(
+        server.clone(),
+        identity,
+        config.attestation.clone(),
+        dir.clone(),
+        tls_bundle.clone(),
+    ));
+    let syncer = tokio::spawn(sync::run(server.clone(), cache.clone(), tls_bundle, dir));
+    let signer = tokio::spawn(svids::run(server.clone(), cache.clone()));
+
+    let listener = oxid_tls::socket::bind_unix_socket(&config.socket_path, 0o777)
+        .map_err(|e| AgentError::Config(e.to_string()))?;
+    let api = WorkloadApi::new(cache, server, Arc::new(UnixAttestor::default()));
+    tracing::info!(socket = %config.socket_path.display(), "oxid-agent serving the Workload API");
+    let result = tonic::transport::Server::builder()
+        .add_service(
+            oxid_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::with_interceptor(
+                api,
+                check_header,
+            ),
+        )
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            shutdown,
+        )
+        .await;
+    for task in [renewer, syncer, signer] {
+        task.abort();
+        let _ = task.await;
+    }
+    let _ = std::fs::remove_file(&config.socket_path);
+    tracing::info!("oxid-agent stopped");
+    result.map_err(|e| AgentError::Internal(e.to_string()))
+}
+
+async fn attest(
+    server: &ServerClient,
+    how: Option<&Attestation>,
+    dir: &std::path::Path,
+    tls_bundle: &SharedBundle,
+    td: &oxid_pki::TrustDomain,
+) -> Result<Identity, AgentError> {
+    let how = how.ok_or_else(|| {
+        AgentError::Config(
+            "no saved agent identity: give --join-token, or --node-cert and --node-key".into(),
+        )
+    })?;
+    let (identity, bundle_json) = server.attest(how).await?;
+    if let Ok(bundle) = Bundle::from_spiffe_json(td.clone(), bundle_json.as_bytes()) {
+        tls_bundle.set(bundle.clone());
+        state::save_bundle(dir, &bundle)?;
+    }
+    state::save_identity(dir, &identity)?;
+    tracing::info!(agent = %identity.spiffe_id, "attested to the server");
+    Ok(identity)
+}
+
+/// Renews the agent SVID at half-life. If the server says the agent is gone
+/// (evicted, banned, expired), an x509pop agent attests again on its own; a
+/// join-token agent says plainly that it needs a new token.
+async fn keep_identity(
+    server: Arc<ServerClient>,
+    mut identity: Identity,
+    how: Option<Attestation>,
+    dir: std::path::PathBuf,
+    tls_bundle: Arc<SharedBundle>,
+) {
+    let td = identity.spiffe_id.trust_domain().clone();
+    loop {
+        let life = identity
+            .not_after
+            .duration_since(identity.issued_at)
+            .unwrap_or_default();
+        let due = identity.issued_at + life / 2;
+        let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
+        tokio::time::sleep(sync::jittered(wait.max(Duration::from_millis(200)))).await;
+        match server.renew(&identity).await {
+            Ok(next) => {
+                if let Err(e) =
+                    state::save_identity(&dir, &next).and_then(|()| server.use_identity(&next))
+                {
+                    tracing::error!(error = %e, "cannot store the renewed agent SVID");
+                }
+                identity = next;
+            }
+            Err(AgentError::Refused(message)) => match &how {
+                Some(x509 @ Attestation::X509Pop { .. }) => {
+                    tracing::warn!(error = %message, "the server refused the agent SVID; attesting again");
+                    match attest(&server, Some(x509), &dir, &tls_bundle, &td).await {
+                        Ok(next) => {
+                            let _ = server.use_identity(&next);
+                            identity = next;
+                        }
+                        Err(e) => tracing::error!(error = %e, "re-attestation failed"),
+                    }
+                }
+                _ => {
+                    tracing::error!(
+                        error = %message,
+                        "the server refused the agent SVID; this agent needs a new join token \
+                         (`oxid-server token generate`) and a restart with --join-token"
+                    );
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "renewing the agent SVID failed; retrying");
+                tokio::time::sleep(sync::jittered(Duration::from_secs(5))).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! The agent's side of the agent API: a TLS 1.3 channel that accepts only
+//! `spiffe://<td>/oxid/server` (verified against the live bundle), node
+//! attestation, and renewal of the agent SVID.
+
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+use hyper_util::rt::TokioIo;
+use oxid_pki::x509::{Csr, leaf_identity};
+use oxid_pki::{KeyAlgorithm, KeyPair, SpiffeId};
+use oxid_proto::agent as pb;
+use oxid_proto::agent::agent_api_client::AgentApiClient;
+use oxid_tls::{SharedBundle, SpiffeServerVerifier, SvidResolver};
+use rustls_pki_types::{CertificateDer, ServerName};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::AgentError;
+
+/// Context string signed with the x509pop nonce (must match the server).
+const X509POP_CONTEXT: &[u8] = b"oxid x509pop v1\0";
+
+/// The agent's own identity.
+#[derive(Debug)]
+pub struct Identity {
+    /// The agent's SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+    /// Its key (generated here).
+    pub key: KeyPair,
+    /// Its SVID chain, leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// When the SVID was issued (as we saw it).
+    pub issued_at: SystemTime,
+    /// When the SVID expires.
+    pub not_after: SystemTime,
+}
+
+impl Identity {
+    /// Builds an identity from a signed chain, checking it names `expected`
+    /// (or any agent ID if `None`).
+    pub fn from_chain(
+        key: KeyPair,
+        chain: Vec<CertificateDer<'static>>,
+        expected: Option<&SpiffeId>,
+    ) -> Result<Self, AgentError> {
+        let leaf = chain
+            .first()
+            .ok_or_else(|| AgentError::Server("empty agent SVID".into()))?;
+        let (spiffe_id, _) = leaf_identity(leaf).map_err(|e| AgentError::Server(e.to_string()))?;
+        if expected.is_some_and(|e| e != &spiffe_id) {
+            return Err(AgentError::Server(format!(
+                "server issued an SVID for {spiffe_id}"
+            )));
+        }
+        let not_after = x509_parser::parse_x509_certificate(leaf)
+            .map(|(_, c)| {
+                SystemTime::UNIX_EPOCH
+                    + std::time::Duration::from_secs(
+                        c.validity().not_after.timestamp().max(0).unsigned_abs(),
+                    )
+            })
+            .map_err(|e| AgentError::Server(e.to_string()))?;
+        Ok(Self {
+            spiffe_id,
+            key,
+            chain,
+            issued_at: SystemTime::now(),
+            not_after,
+        })
+    }
+}
+
+/// How the node proves itself.
+#[derive(Debug, Clone)]
+pub enum Attestation {
+    /// A single-use join token.
+    JoinToken(String),
+    /// A node certificate chain (PEM file) and its key (PKCS#8 file).
+    X509Pop {
+        /// Node certificate chain, PEM.
+        cert: std::path::PathBuf,
+        /// Node key, PKCS#8, mode 0600.
+        key: std::path::PathBuf,
+    },
+}
+
+/// A connection to the server.
+pub struct ServerClient {
+    address: String,
+    server_id: SpiffeId,
+    bundle: Arc<SharedBundle>,
+    certs: Arc<SvidResolver>,
+    channel: RwLock<Channel>,
+}
+
+impl std::fmt::Debug for ServerClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerClient")
+            .field("address", &self.address)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerClient {
+    /// A client for `address` (host:port) that trusts `bundle` (shared with
+    /// sync, so CA rotation is followed) and presents `certs` once set.
+    pub fn new(
+        address: String,
+        server_id: SpiffeId,
+        bundle: Arc<SharedBundle>,
+        certs: Arc<SvidResolver>,
+    ) -> Result<Self, AgentError> {
+        let channel = make_channel(&address, &server_id, &bundle, &certs)?;
+        Ok(Self {
+            address,
+            server_id,
+            bundle,
+            certs,
+            channel: RwLock::new(channel),
+        })
+    }
+
+    /// An API client on the current channel.
+    pub fn api(&self) -> AgentApiClient<Channel> {
+        AgentApiClient::new(
+            self.channel
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
+    }
+
+    /// Replaces the channel so new calls present the current SVID (an
+    /// HTTP/2 connection keeps the certificate it was opened with).
+    pub fn reconnect(&self) -> Result<(), AgentError> {
+        let channel = make_channel(&self.address, &self.server_id, &self.bundle, &self.certs)?;
+        *self.channel.write().unwrap_or_else(|e| e.into_inner()) = channel;
+        Ok(())
+    }
+
+    /// Presents `identity` from now on.
+    pub fn use_identity(&self, identity: &Identity) -> Result<(), AgentError> {
+        self.certs
+            .set(identity.chain.clone(), &identity.key)
+            .map_err(|e| AgentError::Internal(e.to_string()))?;
+        self.reconnect()
+    }
+
+    /// Node attestation; returns the agent's new identity and the bundle.
+    pub async fn attest(&self, how: &Attestation) -> Result<(Identity, String), AgentError> {
+        let key = KeyPair::generate(KeyAlgorithm::EcdsaP256)
+            .map_err(|e| AgentError::Internal(e.to_string()))?;
+        let csr = Csr::create(&key).map_err(|e| AgentError::Internal(e.to_string()))?;
+        let (data, node_key) = match how {
+            Attestation::JoinToken(token) => (
+                pb::AttestationData {
+                    r#type: "join_token".into(),
+                    payload: token.as_bytes().to_vec(),
+                },
+                None,
+            ),
+            Attestation::X509Pop { cert, key } => {
+                let pem = std::fs::read(cert)
+                    .map_err(|e| AgentError::Config(format!("{}: {e}", cert.display())))?;
+                let chain = oxid_pki::x509::certs_from_pem(&pem)
+                    .map_err(|e| AgentError::Config(format!("{}: {e}", cert.display())))?;
+                let node_key = KeyPair::load(key).map_err(|e| AgentError::Config(e.to_string()))?;
+                (
+                    pb::AttestationData {
+                        r#type: "x509pop".into(),
+                        payload: oxid_pki::x509::concat_der(&chain),
+                    },
+                    Some(node_key),
+                )
+            }
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let first = pb::AttestRequest {
+            data: Some(data),
+            csr,
+            challenge_response: vec![],
+        };
+        tx.send(first)
+            .await
+            .map_err(|_| AgentError::Internal("attest channel".into()))?;
+        let mut responses = self
+            .api()
+            .attest(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(AgentError::from_status)?
+            .into_inner();
+        loop {
+            let msg = responses
+                .message()
+                .await
+                .map_err(AgentError::from_status)?
+                .ok_or_else(|| AgentError::Server("attestation ended without a result".into()))?;
+            if let Some(result) = msg.result {
+                let chain: Vec<CertificateDer<'static>> = result
+                    .svid_chain
+                    .into_iter()
+                    .map(CertificateDer::from)
+                    .collect();
+                let identity = Identity::from_chain(key, chain, None)?;
+                return Ok((identity, result.bundle));
+            }
+            let node_key = node_key
+                .as_ref()
+                .ok_or_else(|| AgentError::Server("unexpected attestation challenge".into()))?;
+            let mut message = X509POP_CONTEXT.to_vec();
+            message.extend_from_slice(&msg.challenge);
+            let signature = node_key
+                .sign_x509(&message)
+                .map_err(|e| AgentError::Internal(e.to_string()))?;
+            tx.send(pb::AttestRequest {
+                data: None,
+                csr: vec![],
+                challenge_response: signature,
+            })
+            .await
+            .map_err(|_| AgentError::Server("the server closed the attestation".into()))?;
+        }
+    }
+
+    /// Renews the agent SVID with a new key.
+    pub async fn renew(&self, current: &Identity) -> Result<Identity, AgentError> {
+        let key = KeyPair::generate(KeyAlgorithm::EcdsaP256)
+            .map_err(|e| AgentError::Internal(e.to_string()))?;
+        let csr = Csr::create(&key).map_err(|e| AgentError::Internal(e.to_string()))?;
+        let resp = self
+            .api()
+            .renew(pb::RenewRequest { csr })
+            .await
+            .map_err(AgentError::from_status)?
+            .into_inner();
+        let chain = resp
+            .svid_chain
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect();
+        Identity::from_chain(key, chain, Some(&current.spiffe_id))
+    }
+}
+
+fn make_channel(
+    address: &str,
+    server_id: &SpiffeId,
+    bundle: &Arc<SharedBundle>,
+    certs: &Arc<SvidResolver>,
+) -> Result<Channel, AgentError> {
+    let verifier = Arc::new(SpiffeServerVerifier::new(server_id.clone(), bundle.clone()));
+    let tls = Arc::new(
+        oxid_tls::client_config(verifier, Some(certs.clone()))
+            .map_err(|e| AgentError::Internal(e.to_string()))?,
+    );
+    let address = address.to_owned();
+    let endpoint = Endpoint::try_from("http://oxid-server.invalid")
+        .map_err(|e| AgentError::Internal(e.to_string()))?
+        .connect_timeout(std::time::Duration::from_secs(10));
+    Ok(
+        endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+            let (tls, address) = (tls.clone(), address.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(address.as_str()).await?;
+                let name = ServerName::try_from("oxid-server").map_err(std::io::Error::other)?;
+                let stream = tokio_rustls::TlsConnector::from(tls)
+                    .connect(name, tcp)
+                    .await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        })),
+    )
+}

@@ -1,0 +1,165 @@
+//! The SVID manager: keeps an X509-SVID for every authorised entry, signed
+//! in batches with keys generated here, replaced at about half-life with
+//! ±10 % jitter (so thousands of SVIDs never renew in one burst) and at once
+//! when their entry changes.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use oxid_pki::x509::Csr;
+use oxid_pki::{KeyAlgorithm, KeyPair};
+use oxid_proto::agent as pb;
+use ring::rand::SecureRandom as _;
+use rustls_pki_types::CertificateDer;
+
+use crate::cache::{Cache, Entry, HeldSvid};
+use crate::server::ServerClient;
+
+/// CSRs per `SignX509Svids` call.
+const BATCH: usize = 500;
+
+/// When to replace an SVID valid from `issued` to `not_after`: at half its
+/// life, moved by up to ±10 % of the life.
+pub(crate) fn rotate_at(issued: SystemTime, not_after: SystemTime, jitter_unit: f64) -> SystemTime {
+    let life = not_after.duration_since(issued).unwrap_or_default();
+    let offset = life.mul_f64(0.4 + 0.2 * jitter_unit.clamp(0.0, 1.0));
+    issued + offset
+}
+
+fn random_unit() -> f64 {
+    let mut b = [0u8; 2];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX)
+}
+
+/// Entries that need a (new) SVID now.
+fn due<'a>(
+    entries: &'a [Entry],
+    held: &std::collections::HashMap<String, Arc<HeldSvid>>,
+    now: SystemTime,
+) -> Vec<&'a Entry> {
+    entries
+        .iter()
+        .filter(|e| match held.get(&e.id) {
+            None => true,
+            Some(s) => s.entry_revision != e.revision || now >= s.rotate_at,
+        })
+        .collect()
+}
+
+/// Runs forever: sign what is due, then sleep until the next rotation or
+/// the next cache change.
+pub(crate) async fn run(server: Arc<ServerClient>, cache: Arc<Cache>) {
+    let mut changes = cache.subscribe();
+    loop {
+        let snapshot = cache.current();
+        let now = SystemTime::now();
+        let todo: Vec<Entry> = due(&snapshot.entries, &snapshot.svids, now)
+            .into_iter()
+            .cloned()
+            .collect();
+        let mut failed = false;
+        for chunk in todo.chunks(BATCH) {
+            match sign(&server, chunk).await {
+                Ok(signed) => {
+                    cache.update(|old| {
+                        let mut next = old.clone_shallow();
+                        for (id, svid) in signed {
+                            // Only for entries still authorised.
+                            if next.entries.iter().any(|e| e.id == id) {
+                                next.svids.insert(id, Arc::new(svid));
+                            }
+                        }
+                        next
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "signing SVIDs failed; will retry");
+                    failed = true;
+                }
+            }
+        }
+        changes.borrow_and_update();
+        let snapshot = cache.current();
+        let next_rotation = snapshot
+            .svids
+            .values()
+            .map(|s| s.rotate_at)
+            .min()
+            .and_then(|t| t.duration_since(SystemTime::now()).ok())
+            .unwrap_or(Duration::from_secs(3600));
+        let wait = if failed {
+            crate::sync::jittered(Duration::from_secs(2))
+        } else {
+            next_rotation
+        };
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+async fn sign(server: &ServerClient, entries: &[Entry]) -> Result<Vec<(String, HeldSvid)>, String> {
+    let mut keys = Vec::with_capacity(entries.len());
+    let mut requests = Vec::with_capacity(entries.len());
+    for e in entries {
+        let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).map_err(|e| e.to_string())?;
+        requests.push(pb::SvidRequest {
+            entry_id: e.id.clone(),
+            csr: Csr::create(&key).map_err(|e| e.to_string())?,
+        });
+        keys.push((e.id.clone(), e.revision, key));
+    }
+    let issued_at = SystemTime::now();
+    let resp = server
+        .api()
+        .sign_x509_svids(pb::SignX509SvidsRequest { requests })
+        .await
+        .map_err(|s| s.message().to_owned())?
+        .into_inner();
+    let mut out = Vec::with_capacity(keys.len());
+    for ((id, revision, key), signed) in keys.into_iter().zip(resp.svids) {
+        if !signed.error.is_empty() || signed.entry_id != id {
+            tracing::warn!(entry = %id, error = %signed.error, "the server refused an SVID");
+            continue;
+        }
+        let chain: Vec<CertificateDer<'static>> = signed
+            .cert_chain
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect();
+        let not_after = SystemTime::UNIX_EPOCH + Duration::from_secs(signed.expires_at);
+        out.push((
+            id,
+            HeldSvid {
+                chain,
+                key,
+                entry_revision: revision,
+                issued_at,
+                not_after,
+                rotate_at: rotate_at(issued_at, not_after, random_unit()),
+            },
+        ));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_is_at_half_life_with_ten_percent_jitter() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let end = t0 + Duration::from_secs(3600);
+        assert_eq!(rotate_at(t0, end, 0.5), t0 + Duration::from_secs(1800));
+        assert_eq!(rotate_at(t0, end, 0.0), t0 + Duration::from_secs(1440));
+        assert_eq!(rotate_at(t0, end, 1.0), t0 + Duration::from_secs(2160));
+        assert_eq!(
+            rotate_at(t0, end, 7.0),
+            t0 + Duration::from_secs(2160),
+            "clamped"
+        );
+    }
+}

@@ -1,0 +1,174 @@
+//! Follows the server's sync stream into the cache, reconnecting with
+//! jittered exponential backoff. While the server is unreachable the agent
+//! keeps serving what it has.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use oxid_pki::TrustDomain;
+use oxid_pki::bundle::Bundle;
+use oxid_proto::agent as pb;
+use oxid_tls::SharedBundle;
+use ring::rand::SecureRandom as _;
+
+use crate::cache::{Cache, Entry};
+use crate::server::ServerClient;
+
+/// Bounds of the reconnect backoff.
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// `base` scaled by a random factor in [0.5, 1.5), so agents that lost the
+/// server together do not return together.
+pub(crate) fn jittered(base: Duration) -> Duration {
+    let mut b = [0u8; 2];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    let unit = f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX);
+    base.mul_f64(0.5 + unit)
+}
+
+/// The entries and bundles being assembled from one snapshot or delta.
+#[derive(Default)]
+struct View {
+    revision: u64,
+    entries: HashMap<String, Entry>,
+    bundles: BTreeMap<TrustDomain, Arc<Bundle>>,
+}
+
+/// Runs forever: sync, apply, publish; on error, back off and retry.
+pub(crate) async fn run(
+    server: Arc<ServerClient>,
+    cache: Arc<Cache>,
+    tls_bundle: Arc<SharedBundle>,
+    data_dir: PathBuf,
+) {
+    let mut backoff = BACKOFF_MIN;
+    let mut view = View::default();
+    loop {
+        match follow(&server, &cache, &tls_bundle, &data_dir, &mut view).await {
+            Ok(()) => backoff = BACKOFF_MIN,
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), error = %status.message(), "sync interrupted; retrying");
+                tokio::time::sleep(jittered(backoff)).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+async fn follow(
+    server: &ServerClient,
+    cache: &Cache,
+    tls_bundle: &SharedBundle,
+    data_dir: &std::path::Path,
+    view: &mut View,
+) -> Result<(), tonic::Status> {
+    let mut stream = server
+        .api()
+        .sync(pb::SyncRequest {
+            revision: view.revision,
+        })
+        .await?
+        .into_inner();
+    let mut staging: Option<View> = None;
+    while let Some(page) = stream.message().await? {
+        let target = if page.snapshot {
+            staging.insert(View::default())
+        } else {
+            staging.get_or_insert_with(|| View {
+                revision: view.revision,
+                entries: view.entries.clone(),
+                bundles: view.bundles.clone(),
+            })
+        };
+        apply(target, &page, &cache.trust_domain);
+        if page.more {
+            continue;
+        }
+        // A page without `more` completes the snapshot or delta.
+        if let Some(done) = staging.take() {
+            *view = done;
+            publish(view, cache, tls_bundle, data_dir);
+        }
+    }
+    Ok(())
+}
+
+fn apply(view: &mut View, page: &pb::SyncResponse, own: &TrustDomain) {
+    view.revision = page.revision;
+    for e in &page.upserts {
+        if let Some(entry) = Entry::from_pb(e) {
+            view.entries.insert(entry.id.clone(), entry);
+        }
+    }
+    for id in &page.removed_ids {
+        view.entries.remove(id);
+    }
+    for b in &page.bundles {
+        let Ok(td) = TrustDomain::new(&b.trust_domain) else {
+            continue;
+        };
+        match Bundle::from_spiffe_json(td.clone(), b.spiffe_json.as_bytes()) {
+            Ok(bundle) => {
+                view.bundles.insert(td, Arc::new(bundle));
+            }
+            Err(e) => {
+                tracing::warn!(trust_domain = %td, error = %e, "ignoring an unreadable bundle")
+            }
+        }
+    }
+    for td in &page.removed_bundles {
+        if let Ok(td) = TrustDomain::new(td) {
+            if &td != own {
+                view.bundles.remove(&td);
+            }
+        }
+    }
+}
+
+fn publish(view: &View, cache: &Cache, tls_bundle: &SharedBundle, data_dir: &std::path::Path) {
+    let mut entries: Vec<Entry> = view.entries.values().cloned().collect();
+    entries.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    if let Some(own) = view.bundles.get(&cache.trust_domain) {
+        // The TLS verifier follows the synced bundle, so CA rotation on the
+        // server never locks the agent out; persisted for restarts.
+        tls_bundle.set(own.as_ref().clone());
+        if let Err(e) = crate::state::save_bundle(data_dir, own) {
+            tracing::warn!(error = %e, "cannot persist the bundle");
+        }
+    }
+    let bundles = view.bundles.clone();
+    cache.update(|old| {
+        let mut next = old.clone_shallow();
+        next.synced = true;
+        next.entries = entries;
+        next.bundles = bundles;
+        // SVIDs of entries that left are dropped at once.
+        next.svids
+            .retain(|id, _| next.entries.iter().any(|e| &e.id == id));
+        next
+    });
+    tracing::debug!(
+        revision = view.revision,
+        entries = view.entries.len(),
+        "synced"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_half_and_one_and_a_half() {
+        for _ in 0..1000 {
+            let d = jittered(Duration::from_secs(10));
+            assert!(
+                d >= Duration::from_secs(5) && d < Duration::from_secs(15),
+                "{d:?}"
+            );
+        }
+    }
+}

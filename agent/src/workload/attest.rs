@@ -1,0 +1,250 @@
+//! The `unix` workload attestor: who is calling, from the socket's peer
+//! credentials and `/proc`.
+//!
+//! The caller is pinned with a pidfd before anything is read, and checked
+//! again after: if it exited meanwhile (and its PID could have been reused
+//! by another process), attestation is refused. Where the kernel has no
+//! pidfd, the process start time is compared before and after instead.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::Read as _;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use oxid_pki::Selector;
+
+/// Largest executable hashed for `unix:sha256` (bigger ones get no hash
+/// selector rather than stalling the call).
+pub const MAX_HASH_BYTES: u64 = 1 << 30;
+
+/// Why a caller could not be attested.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AttestError {
+    /// The process went away during attestation (its PID may be reused).
+    #[error("the calling process exited during attestation")]
+    ProcessExited,
+    /// `/proc` could not be read for the caller.
+    #[error("cannot inspect the calling process: {0}")]
+    Proc(String),
+}
+
+/// File identity used as the hash cache key: a replaced or modified
+/// executable never reuses a stale hash.
+type FileKey = (u64, u64, u64, i64, i64, i64, i64);
+
+/// The attestor, with its executable-hash cache.
+#[derive(Debug, Default)]
+pub struct UnixAttestor {
+    hashes: Mutex<HashMap<FileKey, String>>,
+}
+
+/// Where the attestor reads user and group names (tests point elsewhere).
+const PASSWD: &str = "/etc/passwd";
+const GROUP: &str = "/etc/group";
+
+impl UnixAttestor {
+    /// Selectors of process `pid` running as `uid`/`gid`.
+    pub fn attest(&self, pid: i32, uid: u32, gid: u32) -> Result<BTreeSet<Selector>, AttestError> {
+        let pidfd = rustix::process::Pid::from_raw(pid).and_then(|p| {
+            rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
+        });
+        let started = start_time(pid)?;
+        let selectors = self.inspect(pid, uid, gid)?;
+        let alive = match &pidfd {
+            // A pidfd becomes readable when its process exits.
+            Some(fd) => {
+                let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
+                let timeout = rustix::event::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                matches!(rustix::event::poll(&mut fds, Some(&timeout)), Ok(0))
+            }
+            None => true,
+        };
+        if !alive || start_time(pid).ok() != Some(started) {
+            return Err(AttestError::ProcessExited);
+        }
+        Ok(selectors)
+    }
+
+    fn inspect(&self, pid: i32, uid: u32, gid: u32) -> Result<BTreeSet<Selector>, AttestError> {
+        let mut out = BTreeSet::new();
+        let mut add = |kind: &str, value: String| {
+            if let Ok(s) = Selector::new(kind, &value) {
+                out.insert(s);
+            }
+        };
+        add("unix", format!("uid:{uid}"));
+        add("unix", format!("gid:{gid}"));
+        let users = read_names(PASSWD);
+        let groups = read_names(GROUP);
+        if let Some(name) = users.get(&uid) {
+            add("unix", format!("user:{name}"));
+        }
+        if let Some(name) = groups.get(&gid) {
+            add("unix", format!("group:{name}"));
+        }
+        for g in supplementary_gids(pid)? {
+            add("unix", format!("supplementary_gid:{g}"));
+            if let Some(name) = groups.get(&g) {
+                add("unix", format!("supplementary_group:{name}"));
+            }
+        }
+        let exe = PathBuf::from(format!("/proc/{pid}/exe"));
+        let path = std::fs::read_link(&exe)
+            .map_err(|e| AttestError::Proc(format!("{}: {e}", exe.display())))?;
+        let shown = path.display().to_string();
+        // A deleted or replaced executable shows " (deleted)": no path then.
+        if !shown.ends_with(" (deleted)") {
+            add("unix", format!("path:{shown}"));
+        }
+        if let Some(hash) = self.hash(&exe)? {
+            add("unix", format!("sha256:{hash}"));
+        }
+        Ok(out)
+    }
+
+    /// SHA-256 of the executable, read through `/proc/<pid>/exe` (the file the
+    /// process runs, even if the path now names another), cached by identity.
+    fn hash(&self, exe: &std::path::Path) -> Result<Option<String>, AttestError> {
+        let mut file = std::fs::File::open(exe)
+            .map_err(|e| AttestError::Proc(format!("{}: {e}", exe.display())))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| AttestError::Proc(e.to_string()))?;
+        if meta.size() > MAX_HASH_BYTES {
+            return Ok(None);
+        }
+        let key: FileKey = (
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+            meta.ctime(),
+            meta.ctime_nsec(),
+        );
+        if let Some(h) = self
+            .hashes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return Ok(Some(h.clone()));
+        }
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = file
+                .read(&mut buf)
+                .map_err(|e| AttestError::Proc(e.to_string()))?;
+            if n == 0 {
+                break;
+            }
+            ctx.update(&buf[..n]);
+        }
+        let hex: String = ctx
+            .finish()
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let mut cache = self.hashes.lock().unwrap_or_else(|e| e.into_inner());
+        // Bound the cache: a host has few distinct executables, but a hostile
+        // caller could cycle through many files.
+        if cache.len() >= 4096 {
+            cache.clear();
+        }
+        cache.insert(key, hex.clone());
+        Ok(Some(hex))
+    }
+}
+
+/// Field 22 of `/proc/<pid>/stat`: start time in clock ticks since boot.
+fn start_time(pid: i32) -> Result<u64, AttestError> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|_| AttestError::ProcessExited)?;
+    // The command name (field 2) may hold spaces and parentheses: skip past
+    // its last ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| AttestError::Proc("unreadable stat".into()))?;
+    rest.split_whitespace()
+        .nth(19)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| AttestError::Proc("unreadable stat".into()))
+}
+
+fn supplementary_gids(pid: i32) -> Result<Vec<u32>, AttestError> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|_| AttestError::ProcessExited)?;
+    Ok(status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// id → name from a passwd/group-format file.
+fn read_names(path: &str) -> HashMap<u32, String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let mut f = line.split(':');
+            let name = f.next()?;
+            let id = f.nth(1)?.parse().ok()?;
+            Some((id, name.to_owned()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attests_this_process() {
+        let pid = i32::try_from(std::process::id()).unwrap();
+        let a = UnixAttestor::default();
+        let s = a.attest(pid, 0, 0).unwrap();
+        let text: Vec<String> = s.iter().map(ToString::to_string).collect();
+        assert!(text.contains(&"unix:uid:0".to_owned()));
+        let exe = std::env::current_exe().unwrap();
+        assert!(
+            text.contains(&format!("unix:path:{}", exe.display())),
+            "{text:?}"
+        );
+        let sha = text.iter().find(|t| t.starts_with("unix:sha256:")).unwrap();
+        let expected = ring::digest::digest(&ring::digest::SHA256, &std::fs::read(&exe).unwrap());
+        let hex: String = expected
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(sha, &format!("unix:sha256:{hex}"));
+        // The second time comes from the cache, with the same answer.
+        assert_eq!(a.attest(pid, 0, 0).unwrap(), s);
+    }
+
+    #[test]
+    fn a_dead_process_is_refused() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        child.wait().unwrap();
+        assert!(UnixAttestor::default().attest(pid, 0, 0).is_err());
+    }
+
+    #[test]
+    fn stat_with_odd_command_names() {
+        assert!(start_time(i32::try_from(std::process::id()).unwrap()).unwrap() > 0);
+    }
+}

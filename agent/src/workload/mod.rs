@@ -1,0 +1,397 @@
+//! The SPIFFE Workload API on a Unix socket, exactly as the wire contract in
+//! DESIGN.md says: the `workload.spiffe.io: true` header, `PermissionDenied
+//! "no identity issued"`, `Unavailable` until the first sync, full state on
+//! every change, never an empty field.
+
+pub mod attest;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use oxid_pki::bundle::Bundle;
+use oxid_pki::{Selector, SpiffeId, TrustDomain};
+use oxid_proto::agent as agent_pb;
+use oxid_proto::workload as pb;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+
+use self::attest::UnixAttestor;
+use crate::cache::{Cache, Entry, Snapshot};
+use crate::server::ServerClient;
+
+/// The message SPIFFE clients match on when a caller has no identity.
+const NO_IDENTITY: &str = "no identity issued";
+
+/// Rejects calls without the security header (clients do not retry this).
+#[allow(clippy::result_large_err)]
+pub fn check_header(req: Request<()>) -> Result<Request<()>, Status> {
+    match req.metadata().get("workload.spiffe.io") {
+        Some(v) if v == "true" => Ok(req),
+        _ => Err(Status::invalid_argument(
+            "security header missing from request",
+        )),
+    }
+}
+
+/// A cached JWT-SVID.
+struct CachedJwt {
+    token: String,
+    refresh_at: SystemTime,
+}
+
+/// The Workload API.
+pub struct WorkloadApi {
+    cache: Arc<Cache>,
+    server: Arc<ServerClient>,
+    attestor: Arc<UnixAttestor>,
+    /// JWT-SVIDs by (entry ID, audiences), kept until half their life.
+    jwts: Mutex<HashMap<(String, Vec<String>), CachedJwt>>,
+}
+
+impl WorkloadApi {
+    /// A Workload API over `cache`, minting JWT-SVIDs through `server`.
+    pub fn new(cache: Arc<Cache>, server: Arc<ServerClient>, attestor: Arc<UnixAttestor>) -> Self {
+        Self {
+            cache,
+            server,
+            attestor,
+            jwts: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// The caller's selectors, from its socket credentials.
+fn caller_selectors<T>(
+    attestor: &UnixAttestor,
+    req: &Request<T>,
+) -> Result<BTreeSet<Selector>, Status> {
+    let cred = req
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+        .ok_or_else(|| Status::permission_denied("cannot identify the calling process"))?;
+    let pid = cred
+        .pid()
+        .ok_or_else(|| Status::permission_denied("cannot identify the calling process"))?;
+    attestor.attest(pid, cred.uid(), cred.gid()).map_err(|e| {
+        tracing::warn!(pid, uid = cred.uid(), error = %e, "workload attestation refused");
+        Status::permission_denied(format!("workload attestation failed: {e}"))
+    })
+}
+
+/// `Unavailable` before the first sync, `PermissionDenied` after.
+fn no_identity(snapshot: &Snapshot) -> Status {
+    if snapshot.synced {
+        Status::permission_denied(NO_IDENTITY)
+    } else {
+        Status::unavailable("the agent has not synced with the server yet")
+    }
+}
+
+fn td_key(td: &TrustDomain) -> String {
+    td.id().to_string()
+}
+
+/// Bundles a caller with `entries` receives: its own trust domain's, and
+/// the federated ones its entries ask for (when known).
+fn bundles_for<'a>(
+    snapshot: &'a Snapshot,
+    own: &TrustDomain,
+    entries: &[&Entry],
+) -> BTreeMap<TrustDomain, &'a Arc<Bundle>> {
+    let mut out = BTreeMap::new();
+    if let Some(b) = snapshot.bundles.get(own) {
+        out.insert(own.clone(), b);
+    }
+    for e in entries {
+        for td in &e.federates_with {
+            if let Some(b) = snapshot.bundles.get(td) {
+                out.insert(td.clone(), b);
+            }
+        }
+    }
+    out
+}
+
+fn x509_response(
+    snapshot: &Snapshot,
+    own: &TrustDomain,
+    selectors: &BTreeSet<Selector>,
+) -> Result<Option<pb::X509svidResponse>, Status> {
+    let entries: Vec<&Entry> = snapshot.matching(selectors).collect();
+    if entries.is_empty() {
+        return Err(no_identity(snapshot));
+    }
+    let bundles = bundles_for(snapshot, own, &entries);
+    let own_bundle = bundles
+        .get(own)
+        .map(|b| b.x509_authorities_der())
+        .filter(|b| !b.is_empty());
+    let Some(own_bundle) = own_bundle else {
+        return Ok(None); // no bundle yet: wait rather than send an empty one
+    };
+    let now = SystemTime::now();
+    let svids: Vec<pb::X509svid> = entries
+        .iter()
+        .filter_map(|e| {
+            let held = snapshot.svids.get(&e.id)?;
+            (held.not_after > now).then(|| pb::X509svid {
+                spiffe_id: e.spiffe_id.to_string(),
+                x509_svid: oxid_pki::x509::concat_der(&held.chain),
+                x509_svid_key: held.key.pkcs8_der().to_vec(),
+                bundle: own_bundle.clone(),
+                hint: e.hint.clone(),
+            })
+        })
+        .collect();
+    if svids.is_empty() {
+        return Ok(None); // being signed: the next snapshot carries them
+    }
+    let federated_bundles = bundles
+        .iter()
+        .filter(|(td, _)| *td != own)
+        .map(|(td, b)| (td_key(td), b.x509_authorities_der()))
+        .filter(|(_, der)| !der.is_empty())
+        .collect();
+    Ok(Some(pb::X509svidResponse {
+        svids,
+        crl: vec![],
+        federated_bundles,
+    }))
+}
+
+type WatchStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Streams `compute(snapshot)` on every snapshot change, skipping repeats
+/// and `None` (not ready to answer yet). An error ends the stream.
+fn watch_stream<T, F>(cache: Arc<Cache>, compute: F) -> WatchStream<T>
+where
+    T: Clone + PartialEq + Send + Sync + 'static,
+    F: Fn(&Snapshot) -> Result<Option<T>, Status> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        let mut changes = cache.subscribe();
+        let mut last: Option<T> = None;
+        loop {
+            let snapshot = changes.borrow_and_update().clone();
+            match compute(&snapshot) {
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+                Ok(Some(msg)) if last.as_ref() != Some(&msg) => {
+                    if tx.send(Ok(msg.clone())).await.is_err() {
+                        return;
+                    }
+                    last = Some(msg);
+                }
+                Ok(_) => {}
+            }
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                () = tx.closed() => return,
+                // SVIDs can expire without a snapshot change.
+                () = tokio::time::sleep(Duration::from_secs(30)) => {}
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+#[tonic::async_trait]
+impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = WatchStream<pb::X509svidResponse>;
+    type FetchX509BundlesStream = WatchStream<pb::X509BundlesResponse>;
+    type FetchJWTBundlesStream = WatchStream<pb::JwtBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        req: Request<pb::X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let selectors = caller_selectors(&self.attestor, &req)?;
+        let own = self.cache.trust_domain.clone();
+        x509_response(&self.cache.current(), &own, &selectors)?;
+        Ok(Response::new(watch_stream(self.cache.clone(), move |s| {
+            x509_response(s, &own, &selectors)
+        })))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        req: Request<pb::X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        let selectors = caller_selectors(&self.attestor, &req)?;
+        let own = self.cache.trust_domain.clone();
+        let compute = move |s: &Snapshot| {
+            let entries: Vec<&Entry> = s.matching(&selectors).collect();
+            if entries.is_empty() {
+                return Err(no_identity(s));
+            }
+            let bundles: HashMap<String, Vec<u8>> = bundles_for(s, &own, &entries)
+                .iter()
+                .map(|(td, b)| (td_key(td), b.x509_authorities_der()))
+                .filter(|(_, der)| !der.is_empty())
+                .collect();
+            Ok((!bundles.is_empty()).then_some(pb::X509BundlesResponse {
+                crl: vec![],
+                bundles,
+            }))
+        };
+        compute(&self.cache.current())?;
+        Ok(Response::new(watch_stream(self.cache.clone(), compute)))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        req: Request<pb::JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        let selectors = caller_selectors(&self.attestor, &req)?;
+        let own = self.cache.trust_domain.clone();
+        let compute = move |s: &Snapshot| {
+            let entries: Vec<&Entry> = s.matching(&selectors).collect();
+            if entries.is_empty() {
+                return Err(no_identity(s));
+            }
+            let bundles: HashMap<String, Vec<u8>> = bundles_for(s, &own, &entries)
+                .iter()
+                .map(|(td, b)| (td_key(td), b.to_jwks_json().into_bytes()))
+                .collect();
+            Ok((!bundles.is_empty()).then_some(pb::JwtBundlesResponse { bundles }))
+        };
+        compute(&self.cache.current())?;
+        Ok(Response::new(watch_stream(self.cache.clone(), compute)))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        req: Request<pb::JwtsvidRequest>,
+    ) -> Result<Response<pb::JwtsvidResponse>, Status> {
+        let selectors = caller_selectors(&self.attestor, &req)?;
+        let r = req.into_inner();
+        oxid_pki::jwt::check_audiences(&r.audience)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let wanted: Option<SpiffeId> = if r.spiffe_id.is_empty() {
+            None
+        } else {
+            Some(
+                r.spiffe_id
+                    .parse()
+                    .map_err(|e| Status::invalid_argument(format!("spiffe_id: {e}")))?,
+            )
+        };
+        let snapshot = self.cache.current();
+        let entries: Vec<Entry> = snapshot
+            .matching(&selectors)
+            .filter(|e| wanted.as_ref().is_none_or(|w| w == &e.spiffe_id))
+            .cloned()
+            .collect();
+        if entries.is_empty() {
+            return Err(no_identity(&snapshot));
+        }
+        let mut svids = Vec::with_capacity(entries.len());
+        for e in &entries {
+            svids.push(pb::Jwtsvid {
+                spiffe_id: e.spiffe_id.to_string(),
+                svid: self.jwt_for(e, &r.audience).await?,
+                hint: e.hint.clone(),
+            });
+        }
+        Ok(Response::new(pb::JwtsvidResponse { svids }))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        req: Request<pb::ValidateJwtsvidRequest>,
+    ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
+        let r = req.into_inner();
+        if r.audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        if r.svid.is_empty() {
+            return Err(Status::invalid_argument("svid must be specified"));
+        }
+        let snapshot = self.cache.current();
+        let bundles: BTreeMap<TrustDomain, Bundle> = snapshot
+            .bundles
+            .iter()
+            .map(|(td, b)| (td.clone(), b.as_ref().clone()))
+            .collect();
+        let verified =
+            oxid_pki::jwt::verify_jwt_svid(&r.svid, &bundles, &r.audience, SystemTime::now())
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(pb::ValidateJwtsvidResponse {
+            spiffe_id: verified.spiffe_id.to_string(),
+            claims: Some(to_struct(verified.claims)),
+        }))
+    }
+}
+
+impl WorkloadApi {
+    /// A JWT-SVID for `entry` and `audiences`: cached until half its life.
+    async fn jwt_for(&self, entry: &Entry, audiences: &[String]) -> Result<String, Status> {
+        let key = (entry.id.clone(), audiences.to_vec());
+        let now = SystemTime::now();
+        if let Some(c) = self
+            .jwts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            if now < c.refresh_at {
+                return Ok(c.token.clone());
+            }
+        }
+        let minted = self
+            .server
+            .api()
+            .mint_jwt_svid(agent_pb::MintJwtSvidRequest {
+                entry_id: entry.id.clone(),
+                audience: audiences.to_vec(),
+            })
+            .await
+            .map_err(|s| match s.code() {
+                tonic::Code::InvalidArgument => s,
+                tonic::Code::PermissionDenied => Status::permission_denied(NO_IDENTITY),
+                _ => Status::unavailable(format!("cannot reach the server: {}", s.message())),
+            })?
+            .into_inner();
+        let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(minted.expires_at);
+        let refresh_at = now + expiry.duration_since(now).unwrap_or_default() / 2;
+        let mut jwts = self.jwts.lock().unwrap_or_else(|e| e.into_inner());
+        jwts.retain(|_, c| c.refresh_at > now);
+        jwts.insert(
+            key,
+            CachedJwt {
+                token: minted.token.clone(),
+                refresh_at,
+            },
+        );
+        Ok(minted.token)
+    }
+}
+
+fn to_struct(map: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: map.into_iter().map(|(k, v)| (k, to_value(v))).collect(),
+    }
+}
+
+fn to_value(v: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        serde_json::Value::String(s) => Kind::StringValue(s),
+        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.into_iter().map(to_value).collect(),
+        }),
+        serde_json::Value::Object(o) => Kind::StructValue(to_struct(o)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}

@@ -1,0 +1,350 @@
+//! The agent end to end, in process: a real server (temp dir, port 0), a
+//! real agent attesting with a join token, and the real `spiffe` crate as
+//! the workload, talking over the agent's Unix socket.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use hyper_util::rt::TokioIo;
+use oxid_agent::config::{AgentConfig, AgentFile};
+use oxid_proto::admin as admin_pb;
+use oxid_proto::admin::admin_client::AdminClient;
+use oxid_server::clock::SystemClock;
+use oxid_server::config::{Config, Overrides};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Harness {
+    dir: tempfile::TempDir,
+    _server: tokio::task::JoinHandle<Result<(), oxid_server::run::RunError>>,
+    stop_server: Option<tokio::sync::oneshot::Sender<()>>,
+    agent: Option<tokio::task::JoinHandle<Result<(), oxid_agent::AgentError>>>,
+    stop_agent: Option<tokio::sync::oneshot::Sender<()>>,
+    server_addr: std::net::SocketAddr,
+    agent_id: String,
+}
+
+async fn admin(socket: &Path) -> AdminClient<Channel> {
+    let path = socket.to_owned();
+    let channel = Endpoint::try_from("http://admin.invalid")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .unwrap();
+    AdminClient::new(channel)
+}
+
+impl Harness {
+    fn admin_socket(&self) -> PathBuf {
+        self.dir.path().join("server/admin.sock")
+    }
+
+    fn workload_socket(&self) -> PathBuf {
+        self.dir.path().join("agent-run/api.sock")
+    }
+
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::load(
+            None,
+            Overrides {
+                data_dir: Some(dir.path().join("server/data")),
+                socket_path: Some(dir.path().join("server/admin.sock")),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server_addr = listener.local_addr().unwrap();
+        let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(oxid_server::run::run_with(
+            config,
+            Arc::new(SystemClock),
+            oxid_server::run::Listeners {
+                agent_api: listener,
+                metrics: None,
+            },
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let mut h = Self {
+            dir,
+            _server: server,
+            stop_server: Some(stop_server),
+            agent: None,
+            stop_agent: None,
+            server_addr,
+            agent_id: String::new(),
+        };
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !h.admin_socket().exists() {
+            assert!(tokio::time::Instant::now() < deadline, "server not ready");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut a = admin(&h.admin_socket()).await;
+        let bundle = a
+            .get_bundle(admin_pb::GetBundleRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        std::fs::write(h.dir.path().join("bundle.pem"), bundle.pem).unwrap();
+        let token = a
+            .create_join_token(admin_pb::CreateJoinTokenRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        h.agent_id = format!("spiffe://example.org/oxid/agent/join_token/{}", token.id);
+        h.start_agent(Some(token.token));
+        h
+    }
+
+    fn start_agent(&mut self, token: Option<String>) {
+        let config = AgentConfig::load(
+            None,
+            AgentFile {
+                server_address: Some(self.server_addr.to_string()),
+                trust_bundle: Some(self.dir.path().join("bundle.pem")),
+                join_token: token,
+                data_dir: Some(self.dir.path().join("agent-data")),
+                socket_path: Some(self.workload_socket()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        self.agent = Some(tokio::spawn(oxid_agent::run::run(config, async {
+            let _ = stopped.await;
+        })));
+        self.stop_agent = Some(stop);
+    }
+
+    async fn stop_agent(&mut self) {
+        let _ = self.stop_agent.take().unwrap().send(());
+        self.agent.take().unwrap().await.unwrap().unwrap();
+    }
+
+    async fn client(&self) -> spiffe::WorkloadApiClient {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !self.workload_socket().exists() {
+            if self.agent.as_ref().unwrap().is_finished() {
+                panic!("agent exited early");
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "agent socket did not appear"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let endpoint = format!("unix://{}", self.workload_socket().display());
+        spiffe::WorkloadApiClient::connect_to(endpoint)
+            .await
+            .unwrap()
+    }
+
+    async fn create_entry(&self, spiffe_id: &str, selectors: &[&str]) {
+        let r = admin(&self.admin_socket())
+            .await
+            .create_entries(admin_pb::CreateEntriesRequest {
+                entries: vec![admin_pb::Entry {
+                    spiffe_id: spiffe_id.into(),
+                    parent_id: self.agent_id.clone(),
+                    selectors: selectors.iter().map(|s| s.to_string()).collect(),
+                    hint: "primary".into(),
+                    ..Default::default()
+                }],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.results[0].error.is_empty(), "{}", r.results[0].error);
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop_agent.take() {
+            let _ = s.send(());
+        }
+        if let Some(s) = self.stop_server.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+fn my_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self").unwrap().uid()
+}
+
+/// Retries `f` until it succeeds: the agent needs a moment to sync and
+/// sign after an entry is created (push, not poll, but not instant).
+async fn eventually<T, E: std::fmt::Debug, F, Fut>(mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => {
+                assert!(tokio::time::Instant::now() < deadline, "gave up: {e:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_spiffe_crate_gets_svids_bundles_and_jwts() {
+    let h = Harness::start().await;
+    let client = h.client().await;
+
+    // Synced but no entry for us yet: the exact "no identity issued".
+    let err = eventually(|| async {
+        match client.fetch_x509_svid().await {
+            Err(spiffe::WorkloadApiError::NoIdentityIssued) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let () = err;
+
+    let uid = format!("unix:uid:{}", my_uid());
+    let exe = std::env::current_exe().unwrap();
+    let path = format!("unix:path:{}", exe.display());
+    h.create_entry("spiffe://example.org/web", &[&uid, &path])
+        .await;
+    let svid = eventually(|| client.fetch_x509_svid()).await;
+    assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/web");
+    assert_eq!(svid.hint(), Some("primary"));
+
+    // Two matching entries: both SVIDs, in creation order.
+    h.create_entry("spiffe://example.org/web-admin", &[&uid])
+        .await;
+    let all = eventually(|| async {
+        let all = client
+            .fetch_all_x509_svids()
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        if all.len() == 2 {
+            Ok(all)
+        } else {
+            Err(format!("{} SVIDs", all.len()))
+        }
+    })
+    .await;
+    assert_eq!(all[0].spiffe_id().to_string(), "spiffe://example.org/web");
+    assert_eq!(
+        all[1].spiffe_id().to_string(),
+        "spiffe://example.org/web-admin"
+    );
+
+    let bundles = client.fetch_x509_bundles().await.unwrap();
+    let td = spiffe::TrustDomain::new("example.org").unwrap();
+    assert!(bundles.get(&td).is_some());
+
+    let jwt = client
+        .fetch_jwt_svid(&["spiffe://example.org/db"], None)
+        .await
+        .unwrap();
+    assert_eq!(jwt.spiffe_id().to_string(), "spiffe://example.org/web");
+    assert_eq!(jwt.audience(), ["spiffe://example.org/db"]);
+    // Validation by the agent...
+    let validated = client
+        .validate_jwt_token("spiffe://example.org/db", jwt.token())
+        .await
+        .unwrap();
+    assert_eq!(
+        validated.spiffe_id().to_string(),
+        "spiffe://example.org/web"
+    );
+    // ...and offline, from the JWT bundle the agent serves.
+    let jwt_bundles = client.fetch_jwt_bundles().await.unwrap();
+    spiffe::JwtSvid::parse_and_validate(jwt.token(), &jwt_bundles, &["spiffe://example.org/db"])
+        .unwrap();
+    // A cached JWT-SVID comes back for the same audience.
+    let again = client
+        .fetch_jwt_svid(&["spiffe://example.org/db"], None)
+        .await
+        .unwrap();
+    assert_eq!(again.token(), jwt.token());
+    // Wrong audience, bad tokens: refused.
+    assert!(
+        client
+            .validate_jwt_token("other", jwt.token())
+            .await
+            .is_err()
+    );
+    assert!(
+        client
+            .validate_jwt_token("spiffe://example.org/db", "not.a.jwt")
+            .await
+            .is_err()
+    );
+    let too_many: Vec<String> = (0..33).map(|i| format!("a{i}")).collect();
+    assert!(client.fetch_jwt_svid(&too_many, None).await.is_err());
+    let _ = SystemTime::now();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_without_the_security_header_are_refused() {
+    use oxid_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    let h = Harness::start().await;
+    let _ = h.client().await; // waits for the socket
+    let path = h.workload_socket();
+    let channel = Endpoint::try_from("http://workload.invalid")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .unwrap();
+    let mut raw = SpiffeWorkloadApiClient::new(channel);
+    let err = raw
+        .fetch_x509svid(oxid_proto::workload::X509svidRequest {})
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(err.message(), "security header missing from request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_agent_needs_no_new_token() {
+    let mut h = Harness::start().await;
+    let uid = format!("unix:uid:{}", my_uid());
+    h.create_entry("spiffe://example.org/web", &[&uid]).await;
+    {
+        let client = h.client().await;
+        eventually(|| client.fetch_x509_svid()).await;
+    }
+    h.stop_agent().await;
+    // No token this time: the saved identity and bundle are enough.
+    h.start_agent(None);
+    let client = h.client().await;
+    let svid = eventually(|| client.fetch_x509_svid()).await;
+    assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/web");
+    let key_mode = {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::metadata(h.dir.path().join("agent-data/agent.key"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(key_mode, 0o600);
+}
