@@ -49,6 +49,18 @@ fn main() -> Result<(), Box<dyn Error>> {
         }
     }
 
+    // The Workload API's own descriptor set (with its imports), for gRPC
+    // reflection on the agent's socket: it describes that API and no other.
+    let workload_fds = protox::Compiler::new(["."])?
+        .include_imports(true)
+        .open_files(["spiffe/workload.proto"])?
+        .file_descriptor_set();
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("workload_descriptor.bin"),
+        prost::Message::encode_to_vec(&workload_fds),
+    )?;
+
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

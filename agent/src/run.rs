@@ -74,9 +74,19 @@ pub async fn run(
 
     let listener = oxid_tls::socket::bind_unix_socket(&config.socket_path, 0o777)
         .map_err(|e| AgentError::Config(e.to_string()))?;
-    let api = WorkloadApi::new(cache, server, Arc::new(UnixAttestor::default()));
+    let api = WorkloadApi::new(cache.clone(), server, Arc::new(UnixAttestor::default()));
+    // gRPC health and reflection share the socket; neither needs the
+    // Workload API's security header. Health turns SERVING at first sync.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let health_task = tokio::spawn(report_health(health, cache));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(oxid_proto::WORKLOAD_FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| AgentError::Internal(e.to_string()))?;
     tracing::info!(socket = %config.socket_path.display(), "oxid-agent serving the Workload API");
     let result = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
         .add_service(
             oxid_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::with_interceptor(
                 api,
@@ -88,7 +98,7 @@ pub async fn run(
             shutdown,
         )
         .await;
-    for task in [renewer, syncer, signer] {
+    for task in [renewer, syncer, signer, health_task] {
         task.abort();
         let _ = task.await;
     }
@@ -171,6 +181,23 @@ async fn keep_identity(
                 tracing::warn!(error = %e, "renewing the agent SVID failed; retrying");
                 tokio::time::sleep(sync::jittered(Duration::from_secs(5))).await;
             }
+        }
+    }
+}
+
+/// Marks the Workload API service SERVING once the agent has synced.
+async fn report_health(reporter: tonic_health::server::HealthReporter, cache: Arc<Cache>) {
+    type Svc =
+        oxid_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer<WorkloadApi>;
+    reporter.set_not_serving::<Svc>().await;
+    let mut changes = cache.subscribe();
+    loop {
+        if changes.borrow_and_update().synced {
+            reporter.set_serving::<Svc>().await;
+            return;
+        }
+        if changes.changed().await.is_err() {
+            return;
         }
     }
 }

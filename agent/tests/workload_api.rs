@@ -348,3 +348,92 @@ async fn a_restarted_agent_needs_no_new_token() {
     };
     assert_eq!(key_mode, 0o600);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_and_reflection_share_the_socket() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    let h = Harness::start().await;
+    let _ = h.client().await;
+    let path = h.workload_socket();
+    let channel = Endpoint::try_from("http://workload.invalid")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .unwrap();
+    // No security header needed here.
+    let mut health = HealthClient::new(channel.clone());
+    let status = eventually(|| {
+        let mut health = health.clone();
+        async move {
+            let s = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: "SpiffeWorkloadAPI".into(),
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .into_inner()
+                .status;
+            if s == ServingStatus::Serving as i32 {
+                Ok(s)
+            } else {
+                Err(format!("status {s}"))
+            }
+        }
+    })
+    .await;
+    assert_eq!(status, ServingStatus::Serving as i32);
+    let unknown = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "nope".into(),
+        })
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+
+    // Reflection lists the Workload API (and only it, with health's).
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            ),
+        ),
+    };
+    let path = http::uri::PathAndQuery::from_static(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    );
+    let codec = tonic_prost::ProstCodec::<
+        tonic_reflection::pb::v1::ServerReflectionRequest,
+        tonic_reflection::pb::v1::ServerReflectionResponse,
+    >::default();
+    let mut responses = grpc
+        .streaming(
+            tonic::Request::new(tokio_stream::iter(vec![request])),
+            path,
+            codec,
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    let first = responses.message().await.unwrap().unwrap();
+    let Some(
+        tonic_reflection::pb::v1::server_reflection_response::MessageResponse::ListServicesResponse(
+            list,
+        ),
+    ) = first.message_response
+    else {
+        panic!("unexpected reflection answer");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&"SpiffeWorkloadAPI".to_owned()), "{names:?}");
+    assert!(!names.iter().any(|n| n.contains("oxid.admin")), "{names:?}");
+}

@@ -62,6 +62,11 @@ pub mod workload {
     include!(concat!(env!("OUT_DIR"), "/_.rs"));
 }
 
+/// The encoded `FileDescriptorSet` of the Workload API (and its imports),
+/// served by gRPC reflection on the agent's socket.
+pub const WORKLOAD_FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/workload_descriptor.bin"));
+
 /// oxid's agent API (`oxid.agent.v1`): node agents to the server, over TLS.
 pub mod agent {
     include!(concat!(env!("OUT_DIR"), "/oxid.agent.v1.rs"));
