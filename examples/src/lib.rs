@@ -33,8 +33,13 @@ impl SourceCerts {
             .iter()
             .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
             .collect();
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(svid.private_key().as_bytes().to_vec()));
-        let signer = oxid_tls::provider().key_provider.load_private_key(key).ok()?;
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+            svid.private_key().as_bytes().to_vec(),
+        ));
+        let signer = oxid_tls::provider()
+            .key_provider
+            .load_private_key(key)
+            .ok()?;
         Some(Arc::new(CertifiedKey::new(chain, signer)))
     }
 
@@ -95,7 +100,10 @@ impl oxid_tls::BundleSource for SourceBundle {
 
 /// Server TLS config: presents the source's SVID; accepts only clients whose
 /// SPIFFE ID is in `allowed`.
-pub fn server_config(source: Arc<X509Source>, allowed: Vec<SpiffeId>) -> Result<rustls::ServerConfig, String> {
+pub fn server_config(
+    source: Arc<X509Source>,
+    allowed: Vec<SpiffeId>,
+) -> Result<rustls::ServerConfig, String> {
     let td = allowed
         .first()
         .map(|id| id.trust_domain().clone())
@@ -115,7 +123,10 @@ pub fn server_config(source: Arc<X509Source>, allowed: Vec<SpiffeId>) -> Result<
 }
 
 /// Client TLS config: presents the source's SVID; accepts only `server_id`.
-pub fn client_config(source: Arc<X509Source>, server_id: SpiffeId) -> Result<rustls::ClientConfig, String> {
+pub fn client_config(
+    source: Arc<X509Source>,
+    server_id: SpiffeId,
+) -> Result<rustls::ClientConfig, String> {
     let bundles = Arc::new(SourceBundle {
         source: source.clone(),
         trust_domain: server_id.trust_domain().clone(),

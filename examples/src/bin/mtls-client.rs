@@ -50,15 +50,22 @@ async fn main() -> std::process::ExitCode {
 }
 
 type Conn = (
-    tokio::io::Lines<BufReader<tokio::io::ReadHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>>,
+    tokio::io::Lines<
+        BufReader<tokio::io::ReadHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>,
+    >,
     tokio::io::WriteHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
     String,
 );
 
 async fn connect(connector: &tokio_rustls::TlsConnector, addr: &str) -> Result<Conn, String> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
     let name = ServerName::try_from("mtls-server").map_err(|e| e.to_string())?;
-    let tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
+    let tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
     let serial = tls
         .get_ref()
         .1
@@ -96,8 +103,15 @@ async fn run(args: Args) -> Result<(), String> {
         let mut fresh = connect(&connector, &args.connect).await?;
         let mine = me.identity().map(|(_, s)| s).unwrap_or_default();
         let reply = ask(&mut fresh, &format!("request {i} on a new connection")).await?;
-        println!("client: new handshake with {} (my serial {mine}): {reply}", fresh.2);
-        let reply = ask(&mut long_lived, &format!("request {i} on the long-lived connection")).await?;
+        println!(
+            "client: new handshake with {} (my serial {mine}): {reply}",
+            fresh.2
+        );
+        let reply = ask(
+            &mut long_lived,
+            &format!("request {i} on the long-lived connection"),
+        )
+        .await?;
         println!("client: long-lived connection still up: {reply}");
         tokio::time::sleep(Duration::from_secs(args.interval)).await;
     }

@@ -45,7 +45,9 @@ async fn run(args: Args) -> Result<(), String> {
     let me = oxid_examples::SourceCerts(source.clone());
     let config = oxid_examples::server_config(source.clone(), args.allow)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = tokio::net::TcpListener::bind(&args.listen).await.map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     if let Some((id, serial)) = me.identity() {
         println!("server: I am {id} (certificate serial {serial})");
