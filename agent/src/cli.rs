@@ -24,6 +24,85 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent.
     Run(RunArgs),
+    /// Check a configuration file and exit.
+    Validate {
+        /// The configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Exit 0 if the agent's Workload API is serving (synced).
+    Healthcheck(ApiArgs),
+    /// Use the Workload API as a workload would.
+    #[command(subcommand)]
+    Api(ApiCommand),
+}
+
+/// Where the Workload API is and how to print.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ApiArgs {
+    /// Workload API socket (default: $SPIFFE_ENDPOINT_SOCKET, else the
+    /// agent's default socket).
+    #[arg(long)]
+    pub socket_path: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_parser = ["pretty", "json"], default_value = "pretty")]
+    pub output: String,
+}
+
+/// `api` commands.
+#[derive(Debug, Subcommand)]
+pub enum ApiCommand {
+    /// Fetch SVIDs.
+    #[command(subcommand)]
+    Fetch(FetchCommand),
+    /// Validate a JWT-SVID through the agent.
+    #[command(subcommand)]
+    Validate(ValidateCommand),
+    /// Print every X509-SVID update as it arrives (rotations, entry changes).
+    Watch(ApiArgs),
+}
+
+/// `api fetch` commands.
+#[derive(Debug, Subcommand)]
+pub enum FetchCommand {
+    /// This process's X509-SVIDs.
+    X509 {
+        /// Write svid.pem, svid.key (0600) and bundle.pem into this directory.
+        #[arg(long)]
+        write: Option<PathBuf>,
+        /// Socket and output.
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// A JWT-SVID.
+    Jwt {
+        /// Audience (repeatable, 1 to 32).
+        #[arg(long = "audience", required = true)]
+        audiences: Vec<String>,
+        /// Only this SPIFFE ID (when the process has several).
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// Socket and output.
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+/// `api validate` commands.
+#[derive(Debug, Subcommand)]
+pub enum ValidateCommand {
+    /// Validate a JWT-SVID for an audience.
+    Jwt {
+        /// The audience the token must carry.
+        #[arg(long)]
+        audience: String,
+        /// The token.
+        #[arg(long)]
+        svid: String,
+        /// Socket and output.
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 /// `run` flags; they win over the configuration file.
@@ -64,7 +143,23 @@ pub struct RunArgs {
 /// Entry point of the `oxid-agent` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Command::Run(args) = cli.command;
+    let args = match cli.command {
+        Command::Run(args) => args,
+        Command::Validate { config } => {
+            return finish(
+                AgentConfig::load(config.as_deref(), AgentFile::default()).map(|c| {
+                    crate::api_cli::say(&format!(
+                        "configuration is valid: trust domain {}, server {}, socket {}",
+                        c.trust_domain,
+                        c.server_address,
+                        c.socket_path.display()
+                    ));
+                }),
+            );
+        }
+        Command::Healthcheck(api) => return finish(block_on(crate::api_cli::healthcheck(api))),
+        Command::Api(cmd) => return finish(block_on(crate::api_cli::run(cmd))),
+    };
     let flags = AgentFile {
         server_address: args.server_address,
         trust_domain: args.trust_domain,
@@ -85,6 +180,10 @@ pub fn main() -> ExitCode {
             .map_err(|e| crate::AgentError::Internal(e.to_string()))?;
         rt.block_on(crate::run::run(config, shutdown_signal()))
     });
+    finish(result)
+}
+
+fn finish(result: Result<(), crate::AgentError>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -92,6 +191,16 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn block_on<F: std::future::Future<Output = Result<(), crate::AgentError>>>(
+    f: F,
+) -> Result<(), crate::AgentError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| crate::AgentError::Internal(e.to_string()))?
+        .block_on(f)
 }
 
 async fn shutdown_signal() {

@@ -7,6 +7,7 @@
 //! a Unix socket to the processes it can attest. Any SPIFFE client works
 //! unchanged: the wire contract is DESIGN.md's, not ours.
 
+mod api_cli;
 pub mod cache;
 pub mod cli;
 pub mod config;

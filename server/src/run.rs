@@ -53,6 +53,9 @@ pub enum RunError {
     X509Pop(String),
 }
 
+/// How long a stopping server waits for open calls to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// How often the rotation schedule is checked: often enough that a step is
 /// never more than 1/120 of the CA lifetime late, never busier than 1/s.
 fn rotation_interval(ca_ttl: Duration) -> Duration {
@@ -330,11 +333,23 @@ pub async fn run_with(
         data_dir = %data_dir.display(),
         "oxid-server ready"
     );
-    let signal = async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
+    // Stop on the signal; give open calls a grace period, then drop them.
+    let servers = async { tokio::join!(admin_api, agent_api) };
+    tokio::pin!(servers);
+    tokio::pin!(shutdown);
+    let (admin_result, agent_result) = tokio::select! {
+        results = &mut servers => results,
+        () = &mut shutdown => {
+            let _ = stop_tx.send(true);
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut servers).await {
+                Ok(results) => results,
+                Err(_) => {
+                    tracing::warn!("open connections did not close in time; dropping them");
+                    (Ok(()), Ok(()))
+                }
+            }
+        }
     };
-    let (admin_result, agent_result, ()) = tokio::join!(admin_api, agent_api, signal);
     // Wait for the background tasks to be gone: they hold the store, whose
     // lock must be released when `run` returns (a restart reopens it).
     rotation.abort();

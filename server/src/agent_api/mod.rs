@@ -134,7 +134,14 @@ pub async fn serve(
     ));
     let tls = oxid_tls::server_config(resolver, verifier).map_err(|e| e.to_string())?;
     let rpc_layer = crate::metrics::RpcLayer::new("agent", config.rpc_metrics.clone());
-    let service = AgentApiService::new(ca, store, index, clock, config, server_id)?;
+    // Long-lived streams (sync) must end when the server stops, or a
+    // graceful shutdown would wait for agents forever.
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopping_tx.send(true);
+    };
+    let service = AgentApiService::new(ca, store, index, clock, config, server_id, stopping)?;
     let (incoming, accept_task) = conn::incoming(listener, Arc::new(tls));
     let result = tonic::transport::Server::builder()
         .layer(rpc_layer)

@@ -81,6 +81,8 @@ pub(crate) struct Inner {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) config: AgentApiConfig,
     pub(crate) trust_domain: oxid_pki::TrustDomain,
+    /// Turns true when the server is stopping: open streams end.
+    pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The agent API service.
@@ -95,8 +97,10 @@ impl AgentApiService {
         clock: Arc<dyn Clock>,
         config: AgentApiConfig,
         server_id: SpiffeId,
+        stopping: tokio::sync::watch::Receiver<bool>,
     ) -> Result<Self, String> {
         Ok(Self(Arc::new(Inner {
+            stopping,
             trust_domain: server_id.trust_domain().clone(),
             ca,
             store,

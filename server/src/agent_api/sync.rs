@@ -54,6 +54,7 @@ pub(crate) fn start(
     tokio::spawn(async move {
         let mut sent = Sent::default();
         let mut changes = inner.index.subscribe();
+        let mut stopping = inner.stopping.clone();
         let mut snapshot = true;
         loop {
             changes.borrow_and_update();
@@ -94,6 +95,15 @@ pub(crate) fn start(
             tokio::select! {
                 r = changes.changed() => if r.is_err() { return },
                 () = tx.closed() => return,
+                r = stopping.changed() => {
+                    // Read the flag in its own statement: the borrow guard
+                    // must not live across an await.
+                    let stop = r.is_err() || *stopping.borrow();
+                    if stop {
+                        let _ = tx.send(Err(Status::unavailable("the server is shutting down"))).await;
+                        return;
+                    }
+                }
                 () = tokio::time::sleep(Duration::from_secs(60)) => {}
             }
         }

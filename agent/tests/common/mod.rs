@@ -1,0 +1,245 @@
+//! A test harness: a real server (in process, temp dir, port 0) and a real
+//! agent (in process) attested with a join token.
+#![allow(
+    dead_code,
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use oxid_agent::config::{AgentConfig, AgentFile};
+use oxid_proto::admin as admin_pb;
+use oxid_proto::admin::admin_client::AdminClient;
+use oxid_server::clock::SystemClock;
+use oxid_server::config::{Config, Overrides};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+pub const WAIT: Duration = Duration::from_secs(30);
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    server: Option<tokio::task::JoinHandle<Result<(), oxid_server::run::RunError>>>,
+    stop_server: Option<tokio::sync::oneshot::Sender<()>>,
+    agent: Option<tokio::task::JoinHandle<Result<(), oxid_agent::AgentError>>>,
+    stop_agent: Option<tokio::sync::oneshot::Sender<()>>,
+    pub server_addr: std::net::SocketAddr,
+    pub agent_id: String,
+}
+
+pub async fn admin(socket: &Path) -> AdminClient<Channel> {
+    let path = socket.to_owned();
+    let channel = Endpoint::try_from("http://admin.invalid")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .unwrap();
+    AdminClient::new(channel)
+}
+
+impl Harness {
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.path().join("server/admin.sock")
+    }
+
+    pub fn workload_socket(&self) -> PathBuf {
+        self.dir.path().join("agent-run/api.sock")
+    }
+
+    pub async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    /// Starts the server with `server_toml` and an agent attested to it.
+    pub async fn start_with(server_toml: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        // Traversable, so a workload of another uid can reach the socket.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        std::fs::write(dir.path().join("server.toml"), server_toml).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server_addr = listener.local_addr().unwrap();
+        let mut h = Self {
+            dir,
+            server: None,
+            stop_server: None,
+            agent: None,
+            stop_agent: None,
+            server_addr,
+            agent_id: String::new(),
+        };
+        h.spawn_server(listener);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !h.admin_socket().exists() {
+            assert!(tokio::time::Instant::now() < deadline, "server not ready");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut a = admin(&h.admin_socket()).await;
+        let bundle = a
+            .get_bundle(admin_pb::GetBundleRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        std::fs::write(h.dir.path().join("bundle.pem"), bundle.pem).unwrap();
+        let token = a
+            .create_join_token(admin_pb::CreateJoinTokenRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        h.agent_id = format!("spiffe://example.org/oxid/agent/join_token/{}", token.id);
+        h.start_agent(Some(token.token));
+        h
+    }
+
+    fn spawn_server(&mut self, listener: tokio::net::TcpListener) {
+        let config = Config::load(
+            Some(&self.dir.path().join("server.toml")),
+            Overrides {
+                data_dir: Some(self.dir.path().join("server/data")),
+                socket_path: Some(self.dir.path().join("server/admin.sock")),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();
+        self.server = Some(tokio::spawn(oxid_server::run::run_with(
+            config,
+            Arc::new(SystemClock),
+            oxid_server::run::Listeners {
+                agent_api: listener,
+                metrics: None,
+            },
+            async {
+                let _ = stopped.await;
+            },
+        )));
+        self.stop_server = Some(stop_server);
+    }
+
+    /// Stops the server (the agent keeps running).
+    pub async fn stop_server(&mut self) {
+        let _ = self.stop_server.take().unwrap().send(());
+        self.server.take().unwrap().await.unwrap().unwrap();
+    }
+
+    /// Starts the server again on the same address and data.
+    pub async fn restart_server(&mut self) {
+        let listener = tokio::net::TcpListener::bind(self.server_addr)
+            .await
+            .unwrap();
+        self.spawn_server(listener);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !self.admin_socket().exists() {
+            assert!(tokio::time::Instant::now() < deadline, "server not ready");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub fn start_agent(&mut self, token: Option<String>) {
+        let config = AgentConfig::load(
+            None,
+            AgentFile {
+                server_address: Some(self.server_addr.to_string()),
+                trust_bundle: Some(self.dir.path().join("bundle.pem")),
+                join_token: token,
+                data_dir: Some(self.dir.path().join("agent-data")),
+                socket_path: Some(self.workload_socket()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        self.agent = Some(tokio::spawn(oxid_agent::run::run(config, async {
+            let _ = stopped.await;
+        })));
+        self.stop_agent = Some(stop);
+    }
+
+    pub async fn stop_agent(&mut self) {
+        let _ = self.stop_agent.take().unwrap().send(());
+        self.agent.take().unwrap().await.unwrap().unwrap();
+    }
+
+    pub async fn client(&self) -> spiffe::WorkloadApiClient {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !self.workload_socket().exists() {
+            if self.agent.as_ref().unwrap().is_finished() {
+                panic!("agent exited early");
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "agent socket did not appear"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let endpoint = format!("unix://{}", self.workload_socket().display());
+        spiffe::WorkloadApiClient::connect_to(endpoint)
+            .await
+            .unwrap()
+    }
+
+    pub async fn create_entry(&self, spiffe_id: &str, selectors: &[&str]) {
+        let r = admin(&self.admin_socket())
+            .await
+            .create_entries(admin_pb::CreateEntriesRequest {
+                entries: vec![admin_pb::Entry {
+                    spiffe_id: spiffe_id.into(),
+                    parent_id: self.agent_id.clone(),
+                    selectors: selectors.iter().map(|s| s.to_string()).collect(),
+                    hint: "primary".into(),
+                    ..Default::default()
+                }],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.results[0].error.is_empty(), "{}", r.results[0].error);
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop_agent.take() {
+            let _ = s.send(());
+        }
+        if let Some(s) = self.stop_server.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+pub fn my_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self").unwrap().uid()
+}
+
+/// Retries `f` until it succeeds: the agent needs a moment to sync and
+/// sign after an entry is created (push, not poll, but not instant).
+pub async fn eventually<T, E: std::fmt::Debug, F, Fut>(mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => {
+                assert!(tokio::time::Instant::now() < deadline, "gave up: {e:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
