@@ -100,19 +100,36 @@ pub struct Snapshot {
     pub bundles: BTreeMap<TrustDomain, Arc<Bundle>>,
 }
 
+/// Counters the agent's metrics report.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// X509-SVIDs replaced (rotation or entry change).
+    pub rotations: std::sync::atomic::AtomicU64,
+    /// Workload attestations refused.
+    pub attestation_failures: std::sync::atomic::AtomicU64,
+    /// When the last sync snapshot or delta was applied.
+    pub last_sync: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
 /// The published snapshot.
 #[derive(Debug)]
 pub struct Cache {
     tx: watch::Sender<Arc<Snapshot>>,
     /// The agent's trust domain.
     pub trust_domain: TrustDomain,
+    /// Metrics counters.
+    pub counters: Counters,
 }
 
 impl Cache {
     /// An empty cache.
     pub fn new(trust_domain: TrustDomain) -> Self {
         let (tx, _) = watch::channel(Arc::new(Snapshot::default()));
-        Self { tx, trust_domain }
+        Self {
+            tx,
+            trust_domain,
+            counters: Counters::default(),
+        }
     }
 
     /// The current snapshot.

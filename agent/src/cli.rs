@@ -135,6 +135,9 @@ pub struct RunArgs {
     /// Workload API socket path.
     #[arg(long)]
     pub socket_path: Option<PathBuf>,
+    /// Address for /metrics, /live and /ready (ip:port; off if unset).
+    #[arg(long)]
+    pub metrics_address: Option<String>,
     /// Log format.
     #[arg(long, value_parser = ["human", "json"])]
     pub log_format: Option<String>,
@@ -169,6 +172,7 @@ pub fn main() -> ExitCode {
         node_key: args.node_key,
         data_dir: args.data_dir,
         socket_path: args.socket_path,
+        metrics_address: args.metrics_address,
         log_level: None,
         log_format: args.log_format,
     };

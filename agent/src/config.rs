@@ -36,6 +36,8 @@ pub struct AgentFile {
     pub data_dir: Option<PathBuf>,
     /// Workload API socket.
     pub socket_path: Option<PathBuf>,
+    /// Address for `/metrics`, `/live`, `/ready` (off if unset).
+    pub metrics_address: Option<String>,
     /// Log level.
     pub log_level: Option<String>,
     /// `human` or `json`.
@@ -57,6 +59,8 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// Workload API socket.
     pub socket_path: PathBuf,
+    /// Metrics and health listener, if any.
+    pub metrics_address: Option<std::net::SocketAddr>,
     /// Log level.
     pub log_level: String,
     /// Log format.
@@ -104,7 +108,14 @@ impl AgentConfig {
                 "log_format {log_format:?}: expected human or json"
             )));
         }
+        let metrics_address = match flags.metrics_address.or(file.metrics_address) {
+            Some(a) => Some(a.parse().map_err(|_| {
+                AgentError::Config(format!("metrics_address {a:?}: expected ip:port"))
+            })?),
+            None => None,
+        };
         Ok(Self {
+            metrics_address,
             server_address: pick(flags.server_address, file.server_address)
                 .unwrap_or_else(|| DEFAULT_SERVER_ADDRESS.into()),
             trust_domain,

@@ -74,6 +74,24 @@ pub async fn run(
 
     let listener = oxid_tls::socket::bind_unix_socket(&config.socket_path, 0o777)
         .map_err(|e| AgentError::Config(e.to_string()))?;
+    let rpc = Arc::new(oxid_telemetry::RpcMetrics::default());
+    let metrics_task = match config.metrics_address {
+        Some(address) => {
+            let l = tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|e| AgentError::Config(format!("metrics_address {address}: {e}")))?;
+            let source = Arc::new(AgentMetrics {
+                rpc: rpc.clone(),
+                cache: cache.clone(),
+            });
+            Some(tokio::spawn(oxid_telemetry::serve(
+                l,
+                source,
+                std::future::pending(),
+            )))
+        }
+        None => None,
+    };
     let api = WorkloadApi::new(cache.clone(), server, Arc::new(UnixAttestor::default()));
     // gRPC health and reflection share the socket; neither needs the
     // Workload API's security header. Health turns SERVING at first sync.
@@ -85,6 +103,7 @@ pub async fn run(
         .map_err(|e| AgentError::Internal(e.to_string()))?;
     tracing::info!(socket = %config.socket_path.display(), "oxid-agent serving the Workload API");
     let result = tonic::transport::Server::builder()
+        .layer(oxid_telemetry::RpcLayer::new("workload", rpc))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
@@ -98,7 +117,10 @@ pub async fn run(
             shutdown,
         )
         .await;
-    for task in [renewer, syncer, signer, health_task] {
+    for task in [renewer, syncer, signer, health_task]
+        .into_iter()
+        .chain(metrics_task)
+    {
         task.abort();
         let _ = task.await;
     }
@@ -199,5 +221,70 @@ async fn report_health(reporter: tonic_health::server::HealthReporter, cache: Ar
         if changes.changed().await.is_err() {
             return;
         }
+    }
+}
+
+/// What the agent's `/metrics` and `/ready` read.
+struct AgentMetrics {
+    rpc: Arc<oxid_telemetry::RpcMetrics>,
+    cache: Arc<Cache>,
+}
+
+impl oxid_telemetry::MetricsSource for AgentMetrics {
+    fn render(&self) -> String {
+        use std::fmt::Write as _;
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut out = String::new();
+        self.rpc.render(&mut out);
+        let snapshot = self.cache.current();
+        let counters = &self.cache.counters;
+        let sync_age = counters
+            .last_sync
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map_or(-1.0, |t| t.elapsed().as_secs_f64());
+        let families: [(&str, &str, &str, String); 5] = [
+            (
+                "oxid_agent_entries",
+                "gauge",
+                "Entries authorised for this agent.",
+                snapshot.entries.len().to_string(),
+            ),
+            (
+                "oxid_agent_svids_cached",
+                "gauge",
+                "X509-SVIDs held for workloads.",
+                snapshot.svids.len().to_string(),
+            ),
+            (
+                "oxid_agent_svid_rotations_total",
+                "counter",
+                "X509-SVIDs replaced.",
+                counters.rotations.load(Relaxed).to_string(),
+            ),
+            (
+                "oxid_agent_attestation_failures_total",
+                "counter",
+                "Workload attestations refused.",
+                counters.attestation_failures.load(Relaxed).to_string(),
+            ),
+            (
+                "oxid_agent_sync_age_seconds",
+                "gauge",
+                "Seconds since the last sync update (-1: never).",
+                format!("{sync_age:.3}"),
+            ),
+        ];
+        for (name, kind, help, value) in families {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+        out
+    }
+
+    fn ready(&self) -> bool {
+        self.cache.current().synced
     }
 }

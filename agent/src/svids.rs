@@ -66,8 +66,13 @@ pub(crate) async fn run(server: Arc<ServerClient>, cache: Arc<Cache>) {
                         let mut next = old.clone_shallow();
                         for (id, svid) in signed {
                             // Only for entries still authorised.
-                            if next.entries.iter().any(|e| e.id == id) {
-                                next.svids.insert(id, Arc::new(svid));
+                            if next.entries.iter().any(|e| e.id == id)
+                                && next.svids.insert(id, Arc::new(svid)).is_some()
+                            {
+                                cache
+                                    .counters
+                                    .rotations
+                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             }
                         }
                         next

@@ -244,3 +244,44 @@ async fn health_and_reflection_share_the_socket() {
     assert!(names.contains(&"SpiffeWorkloadAPI".to_owned()), "{names:?}");
     assert!(!names.iter().any(|n| n.contains("oxid.admin")), "{names:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agent_metrics_and_health_endpoints() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut h = Harness::start().await;
+    // Restart the agent with a metrics listener (its identity is saved).
+    h.stop_agent().await;
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics_addr = probe.local_addr().unwrap();
+    drop(probe);
+    h.start_agent_with_metrics(metrics_addr);
+    let uid = format!("unix:uid:{}", my_uid());
+    h.create_entry("spiffe://example.org/web", &[&uid]).await;
+    let client = h.client().await;
+    eventually(|| client.fetch_x509_svid()).await;
+    let get = |path: &'static str| async move {
+        let mut tcp = tokio::net::TcpStream::connect(metrics_addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n");
+        tcp.write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut text = String::new();
+        tcp.read_to_string(&mut text)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(text)
+    };
+    let text = eventually(|| get("/metrics")).await;
+    for needle in [
+        "oxid_rpc_requests_total{api=\"workload\",method=\"FetchX509SVID\",code=\"0\"}",
+        "oxid_agent_svids_cached 1",
+        "oxid_agent_entries 1",
+        "oxid_agent_sync_age_seconds",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in:\n{text}");
+    }
+    assert!(eventually(|| get("/ready")).await.contains("200 OK"));
+    assert!(eventually(|| get("/live")).await.contains("200 OK"));
+}

@@ -14,5 +14,5 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod datastore;
-pub mod metrics;
+pub use oxid_telemetry as metrics;
 pub mod run;

@@ -67,6 +67,7 @@ impl WorkloadApi {
 /// The caller's selectors, from its socket credentials.
 fn caller_selectors<T>(
     attestor: &UnixAttestor,
+    cache: &Cache,
     req: &Request<T>,
 ) -> Result<BTreeSet<Selector>, Status> {
     let cred = req
@@ -78,6 +79,10 @@ fn caller_selectors<T>(
         .pid()
         .ok_or_else(|| Status::permission_denied("cannot identify the calling process"))?;
     attestor.attest(pid, cred.uid(), cred.gid()).map_err(|e| {
+        cache
+            .counters
+            .attestation_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::warn!(pid, uid = cred.uid(), error = %e, "workload attestation refused");
         Status::permission_denied(format!("workload attestation failed: {e}"))
     })
@@ -213,7 +218,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let selectors = caller_selectors(&self.attestor, &req)?;
+        let selectors = caller_selectors(&self.attestor, &self.cache, &req)?;
         let own = self.cache.trust_domain.clone();
         x509_response(&self.cache.current(), &own, &selectors)?;
         Ok(Response::new(watch_stream(self.cache.clone(), move |s| {
@@ -225,7 +230,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let selectors = caller_selectors(&self.attestor, &req)?;
+        let selectors = caller_selectors(&self.attestor, &self.cache, &req)?;
         let own = self.cache.trust_domain.clone();
         let compute = move |s: &Snapshot| {
             let entries: Vec<&Entry> = s.matching(&selectors).collect();
@@ -250,7 +255,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let selectors = caller_selectors(&self.attestor, &req)?;
+        let selectors = caller_selectors(&self.attestor, &self.cache, &req)?;
         let own = self.cache.trust_domain.clone();
         let compute = move |s: &Snapshot| {
             let entries: Vec<&Entry> = s.matching(&selectors).collect();
@@ -271,7 +276,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
-        let selectors = caller_selectors(&self.attestor, &req)?;
+        let selectors = caller_selectors(&self.attestor, &self.cache, &req)?;
         let r = req.into_inner();
         oxid_pki::jwt::check_audiences(&r.audience)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;

@@ -148,9 +148,19 @@ impl Harness {
     }
 
     pub fn start_agent(&mut self, token: Option<String>) {
+        self.start_agent_inner(token, None);
+    }
+
+    /// Starts the agent (saved identity) with a metrics listener.
+    pub fn start_agent_with_metrics(&mut self, address: std::net::SocketAddr) {
+        self.start_agent_inner(None, Some(address.to_string()));
+    }
+
+    fn start_agent_inner(&mut self, token: Option<String>, metrics: Option<String>) {
         let config = AgentConfig::load(
             None,
             AgentFile {
+                metrics_address: metrics,
                 server_address: Some(self.server_addr.to_string()),
                 trust_bundle: Some(self.dir.path().join("bundle.pem")),
                 join_token: token,

@@ -1,5 +1,5 @@
-//! Metrics in the Prometheus text format, and `/live` and `/ready`, on one
-//! optional HTTP listener.
+//! oxid-telemetry: metrics in the Prometheus text format, and `/live` and
+//! `/ready`, on one optional HTTP listener. Shared by server and agent.
 //!
 //! RPCs of both APIs are counted by method and gRPC status with a latency
 //! histogram (a tower layer, so no handler can forget it). State gauges
