@@ -119,6 +119,11 @@ pub struct Cache {
     pub trust_domain: TrustDomain,
     /// Metrics counters.
     pub counters: Counters,
+    /// Entries a workload asked for that have no SVID yet (beyond the
+    /// pre-signed ones): the SVID manager signs them next.
+    pub demand: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Wakes the SVID manager when `demand` grows.
+    pub demand_notify: tokio::sync::Notify,
 }
 
 impl Cache {
@@ -129,6 +134,8 @@ impl Cache {
             tx,
             trust_domain,
             counters: Counters::default(),
+            demand: std::sync::Mutex::new(std::collections::HashSet::new()),
+            demand_notify: tokio::sync::Notify::new(),
         }
     }
 
@@ -140,6 +147,17 @@ impl Cache {
     /// Wakes on every new snapshot.
     pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.tx.subscribe()
+    }
+
+    /// Records that workloads need SVIDs for `entry_ids` now.
+    pub fn request(&self, entry_ids: impl IntoIterator<Item = String>) {
+        let mut demand = self.demand.lock().unwrap_or_else(|e| e.into_inner());
+        let before = demand.len();
+        demand.extend(entry_ids);
+        if demand.len() > before {
+            drop(demand);
+            self.demand_notify.notify_one();
+        }
     }
 
     /// Replaces the snapshot with `f(current)`.

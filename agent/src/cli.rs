@@ -138,6 +138,9 @@ pub struct RunArgs {
     /// Address for /metrics, /live and /ready (ip:port; off if unset).
     #[arg(long)]
     pub metrics_address: Option<String>,
+    /// X509-SVIDs signed ahead of any request (default 1000).
+    #[arg(long)]
+    pub max_presigned_svids: Option<usize>,
     /// Log format.
     #[arg(long, value_parser = ["human", "json"])]
     pub log_format: Option<String>,
@@ -173,6 +176,7 @@ pub fn main() -> ExitCode {
         data_dir: args.data_dir,
         socket_path: args.socket_path,
         metrics_address: args.metrics_address,
+        max_presigned_svids: args.max_presigned_svids,
         log_level: None,
         log_format: args.log_format,
     };

@@ -38,6 +38,9 @@ pub struct AgentFile {
     pub socket_path: Option<PathBuf>,
     /// Address for `/metrics`, `/live`, `/ready` (off if unset).
     pub metrics_address: Option<String>,
+    /// X509-SVIDs signed ahead of any request (default 1000); the rest are
+    /// signed when a workload first asks.
+    pub max_presigned_svids: Option<usize>,
     /// Log level.
     pub log_level: Option<String>,
     /// `human` or `json`.
@@ -61,6 +64,8 @@ pub struct AgentConfig {
     pub socket_path: PathBuf,
     /// Metrics and health listener, if any.
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// X509-SVIDs signed ahead of any request.
+    pub max_presigned_svids: usize,
     /// Log level.
     pub log_level: String,
     /// Log format.
@@ -116,6 +121,10 @@ impl AgentConfig {
         };
         Ok(Self {
             metrics_address,
+            max_presigned_svids: flags
+                .max_presigned_svids
+                .or(file.max_presigned_svids)
+                .unwrap_or(1000),
             server_address: pick(flags.server_address, file.server_address)
                 .unwrap_or_else(|| DEFAULT_SERVER_ADDRESS.into()),
             trust_domain,

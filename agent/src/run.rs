@@ -70,7 +70,11 @@ pub async fn run(
         tls_bundle.clone(),
     ));
     let syncer = tokio::spawn(sync::run(server.clone(), cache.clone(), tls_bundle, dir));
-    let signer = tokio::spawn(svids::run(server.clone(), cache.clone()));
+    let signer = tokio::spawn(svids::run(
+        server.clone(),
+        cache.clone(),
+        config.max_presigned_svids,
+    ));
 
     let listener = oxid_tls::socket::bind_unix_socket(&config.socket_path, 0o777)
         .map_err(|e| AgentError::Config(e.to_string()))?;

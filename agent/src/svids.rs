@@ -32,14 +32,21 @@ fn random_unit() -> f64 {
     f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX)
 }
 
-/// Entries that need a (new) SVID now.
+/// Entries that need a (new) SVID now: the first `presign` entries (in SVID
+/// order), any a workload asked for, and those already held (to rotate);
+/// others wait for a first request, so memory follows the entries in use.
 fn due<'a>(
     entries: &'a [Entry],
     held: &std::collections::HashMap<String, Arc<HeldSvid>>,
+    demanded: &std::collections::HashSet<String>,
+    presign: usize,
     now: SystemTime,
 ) -> Vec<&'a Entry> {
     entries
         .iter()
+        .enumerate()
+        .filter(|(i, e)| *i < presign || demanded.contains(&e.id) || held.contains_key(&e.id))
+        .map(|(_, e)| e)
         .filter(|e| match held.get(&e.id) {
             None => true,
             Some(s) => s.entry_revision != e.revision || now >= s.rotate_at,
@@ -49,12 +56,18 @@ fn due<'a>(
 
 /// Runs forever: sign what is due, then sleep until the next rotation or
 /// the next cache change.
-pub(crate) async fn run(server: Arc<ServerClient>, cache: Arc<Cache>) {
+pub(crate) async fn run(server: Arc<ServerClient>, cache: Arc<Cache>, presign: usize) {
     let mut changes = cache.subscribe();
     loop {
         let snapshot = cache.current();
         let now = SystemTime::now();
-        let todo: Vec<Entry> = due(&snapshot.entries, &snapshot.svids, now)
+        let demanded = {
+            let mut demand = cache.demand.lock().unwrap_or_else(|e| e.into_inner());
+            // Entries that left the authorised set are no longer wanted.
+            demand.retain(|id| snapshot.entries.iter().any(|e| &e.id == id));
+            demand.clone()
+        };
+        let todo: Vec<Entry> = due(&snapshot.entries, &snapshot.svids, &demanded, presign, now)
             .into_iter()
             .cloned()
             .collect();
@@ -100,6 +113,7 @@ pub(crate) async fn run(server: Arc<ServerClient>, cache: Arc<Cache>) {
         };
         tokio::select! {
             r = changes.changed() => if r.is_err() { return },
+            () = cache.demand_notify.notified() => {}
             () = tokio::time::sleep(wait) => {}
         }
     }
@@ -153,6 +167,33 @@ async fn sign(server: &ServerClient, entries: &[Entry]) -> Result<Vec<(String, H
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(id: &str) -> Entry {
+        crate::cache::Entry::from_pb(&oxid_proto::agent::Entry {
+            id: id.into(),
+            spiffe_id: format!("spiffe://example.org/{id}"),
+            selectors: vec!["unix:uid:1".into()],
+            revision: 1,
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn only_presigned_and_demanded_entries_are_due() {
+        let entries: Vec<Entry> = ["a", "b", "c", "d"].iter().map(|i| entry(i)).collect();
+        let held = std::collections::HashMap::new();
+        let mut demanded = std::collections::HashSet::new();
+        let ids = |v: Vec<&Entry>| v.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
+        let now = SystemTime::now();
+        assert_eq!(ids(due(&entries, &held, &demanded, 2, now)), ["a", "b"]);
+        demanded.insert("d".to_owned());
+        assert_eq!(
+            ids(due(&entries, &held, &demanded, 2, now)),
+            ["a", "b", "d"]
+        );
+        assert_eq!(ids(due(&entries, &held, &demanded, 0, now)), ["d"]);
+    }
 
     #[test]
     fn rotation_is_at_half_life_with_ten_percent_jitter() {

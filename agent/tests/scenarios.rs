@@ -391,3 +391,69 @@ async fn an_agent_restart_after_ca_rotation_needs_no_token() {
     assert_eq!(bundles, 2);
     let _ = Duration::ZERO;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn svids_beyond_the_presign_limit_are_signed_on_first_request() {
+    let mut h = Harness::start().await;
+    h.stop_agent().await;
+    h.presign = Some(0);
+    h.start_agent(None);
+    let uid = format!("unix:uid:{}", my_uid());
+    h.create_entry("spiffe://example.org/lazy-a", &[&uid]).await;
+    h.create_entry("spiffe://example.org/lazy-b", &[&uid]).await;
+    let client = h.client().await;
+    // Nothing is signed ahead; the first request gets both SVIDs signed.
+    let all = eventually(|| async {
+        let all = client
+            .fetch_all_x509_svids()
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        if all.len() == 2 {
+            Ok(all)
+        } else {
+            Err(format!("{} SVIDs", all.len()))
+        }
+    })
+    .await;
+    assert_eq!(
+        all[0].spiffe_id().to_string(),
+        "spiffe://example.org/lazy-a"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn x509_source_and_jwt_source_work_against_the_agent() {
+    let h = Harness::start().await;
+    let uid = format!("unix:uid:{}", my_uid());
+    h.create_entry("spiffe://example.org/web", &[&uid]).await;
+    let client = h.client().await;
+    eventually(|| client.fetch_x509_svid()).await;
+    let endpoint = format!("unix://{}", h.workload_socket().display());
+    let x509 = spiffe::X509Source::builder()
+        .endpoint(&endpoint)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(
+        x509.svid().unwrap().spiffe_id().to_string(),
+        "spiffe://example.org/web"
+    );
+    let jwt = spiffe::JwtSource::builder()
+        .endpoint(&endpoint)
+        .build()
+        .await
+        .unwrap();
+    let token = jwt
+        .fetch_jwt_svid(["spiffe://example.org/db"])
+        .await
+        .unwrap();
+    assert_eq!(token.spiffe_id().to_string(), "spiffe://example.org/web");
+    let bundles = jwt.bundle_set().unwrap();
+    spiffe::JwtSvid::parse_and_validate(
+        token.token(),
+        bundles.as_ref(),
+        &["spiffe://example.org/db"],
+    )
+    .unwrap();
+    jwt.shutdown().await;
+}

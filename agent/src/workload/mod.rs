@@ -220,10 +220,18 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let selectors = caller_selectors(&self.attestor, &self.cache, &req)?;
         let own = self.cache.trust_domain.clone();
-        x509_response(&self.cache.current(), &own, &selectors)?;
-        Ok(Response::new(watch_stream(self.cache.clone(), move |s| {
+        let cache = self.cache.clone();
+        let compute = move |s: &Snapshot| {
+            // Entries beyond the pre-signed ones are signed on first request.
+            cache.request(
+                s.matching(&selectors)
+                    .filter(|e| !s.svids.contains_key(&e.id))
+                    .map(|e| e.id.clone()),
+            );
             x509_response(s, &own, &selectors)
-        })))
+        };
+        compute(&self.cache.current())?;
+        Ok(Response::new(watch_stream(self.cache.clone(), compute)))
     }
 
     async fn fetch_x509_bundles(

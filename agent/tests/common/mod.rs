@@ -30,6 +30,8 @@ pub struct Harness {
     stop_agent: Option<tokio::sync::oneshot::Sender<()>>,
     pub server_addr: std::net::SocketAddr,
     pub agent_id: String,
+    /// `--max-presigned-svids` for the next agent start (default if None).
+    pub presign: Option<usize>,
 }
 
 pub async fn admin(socket: &Path) -> AdminClient<Channel> {
@@ -79,6 +81,7 @@ impl Harness {
             stop_agent: None,
             server_addr,
             agent_id: String::new(),
+            presign: None,
         };
         h.spawn_server(listener);
         let deadline = tokio::time::Instant::now() + WAIT;
@@ -161,6 +164,7 @@ impl Harness {
             None,
             AgentFile {
                 metrics_address: metrics,
+                max_presigned_svids: self.presign,
                 server_address: Some(self.server_addr.to_string()),
                 trust_bundle: Some(self.dir.path().join("bundle.pem")),
                 join_token: token,
