@@ -65,10 +65,17 @@ async fn follow(
     data_dir: &std::path::Path,
     view: &mut View,
 ) -> Result<(), tonic::Status> {
+    // Resume from what we hold: the server answers with a delta.
+    let known_entry_ids = if view.revision > 0 {
+        view.entries.keys().cloned().collect()
+    } else {
+        vec![]
+    };
     let mut stream = server
         .api()
         .sync(pb::SyncRequest {
             revision: view.revision,
+            known_entry_ids,
         })
         .await?
         .into_inner();

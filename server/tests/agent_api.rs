@@ -378,7 +378,7 @@ async fn calls_need_an_agent_svid() {
     let s = Server::start("").await;
     let mut anonymous = s.client(None).await;
     let err = anonymous
-        .sync(pb::SyncRequest { revision: 0 })
+        .sync(pb::SyncRequest::default())
         .await
         .err()
         .unwrap();
@@ -392,15 +392,11 @@ async fn renewal_retires_the_old_serial_once_the_new_one_is_used() {
     let second = renew(&s, &first).await;
     // Until the renewed SVID is used, the old one still works.
     let mut old = s.client(Some(first.certs.clone())).await;
-    old.sync(pb::SyncRequest { revision: 0 }).await.unwrap();
+    old.sync(pb::SyncRequest::default()).await.unwrap();
     let mut new = s.client(Some(second.certs.clone())).await;
-    new.sync(pb::SyncRequest { revision: 0 }).await.unwrap();
+    new.sync(pb::SyncRequest::default()).await.unwrap();
     let mut old = s.client(Some(first.certs.clone())).await;
-    let err = old
-        .sync(pb::SyncRequest { revision: 0 })
-        .await
-        .err()
-        .unwrap();
+    let err = old.sync(pb::SyncRequest::default()).await.err().unwrap();
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains("replaced"), "{}", err.message());
 }
@@ -481,7 +477,7 @@ async fn snapshot(
 ) -> (tonic::Streaming<pb::SyncResponse>, pb::SyncResponse) {
     let mut c = s.client(Some(agent.certs.clone())).await;
     let mut stream = c
-        .sync(pb::SyncRequest { revision: 0 })
+        .sync(pb::SyncRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -589,7 +585,7 @@ async fn a_banned_agent_is_cut_off_mid_stream_and_refused() {
     let err = end.expect_err("the stream ends with an error");
     assert_eq!(err.code(), Code::PermissionDenied);
     let mut c = s.client(Some(agent.certs.clone())).await;
-    let err = c.sync(pb::SyncRequest { revision: 0 }).await.err().unwrap();
+    let err = c.sync(pb::SyncRequest::default()).await.err().unwrap();
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains("banned"));
     // Evicted: the record is gone, the old SVID no longer works.
@@ -601,7 +597,7 @@ async fn a_banned_agent_is_cut_off_mid_stream_and_refused() {
         .await
         .unwrap();
     let mut c = s.client(Some(agent.certs.clone())).await;
-    let err = c.sync(pb::SyncRequest { revision: 0 }).await.err().unwrap();
+    let err = c.sync(pb::SyncRequest::default()).await.err().unwrap();
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains("not attested"), "{}", err.message());
 }
@@ -845,4 +841,75 @@ async fn a_restart_keeps_agents_entries_and_the_ca() {
     assert_eq!(snapshot.upserts[0].id, entry);
     let signed = sign(&s, &agent, &entry).await;
     assert!(signed.error.is_empty(), "{}", signed.error);
+}
+
+#[tokio::test]
+async fn a_reconnecting_agent_resumes_with_a_delta() {
+    let s = Server::start("").await;
+    let agent = attest_token(&s, &s.token("").await).await.unwrap();
+    let keep = s
+        .create_entry("spiffe://example.org/keep", agent.id.as_str(), "unix:uid:1")
+        .await;
+    let gone = s
+        .create_entry("spiffe://example.org/gone", agent.id.as_str(), "unix:uid:2")
+        .await;
+    let (stream, first) = snapshot(&s, &agent).await;
+    assert_eq!(first.upserts.len(), 2);
+    drop(stream);
+    s.admin()
+        .await
+        .delete_entries(admin_pb::DeleteEntriesRequest {
+            ids: vec![gone.clone()],
+        })
+        .await
+        .unwrap();
+    let new = s
+        .create_entry("spiffe://example.org/new", agent.id.as_str(), "unix:uid:3")
+        .await;
+    // The index follows the store asynchronously: wait until a fresh
+    // snapshot shows the change, then resume from the old point.
+    loop {
+        let (_s, now) = snapshot(&s, &agent).await;
+        if now.upserts.iter().any(|e| e.id == new) {
+            break;
+        }
+    }
+    let mut c = s.client(Some(agent.certs.clone())).await;
+    let mut resumed = c
+        .sync(pb::SyncRequest {
+            revision: first.revision,
+            known_entry_ids: vec![keep.clone(), gone.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let delta = tokio::time::timeout(WAIT, resumed.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(!delta.snapshot, "a resumed stream starts with a delta");
+    assert_eq!(delta.removed_ids, [gone]);
+    let upserted: Vec<&str> = delta.upserts.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(
+        upserted,
+        [new.as_str()],
+        "unchanged entries are not sent again"
+    );
+    // A revision the server never reached means a snapshot.
+    let mut c = s.client(Some(agent.certs.clone())).await;
+    let mut future = c
+        .sync(pb::SyncRequest {
+            revision: u64::MAX,
+            known_entry_ids: vec![keep],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let snap = tokio::time::timeout(WAIT, future.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(snap.snapshot);
 }

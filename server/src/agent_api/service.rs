@@ -400,7 +400,8 @@ impl pb::agent_api_server::AgentApi for AgentApiService {
         req: Request<pb::SyncRequest>,
     ) -> Result<Response<Self::SyncStream>, Status> {
         let agent = self.0.authenticate(&req).await?;
-        let rx = sync::start(self.0.clone(), agent);
+        let r = req.into_inner();
+        let rx = sync::start(self.0.clone(), agent, r.revision, r.known_entry_ids);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

@@ -45,17 +45,51 @@ struct Sent {
     bundles: HashMap<TrustDomain, String>,
 }
 
-/// Starts the stream for `agent`.
+/// What the agent says it holds, as if this stream had sent it: entries at
+/// their current revision if that is not newer than `revision`, others with
+/// a revision that never matches (so they are re-sent, or removed if they
+/// left the authorised set). `None` when a snapshot is needed instead.
+fn resume_point(inner: &Inner, revision: u64, known: Vec<String>) -> Option<Sent> {
+    let index = inner.index.read();
+    if revision == 0 || revision > index.revision() {
+        return None;
+    }
+    let entries = known
+        .into_iter()
+        .filter_map(|id| id.parse::<EntryId>().ok())
+        .map(|id| {
+            let held = index
+                .entry(&id)
+                .map(|e| e.revision)
+                .filter(|r| *r <= revision)
+                .unwrap_or(u64::MAX);
+            (id, held)
+        })
+        .collect();
+    Some(Sent {
+        entries,
+        bundles: HashMap::new(),
+    })
+}
+
+/// Starts the stream for `agent`: a snapshot, or, for an agent that says
+/// which revision and entries it holds, a delta from there.
 pub(crate) fn start(
     inner: Arc<Inner>,
     agent: Agent,
+    revision: u64,
+    known: Vec<String>,
 ) -> mpsc::Receiver<Result<pb::SyncResponse, Status>> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
-        let mut sent = Sent::default();
+        let resumed = resume_point(&inner, revision, known);
+        let mut snapshot = resumed.is_none();
+        let mut sent = resumed.unwrap_or_default();
+        // The first message always goes out (at least the bundles), so the
+        // agent knows it is current.
+        let mut first = true;
         let mut changes = inner.index.subscribe();
         let mut stopping = inner.stopping.clone();
-        let mut snapshot = true;
         loop {
             changes.borrow_and_update();
             let current = inner.index.read().agent(&agent.spiffe_id).cloned();
@@ -83,13 +117,14 @@ pub(crate) fn start(
                     return;
                 }
             };
-            if snapshot || !delta.is_empty() {
+            if first || !delta.is_empty() {
                 for page in paginate(delta, revision, snapshot) {
                     if tx.send(Ok(page)).await.is_err() {
                         return;
                     }
                 }
                 snapshot = false;
+                first = false;
             }
             // Entries can also expire without any change: look again then.
             tokio::select! {
