@@ -457,3 +457,59 @@ async fn x509_source_and_jwt_source_work_against_the_agent() {
     .unwrap();
     jwt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn api_watch_prints_updates() {
+    use tokio::io::AsyncBufReadExt as _;
+    let h = Harness::start().await;
+    let sha = {
+        let bytes = std::fs::read(AGENT_BIN).unwrap();
+        ring::digest::digest(&ring::digest::SHA256, &bytes)
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    h.create_entry("spiffe://example.org/cli", &[&format!("unix:sha256:{sha}")])
+        .await;
+    eventually(|| async {
+        let out = agent_cli(&h, &["api", "fetch", "x509"]);
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    })
+    .await;
+    let mut child = tokio::process::Command::new(AGENT_BIN)
+        .args(["api", "watch", "--socket-path"])
+        .arg(h.workload_socket())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(first.starts_with("spiffe://example.org/cli"), "{first}");
+    // A second entry for the same executable: the watch prints the new state.
+    h.create_entry(
+        "spiffe://example.org/cli2",
+        &[&format!("unix:sha256:{sha}")],
+    )
+    .await;
+    loop {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if line.starts_with("spiffe://example.org/cli2") {
+            break;
+        }
+    }
+    child.kill().await.unwrap();
+}
