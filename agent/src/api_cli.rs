@@ -91,7 +91,7 @@ fn describe(svid: &pb::X509svid) -> (String, String) {
         .map(|(_, c)| {
             (
                 c.validity().not_after.to_datetime().to_string(),
-                c.raw_serial().iter().map(|b| format!("{b:02x}")).collect(),
+                oxid_pki::hex(c.raw_serial()),
             )
         })
         .unwrap_or_default();

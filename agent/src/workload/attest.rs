@@ -146,12 +146,7 @@ impl UnixAttestor {
             }
             ctx.update(&buf[..n]);
         }
-        let hex: String = ctx
-            .finish()
-            .as_ref()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hex = oxid_pki::hex(ctx.finish().as_ref());
         let mut cache = self.hashes.lock().unwrap_or_else(|e| e.into_inner());
         // Bound the cache: a host has few distinct executables, but a hostile
         // caller could cycle through many files.

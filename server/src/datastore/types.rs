@@ -25,7 +25,7 @@ impl EntryId {
     pub fn random() -> Result<Self, ring::error::Unspecified> {
         let mut bytes = [0u8; 16];
         ring::rand::SystemRandom::new().fill(&mut bytes)?;
-        Ok(Self(bytes.iter().map(|b| format!("{b:02x}")).collect()))
+        Ok(Self(oxid_pki::hex(&bytes)))
     }
 
     /// The ID as text.
