@@ -3,7 +3,8 @@
 #
 # Builds oxid, starts a server (embedded store) and an agent, registers two
 # workloads by their executables, and runs an mTLS server and client that
-# get their identities from the agent's Workload API. Certificates are
+# get their identities from the agent's Workload API, then a JWT-SVID call
+# to an HTTP service that validates the token offline. Certificates are
 # short-lived here (20 s) so a rotation shows within a minute, while both
 # programs keep running. A third program with no entry is refused.
 # Everything stops on exit or Ctrl-C; any failed step exits non-zero.
@@ -106,6 +107,23 @@ grep -q "long-lived connection still up" "$WORK/mtls-client.log" || fail "the lo
 echo
 echo "server side:"
 tail -n 5 "$WORK/mtls-server.log"
+
+say "JWT-SVIDs: an HTTP service checks bearer tokens offline"
+"$BIN/oxid-server" entry create "${ADMIN[@]}" --spiffe-id spiffe://example.org/demo/api \
+    --parent-id "$AGENT_ID" --selector "unix:path:$BIN/jwt-server" > /dev/null
+"$BIN/oxid-server" entry create "${ADMIN[@]}" --spiffe-id spiffe://example.org/demo/caller \
+    --parent-id "$AGENT_ID" --selector "unix:path:$BIN/jwt-client" > /dev/null
+"$BIN/jwt-server" --listen 127.0.0.1:0 --audience spiffe://example.org/demo/api \
+    --allow spiffe://example.org/demo/caller > "$WORK/jwt-server.log" 2>&1 &
+PIDS+=($!)
+wait_for "$WORK/jwt-server.log" "listening on" "the JWT service"
+JWT_ADDR=$(grep -o 'listening on [0-9.:]*' "$WORK/jwt-server.log" | head -1 | cut -d' ' -f3)
+"$BIN/jwt-client" --url "http://$JWT_ADDR/" --audience spiffe://example.org/demo/api \
+    || fail "the JWT-SVID call was refused"
+if "$BIN/jwt-client" --url "http://$JWT_ADDR/" --audience spiffe://example.org/someone-else; then
+    fail "a token for another audience was accepted"
+fi
+tail -n 2 "$WORK/jwt-server.log"
 
 say "A third program with no entry asks for an identity"
 if "$BIN/whoami"; then

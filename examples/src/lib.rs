@@ -200,3 +200,25 @@ pub async fn source() -> Result<Arc<X509Source>, String> {
         .map(Arc::new)
         .map_err(|e| format!("cannot get an X509-SVID from the Workload API: {e}"))
 }
+
+/// A gRPC channel to the Workload API socket named by
+/// `SPIFFE_ENDPOINT_SOCKET` (`unix:///abs/path`).
+pub async fn workload_channel() -> Result<tonic::transport::Channel, String> {
+    let endpoint = std::env::var("SPIFFE_ENDPOINT_SOCKET")
+        .map_err(|_| "SPIFFE_ENDPOINT_SOCKET is not set".to_owned())?;
+    let path = endpoint
+        .strip_prefix("unix://")
+        .ok_or("SPIFFE_ENDPOINT_SOCKET must be unix:///abs/path")?
+        .to_owned();
+    tonic::transport::Endpoint::try_from("http://workload-api.invalid")
+        .map_err(|e| e.to_string())?
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+        .map_err(|e| format!("cannot reach the Workload API: {e}"))
+}
