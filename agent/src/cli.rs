@@ -141,6 +141,9 @@ pub struct RunArgs {
     /// X509-SVIDs signed ahead of any request (default 1000).
     #[arg(long)]
     pub max_presigned_svids: Option<usize>,
+    /// JWT-SVIDs kept for reuse (default 1000).
+    #[arg(long)]
+    pub jwt_svid_cache_size: Option<usize>,
     /// Log format.
     #[arg(long, value_parser = ["human", "json"])]
     pub log_format: Option<String>,
@@ -177,6 +180,7 @@ pub fn main() -> ExitCode {
         socket_path: args.socket_path,
         metrics_address: args.metrics_address,
         max_presigned_svids: args.max_presigned_svids,
+        jwt_svid_cache_size: args.jwt_svid_cache_size,
         log_level: None,
         log_format: args.log_format,
     };

@@ -16,6 +16,9 @@ pub const DEFAULT_DATA_DIR: &str = "./.oxid/agent";
 /// Default Workload API socket.
 pub const DEFAULT_SOCKET_PATH: &str = "/run/oxid-agent/public/api.sock";
 
+/// Default bound on cached JWT-SVIDs.
+pub const DEFAULT_JWT_SVID_CACHE_SIZE: usize = 1000;
+
 /// `agent.toml` as written.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -41,6 +44,9 @@ pub struct AgentFile {
     /// X509-SVIDs signed ahead of any request (default 1000); the rest are
     /// signed when a workload first asks.
     pub max_presigned_svids: Option<usize>,
+    /// JWT-SVIDs kept for reuse (default 1000); bounds the memory a
+    /// workload can make the agent spend by asking for many audiences.
+    pub jwt_svid_cache_size: Option<usize>,
     /// Log level.
     pub log_level: Option<String>,
     /// `human` or `json`.
@@ -66,6 +72,8 @@ pub struct AgentConfig {
     pub metrics_address: Option<std::net::SocketAddr>,
     /// X509-SVIDs signed ahead of any request.
     pub max_presigned_svids: usize,
+    /// JWT-SVIDs kept for reuse.
+    pub jwt_svid_cache_size: usize,
     /// Log level.
     pub log_level: String,
     /// Log format.
@@ -125,6 +133,10 @@ impl AgentConfig {
                 .max_presigned_svids
                 .or(file.max_presigned_svids)
                 .unwrap_or(1000),
+            jwt_svid_cache_size: flags
+                .jwt_svid_cache_size
+                .or(file.jwt_svid_cache_size)
+                .unwrap_or(DEFAULT_JWT_SVID_CACHE_SIZE),
             server_address: pick(flags.server_address, file.server_address)
                 .unwrap_or_else(|| DEFAULT_SERVER_ADDRESS.into()),
             trust_domain,
@@ -153,6 +165,7 @@ mod tests {
         let c = AgentConfig::load(None, AgentFile::default()).unwrap();
         assert_eq!(c.server_address, "127.0.0.1:8081");
         assert!(c.attestation.is_none());
+        assert_eq!(c.jwt_svid_cache_size, DEFAULT_JWT_SVID_CACHE_SIZE);
         let both = AgentFile {
             join_token: Some("t".into()),
             node_cert: Some("c".into()),
@@ -167,6 +180,9 @@ mod tests {
         assert!(AgentConfig::load(None, half).is_err());
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("agent.toml");
+        std::fs::write(&f, "jwt_svid_cache_size = 7\n").unwrap();
+        let c = AgentConfig::load(Some(&f), AgentFile::default()).unwrap();
+        assert_eq!(c.jwt_svid_cache_size, 7);
         std::fs::write(&f, "sever_address = \"x\"\n").unwrap();
         assert!(AgentConfig::load(Some(&f), AgentFile::default()).is_err());
     }

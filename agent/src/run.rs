@@ -2,7 +2,7 @@
 //! SVIDs fresh, serve the Workload API until told to stop.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use oxid_pki::bundle::Bundle;
@@ -11,6 +11,7 @@ use oxid_tls::{SharedBundle, SvidResolver};
 use crate::cache::Cache;
 use crate::config::AgentConfig;
 use crate::server::{Attestation, Identity, ServerClient};
+use crate::workload::jwt_cache::JwtCache;
 use crate::workload::{WorkloadApi, attest::UnixAttestor, check_header};
 use crate::{AgentError, state, svids, sync};
 
@@ -79,6 +80,7 @@ pub async fn run(
     let listener = oxid_tls::socket::bind_unix_socket(&config.socket_path, 0o777)
         .map_err(|e| AgentError::Config(e.to_string()))?;
     let rpc = Arc::new(oxid_telemetry::RpcMetrics::default());
+    let jwts = Arc::new(Mutex::new(JwtCache::new(config.jwt_svid_cache_size)));
     let metrics_task = match config.metrics_address {
         Some(address) => {
             let l = tokio::net::TcpListener::bind(address)
@@ -87,6 +89,7 @@ pub async fn run(
             let source = Arc::new(AgentMetrics {
                 rpc: rpc.clone(),
                 cache: cache.clone(),
+                jwts: jwts.clone(),
             });
             Some(tokio::spawn(oxid_telemetry::serve(
                 l,
@@ -96,7 +99,12 @@ pub async fn run(
         }
         None => None,
     };
-    let api = WorkloadApi::new(cache.clone(), server, Arc::new(UnixAttestor::default()));
+    let api = WorkloadApi::new(
+        cache.clone(),
+        server,
+        Arc::new(UnixAttestor::default()),
+        jwts,
+    );
     // gRPC health and reflection share the socket; neither needs the
     // Workload API's security header. Health turns SERVING at first sync.
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -232,6 +240,7 @@ async fn report_health(reporter: tonic_health::server::HealthReporter, cache: Ar
 struct AgentMetrics {
     rpc: Arc<oxid_telemetry::RpcMetrics>,
     cache: Arc<Cache>,
+    jwts: Arc<Mutex<JwtCache>>,
 }
 
 impl oxid_telemetry::MetricsSource for AgentMetrics {
@@ -247,7 +256,8 @@ impl oxid_telemetry::MetricsSource for AgentMetrics {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .map_or(-1.0, |t| t.elapsed().as_secs_f64());
-        let families: [(&str, &str, &str, String); 5] = [
+        let jwts_cached = self.jwts.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let families: [(&str, &str, &str, String); 6] = [
             (
                 "oxid_agent_entries",
                 "gauge",
@@ -259,6 +269,12 @@ impl oxid_telemetry::MetricsSource for AgentMetrics {
                 "gauge",
                 "X509-SVIDs held for workloads.",
                 snapshot.svids.len().to_string(),
+            ),
+            (
+                "oxid_agent_jwt_svids_cached",
+                "gauge",
+                "JWT-SVIDs held for reuse.",
+                jwts_cached.to_string(),
             ),
             (
                 "oxid_agent_svid_rotations_total",

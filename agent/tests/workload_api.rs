@@ -254,11 +254,25 @@ async fn agent_metrics_and_health_endpoints() {
     let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let metrics_addr = probe.local_addr().unwrap();
     drop(probe);
+    h.jwt_cache_size = Some(2);
     h.start_agent_with_metrics(metrics_addr);
     let uid = format!("unix:uid:{}", my_uid());
     h.create_entry("spiffe://example.org/web", &[&uid]).await;
     let client = h.client().await;
     eventually(|| client.fetch_x509_svid()).await;
+    // Five audiences through a cache of two: the cache stays at two and
+    // the newest token is still served from it.
+    let mut last = String::new();
+    for aud in ["a", "b", "c", "d", "e"] {
+        last = client
+            .fetch_jwt_svid(&[aud], None)
+            .await
+            .unwrap()
+            .token()
+            .to_string();
+    }
+    let again = client.fetch_jwt_svid(&["e"], None).await.unwrap();
+    assert_eq!(again.token(), last);
     let get = |path: &'static str| async move {
         let mut tcp = tokio::net::TcpStream::connect(metrics_addr)
             .await
@@ -278,6 +292,7 @@ async fn agent_metrics_and_health_endpoints() {
         "oxid_rpc_requests_total{api=\"workload\",method=\"FetchX509SVID\",code=\"0\"}",
         "oxid_agent_svids_cached 1",
         "oxid_agent_entries 1",
+        "oxid_agent_jwt_svids_cached 2",
         "oxid_agent_sync_age_seconds",
     ] {
         assert!(text.contains(needle), "missing {needle} in:\n{text}");

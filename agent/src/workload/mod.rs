@@ -4,6 +4,7 @@
 //! every change, never an empty field.
 
 pub mod attest;
+pub mod jwt_cache;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
@@ -20,6 +21,7 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use self::attest::UnixAttestor;
+use self::jwt_cache::JwtCache;
 use crate::cache::{Cache, Entry, Snapshot};
 use crate::server::ServerClient;
 
@@ -37,29 +39,30 @@ pub fn check_header(req: Request<()>) -> Result<Request<()>, Status> {
     }
 }
 
-/// A cached JWT-SVID.
-struct CachedJwt {
-    token: String,
-    refresh_at: SystemTime,
-}
-
 /// The Workload API.
 pub struct WorkloadApi {
     cache: Arc<Cache>,
     server: Arc<ServerClient>,
     attestor: Arc<UnixAttestor>,
-    /// JWT-SVIDs by (entry ID, audiences), kept until half their life.
-    jwts: Mutex<HashMap<(String, Vec<String>), CachedJwt>>,
+    /// JWT-SVIDs by (entry ID, audiences), kept until half their life;
+    /// shared so metrics can report its size.
+    jwts: Arc<Mutex<JwtCache>>,
 }
 
 impl WorkloadApi {
-    /// A Workload API over `cache`, minting JWT-SVIDs through `server`.
-    pub fn new(cache: Arc<Cache>, server: Arc<ServerClient>, attestor: Arc<UnixAttestor>) -> Self {
+    /// A Workload API over `cache`, minting JWT-SVIDs through `server` and
+    /// reusing them from `jwts`.
+    pub fn new(
+        cache: Arc<Cache>,
+        server: Arc<ServerClient>,
+        attestor: Arc<UnixAttestor>,
+        jwts: Arc<Mutex<JwtCache>>,
+    ) -> Self {
         Self {
             cache,
             server,
             attestor,
-            jwts: Mutex::new(HashMap::new()),
+            jwts,
         }
     }
 }
@@ -349,15 +352,13 @@ impl WorkloadApi {
     async fn jwt_for(&self, entry: &Entry, audiences: &[String]) -> Result<String, Status> {
         let key = (entry.id.clone(), audiences.to_vec());
         let now = SystemTime::now();
-        if let Some(c) = self
+        if let Some(token) = self
             .jwts
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
+            .get(&key, now)
         {
-            if now < c.refresh_at {
-                return Ok(c.token.clone());
-            }
+            return Ok(token);
         }
         let minted = self
             .server
@@ -375,14 +376,11 @@ impl WorkloadApi {
             .into_inner();
         let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(minted.expires_at);
         let refresh_at = now + expiry.duration_since(now).unwrap_or_default() / 2;
-        let mut jwts = self.jwts.lock().unwrap_or_else(|e| e.into_inner());
-        jwts.retain(|_, c| c.refresh_at > now);
-        jwts.insert(
+        self.jwts.lock().unwrap_or_else(|e| e.into_inner()).insert(
             key,
-            CachedJwt {
-                token: minted.token.clone(),
-                refresh_at,
-            },
+            minted.token.clone(),
+            refresh_at,
+            now,
         );
         Ok(minted.token)
     }

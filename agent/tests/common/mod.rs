@@ -32,6 +32,8 @@ pub struct Harness {
     pub agent_id: String,
     /// `--max-presigned-svids` for the next agent start (default if None).
     pub presign: Option<usize>,
+    /// `--jwt-svid-cache-size` for the next agent start (default if None).
+    pub jwt_cache_size: Option<usize>,
 }
 
 pub async fn admin(socket: &Path) -> AdminClient<Channel> {
@@ -82,6 +84,7 @@ impl Harness {
             server_addr,
             agent_id: String::new(),
             presign: None,
+            jwt_cache_size: None,
         };
         h.spawn_server(listener);
         let deadline = tokio::time::Instant::now() + WAIT;
@@ -165,6 +168,7 @@ impl Harness {
             AgentFile {
                 metrics_address: metrics,
                 max_presigned_svids: self.presign,
+                jwt_svid_cache_size: self.jwt_cache_size,
                 server_address: Some(self.server_addr.to_string()),
                 trust_bundle: Some(self.dir.path().join("bundle.pem")),
                 join_token: token,
