@@ -9,8 +9,6 @@ mod common;
 use std::time::SystemTime;
 
 use common::{Harness, eventually, my_uid};
-use hyper_util::rt::TokioIo;
-use tonic::transport::{Endpoint, Uri};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_spiffe_crate_gets_svids_bundles_and_jwts() {
@@ -106,21 +104,8 @@ async fn the_spiffe_crate_gets_svids_bundles_and_jwts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn calls_without_the_security_header_are_refused() {
-    use oxid_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
     let h = Harness::start().await;
-    let _ = h.client().await; // waits for the socket
-    let path = h.workload_socket();
-    let channel = Endpoint::try_from("http://workload.invalid")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .unwrap();
-    let mut raw = SpiffeWorkloadApiClient::new(channel);
+    let mut raw = h.raw_client().await;
     let err = raw
         .fetch_x509svid(oxid_proto::workload::X509svidRequest {})
         .await
@@ -161,18 +146,7 @@ async fn health_and_reflection_share_the_socket() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
     let h = Harness::start().await;
-    let _ = h.client().await;
-    let path = h.workload_socket();
-    let channel = Endpoint::try_from("http://workload.invalid")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .unwrap();
+    let channel = h.channel().await;
     // No security header needed here.
     let mut health = HealthClient::new(channel.clone());
     let status = eventually(|| {

@@ -208,6 +208,36 @@ impl Harness {
             .unwrap()
     }
 
+    /// A plain gRPC channel on the agent's socket, once it exists.
+    pub async fn channel(&self) -> Channel {
+        let _ = self.client().await; // waits for the socket
+        let path = self.workload_socket();
+        Endpoint::try_from("http://workload.invalid")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await
+            .unwrap()
+    }
+
+    /// A generated (not `spiffe` crate) Workload API client on the agent's
+    /// socket, for sending what a well-behaved client never would. Calls
+    /// carry no security header unless the test adds it.
+    pub async fn raw_client(
+        &self,
+    ) -> oxid_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<Channel> {
+        oxid_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(
+            self.channel().await,
+        )
+        .max_encoding_message_size(usize::MAX)
+    }
+
     pub async fn create_entry(&self, spiffe_id: &str, selectors: &[&str]) {
         let r = admin(&self.admin_socket())
             .await
