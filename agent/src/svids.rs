@@ -26,10 +26,17 @@ pub(crate) fn rotate_at(issued: SystemTime, not_after: SystemTime, jitter_unit: 
     issued + offset
 }
 
-fn random_unit() -> f64 {
+/// A random number in [0, 1) for jitter.
+pub(crate) fn random_unit() -> f64 {
     let mut b = [0u8; 2];
     let _ = ring::rand::SystemRandom::new().fill(&mut b);
-    f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX)
+    unit_from(u16::from_le_bytes(b))
+}
+
+/// `raw` mapped onto [0, 1). Dividing by 2^16 rather than `u16::MAX` keeps
+/// 1.0 out, so jittered ranges stay half-open as documented.
+fn unit_from(raw: u16) -> f64 {
+    f64::from(raw) / 65536.0
 }
 
 /// Entries that need a (new) SVID now: the first `presign` entries (in SVID
@@ -167,6 +174,15 @@ async fn sign(server: &ServerClient, entries: &[Entry]) -> Result<Vec<(String, H
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jitter_units_are_half_open() {
+        assert_eq!(unit_from(0), 0.0);
+        assert!(unit_from(u16::MAX) < 1.0);
+        // The agent's reconnect backoff stays strictly under 1.5x.
+        let top = std::time::Duration::from_secs(10).mul_f64(0.5 + unit_from(u16::MAX));
+        assert!(top < std::time::Duration::from_secs(15), "{top:?}");
+    }
 
     fn entry(id: &str) -> Entry {
         crate::cache::Entry::from_pb(&oxid_proto::agent::Entry {

@@ -11,7 +11,6 @@ use oxid_pki::TrustDomain;
 use oxid_pki::bundle::Bundle;
 use oxid_proto::agent as pb;
 use oxid_tls::SharedBundle;
-use ring::rand::SecureRandom as _;
 
 use crate::cache::{Cache, Entry};
 use crate::server::ServerClient;
@@ -23,10 +22,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// `base` scaled by a random factor in [0.5, 1.5), so agents that lost the
 /// server together do not return together.
 pub(crate) fn jittered(base: Duration) -> Duration {
-    let mut b = [0u8; 2];
-    let _ = ring::rand::SystemRandom::new().fill(&mut b);
-    let unit = f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX);
-    base.mul_f64(0.5 + unit)
+    base.mul_f64(0.5 + crate::svids::random_unit())
 }
 
 /// The entries and bundles being assembled from one snapshot or delta.
