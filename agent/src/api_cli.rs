@@ -15,6 +15,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::AgentError;
 use crate::cli::{ApiArgs, ApiCommand, FetchCommand, ValidateCommand};
+use crate::workload::with_header;
 
 pub(crate) fn say(line: &str) {
     println!("{line}");
@@ -43,15 +44,6 @@ async fn channel(args: &ApiArgs) -> Result<Channel, AgentError> {
         }))
         .await
         .map_err(|_| AgentError::Server(format!("cannot reach the Workload API at {shown}")))
-}
-
-fn with_header<T>(message: T) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(message);
-    req.metadata_mut().insert(
-        "workload.spiffe.io",
-        tonic::metadata::MetadataValue::from_static("true"),
-    );
-    req
 }
 
 fn status(s: tonic::Status) -> AgentError {

@@ -22,7 +22,12 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// `base` scaled by a random factor in [0.5, 1.5), so agents that lost the
 /// server together do not return together.
 pub(crate) fn jittered(base: Duration) -> Duration {
-    base.mul_f64(0.5 + crate::svids::random_unit())
+    jitter_by(base, crate::svids::random_unit())
+}
+
+/// `base` scaled by `0.5 + unit`, `unit` in [0, 1).
+fn jitter_by(base: Duration, unit: f64) -> Duration {
+    base.mul_f64(0.5 + unit)
 }
 
 /// The entries and bundles being assembled from one snapshot or delta.
@@ -173,5 +178,11 @@ mod tests {
                 "{d:?}"
             );
         }
+        let top = jitter_by(Duration::from_secs(10), crate::svids::unit_from(u16::MAX));
+        assert!(top < Duration::from_secs(15), "{top:?}");
+        assert_eq!(
+            jitter_by(Duration::from_secs(10), crate::svids::unit_from(0)),
+            Duration::from_secs(5)
+        );
     }
 }

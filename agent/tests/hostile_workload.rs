@@ -7,16 +7,9 @@
 mod common;
 
 use common::{Harness, eventually, my_uid};
+use oxid_agent::workload::with_header;
 use oxid_proto::workload as pb;
-use tonic::{Code, Request};
-
-/// `msg` with the Workload API's security header, as SPIFFE clients send it.
-fn with_header<T>(msg: T) -> Request<T> {
-    let mut req = Request::new(msg);
-    req.metadata_mut()
-        .insert("workload.spiffe.io", "true".parse().unwrap());
-    req
-}
+use tonic::Code;
 
 /// A harness whose test process has an X509-SVID and can mint JWT-SVIDs.
 async fn harness_with_identity() -> Harness {

@@ -39,6 +39,17 @@ pub fn check_header(req: Request<()>) -> Result<Request<()>, Status> {
     }
 }
 
+/// `message` with the security header [`check_header`] requires, as SPIFFE
+/// clients send it.
+pub fn with_header<T>(message: T) -> Request<T> {
+    let mut req = Request::new(message);
+    req.metadata_mut().insert(
+        "workload.spiffe.io",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    req
+}
+
 /// The Workload API.
 pub struct WorkloadApi {
     cache: Arc<Cache>,

@@ -36,9 +36,11 @@ pub struct Harness {
     pub jwt_cache_size: Option<usize>,
 }
 
-pub async fn admin(socket: &Path) -> AdminClient<Channel> {
+/// A gRPC channel over the Unix socket at `socket`.
+pub async fn uds_channel(socket: &Path) -> Channel {
     let path = socket.to_owned();
-    let channel = Endpoint::try_from("http://admin.invalid")
+    // The URI is required by the API but unused: the connector dials the socket.
+    Endpoint::try_from("http://uds.invalid")
         .unwrap()
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
@@ -47,8 +49,11 @@ pub async fn admin(socket: &Path) -> AdminClient<Channel> {
             }
         }))
         .await
-        .unwrap();
-    AdminClient::new(channel)
+        .unwrap()
+}
+
+pub async fn admin(socket: &Path) -> AdminClient<Channel> {
+    AdminClient::new(uds_channel(socket).await)
 }
 
 impl Harness {
@@ -211,19 +216,7 @@ impl Harness {
     /// A plain gRPC channel on the agent's socket, once it exists.
     pub async fn channel(&self) -> Channel {
         let _ = self.client().await; // waits for the socket
-        let path = self.workload_socket();
-        Endpoint::try_from("http://workload.invalid")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }))
-            .await
-            .unwrap()
+        uds_channel(&self.workload_socket()).await
     }
 
     /// A generated (not `spiffe` crate) Workload API client on the agent's
