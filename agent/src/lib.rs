@@ -11,6 +11,9 @@ mod api_cli;
 pub mod cache;
 pub mod cli;
 pub mod config;
+/// Fuzz oracles: only for `fuzz/` (feature `fuzzing`) and this crate's tests.
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod run;
 pub mod server;
 pub mod state;

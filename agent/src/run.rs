@@ -11,6 +11,7 @@ use oxid_tls::{SharedBundle, SvidResolver};
 use crate::cache::Cache;
 use crate::config::AgentConfig;
 use crate::server::{Attestation, Identity, ServerClient};
+use crate::workload::h2_authority::RewrittenStream;
 use crate::workload::jwt_cache::JwtCache;
 use crate::workload::{WorkloadApi, attest::UnixAttestor, check_header};
 use crate::{AgentError, state, svids, sync};
@@ -125,7 +126,11 @@ pub async fn run(
             ),
         )
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            // Lets gRPC C-core and Java clients in: see h2_authority.
+            tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::UnixListenerStream::new(listener),
+                |conn| conn.map(RewrittenStream::new),
+            ),
             shutdown,
         )
         .await;

@@ -2,14 +2,11 @@
 //! from PyPI) fetches an X509-SVID, bundles and a JWT-SVID from the agent
 //! and validates the JWT through it.
 //!
-//! KNOWN FAILURE, kept as the acceptance test for the fix: gRPC C-core
-//! 1.57+ (which py-spiffe 0.3 requires) sends the percent-encoded socket
-//! path as `:authority` on Unix sockets; hyper's h2 (under tonic) rejects
-//! that with RST_STREAM PROTOCOL_ERROR. With `grpc.default_authority =
-//! localhost` set on the channel the same script passes, which isolates the
-//! cause. Run it with `cargo test -p oxid-agent --test py_spiffe -- --ignored`
-//! after `python3 -m venv target/py-venv && target/py-venv/bin/pip install
-//! spiffe==0.3.2` (or with `OXID_PYTHON` naming a python that has py-spiffe).
+//! py-spiffe runs on gRPC C-core, which sends the percent-encoded socket
+//! path as `:authority`; this test is what shows the agent's HTTP/2
+//! rewriter (`workload::h2_authority`) lets such clients in. `scripts/test`
+//! installs the pinned packages of `tests/py/requirements.txt` into
+//! `target/py-venv`; `OXID_PYTHON` names another python that has them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -26,15 +23,15 @@ fn python() -> PathBuf {
     let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/py-venv/bin/python");
     assert!(
         venv.exists(),
-        "py-spiffe is required: python3 -m venv target/py-venv && \
-         target/py-venv/bin/pip install spiffe==0.3.2 (expected at {}), or set OXID_PYTHON",
+        "py-spiffe is required: run ./scripts/test, which installs it, or \
+         python3 -m venv target/py-venv && target/py-venv/bin/pip install -r \
+         agent/tests/py/requirements.txt (expected at {}), or set OXID_PYTHON",
         venv.display()
     );
     venv
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "known interop bug: h2 rejects the :authority gRPC C-core 1.57+ sends on Unix sockets"]
 async fn py_spiffe_fetches_and_validates() {
     let python = python();
     let h = Harness::start().await;

@@ -4,6 +4,7 @@
 //! every change, never an empty field.
 
 pub mod attest;
+pub mod h2_authority;
 pub mod jwt_cache;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
