@@ -253,8 +253,9 @@ fn integer(input: &[u8], n: u32) -> Result<(usize, &[u8]), HpackError> {
     if value < max_prefix {
         return Ok((value, rest));
     }
-    let mut shift = 0;
-    loop {
+    // Four continuation bytes (28 bits) cover MAX_INTEGER; a fifth, even a
+    // zero one, is refused rather than shifted past the word (as h2 does).
+    for shift in [0, 7, 14, 21] {
         let (&byte, tail) = rest.split_first().ok_or(HpackError::Truncated)?;
         rest = tail;
         value += usize::from(byte & 0x7f) << shift;
@@ -264,8 +265,8 @@ fn integer(input: &[u8], n: u32) -> Result<(usize, &[u8]), HpackError> {
         if byte & 0x80 == 0 {
             return Ok((value, rest));
         }
-        shift += 7;
     }
+    Err(HpackError::IntegerOverflow)
 }
 
 /// A string literal (§5.2) at the start of `input`.
@@ -347,6 +348,14 @@ mod tests {
             integer(&[0x1f, 0xff, 0xff, 0xff, 0xff, 0x7f], 5),
             Err(HpackError::IntegerOverflow)
         );
+        // Found by the fuzzer: zero continuation bytes add nothing but used
+        // to shift past the word.
+        let mut zeros = vec![0x1f];
+        zeros.extend([0x80; 20]);
+        zeros.push(0x00);
+        assert_eq!(integer(&zeros, 5), Err(HpackError::IntegerOverflow));
+        // Redundant zeros within four continuation bytes are accepted.
+        assert_eq!(integer(&[0x1f, 0x81, 0x80, 0x00], 5), Ok((32, &[][..])));
         for value in [0, 30, 31, 126, 127, 128, 1337, 70_000] {
             let mut out = Vec::new();
             encode_integer(value, 7, 0, &mut out);
