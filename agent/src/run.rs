@@ -16,6 +16,9 @@ use crate::workload::jwt_cache::JwtCache;
 use crate::workload::{WorkloadApi, attest::UnixAttestor, check_header};
 use crate::{AgentError, state, svids, sync};
 
+/// How long open connections get to close after a stop.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
 /// Runs the agent until `shutdown` completes.
 pub async fn run(
     config: AgentConfig,
@@ -100,11 +103,13 @@ pub async fn run(
         }
         None => None,
     };
+    let (stop, stopping) = tokio::sync::watch::channel(false);
     let api = WorkloadApi::new(
         cache.clone(),
         server,
         Arc::new(UnixAttestor::default()),
         jwts,
+        stopping.clone(),
     );
     // gRPC health and reflection share the socket; neither needs the
     // Workload API's security header. Health turns SERVING at first sync.
@@ -115,7 +120,12 @@ pub async fn run(
         .build_v1()
         .map_err(|e| AgentError::Internal(e.to_string()))?;
     tracing::info!(socket = %config.socket_path.display(), "oxid-agent serving the Workload API");
-    let result = tonic::transport::Server::builder()
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("oxid-agent stopping");
+        let _ = stop.send(true);
+    };
+    let serve = tonic::transport::Server::builder()
         .layer(oxid_telemetry::RpcLayer::new("workload", rpc))
         .add_service(health_service)
         .add_service(reflection)
@@ -131,9 +141,19 @@ pub async fn run(
                 tokio_stream::wrappers::UnixListenerStream::new(listener),
                 |conn| conn.map(RewrittenStream::new),
             ),
-            shutdown,
-        )
-        .await;
+            signal,
+        );
+    // Workload API streams end at once on shutdown; a connection that still
+    // holds on (a health Watch, a client ignoring GOAWAY) is dropped after
+    // DRAIN_GRACE so a stop never hangs.
+    let mut stopped = stopping;
+    let result = tokio::select! {
+        r = serve => r,
+        _ = async {
+            let _ = stopped.wait_for(|stop| *stop).await;
+            tokio::time::sleep(DRAIN_GRACE).await;
+        } => Ok(()),
+    };
     for task in [renewer, syncer, signer, health_task]
         .into_iter()
         .chain(metrics_task)

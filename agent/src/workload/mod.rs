@@ -59,22 +59,27 @@ pub struct WorkloadApi {
     /// JWT-SVIDs by (entry ID, audiences), kept until half their life;
     /// shared so metrics can report its size.
     jwts: Arc<Mutex<JwtCache>>,
+    /// Turns true when the agent stops: open streams end with `Unavailable`
+    /// (clients reconnect), or graceful shutdown would wait on them forever.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl WorkloadApi {
     /// A Workload API over `cache`, minting JWT-SVIDs through `server` and
-    /// reusing them from `jwts`.
+    /// reusing them from `jwts`, whose streams end once `stopping` is true.
     pub fn new(
         cache: Arc<Cache>,
         server: Arc<ServerClient>,
         attestor: Arc<UnixAttestor>,
         jwts: Arc<Mutex<JwtCache>>,
+        stopping: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         Self {
             cache,
             server,
             attestor,
             jwts,
+            stopping,
         }
     }
 }
@@ -186,9 +191,24 @@ fn x509_response(
 
 type WatchStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// Streams `compute(snapshot)` on every snapshot change, skipping repeats
-/// and `None` (not ready to answer yet). An error ends the stream.
-fn watch_stream<T, F>(cache: Arc<Cache>, compute: F) -> WatchStream<T>
+/// How long a stream waits for its first message (an SVID being signed, the
+/// first bundle) before telling the client `Unavailable`, so a client never
+/// hangs on an agent that cannot get what it needs from the server.
+const FIRST_MESSAGE_WAIT: Duration = Duration::from_secs(10);
+
+/// How often a stream re-checks expiry when nothing else changes.
+const RECHECK: Duration = Duration::from_secs(30);
+
+/// Streams `compute(snapshot)` on every snapshot change, skipping repeats.
+/// `None` means nothing valid to send yet: it is waited for (at most
+/// [`FIRST_MESSAGE_WAIT`] before the first message), and it ends the stream
+/// with `Unavailable` once something was sent (the SVIDs expired unrenewed).
+/// An error, or `stopping` turning true, ends the stream.
+fn watch_stream<T, F>(
+    cache: Arc<Cache>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+    compute: F,
+) -> WatchStream<T>
 where
     T: Clone + PartialEq + Send + Sync + 'static,
     F: Fn(&Snapshot) -> Result<Option<T>, Status> + Send + 'static,
@@ -197,30 +217,62 @@ where
     tokio::spawn(async move {
         let mut changes = cache.subscribe();
         let mut last: Option<T> = None;
+        let first_deadline = tokio::time::Instant::now() + FIRST_MESSAGE_WAIT;
         loop {
             let snapshot = changes.borrow_and_update().clone();
-            match compute(&snapshot) {
-                Err(status) => {
-                    let _ = tx.send(Err(status)).await;
-                    return;
+            let end = match compute(&snapshot) {
+                Err(status) => Some(status),
+                Ok(None) if last.is_some() => Some(Status::unavailable(
+                    "the caller's SVIDs expired before the agent could renew them \
+                     (is the server reachable?); retry",
+                )),
+                Ok(None) if tokio::time::Instant::now() >= first_deadline => {
+                    Some(Status::unavailable(
+                        "the agent has no valid SVID or bundle for the caller yet \
+                         (waiting for the server); retry",
+                    ))
                 }
                 Ok(Some(msg)) if last.as_ref() != Some(&msg) => {
                     if tx.send(Ok(msg.clone())).await.is_err() {
                         return;
                     }
                     last = Some(msg);
+                    None
                 }
-                Ok(_) => {}
+                Ok(_) => None,
+            };
+            if let Some(status) = end {
+                let _ = tx.send(Err(status)).await;
+                return;
             }
+            let wake = recheck_at(&snapshot, last.is_none().then_some(first_deadline));
             tokio::select! {
                 r = changes.changed() => if r.is_err() { return },
                 () = tx.closed() => return,
-                // SVIDs can expire without a snapshot change.
-                () = tokio::time::sleep(Duration::from_secs(30)) => {}
+                () = async { let _ = stopping.wait_for(|stop| *stop).await; } => {
+                    let _ = tx.send(Err(Status::unavailable("the agent is shutting down"))).await;
+                    return;
+                }
+                // SVIDs expire without a snapshot change.
+                () = tokio::time::sleep_until(wake) => {}
             }
         }
     });
     Box::pin(ReceiverStream::new(rx))
+}
+
+/// When a stream must look again without a snapshot change: the next SVID
+/// expiry, the first-message deadline, or [`RECHECK`], whichever is first.
+fn recheck_at(snapshot: &Snapshot, deadline: Option<tokio::time::Instant>) -> tokio::time::Instant {
+    let now = SystemTime::now();
+    let next_expiry = snapshot
+        .svids
+        .values()
+        .filter_map(|held| held.not_after.duration_since(now).ok())
+        .min()
+        .unwrap_or(RECHECK);
+    let at = tokio::time::Instant::now() + next_expiry.min(RECHECK);
+    deadline.map_or(at, |d| d.min(at))
 }
 
 #[tonic::async_trait]
@@ -246,7 +298,11 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             x509_response(s, &own, &selectors)
         };
         compute(&self.cache.current())?;
-        Ok(Response::new(watch_stream(self.cache.clone(), compute)))
+        Ok(Response::new(watch_stream(
+            self.cache.clone(),
+            self.stopping.clone(),
+            compute,
+        )))
     }
 
     async fn fetch_x509_bundles(
@@ -271,7 +327,11 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             }))
         };
         compute(&self.cache.current())?;
-        Ok(Response::new(watch_stream(self.cache.clone(), compute)))
+        Ok(Response::new(watch_stream(
+            self.cache.clone(),
+            self.stopping.clone(),
+            compute,
+        )))
     }
 
     async fn fetch_jwt_bundles(
@@ -292,7 +352,11 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             Ok((!bundles.is_empty()).then_some(pb::JwtBundlesResponse { bundles }))
         };
         compute(&self.cache.current())?;
-        Ok(Response::new(watch_stream(self.cache.clone(), compute)))
+        Ok(Response::new(watch_stream(
+            self.cache.clone(),
+            self.stopping.clone(),
+            compute,
+        )))
     }
 
     async fn fetch_jwtsvid(
