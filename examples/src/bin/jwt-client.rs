@@ -8,9 +8,12 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+use std::time::Duration;
+
 use clap::Parser;
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Bytes;
+use spiffe::WorkloadApiError;
 
 /// Calls a JWT-SVID authenticated HTTP service.
 #[derive(Parser)]
@@ -38,10 +41,23 @@ async fn run(args: Args) -> Result<(), String> {
     let client = spiffe::WorkloadApiClient::connect_env()
         .await
         .map_err(|e| e.to_string())?;
-    let token = client
-        .fetch_jwt_token([args.audience.as_str()], None)
-        .await
-        .map_err(|e| format!("cannot get a JWT-SVID: {e}"))?;
+    // The agent may still be starting: retry what is transient for a while;
+    // a refusal (no identity for this program) is final.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let token = loop {
+        match client.fetch_jwt_token([args.audience.as_str()], None).await {
+            Ok(token) => break token,
+            Err(
+                e @ (WorkloadApiError::NoIdentityIssued | WorkloadApiError::PermissionDenied(_)),
+            ) => {
+                return Err(format!("cannot get a JWT-SVID: {e}"));
+            }
+            Err(e) if e.is_invalid_argument() || tokio::time::Instant::now() > deadline => {
+                return Err(format!("cannot get a JWT-SVID: {e}"));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
     let uri: hyper::Uri = args.url.parse().map_err(|e| format!("{e}"))?;
     let host = uri
         .authority()

@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use clap::Parser;
 use http_body_util::Full;
@@ -48,8 +49,47 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-/// Follows FetchJWTBundles into `bundles`; returns after the first message.
+/// How long to wait for the first JWT bundles (the agent may be starting).
+const FIRST_BUNDLES_WAIT: Duration = Duration::from_secs(30);
+
+/// Follows FetchJWTBundles into `bundles` for as long as the program runs,
+/// reconnecting when the stream breaks (agent restart, agent not synced
+/// yet). Returns once the first bundles are in.
 async fn follow_bundles(bundles: Bundles) -> Result<(), String> {
+    let (status, mut first) = tokio::sync::watch::channel(Err("not connected yet".to_owned()));
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if let Err(e) = stream_bundles(&bundles, &status).await {
+                status.send_if_modified(|s| {
+                    let waiting = s.is_err();
+                    if waiting {
+                        *s = Err(e);
+                    }
+                    waiting
+                });
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    });
+    let waited = tokio::time::timeout(FIRST_BUNDLES_WAIT, first.wait_for(|s| s.is_ok()))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    if waited {
+        return Ok(());
+    }
+    Err(format!(
+        "no JWT bundles from the Workload API within {FIRST_BUNDLES_WAIT:?}: {}",
+        first.borrow().clone().err().unwrap_or_default()
+    ))
+}
+
+/// One FetchJWTBundles stream, applied to `bundles` until it ends.
+async fn stream_bundles(
+    bundles: &Bundles,
+    status: &tokio::sync::watch::Sender<Result<(), String>>,
+) -> Result<(), String> {
     let mut client = pb::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(
         oxid_examples::workload_channel().await?,
     );
@@ -63,29 +103,19 @@ async fn follow_bundles(bundles: Bundles) -> Result<(), String> {
         .await
         .map_err(|s| format!("cannot fetch JWT bundles: {}", s.message()))?
         .into_inner();
-    let apply = |resp: pb::JwtBundlesResponse, bundles: &Bundles| {
+    while let Some(resp) = stream.message().await.map_err(|s| s.message().to_owned())? {
         let mut map = BTreeMap::new();
         for (key, jwks) in resp.bundles {
-            if let Ok(td) = key.parse::<TrustDomain>() {
-                if let Ok(b) = Bundle::from_jwks_json(td.clone(), &jwks) {
-                    map.insert(td, b);
-                }
+            if let Ok(td) = key.parse::<TrustDomain>()
+                && let Ok(b) = Bundle::from_jwks_json(td.clone(), &jwks)
+            {
+                map.insert(td, b);
             }
         }
         *bundles.write().unwrap_or_else(|e| e.into_inner()) = map;
-    };
-    let first = stream
-        .message()
-        .await
-        .map_err(|s| s.message().to_owned())?
-        .ok_or("the bundle stream ended")?;
-    apply(first, &bundles);
-    tokio::spawn(async move {
-        while let Ok(Some(resp)) = stream.message().await {
-            apply(resp, &bundles);
-        }
-    });
-    Ok(())
+        let _ = status.send(Ok(()));
+    }
+    Err("the bundle stream ended".into())
 }
 
 fn check(

@@ -91,17 +91,27 @@ async fn ask(conn: &mut Conn, text: &str) -> Result<String, String> {
 
 async fn run(args: Args) -> Result<(), String> {
     let source = oxid_examples::source().await?;
-    let me = oxid_examples::SourceCerts(source.clone());
-    if let Some((id, serial)) = me.identity() {
+    if let Some((id, serial)) = oxid_examples::identity(&source) {
         println!("client: I am {id} (certificate serial {serial})");
     }
-    let config = oxid_examples::client_config(source, args.server_id)?;
+    let trust_domain = spiffe::TrustDomain::new(args.server_id.trust_domain().as_str())
+        .map_err(|e| e.to_string())?;
+    // spiffe-rustls: the server is verified against the source's current
+    // bundle and must be exactly --server-id (the TLS server name is not used).
+    let config = spiffe_rustls::mtls_client(source.clone())
+        .authorize(spiffe_rustls::exact([args.server_id.to_string()]).map_err(|e| e.to_string())?)
+        .trust_domain_policy(spiffe_rustls::LocalOnly(trust_domain))
+        .with_alpn_protocols([oxid_examples::ALPN])
+        .build()
+        .map_err(|e| e.to_string())?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let mut long_lived = connect(&connector, &args.connect).await?;
     println!("client: long-lived connection to {}", long_lived.2);
     for i in 1..=args.count {
         let mut fresh = connect(&connector, &args.connect).await?;
-        let mine = me.identity().map(|(_, s)| s).unwrap_or_default();
+        let mine = oxid_examples::identity(&source)
+            .map(|(_, s)| s)
+            .unwrap_or_default();
         let reply = ask(&mut fresh, &format!("request {i} on a new connection")).await?;
         println!(
             "client: new handshake with {} (my serial {mine}): {reply}",

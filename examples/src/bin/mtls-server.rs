@@ -42,14 +42,23 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> Result<(), String> {
     let source = oxid_examples::source().await?;
-    let me = oxid_examples::SourceCerts(source.clone());
-    let config = oxid_examples::server_config(source.clone(), args.allow)?;
+    let trust_domain = spiffe::TrustDomain::new(args.allow[0].trust_domain().as_str())
+        .map_err(|e| e.to_string())?;
+    let allowed: Vec<String> = args.allow.iter().map(|id| id.to_string()).collect();
+    // spiffe-rustls: client certificate required, verified against the
+    // source's current bundle, then authorised by exact SPIFFE ID.
+    let config = spiffe_rustls::mtls_server(source.clone())
+        .authorize(spiffe_rustls::exact(allowed).map_err(|e| e.to_string())?)
+        .trust_domain_policy(spiffe_rustls::LocalOnly(trust_domain))
+        .with_alpn_protocols([oxid_examples::ALPN])
+        .build()
+        .map_err(|e| e.to_string())?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    if let Some((id, serial)) = me.identity() {
+    if let Some((id, serial)) = oxid_examples::identity(&source) {
         println!("server: I am {id} (certificate serial {serial})");
     }
     println!("server: listening on {addr}");
@@ -71,8 +80,7 @@ async fn run(args: Args) -> Result<(), String> {
                 .and_then(oxid_tls::peer_identity)
                 .map(|(id, _)| id.to_string())
                 .unwrap_or_default();
-            let mine = oxid_examples::SourceCerts(source)
-                .identity()
+            let mine = oxid_examples::identity(&source)
                 .map(|(_, serial)| serial)
                 .unwrap_or_default();
             println!("server: authorised {peer} (new handshake; my certificate serial {mine})");
