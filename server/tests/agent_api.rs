@@ -238,13 +238,22 @@ fn chain_of(v: Vec<Vec<u8>>) -> Vec<CertificateDer<'static>> {
 }
 
 async fn attest_token(s: &Server, token: &str) -> Result<Agent, tonic::Status> {
+    attest_token_with(s, token, |csr| csr).await
+}
+
+/// Attests with `token`, sending the CSR as `tamper` leaves it.
+async fn attest_token_with(
+    s: &Server,
+    token: &str,
+    tamper: impl FnOnce(Vec<u8>) -> Vec<u8>,
+) -> Result<Agent, tonic::Status> {
     let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
     let first = pb::AttestRequest {
         data: Some(pb::AttestationData {
             r#type: "join_token".into(),
             payload: token.as_bytes().to_vec(),
         }),
-        csr: Csr::create(&key).unwrap(),
+        csr: tamper(Csr::create(&key).unwrap()),
         challenge_response: vec![],
     };
     let mut c = s.client(None).await;
@@ -339,6 +348,62 @@ async fn join_token_attestation_ok_reused_unknown_expired() {
         "{}",
         expired.message()
     );
+}
+
+async fn agents(s: &Server) -> Vec<admin_pb::Agent> {
+    s.admin()
+        .await
+        .list_agents(admin_pb::ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents
+}
+
+#[tokio::test]
+async fn bad_csrs_are_refused_without_burning_the_token_or_the_agent() {
+    let s = Server::start("").await;
+    let token = s.token("").await;
+    // Garbage, and a well-formed CSR whose signature does not match its key.
+    let forged = |mut csr: Vec<u8>| {
+        let last = csr.len() - 1;
+        csr[last] ^= 0x01;
+        csr
+    };
+    for (what, result) in [
+        (
+            "garbage",
+            attest_token_with(&s, &token, |_| b"not a csr".to_vec()).await,
+        ),
+        ("forged", attest_token_with(&s, &token, forged).await),
+    ] {
+        let err = result
+            .err()
+            .unwrap_or_else(|| panic!("{what} CSR accepted"));
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+        assert!(
+            err.message().starts_with("csr: "),
+            "{what}: {}",
+            err.message()
+        );
+    }
+    assert!(agents(&s).await.is_empty(), "no agent stored");
+    // The token still works.
+    let agent = attest_token(&s, &token).await.unwrap();
+    // A bad CSR on renewal changes nothing: the old SVID keeps working.
+    let mut c = s.client(Some(agent.certs.clone())).await;
+    let err = c
+        .renew(pb::RenewRequest {
+            csr: b"not a csr".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(agents(&s).await.len(), 1);
+    let entry = s
+        .create_entry("spiffe://example.org/w", agent.id.as_str(), "unix:uid:1")
+        .await;
+    assert!(sign(&s, &agent, &entry).await.error.is_empty());
 }
 
 #[tokio::test]

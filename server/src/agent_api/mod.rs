@@ -6,7 +6,7 @@
 //! banned, serial current (the previous serial only until the renewed SVID
 //! is first used).
 
-mod attest;
+pub(crate) mod attest;
 mod conn;
 mod index;
 mod service;

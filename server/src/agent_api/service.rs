@@ -150,10 +150,8 @@ impl Inner {
     async fn sign_agent_svid(
         &self,
         agent_id: &SpiffeId,
-        csr: &[u8],
+        csr: &Csr,
     ) -> Result<(Vec<Vec<u8>>, String, u64), AgentApiError> {
-        let csr =
-            Csr::parse(csr).map_err(|e| AgentApiError::InvalidArgument(format!("csr: {e}")))?;
         let svid = self.ca.sign_x509_svid(&SvidParams {
             spiffe_id: agent_id,
             public_key: csr.public_key(),
@@ -172,6 +170,9 @@ impl Inner {
         outbound: &tokio::sync::mpsc::Sender<Result<pb::AttestResponse, Status>>,
     ) -> Result<pb::AttestResult, AgentApiError> {
         let first = next(inbound).await?;
+        // The CSR is checked before attestation, which may consume a
+        // single-use join token: a bad CSR must not burn the token.
+        let csr = parse_csr(&first.csr)?;
         let data = first
             .data
             .ok_or_else(|| AgentApiError::InvalidArgument("attestation data is required".into()))?;
@@ -225,9 +226,7 @@ impl Inner {
                 attested.spiffe_id
             )));
         }
-        let (chain, serial, expires_at) = self
-            .sign_agent_svid(&attested.spiffe_id, &first.csr)
-            .await?;
+        let (chain, serial, expires_at) = self.sign_agent_svid(&attested.spiffe_id, &csr).await?;
         let now_ms = self.now_secs() * 1000;
         self.store
             .put_agent(Agent {
@@ -252,6 +251,10 @@ impl Inner {
 }
 
 /// Refuses banned agents and unknown SVID serials.
+fn parse_csr(der: &[u8]) -> Result<Csr, AgentApiError> {
+    Csr::parse(der).map_err(|e| AgentApiError::InvalidArgument(format!("csr: {e}")))
+}
+
 pub(crate) fn check_agent(agent: &Agent, serial: &str) -> Result<(), AgentApiError> {
     if agent.banned {
         return Err(AgentApiError::PermissionDenied(format!(
@@ -323,7 +326,7 @@ impl pb::agent_api_server::AgentApi for AgentApiService {
         let inner = &self.0;
         let mut agent = inner.authenticate(&req).await?;
         let (chain, serial, expires_at) = inner
-            .sign_agent_svid(&agent.spiffe_id, &req.get_ref().csr)
+            .sign_agent_svid(&agent.spiffe_id, &parse_csr(&req.get_ref().csr)?)
             .await?;
         agent.previous_serial = Some(std::mem::replace(&mut agent.serial, serial));
         agent.expires_at = expires_at;
