@@ -83,15 +83,27 @@ pub struct AgentConfig {
 impl AgentConfig {
     /// Reads `path` (if any), then applies `flags` over it.
     pub fn load(path: Option<&Path>, flags: AgentFile) -> Result<Self, AgentError> {
-        let file = match path {
+        match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .map_err(|e| AgentError::Config(format!("{}: {e}", p.display())))?;
-                toml::from_str::<AgentFile>(&text)
-                    .map_err(|e| AgentError::Config(format!("{}: {}", p.display(), e.message())))?
+                Self::from_toml(&text, flags).map_err(|e| match e {
+                    AgentError::Config(m) => AgentError::Config(format!("{}: {m}", p.display())),
+                    other => other,
+                })
             }
-            None => AgentFile::default(),
-        };
+            None => Self::resolve(AgentFile::default(), flags),
+        }
+    }
+
+    /// Parses `agent.toml` text, then applies `flags` over it.
+    pub fn from_toml(text: &str, flags: AgentFile) -> Result<Self, AgentError> {
+        let file = toml::from_str::<AgentFile>(text)
+            .map_err(|e| AgentError::Config(e.message().to_owned()))?;
+        Self::resolve(file, flags)
+    }
+
+    fn resolve(file: AgentFile, flags: AgentFile) -> Result<Self, AgentError> {
         let pick = |f: Option<String>, d: Option<String>| f.or(d);
         let td_name =
             pick(flags.trust_domain, file.trust_domain).unwrap_or_else(|| "example.org".into());

@@ -217,22 +217,28 @@ pub struct Config {
 impl Config {
     /// Reads `path` (if given), applies `overrides`, fills defaults, checks.
     pub fn load(path: Option<&Path>, overrides: Overrides) -> Result<Self, ConfigError> {
-        let file = match path {
+        match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
                     path: p.to_owned(),
                     source,
                 })?;
-                toml::from_str::<ConfigFile>(&text).map_err(|e| ConfigError::Parse {
-                    path: p.to_owned(),
-                    message: e.message().to_owned()
-                        + &e.span()
-                            .map(|s| format!(" (at byte {})", s.start))
-                            .unwrap_or_default(),
-                })?
+                Self::from_toml(&text, p, overrides)
             }
-            None => ConfigFile::default(),
-        };
+            None => Self::resolve(ConfigFile::default(), overrides),
+        }
+    }
+
+    /// Parses `server.toml` text (`path` names it in errors), applies
+    /// `overrides`, fills defaults, checks.
+    pub fn from_toml(text: &str, path: &Path, overrides: Overrides) -> Result<Self, ConfigError> {
+        let file = toml::from_str::<ConfigFile>(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.message().to_owned()
+                + &e.span()
+                    .map(|s| format!(" (at byte {})", s.start))
+                    .unwrap_or_default(),
+        })?;
         Self::resolve(file, overrides)
     }
 

@@ -14,5 +14,8 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod datastore;
+/// Fuzz oracles: only for `fuzz/` (feature `fuzzing`) and this crate's tests.
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub use oxid_telemetry as metrics;
 pub mod run;

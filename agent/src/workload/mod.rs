@@ -365,17 +365,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
         let selectors = caller_selectors(&self.attestor, &self.cache, &req)?;
         let r = req.into_inner();
-        oxid_pki::jwt::check_audiences(&r.audience)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let wanted: Option<SpiffeId> = if r.spiffe_id.is_empty() {
-            None
-        } else {
-            Some(
-                r.spiffe_id
-                    .parse()
-                    .map_err(|e| Status::invalid_argument(format!("spiffe_id: {e}")))?,
-            )
-        };
+        let wanted = check_jwt_request(&r)?;
         let snapshot = self.cache.current();
         let entries: Vec<Entry> = snapshot
             .matching(&selectors)
@@ -400,27 +390,50 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pb::ValidateJwtsvidRequest>,
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
-        let r = req.into_inner();
-        if r.audience.is_empty() {
-            return Err(Status::invalid_argument("audience must be specified"));
-        }
-        if r.svid.is_empty() {
-            return Err(Status::invalid_argument("svid must be specified"));
-        }
         let snapshot = self.cache.current();
         let bundles: BTreeMap<TrustDomain, Bundle> = snapshot
             .bundles
             .iter()
             .map(|(td, b)| (td.clone(), b.as_ref().clone()))
             .collect();
-        let verified =
-            oxid_pki::jwt::verify_jwt_svid(&r.svid, &bundles, &r.audience, SystemTime::now())
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        Ok(Response::new(pb::ValidateJwtsvidResponse {
-            spiffe_id: verified.spiffe_id.to_string(),
-            claims: Some(to_struct(verified.claims)),
-        }))
+        validate_jwt(&req.into_inner(), &bundles, SystemTime::now()).map(Response::new)
     }
+}
+
+/// The SPIFFE ID a FetchJWTSVID request asks for, if any, once its
+/// audiences are within bounds.
+#[allow(clippy::result_large_err)]
+pub(crate) fn check_jwt_request(r: &pb::JwtsvidRequest) -> Result<Option<SpiffeId>, Status> {
+    oxid_pki::jwt::check_audiences(&r.audience)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if r.spiffe_id.is_empty() {
+        return Ok(None);
+    }
+    r.spiffe_id
+        .parse()
+        .map(Some)
+        .map_err(|e| Status::invalid_argument(format!("spiffe_id: {e}")))
+}
+
+/// Answers a ValidateJWTSVID request against `bundles`.
+#[allow(clippy::result_large_err)]
+pub(crate) fn validate_jwt(
+    r: &pb::ValidateJwtsvidRequest,
+    bundles: &BTreeMap<TrustDomain, Bundle>,
+    now: SystemTime,
+) -> Result<pb::ValidateJwtsvidResponse, Status> {
+    if r.audience.is_empty() {
+        return Err(Status::invalid_argument("audience must be specified"));
+    }
+    if r.svid.is_empty() {
+        return Err(Status::invalid_argument("svid must be specified"));
+    }
+    let verified = oxid_pki::jwt::verify_jwt_svid(&r.svid, bundles, &r.audience, now)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok(pb::ValidateJwtsvidResponse {
+        spiffe_id: verified.spiffe_id.to_string(),
+        claims: Some(to_struct(verified.claims)),
+    })
 }
 
 impl WorkloadApi {
