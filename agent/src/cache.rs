@@ -109,6 +109,9 @@ pub struct Counters {
     pub attestation_failures: std::sync::atomic::AtomicU64,
     /// When the last sync snapshot or delta was applied.
     pub last_sync: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Whether the sync stream is up now: `/ready` is false without it,
+    /// while the Workload API keeps serving what the agent holds.
+    pub server_connected: std::sync::atomic::AtomicBool,
 }
 
 /// The published snapshot.

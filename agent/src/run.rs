@@ -282,7 +282,7 @@ impl oxid_telemetry::MetricsSource for AgentMetrics {
             .unwrap_or_else(|e| e.into_inner())
             .map_or(-1.0, |t| t.elapsed().as_secs_f64());
         let jwts_cached = self.jwts.lock().unwrap_or_else(|e| e.into_inner()).len();
-        let families: [(&str, &str, &str, String); 6] = [
+        let families: [(&str, &str, &str, String); 7] = [
             (
                 "oxid_agent_entries",
                 "gauge",
@@ -314,6 +314,12 @@ impl oxid_telemetry::MetricsSource for AgentMetrics {
                 counters.attestation_failures.load(Relaxed).to_string(),
             ),
             (
+                "oxid_agent_server_connected",
+                "gauge",
+                "1 while the sync stream to the server is up.",
+                u8::from(counters.server_connected.load(Relaxed)).to_string(),
+            ),
+            (
                 "oxid_agent_sync_age_seconds",
                 "gauge",
                 "Seconds since the last sync update (-1: never).",
@@ -329,7 +335,9 @@ impl oxid_telemetry::MetricsSource for AgentMetrics {
         out
     }
 
+    /// Ready: synced once, and connected to the server now.
     fn ready(&self) -> bool {
-        self.cache.current().synced
+        use std::sync::atomic::Ordering::Relaxed;
+        self.cache.current().synced && self.cache.counters.server_connected.load(Relaxed)
     }
 }

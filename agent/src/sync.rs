@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use oxid_pki::TrustDomain;
@@ -48,7 +49,9 @@ pub(crate) async fn run(
     let mut backoff = BACKOFF_MIN;
     let mut view = View::default();
     loop {
-        match follow(&server, &cache, &tls_bundle, &data_dir, &mut view).await {
+        let outcome = follow(&server, &cache, &tls_bundle, &data_dir, &mut view).await;
+        cache.counters.server_connected.store(false, Relaxed);
+        match outcome {
             Ok(()) => backoff = BACKOFF_MIN,
             Err(status) => {
                 tracing::warn!(code = ?status.code(), error = %status.message(), "sync interrupted; retrying");
@@ -82,6 +85,7 @@ async fn follow(
         .into_inner();
     let mut staging: Option<View> = None;
     while let Some(page) = stream.message().await? {
+        cache.counters.server_connected.store(true, Relaxed);
         let target = if page.snapshot {
             staging.insert(View::default())
         } else {

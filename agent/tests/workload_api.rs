@@ -273,4 +273,30 @@ async fn agent_metrics_and_health_endpoints() {
     }
     assert!(eventually(|| get("/ready")).await.contains("200 OK"));
     assert!(eventually(|| get("/live")).await.contains("200 OK"));
+    assert!(text.contains("oxid_agent_server_connected 1"), "{text}");
+
+    // Server away: not ready, still serving what it holds, still live.
+    let until = |path: &'static str, needle: &'static str| {
+        let get = get.clone();
+        move || {
+            let get = get.clone();
+            async move {
+                let text = get(path).await?;
+                if text.contains(needle) {
+                    Ok(text)
+                } else {
+                    Err(format!("{path} does not say {needle:?} yet"))
+                }
+            }
+        }
+    };
+    h.stop_server().await;
+    eventually(until("/ready", "503")).await;
+    eventually(until("/metrics", "oxid_agent_server_connected 0")).await;
+    assert!(get("/live").await.unwrap().contains("200 OK"));
+    let svid = client.fetch_x509_svid().await.unwrap();
+    assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/web");
+    // Back without an agent restart.
+    h.restart_server().await;
+    eventually(until("/ready", "200 OK")).await;
 }
