@@ -90,6 +90,12 @@ async fn ask(conn: &mut Conn, line: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn operator_cli_to_mtls_between_workloads_with_live_rotation() {
     let dir = tempfile::tempdir().unwrap();
+    // Other uids must reach the agent's socket (inside this directory).
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let server = Server::start(dir.path()).await;
     let (token, agent_id) = server.join_token().await;
     let agent = Agent::start(dir.path(), &server, &token).await;
@@ -188,6 +194,21 @@ async fn operator_cli_to_mtls_between_workloads_with_live_rotation() {
     assert!(!out.status.success());
     let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("no identity issued"), "whoami: {said}");
+    // So is a program under another uid (nobody), with no entry of its own,
+    // even though this test's uid holds identities.
+    let out = agent
+        .workload(std::path::Path::new("setpriv"))
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(bin("whoami"))
+        .output()
+        .await
+        .expect("setpriv (util-linux) is required; this test runs as root, as CI does");
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("no identity issued"),
+        "whoami as nobody: {said}"
+    );
     source.shutdown().await;
 }
 

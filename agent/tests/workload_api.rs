@@ -277,16 +277,12 @@ async fn agent_metrics_and_health_endpoints() {
 
     // Server away: not ready, still serving what it holds, still live.
     let until = |path: &'static str, needle: &'static str| {
-        let get = get.clone();
-        move || {
-            let get = get.clone();
-            async move {
-                let text = get(path).await?;
-                if text.contains(needle) {
-                    Ok(text)
-                } else {
-                    Err(format!("{path} does not say {needle:?} yet"))
-                }
+        move || async move {
+            let text = get(path).await?;
+            if text.contains(needle) {
+                Ok(text)
+            } else {
+                Err(format!("{path} does not say {needle:?} yet"))
             }
         }
     };
