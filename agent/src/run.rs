@@ -57,10 +57,27 @@ pub async fn run(
         Arc::new(SvidResolver::default()),
     )?);
 
-    let identity = match state::load_identity(&dir).filter(|i| i.not_after > SystemTime::now()) {
-        Some(i) => {
+    let now = SystemTime::now();
+    let identity = match state::load_identity(&dir) {
+        Some(i) if i.not_after > now => {
             tracing::info!(agent = %i.spiffe_id, "restored the agent identity");
             i
+        }
+        Some(i) if config.attestation.is_none() => {
+            let ago = now
+                .duration_since(i.not_after)
+                .unwrap_or_default()
+                .as_secs();
+            return Err(AgentError::Config(format!(
+                "the saved agent SVID of {} expired {ago} s ago: this agent needs a new join \
+                 token (`oxid-server token generate`, then --join-token), or x509pop \
+                 credentials (--node-cert and --node-key)",
+                i.spiffe_id
+            )));
+        }
+        Some(i) => {
+            tracing::warn!(agent = %i.spiffe_id, "the saved agent SVID expired; attesting again");
+            attest(&server, config.attestation.as_ref(), &dir, &tls_bundle, &td).await?
         }
         None => attest(&server, config.attestation.as_ref(), &dir, &tls_bundle, &td).await?,
     };

@@ -513,3 +513,51 @@ async fn api_watch_prints_updates() {
     }
     child.kill().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_whose_own_svid_expired_says_it_needs_a_new_token() {
+    let mut h = Harness::start_with("[ca]\nagent_svid_ttl = \"3s\"\n").await;
+    h.client().await; // attested and serving
+    h.stop_agent().await;
+    let data = h.dir.path().join("agent-data");
+    let saved = oxid_agent::state::load_identity(&data).expect("a saved identity");
+    // Let the saved SVID expire while the agent is down.
+    let left = saved
+        .not_after
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::sleep(left + Duration::from_millis(1100)).await;
+    h.start_agent(None);
+    let err = h.agent_exit().await.unwrap_err().to_string();
+    assert!(
+        err.contains("expired") && err.contains("needs a new join token"),
+        "{err}"
+    );
+    // The agent record on the server is untouched; with a new token the
+    // node attests again.
+    let mut a = admin(&h.admin_socket()).await;
+    let token = a
+        .create_join_token(admin_pb::CreateJoinTokenRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    h.start_agent(Some(token.token));
+    let agents = eventually(|| {
+        let mut a = a.clone();
+        async move {
+            let agents = a
+                .list_agents(admin_pb::ListAgentsRequest {})
+                .await
+                .map_err(|e| e.to_string())?
+                .into_inner()
+                .agents;
+            if agents.len() == 2 {
+                Ok(agents)
+            } else {
+                Err(format!("{} agents", agents.len()))
+            }
+        }
+    })
+    .await;
+    assert!(agents.iter().any(|x| x.spiffe_id.ends_with(&token.id)));
+}

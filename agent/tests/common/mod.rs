@@ -190,6 +190,15 @@ impl Harness {
         self.stop_agent = Some(stop);
     }
 
+    /// Waits for the agent to exit by itself; its outcome.
+    pub async fn agent_exit(&mut self) -> Result<(), oxid_agent::AgentError> {
+        self.stop_agent = None;
+        tokio::time::timeout(WAIT, self.agent.take().unwrap())
+            .await
+            .expect("the agent exited")
+            .unwrap()
+    }
+
     pub async fn stop_agent(&mut self) {
         let _ = self.stop_agent.take().unwrap().send(());
         self.agent.take().unwrap().await.unwrap().unwrap();
