@@ -23,7 +23,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check a configuration file and exit.
     Validate {
         /// The configuration file.
@@ -144,6 +144,9 @@ pub struct RunArgs {
     /// JWT-SVIDs kept for reuse (default 1000).
     #[arg(long)]
     pub jwt_svid_cache_size: Option<usize>,
+    /// Workload API streams one uid may hold open at once (default 2048).
+    #[arg(long)]
+    pub max_streams_per_uid: Option<usize>,
     /// Log format.
     #[arg(long, value_parser = ["human", "json"])]
     pub log_format: Option<String>,
@@ -153,7 +156,7 @@ pub struct RunArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let args = match cli.command {
-        Command::Run(args) => args,
+        Command::Run(args) => *args,
         Command::Validate { config } => {
             return finish(
                 AgentConfig::load(config.as_deref(), AgentFile::default()).map(|c| {
@@ -181,6 +184,7 @@ pub fn main() -> ExitCode {
         metrics_address: args.metrics_address,
         max_presigned_svids: args.max_presigned_svids,
         jwt_svid_cache_size: args.jwt_svid_cache_size,
+        max_streams_per_uid: args.max_streams_per_uid,
         log_level: None,
         log_format: args.log_format,
     };

@@ -19,6 +19,9 @@ pub const DEFAULT_SOCKET_PATH: &str = "/run/oxid-agent/public/api.sock";
 /// Default bound on cached JWT-SVIDs.
 pub const DEFAULT_JWT_SVID_CACHE_SIZE: usize = 1000;
 
+/// Default bound on Workload API streams open at once by one uid.
+pub const DEFAULT_MAX_STREAMS_PER_UID: usize = 2048;
+
 /// `agent.toml` as written.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,6 +50,9 @@ pub struct AgentFile {
     /// JWT-SVIDs kept for reuse (default 1000); bounds the memory a
     /// workload can make the agent spend by asking for many audiences.
     pub jwt_svid_cache_size: Option<usize>,
+    /// Workload API streams one uid may hold open at once (default 2048);
+    /// bounds what one user's processes can make the agent hold.
+    pub max_streams_per_uid: Option<usize>,
     /// Log level.
     pub log_level: Option<String>,
     /// `human` or `json`.
@@ -74,6 +80,8 @@ pub struct AgentConfig {
     pub max_presigned_svids: usize,
     /// JWT-SVIDs kept for reuse.
     pub jwt_svid_cache_size: usize,
+    /// Workload API streams one uid may hold open at once.
+    pub max_streams_per_uid: usize,
     /// Log level.
     pub log_level: String,
     /// Log format.
@@ -149,6 +157,10 @@ impl AgentConfig {
                 .jwt_svid_cache_size
                 .or(file.jwt_svid_cache_size)
                 .unwrap_or(DEFAULT_JWT_SVID_CACHE_SIZE),
+            max_streams_per_uid: flags
+                .max_streams_per_uid
+                .or(file.max_streams_per_uid)
+                .unwrap_or(DEFAULT_MAX_STREAMS_PER_UID),
             server_address: pick(flags.server_address, file.server_address)
                 .unwrap_or_else(|| DEFAULT_SERVER_ADDRESS.into()),
             trust_domain,

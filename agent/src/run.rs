@@ -127,6 +127,7 @@ pub async fn run(
         Arc::new(UnixAttestor::default()),
         jwts,
         stopping.clone(),
+        crate::workload::limits::StreamLimits::new(config.max_streams_per_uid),
     );
     // gRPC health and reflection share the socket; neither needs the
     // Workload API's security header. Health turns SERVING at first sync.

@@ -106,3 +106,48 @@ async fn a_thousand_open_streams_do_not_starve_others() {
     drop(streams);
     still_serving(&h).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_per_uid_are_capped_and_freed_on_close() {
+    let mut h = harness_with_identity().await;
+    h.stop_agent().await;
+    h.max_streams_per_uid = Some(5);
+    h.start_agent(None);
+    let client = h.client().await;
+    eventually(|| client.fetch_x509_svid()).await;
+    let mut raw = h.raw_client().await;
+    let mut open = Vec::new();
+    for _ in 0..5 {
+        let mut stream = raw
+            .fetch_x509svid(with_header(pb::X509svidRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        stream.message().await.unwrap().unwrap();
+        open.push(stream);
+    }
+    let Err(refused) = raw
+        .fetch_x509svid(with_header(pb::X509svidRequest {}))
+        .await
+    else {
+        panic!("a sixth stream was accepted");
+    };
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("max_streams_per_uid"),
+        "{refused:?}"
+    );
+    // Unary calls are not streams: still served.
+    still_serving(&h).await;
+    // Closing one frees its slot once the agent sees it go.
+    drop(open.pop());
+    eventually(|| {
+        let mut raw = raw.clone();
+        async move {
+            raw.fetch_x509svid(with_header(pb::X509svidRequest {}))
+                .await
+                .map(|_| ())
+        }
+    })
+    .await;
+}

@@ -6,6 +6,7 @@
 pub mod attest;
 pub mod h2_authority;
 pub mod jwt_cache;
+pub mod limits;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
@@ -23,6 +24,7 @@ use tonic::{Request, Response, Status};
 
 use self::attest::UnixAttestor;
 use self::jwt_cache::JwtCache;
+use self::limits::{StreamLimits, StreamPermit};
 use crate::cache::{Cache, Entry, Snapshot};
 use crate::server::ServerClient;
 
@@ -62,6 +64,8 @@ pub struct WorkloadApi {
     /// Turns true when the agent stops: open streams end with `Unavailable`
     /// (clients reconnect), or graceful shutdown would wait on them forever.
     stopping: tokio::sync::watch::Receiver<bool>,
+    /// Open streams per uid, bounded.
+    streams: Arc<StreamLimits>,
 }
 
 impl WorkloadApi {
@@ -73,6 +77,7 @@ impl WorkloadApi {
         attestor: Arc<UnixAttestor>,
         jwts: Arc<Mutex<JwtCache>>,
         stopping: tokio::sync::watch::Receiver<bool>,
+        streams: Arc<StreamLimits>,
     ) -> Self {
         Self {
             cache,
@@ -80,7 +85,20 @@ impl WorkloadApi {
             attestor,
             jwts,
             stopping,
+            streams,
         }
+    }
+
+    /// A stream slot for the caller's uid.
+    #[allow(clippy::result_large_err)]
+    fn stream_permit<T>(&self, req: &Request<T>) -> Result<StreamPermit, Status> {
+        let uid = req
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|i| i.peer_cred)
+            .map(|c| c.uid())
+            .ok_or_else(|| Status::permission_denied("cannot identify the calling process"))?;
+        self.streams.acquire(uid)
     }
 }
 
@@ -207,6 +225,7 @@ const RECHECK: Duration = Duration::from_secs(30);
 fn watch_stream<T, F>(
     cache: Arc<Cache>,
     mut stopping: tokio::sync::watch::Receiver<bool>,
+    permit: StreamPermit,
     compute: F,
 ) -> WatchStream<T>
 where
@@ -215,6 +234,8 @@ where
 {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
+        // Held for as long as the stream lives.
+        let _permit = permit;
         let mut changes = cache.subscribe();
         let mut last: Option<T> = None;
         let first_deadline = tokio::time::Instant::now() + FIRST_MESSAGE_WAIT;
@@ -285,6 +306,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let permit = self.stream_permit(&req)?;
         let selectors = caller_selectors(&self.attestor, &self.cache, &req)?;
         let own = self.cache.trust_domain.clone();
         let cache = self.cache.clone();
@@ -301,6 +323,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         Ok(Response::new(watch_stream(
             self.cache.clone(),
             self.stopping.clone(),
+            permit,
             compute,
         )))
     }
@@ -309,6 +332,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        let permit = self.stream_permit(&req)?;
         let selectors = caller_selectors(&self.attestor, &self.cache, &req)?;
         let own = self.cache.trust_domain.clone();
         let compute = move |s: &Snapshot| {
@@ -330,6 +354,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         Ok(Response::new(watch_stream(
             self.cache.clone(),
             self.stopping.clone(),
+            permit,
             compute,
         )))
     }
@@ -338,6 +363,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        let permit = self.stream_permit(&req)?;
         let selectors = caller_selectors(&self.attestor, &self.cache, &req)?;
         let own = self.cache.trust_domain.clone();
         let compute = move |s: &Snapshot| {
@@ -355,6 +381,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         Ok(Response::new(watch_stream(
             self.cache.clone(),
             self.stopping.clone(),
+            permit,
             compute,
         )))
     }

@@ -34,6 +34,8 @@ pub struct Harness {
     pub presign: Option<usize>,
     /// `--jwt-svid-cache-size` for the next agent start (default if None).
     pub jwt_cache_size: Option<usize>,
+    /// `max_streams_per_uid` for the next agent start, if set.
+    pub max_streams_per_uid: Option<usize>,
 }
 
 /// A gRPC channel over the Unix socket at `socket`.
@@ -90,6 +92,7 @@ impl Harness {
             agent_id: String::new(),
             presign: None,
             jwt_cache_size: None,
+            max_streams_per_uid: None,
         };
         h.spawn_server(listener);
         let deadline = tokio::time::Instant::now() + WAIT;
@@ -174,6 +177,7 @@ impl Harness {
                 metrics_address: metrics,
                 max_presigned_svids: self.presign,
                 jwt_svid_cache_size: self.jwt_cache_size,
+                max_streams_per_uid: self.max_streams_per_uid,
                 server_address: Some(self.server_addr.to_string()),
                 trust_bundle: Some(self.dir.path().join("bundle.pem")),
                 join_token: token,
