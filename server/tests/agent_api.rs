@@ -978,3 +978,93 @@ async fn a_reconnecting_agent_resumes_with_a_delta() {
         .unwrap();
     assert!(snap.snapshot);
 }
+
+#[tokio::test]
+async fn a_banned_x509pop_node_cannot_attest_again_until_evicted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node_ca, ca_file) = node_pki(dir.path());
+    let s = Server::start(&format!(
+        "x509pop_ca_bundle = {:?}\n",
+        ca_file.display().to_string()
+    ))
+    .await;
+    let (chain, key) = node_cert(&node_ca, "web-1");
+    let first = attest_x509pop(&s, chain.clone(), &key).await.unwrap();
+    let request = || admin_pb::AgentRequest {
+        spiffe_id: first.spiffe_id.clone(),
+    };
+    s.admin().await.ban_agent(request()).await.unwrap();
+    let err = attest_x509pop(&s, chain.clone(), &key).await.err().unwrap();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("is banned; evict it"),
+        "{}",
+        err.message()
+    );
+    // Still banned, still one agent: the refused attempt changed nothing.
+    let stored = s
+        .admin()
+        .await
+        .get_agent(request())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stored.banned);
+    assert_eq!(agents(&s).await.len(), 1);
+    // Eviction lifts the ban: the node attests again under the same ID.
+    s.admin().await.evict_agent(request()).await.unwrap();
+    let again = attest_x509pop(&s, chain, &key).await.unwrap();
+    assert_eq!(again.spiffe_id, first.spiffe_id);
+}
+
+#[tokio::test]
+async fn oversized_batches_are_refused_whole_and_change_nothing() {
+    let s = Server::start("").await;
+    let agent = attest_token(&s, &s.token("").await).await.unwrap();
+    let entry = s
+        .create_entry("spiffe://example.org/w", agent.id.as_str(), "unix:uid:1")
+        .await;
+    // 1,001 CSRs in one SignX509Svids call: over the batch limit of 1,000.
+    let csr = Csr::create(&KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap()).unwrap();
+    let requests = (0..1001)
+        .map(|_| pb::SvidRequest {
+            entry_id: entry.clone(),
+            csr: csr.clone(),
+        })
+        .collect();
+    let mut c = s.client(Some(agent.certs.clone())).await;
+    let err = c
+        .sign_x509_svids(pb::SignX509SvidsRequest { requests })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("at most 1000"), "{}", err.message());
+    // 1,001 entries in one admin call: refused whole, none created.
+    let entries = (0..1001)
+        .map(|i| admin_pb::Entry {
+            spiffe_id: format!("spiffe://example.org/bulk/{i}"),
+            parent_id: agent.id.to_string(),
+            selectors: vec!["unix:uid:2".into()],
+            ..Default::default()
+        })
+        .collect();
+    let err = s
+        .admin()
+        .await
+        .create_entries(admin_pb::CreateEntriesRequest { entries })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("at most 1000"), "{}", err.message());
+    let listed = s
+        .admin()
+        .await
+        .list_entries(admin_pb::ListEntriesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(listed.len(), 1, "only the first entry exists");
+    // The agent is still served.
+    assert!(sign(&s, &agent, &entry).await.error.is_empty());
+}
