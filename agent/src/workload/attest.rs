@@ -230,6 +230,95 @@ mod tests {
         assert_eq!(a.attest(pid, 0, 0).unwrap(), s);
     }
 
+    /// A child running `program` (a copy of `sleep`), killed on drop.
+    struct Running(std::process::Child);
+
+    impl Running {
+        fn start(program: &std::path::Path) -> Self {
+            Self(
+                std::process::Command::new(program)
+                    .arg("60")
+                    .spawn()
+                    .unwrap(),
+            )
+        }
+
+        fn selectors(&self, a: &UnixAttestor) -> Vec<String> {
+            let pid = i32::try_from(self.0.id()).unwrap();
+            let s = a.attest(pid, 0, 0).unwrap();
+            s.iter().map(ToString::to_string).collect()
+        }
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn sha256_of(path: &std::path::Path) -> String {
+        let digest = ring::digest::digest(&ring::digest::SHA256, &std::fs::read(path).unwrap());
+        format!("unix:sha256:{}", oxid_pki::hex(digest.as_ref()))
+    }
+
+    fn executable_copy(to: &std::path::Path, extra: &[u8]) {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mut bytes = std::fs::read("/bin/sleep").unwrap();
+        // Trailing bytes after the ELF sections change the hash, not the program.
+        bytes.extend_from_slice(extra);
+        std::fs::write(to, bytes).unwrap();
+        std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    #[test]
+    fn replaced_and_symlinked_executables_are_seen_as_they_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path().canonicalize().unwrap();
+        let prog = dir.join("prog");
+        executable_copy(&prog, b"");
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&prog, &link).unwrap();
+        let a = UnixAttestor::default();
+
+        // Started through a symlink: the path is the file it runs.
+        let old = Running::start(&link);
+        let seen = old.selectors(&a);
+        assert!(
+            seen.contains(&format!("unix:path:{}", prog.display())),
+            "{seen:?}"
+        );
+        assert!(!seen.iter().any(|s| s.ends_with("/link")), "{seen:?}");
+        let old_hash = sha256_of(&prog);
+        assert!(seen.contains(&old_hash), "{seen:?}");
+
+        // The file is replaced (a new inode at the same path) while it runs.
+        let staged = dir.join("prog.new");
+        executable_copy(&staged, b"\0another build");
+        std::fs::rename(&staged, &prog).unwrap();
+        let new_hash = sha256_of(&prog);
+        assert_ne!(new_hash, old_hash);
+
+        // The running process keeps the old file's hash and loses its path,
+        // which now names another file.
+        let seen = old.selectors(&a);
+        assert!(seen.contains(&old_hash), "{seen:?}");
+        assert!(
+            !seen.iter().any(|s| s.starts_with("unix:path:")),
+            "{seen:?}"
+        );
+
+        // A process started from the new file gets the new hash: the cache
+        // (keyed by device, inode, size and times) never serves the old one.
+        let new = Running::start(&prog);
+        let seen = new.selectors(&a);
+        assert!(seen.contains(&new_hash), "{seen:?}");
+        assert!(
+            seen.contains(&format!("unix:path:{}", prog.display())),
+            "{seen:?}"
+        );
+    }
+
     #[test]
     fn a_dead_process_is_refused() {
         let mut child = std::process::Command::new("true").spawn().unwrap();
