@@ -43,11 +43,16 @@ async fn channel(args: &ApiArgs) -> Result<Channel, AgentError> {
             }
         }))
         .await
-        .map_err(|_| AgentError::Server(format!("cannot reach the Workload API at {shown}")))
+        .map_err(|_| {
+            AgentError::WorkloadApi(format!(
+                "cannot connect to {shown}: is the agent running? (set --socket-path \
+                 or SPIFFE_ENDPOINT_SOCKET)"
+            ))
+        })
 }
 
 fn status(s: tonic::Status) -> AgentError {
-    AgentError::Server(format!("{} ({:?})", s.message(), s.code()))
+    AgentError::WorkloadApi(format!("{} ({:?})", s.message(), s.code()))
 }
 
 /// `healthcheck`: the Workload API must be SERVING.
@@ -63,7 +68,7 @@ pub(crate) async fn healthcheck(args: ApiArgs) -> Result<(), AgentError> {
         .into_inner()
         .status;
     if s != ServingStatus::Serving as i32 {
-        return Err(AgentError::Server(
+        return Err(AgentError::WorkloadApi(
             "the agent has not synced with the server yet".into(),
         ));
     }
@@ -114,7 +119,7 @@ fn print_x509(output: &str, resp: &pb::X509svidResponse) {
 
 fn to_pem(der: &[u8]) -> Result<String, AgentError> {
     let certs: Vec<CertificateDer<'static>> =
-        oxid_pki::x509::split_der_certs(der).map_err(|e| AgentError::Server(e.to_string()))?;
+        oxid_pki::x509::split_der_certs(der).map_err(|e| AgentError::WorkloadApi(e.to_string()))?;
     Ok(oxid_pki::x509::certs_to_pem(&certs))
 }
 
@@ -132,12 +137,12 @@ pub(crate) async fn run(cmd: ApiCommand) -> Result<(), AgentError> {
                 .message()
                 .await
                 .map_err(status)?
-                .ok_or_else(|| AgentError::Server("the stream ended".into()))?;
+                .ok_or_else(|| AgentError::WorkloadApi("the stream ended".into()))?;
             if let Some(dir) = write {
                 let first = resp
                     .svids
                     .first()
-                    .ok_or_else(|| AgentError::Server("no SVID".into()))?;
+                    .ok_or_else(|| AgentError::WorkloadApi("no SVID".into()))?;
                 crate::state::write_private(
                     &dir.join("svid.pem"),
                     to_pem(&first.x509_svid)?.as_bytes(),

@@ -37,6 +37,10 @@ pub enum AgentError {
     /// The server could not be reached or answered oddly.
     #[error("server: {0}")]
     Server(String),
+    /// The Workload API (for the `api` and `healthcheck` commands) could
+    /// not be reached or refused the call.
+    #[error("Workload API: {0}")]
+    WorkloadApi(String),
     /// A bug.
     #[error("internal: {0}")]
     Internal(String),
