@@ -241,6 +241,14 @@ impl ServerClient {
     }
 }
 
+/// Keepalive ping interval on the connection to the server.
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+/// How long a keepalive ping may go unanswered before the connection is
+/// dropped and Sync reconnects.
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a TCP connect to the server may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn make_channel(
     address: &str,
     server_id: &SpiffeId,
@@ -255,12 +263,23 @@ fn make_channel(
     let address = address.to_owned();
     let endpoint = Endpoint::try_from("http://oxid-server.invalid")
         .map_err(|e| AgentError::Internal(e.to_string()))?
-        .connect_timeout(std::time::Duration::from_secs(10));
+        // A connection that dies silently (server host gone, NAT state
+        // dropped, a cut cable) must not leave Sync waiting forever: ping
+        // every KEEPALIVE, drop the connection after KEEPALIVE_TIMEOUT
+        // without an answer, even with only the Sync stream open.
+        .http2_keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
     Ok(
         endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
             let (tls, address) = (tls.clone(), address.clone());
             async move {
-                let tcp = tokio::net::TcpStream::connect(address.as_str()).await?;
+                let tcp = tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    tokio::net::TcpStream::connect(address.as_str()),
+                )
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
                 let name = ServerName::try_from("oxid-server").map_err(std::io::Error::other)?;
                 let stream = tokio_rustls::TlsConnector::from(tls)
                     .connect(name, tcp)

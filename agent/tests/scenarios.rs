@@ -9,7 +9,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Harness, WAIT, admin, eventually, my_uid};
+use common::{Harness, NetMode, Proxy, WAIT, admin, eventually, my_uid};
 use oxid_proto::admin as admin_pb;
 use tokio_stream::StreamExt as _;
 
@@ -560,4 +560,60 @@ async fn an_agent_whose_own_svid_expired_says_it_needs_a_new_token() {
     })
     .await;
     assert!(agents.iter().any(|x| x.spiffe_id.ends_with(&token.id)));
+}
+
+/// Waits until an open X509 stream carries `id`.
+async fn stream_carries<S>(contexts: &mut S, id: &str, within: Duration)
+where
+    S: tokio_stream::Stream<Item = Result<spiffe::X509Context, spiffe::WorkloadApiError>> + Unpin,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let ctx = tokio::time::timeout_at(deadline, contexts.next())
+            .await
+            .unwrap_or_else(|_| panic!("{id} did not reach the open stream"))
+            .unwrap()
+            .unwrap();
+        if ctx.svids().iter().any(|s| s.spiffe_id().to_string() == id) {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn network_cuts_and_silent_peers_lose_no_update() {
+    let mut h = Harness::start().await;
+    let uid = format!("unix:uid:{}", my_uid());
+    h.create_entry("spiffe://example.org/web", &[&uid]).await;
+    h.stop_agent().await;
+    let proxy = Proxy::start(h.server_addr).await;
+    h.agent_server_addr = Some(proxy.addr);
+    h.start_agent(None);
+    let client = h.client().await;
+    eventually(|| client.fetch_x509_svid()).await;
+    let mut contexts = Box::pin(client.stream_x509_contexts().await.unwrap());
+    let _ = tokio::time::timeout(WAIT, contexts.next()).await.unwrap();
+
+    // A cut with resets: connections close and new ones are refused. An
+    // entry created meanwhile arrives once the network is back.
+    proxy.set(NetMode::Cut);
+    h.create_entry("spiffe://example.org/during-cut", &[&uid])
+        .await;
+    let svid = client.fetch_x509_svid().await.unwrap();
+    assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/web");
+    proxy.set(NetMode::Open);
+    stream_carries(&mut contexts, "spiffe://example.org/during-cut", WAIT * 2).await;
+
+    // A silent peer: the agent's connection stays open but carries nothing.
+    // Only the keepalive (15 s ping, 10 s timeout) can notice; then the
+    // agent reconnects and resumes, and the entry created meanwhile arrives.
+    proxy.set(NetMode::Blackhole);
+    h.create_entry("spiffe://example.org/during-blackhole", &[&uid])
+        .await;
+    stream_carries(
+        &mut contexts,
+        "spiffe://example.org/during-blackhole",
+        Duration::from_secs(60),
+    )
+    .await;
 }

@@ -36,6 +36,9 @@ pub struct Harness {
     pub jwt_cache_size: Option<usize>,
     /// `max_streams_per_uid` for the next agent start, if set.
     pub max_streams_per_uid: Option<usize>,
+    /// Where the next agent start dials the server (a [`Proxy`]), if not
+    /// directly.
+    pub agent_server_addr: Option<std::net::SocketAddr>,
 }
 
 /// A gRPC channel over the Unix socket at `socket`.
@@ -93,6 +96,7 @@ impl Harness {
             presign: None,
             jwt_cache_size: None,
             max_streams_per_uid: None,
+            agent_server_addr: None,
         };
         h.spawn_server(listener);
         let deadline = tokio::time::Instant::now() + WAIT;
@@ -178,7 +182,11 @@ impl Harness {
                 max_presigned_svids: self.presign,
                 jwt_svid_cache_size: self.jwt_cache_size,
                 max_streams_per_uid: self.max_streams_per_uid,
-                server_address: Some(self.server_addr.to_string()),
+                server_address: Some(
+                    self.agent_server_addr
+                        .unwrap_or(self.server_addr)
+                        .to_string(),
+                ),
                 trust_bundle: Some(self.dir.path().join("bundle.pem")),
                 join_token: token,
                 data_dir: Some(self.dir.path().join("agent-data")),
@@ -296,4 +304,89 @@ where
             }
         }
     }
+}
+
+/// What a [`Proxy`] does to traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetMode {
+    /// Forward everything.
+    Open,
+    /// Close every connection and refuse new ones (a cut with resets).
+    Cut,
+    /// Existing connections go silent, held open, forwarding nothing (a
+    /// dead peer without a reset); new connections are forwarded.
+    Blackhole,
+}
+
+/// A TCP proxy between agent and server whose network can be cut.
+pub struct Proxy {
+    pub addr: std::net::SocketAddr,
+    mode: Arc<tokio::sync::watch::Sender<(NetMode, u64)>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (mode, watch) = tokio::sync::watch::channel((NetMode::Open, 0u64));
+        let task = tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let watch = watch.clone();
+                tokio::spawn(proxy_one(conn, target, watch));
+            }
+        });
+        Self {
+            addr,
+            mode: Arc::new(mode),
+            task,
+        }
+    }
+
+    pub fn set(&self, mode: NetMode) {
+        self.mode.send_modify(|(m, generation)| {
+            *m = mode;
+            *generation += 1;
+        });
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn proxy_one(
+    conn: tokio::net::TcpStream,
+    target: std::net::SocketAddr,
+    mut watch: tokio::sync::watch::Receiver<(NetMode, u64)>,
+) {
+    let (mode, born) = *watch.borrow_and_update();
+    if mode == NetMode::Cut {
+        return; // dropped: refused
+    }
+    let Ok(upstream) = tokio::net::TcpStream::connect(target).await else {
+        return;
+    };
+    let (mut a_read, mut a_write) = conn.into_split();
+    let (mut b_read, mut b_write) = upstream.into_split();
+    let forward = async {
+        tokio::join!(
+            tokio::io::copy(&mut a_read, &mut b_write),
+            tokio::io::copy(&mut b_read, &mut a_write)
+        )
+    };
+    let changed = async {
+        let _ = watch.wait_for(|(_, generation)| *generation > born).await;
+    };
+    tokio::select! {
+        _ = forward => return,
+        () = changed => {}
+    }
+    if watch.borrow().0 == NetMode::Blackhole {
+        // Hold both sockets, forwarding nothing, until the proxy goes away.
+        std::future::pending::<()>().await;
+    }
+    // Cut: the sockets close here.
 }

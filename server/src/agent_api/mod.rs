@@ -28,6 +28,12 @@ pub use self::conn::PeerInfo;
 pub use self::index::IndexHandle;
 pub use self::service::AgentApiService;
 
+/// How often each side pings an idle agent-API connection, and how long it
+/// waits for the answer before dropping the connection.
+pub const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+/// See [`KEEPALIVE`].
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Settings of the agent API.
 #[derive(Debug, Clone)]
 pub struct AgentApiConfig {
@@ -144,6 +150,10 @@ pub async fn serve(
     let service = AgentApiService::new(ca, store, index, clock, config, server_id, stopping)?;
     let (incoming, accept_task) = conn::incoming(listener, Arc::new(tls));
     let result = tonic::transport::Server::builder()
+        // An agent that vanished without closing (host gone, NAT state
+        // dropped) is noticed and its Sync stream freed.
+        .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .layer(rpc_layer)
         .add_service(oxid_proto::agent::agent_api_server::AgentApiServer::new(
             service,
