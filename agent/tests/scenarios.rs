@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -616,4 +617,74 @@ async fn network_cuts_and_silent_peers_lose_no_update() {
         Duration::from_secs(60),
     )
     .await;
+}
+
+/// A node CA (written to `dir/node-ca.pem`) and one node's certificate and
+/// key files for x509pop.
+fn node_pki(dir: &std::path::Path) -> (PathBuf, PathBuf, PathBuf) {
+    use oxid_pki::x509::{PublicKey, SvidParams, X509Ca};
+    use oxid_pki::{KeyAlgorithm, KeyPair, TrustDomain};
+    let now = std::time::SystemTime::now();
+    let ca = X509Ca::new_root(
+        TrustDomain::new("nodes.example").unwrap(),
+        KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap(),
+        Duration::from_secs(86_400),
+        now,
+    )
+    .unwrap();
+    let ca_file = dir.join("node-ca.pem");
+    std::fs::write(&ca_file, oxid_pki::x509::certs_to_pem([ca.cert()])).unwrap();
+    let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let node = ca
+        .issue_x509_svid(
+            &SvidParams {
+                spiffe_id: &"spiffe://nodes.example/host/web-1".parse().unwrap(),
+                public_key: &PublicKey::from_spki_der(key.public_key_spki()).unwrap(),
+                ttl: Duration::from_secs(3600),
+                dns_names: &["web-1.nodes.example".to_owned()],
+            },
+            now,
+        )
+        .unwrap();
+    let cert_file = dir.join("node.pem");
+    std::fs::write(&cert_file, oxid_pki::x509::certs_to_pem(node.cert_chain())).unwrap();
+    let key_file = dir.join("node.key");
+    key.store(&key_file).unwrap();
+    (ca_file, cert_file, key_file)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_x509pop_agent_whose_own_svid_expired_attests_again() {
+    let pki = tempfile::tempdir().unwrap();
+    let (ca_file, cert_file, key_file) = node_pki(pki.path());
+    let mut h = Harness::start_with(&format!(
+        "x509pop_ca_bundle = {:?}\n[ca]\nagent_svid_ttl = \"3s\"\n",
+        ca_file.display().to_string()
+    ))
+    .await;
+    // Replace the join-token agent with an x509pop one on a fresh data dir.
+    h.stop_agent().await;
+    let data = h.dir.path().join("agent-data");
+    std::fs::remove_dir_all(&data).unwrap();
+    h.node_credentials = Some((cert_file, key_file));
+    h.start_agent(None);
+    h.client().await;
+    let first = oxid_agent::state::load_identity(&data).expect("attested");
+    assert!(first.spiffe_id.path().starts_with("/oxid/agent/x509pop/"));
+    h.stop_agent().await;
+    let saved = oxid_agent::state::load_identity(&data).unwrap();
+    let left = saved
+        .not_after
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::sleep(left + Duration::from_millis(1100)).await;
+    // Restarted past its SVID's expiry, it attests again by itself.
+    h.start_agent(None);
+    h.client().await;
+    let again = oxid_agent::state::load_identity(&data).unwrap();
+    assert_eq!(
+        again.spiffe_id, first.spiffe_id,
+        "the same node, the same ID"
+    );
+    assert!(again.not_after > std::time::SystemTime::now());
 }

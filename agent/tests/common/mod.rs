@@ -39,6 +39,8 @@ pub struct Harness {
     /// Where the next agent start dials the server (a [`Proxy`]), if not
     /// directly.
     pub agent_server_addr: Option<std::net::SocketAddr>,
+    /// x509pop node certificate and key for the next agent start.
+    pub node_credentials: Option<(PathBuf, PathBuf)>,
 }
 
 /// A gRPC channel over the Unix socket at `socket`.
@@ -97,6 +99,7 @@ impl Harness {
             jwt_cache_size: None,
             max_streams_per_uid: None,
             agent_server_addr: None,
+            node_credentials: None,
         };
         h.spawn_server(listener);
         let deadline = tokio::time::Instant::now() + WAIT;
@@ -189,6 +192,8 @@ impl Harness {
                 ),
                 trust_bundle: Some(self.dir.path().join("bundle.pem")),
                 join_token: token,
+                node_cert: self.node_credentials.as_ref().map(|c| c.0.clone()),
+                node_key: self.node_credentials.as_ref().map(|c| c.1.clone()),
                 data_dir: Some(self.dir.path().join("agent-data")),
                 socket_path: Some(self.workload_socket()),
                 ..Default::default()
