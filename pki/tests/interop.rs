@@ -495,3 +495,67 @@ fn upstream_file_with_an_unrelated_certificate_is_refused() {
         "{err}"
     );
 }
+
+/// Keys outside the policy, made by openssl: refused on import and in CSRs,
+/// each with an error that names the problem.
+#[test]
+fn key_types_outside_the_policy_are_refused_on_import_and_in_csrs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, &[&str]); 4] = [
+        ("ed25519", &["-algorithm", "ed25519"]),
+        (
+            "p521",
+            &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521"],
+        ),
+        (
+            "secp256k1",
+            &[
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:secp256k1",
+            ],
+        ),
+        (
+            "rsa1024",
+            &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"],
+        ),
+    ];
+    for (name, spec) in cases {
+        let key = format!("{name}.pem");
+        let mut args = vec!["genpkey"];
+        args.extend_from_slice(spec);
+        args.extend(["-out", &key]);
+        let out = run_tool("openssl", &args, dir.path());
+        assert!(out.status.success(), "openssl genpkey {name}");
+        let pem = std::fs::read(dir.path().join(&key)).unwrap();
+        let err = KeyPair::from_pkcs8_pem_or_der(&pem)
+            .err()
+            .unwrap_or_else(|| panic!("a {name} key was imported"));
+        let text = err.to_string();
+        assert!(
+            text.contains("expected a PKCS#8 ECDSA P-256/P-384 or RSA key")
+                || text.contains("smaller than 2048 bits"),
+            "{name}: {text}"
+        );
+        // The same key in a CSR (self-signed by openssl) is refused too.
+        let csr = format!("{name}.csr");
+        let out = run_tool(
+            "openssl",
+            &[
+                "req", "-new", "-key", &key, "-subj", "/CN=node", "-outform", "DER", "-out", &csr,
+            ],
+            dir.path(),
+        );
+        assert!(out.status.success(), "openssl req {name}");
+        let der = std::fs::read(dir.path().join(&csr)).unwrap();
+        let err = Csr::parse(&der)
+            .err()
+            .unwrap_or_else(|| panic!("a CSR with a {name} key was accepted"));
+        let text = err.to_string();
+        assert!(
+            text.contains("unsupported public key") || text.contains("not accepted"),
+            "{name}: {text}"
+        );
+    }
+}
