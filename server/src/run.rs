@@ -141,11 +141,14 @@ impl MetricsSource for ServerMetrics {
         out
     }
 
+    /// Ready: an active CA that can sign, and a datastore that takes writes.
     fn ready(&self) -> bool {
-        self.ca
-            .authorities()
-            .iter()
-            .any(|a| a.state == crate::ca::AuthorityState::Active && a.can_sign)
+        self.store.write_failure().is_none()
+            && self
+                .ca
+                .authorities()
+                .iter()
+                .any(|a| a.state == crate::ca::AuthorityState::Active && a.can_sign)
     }
 }
 

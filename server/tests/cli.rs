@@ -29,7 +29,11 @@ impl Server {
 
     /// Starts a server with `extra` config lines and waits until it answers.
     fn start(extra_config: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), extra_config)
+    }
+
+    /// As [`Server::start`], in `dir` (whose `data/` may be prepared).
+    fn start_in(dir: tempfile::TempDir, extra_config: &str) -> Self {
         // Traversable, so the unprivileged-uid test can reach the socket.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let mut s = Self { dir, child: None };
@@ -708,4 +712,103 @@ fn an_unsafe_socket_directory_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("refusing to use socket directory"), "{err}");
     let _ = Path::new("");
+}
+
+/// A small tmpfs mounted for the length of a test.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "this test mounts a tmpfs and must run as root, as CI does: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(at.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn create_numbered(s: &Server, i: usize) -> Output {
+    s.cli(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        &format!("spiffe://example.org/w{i}"),
+        "--parent-id",
+        AGENT,
+        "--selector",
+        &format!("unix:uid:{i}"),
+    ])
+}
+
+#[test]
+fn a_full_disk_refuses_writes_clearly_and_keeps_what_was_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let _mount = Tmpfs::mount(&data, "4m");
+    let mut s = Server::start_in(dir, "");
+    // Fill the filesystem, then leave about 40 KB.
+    let filler = data.join("filler");
+    {
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        let len = f.metadata().unwrap().len();
+        f.set_len(len.saturating_sub(40 * 1024)).unwrap();
+    }
+    let mut acknowledged = Vec::new();
+    let mut refusal = None;
+    for i in 0..5000 {
+        let out = create_numbered(&s, i);
+        if out.status.success() {
+            acknowledged.push(format!("spiffe://example.org/w{i}"));
+        } else {
+            refusal = Some(String::from_utf8_lossy(&out.stderr).into_owned());
+            break;
+        }
+    }
+    let refusal = refusal.expect("the disk filled up");
+    assert_eq!(refusal.lines().count(), 1, "{refusal}");
+    assert!(refusal.contains("No space left on device"), "{refusal}");
+    assert!(refusal.contains("restart the server"), "{refusal}");
+    // Freeing space does not bring writes back by surprise: they stay
+    // refused, clearly, until a restart. Reads are still served.
+    std::fs::remove_file(&filler).unwrap();
+    let again = s.fails(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/later",
+        "--parent-id",
+        AGENT,
+        "--selector",
+        "unix:uid:1",
+    ]);
+    assert!(again.contains("writes are refused"), "{again}");
+    assert!(s.entry_count() >= acknowledged.len() as u64);
+    // After a restart every acknowledged entry is there, and writes work.
+    s.stop();
+    s.spawn();
+    let listed: Vec<String> = s.json(&["entry", "show"])["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["spiffe_id"].as_str().unwrap().to_owned())
+        .collect();
+    for id in &acknowledged {
+        assert!(listed.contains(id), "{id} was acknowledged but is gone");
+    }
+    assert!(create_numbered(&s, 9999).status.success());
 }

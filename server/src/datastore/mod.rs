@@ -164,4 +164,10 @@ pub trait DataStore: Send + Sync + 'static {
     /// The latest revision, updated after each durable write: followers wait
     /// on it instead of polling.
     fn revision(&self) -> watch::Receiver<u64>;
+
+    /// Why the store refuses writes, if it does (a write that could not be
+    /// made durable, such as on a full disk). Reads are still served.
+    fn write_failure(&self) -> Option<String> {
+        None
+    }
 }

@@ -95,6 +95,12 @@ pub struct SledStore {
     /// The change feed, keyed by big-endian revision so iteration is ordered.
     changes: sled::Tree,
     revision_tx: watch::Sender<u64>,
+    /// Set by the first write that could not be made durable. sled keeps
+    /// failing after an I/O error, and the failed write may already be
+    /// visible in memory, so no later write is attempted and the revision
+    /// followers (the agents' index) never advance past the last durable
+    /// one; a restart reopens the store at its durable state.
+    failed: std::sync::OnceLock<String>,
 }
 
 impl SledStore {
@@ -123,6 +129,7 @@ impl SledStore {
             meta,
             db,
             revision_tx,
+            failed: std::sync::OnceLock::new(),
         })
     }
 
@@ -130,6 +137,9 @@ impl SledStore {
     /// publishes the new revision. The closure may run more than once (sled
     /// retries on conflict), so it must only touch the transaction.
     async fn write<R>(&self, f: impl Fn(&Txn<'_>) -> TxResult<R>) -> Result<R, DataStoreError> {
+        if let Some(reason) = self.failed.get() {
+            return Err(refused(reason));
+        }
         let trees = (
             &self.entries,
             &self.entry_keys,
@@ -153,15 +163,30 @@ impl SledStore {
         let value = match result {
             Ok(v) => v,
             Err(TransactionError::Abort(e)) => return Err(e),
-            Err(TransactionError::Storage(e)) => return Err(backend(e)),
+            Err(TransactionError::Storage(e)) => return Err(self.fail(e)),
         };
-        self.db.flush_async().await.map_err(backend)?;
+        if let Err(e) = self.db.flush_async().await {
+            return Err(self.fail(e));
+        }
         let revision = match self.meta.get(REVISION_KEY).map_err(backend)? {
             Some(v) => decode_u64(&v)?,
             None => 0,
         };
         self.revision_tx.send_replace(revision);
         Ok(value)
+    }
+
+    /// Records the first durability failure and says what it means.
+    fn fail(&self, e: impl std::fmt::Display) -> DataStoreError {
+        let reason = self.failed.get_or_init(|| {
+            let reason = e.to_string();
+            tracing::error!(
+                error = %reason,
+                "a datastore write could not be made durable: refusing writes until a restart"
+            );
+            reason
+        });
+        refused(reason)
     }
 
     fn read<T: DeserializeOwned>(
@@ -430,6 +455,9 @@ impl DataStore for SledStore {
     }
 
     async fn prune_changes(&self, up_to: u64) -> Result<(), DataStoreError> {
+        if let Some(reason) = self.failed.get() {
+            return Err(refused(reason));
+        }
         // Removing keys one by one outside a transaction is safe: readers
         // check the retention mark first, and it is raised before removal.
         let current = *self.revision_tx.borrow();
@@ -450,6 +478,19 @@ impl DataStore for SledStore {
     fn revision(&self) -> watch::Receiver<u64> {
         self.revision_tx.subscribe()
     }
+
+    fn write_failure(&self) -> Option<String> {
+        self.failed.get().cloned()
+    }
+}
+
+/// The error every write gets once the store has failed.
+fn refused(reason: &str) -> DataStoreError {
+    DataStoreError::Backend(format!(
+        "writes are refused since a write could not be saved ({reason}); free space or \
+         fix the data directory, then restart the server. That write may be lost; \
+         every earlier acknowledged write is safe"
+    ))
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, DataStoreError> {
