@@ -320,6 +320,32 @@ mod tests {
     }
 
     #[test]
+    fn a_process_that_exits_during_attestation_is_refused() {
+        // A large executable takes a while to hash: the caller exits while
+        // the agent is still reading it, and the pidfd (or start-time)
+        // check afterwards refuses the result.
+        let dir = tempfile::tempdir().unwrap();
+        let prog = dir.path().join("big-sleep");
+        executable_copy(&prog, &vec![0u8; 512 << 20]);
+        let mut child = std::process::Command::new(&prog)
+            .arg("0.05")
+            .spawn()
+            .unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        let outcome = UnixAttestor::default().attest(pid, 0, 0);
+        child.wait().unwrap();
+        // Never an identity for a process that is gone. (If it exits before
+        // its executable is even opened, /proc refuses instead.)
+        assert!(
+            matches!(
+                outcome,
+                Err(AttestError::ProcessExited | AttestError::Proc(_))
+            ),
+            "{outcome:?}"
+        );
+    }
+
+    #[test]
     fn a_dead_process_is_refused() {
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let pid = i32::try_from(child.id()).unwrap();
