@@ -812,3 +812,36 @@ fn a_full_disk_refuses_writes_clearly_and_keeps_what_was_acknowledged() {
     }
     assert!(create_numbered(&s, 9999).status.success());
 }
+
+#[test]
+fn kill_9_keeps_an_acknowledged_ca_rotation_step() {
+    let mut s = Server::start("");
+    let before = s.json(&["ca", "show"])["authorities"].clone();
+    s.ok(&["ca", "rotate", "--prepare"]);
+    let prepared = s.json(&["ca", "show"])["authorities"].clone();
+    assert_eq!(
+        prepared.as_array().unwrap().len(),
+        before.as_array().unwrap().len() + 1,
+        "{prepared}"
+    );
+    // Killed right after the acknowledgement: the step must survive.
+    s.kill9();
+    s.spawn();
+    let after = s.json(&["ca", "show"])["authorities"].clone();
+    let key = |v: &serde_json::Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                (
+                    a["sequence"].as_u64().unwrap(),
+                    a["state"].clone(),
+                    a["jwt_key_id"].clone(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(key(&after), key(&prepared));
+    // And the next step works on the restored state.
+    s.ok(&["ca", "rotate", "--activate"]);
+}
