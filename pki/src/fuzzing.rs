@@ -172,6 +172,40 @@ pub fn x509_chain(data: &[u8]) {
     }
 }
 
+/// Selector parsing: print(parse(s)) == s, and kind and value split it.
+pub fn selector(data: &[u8]) {
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(sel) = s.parse::<crate::Selector>() {
+        assert_eq!(sel.to_string(), s);
+        assert_eq!(format!("{}:{}", sel.kind(), sel.value()), s);
+        let again = crate::Selector::new(sel.kind(), sel.value()).expect("parts rebuild");
+        assert_eq!(again, sel);
+    }
+}
+
+/// PEM bundles (`--trust-bundle`, `bundle set`): decoding never panics, and
+/// what decodes re-encodes to the same authorities.
+pub fn pem_bundle(data: &[u8]) {
+    let td = TrustDomain::new("example.org").expect("literal trust domain");
+    if let Ok(b) = Bundle::from_x509_pem(td.clone(), data) {
+        let again = Bundle::from_x509_pem(td, b.x509_authorities_pem().as_bytes())
+            .expect("encoded PEM decodes");
+        assert_eq!(again.x509_authorities(), b.x509_authorities());
+    }
+}
+
+/// Private key import (key files, upstream CA keys): never panics, and an
+/// accepted key round-trips through PKCS#8 and can sign.
+pub fn private_key(data: &[u8]) {
+    if let Ok(key) = KeyPair::from_pkcs8_pem_or_der(data) {
+        let again = KeyPair::from_pkcs8_der(key.pkcs8_der()).expect("own PKCS#8 re-imports");
+        assert_eq!(again.fingerprint(), key.fingerprint());
+        key.sign_x509(b"fuzz").expect("an imported key signs");
+    }
+}
+
 #[cfg(test)]
 mod corpus_replay {
     //! Replays the checked-in fuzz corpus (`fuzz/corpus/<target>/`) and every
@@ -225,5 +259,30 @@ mod corpus_replay {
     #[test]
     fn csr_corpus() {
         replay("csr", super::csr);
+    }
+
+    #[test]
+    fn selector_corpus() {
+        replay("selector", super::selector);
+    }
+
+    #[test]
+    fn pem_bundle_corpus() {
+        replay("pem_bundle", super::pem_bundle);
+    }
+
+    #[test]
+    fn private_key_corpus() {
+        // No private key is checked in: the corpus holds only truncated
+        // encodings, so whole keys are generated here.
+        replay("private_key", super::private_key);
+        for alg in [
+            crate::KeyAlgorithm::EcdsaP256,
+            crate::KeyAlgorithm::EcdsaP384,
+        ] {
+            let key = crate::KeyPair::generate(alg).expect("key generation");
+            super::private_key(key.pkcs8_der());
+            super::private_key(key.to_pkcs8_pem().as_bytes());
+        }
     }
 }
