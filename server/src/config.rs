@@ -48,6 +48,14 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
 
+/// A rate setting: 0 would refuse every call, so it is an error.
+fn positive(name: &str, value: u32) -> Result<u32, ConfigError> {
+    if value == 0 {
+        return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+    }
+    Ok(value)
+}
+
 impl FromStr for HumanDuration {
     type Err = String;
 
@@ -156,6 +164,12 @@ pub struct ConfigFile {
     pub log_format: Option<String>,
     /// sled page cache bound in MiB (default 64).
     pub datastore_cache_mb: Option<u64>,
+    /// Agent-API calls each agent may make per second, bursts of twice that
+    /// (default 500): bounds what one stolen agent key can make the server
+    /// sign.
+    pub agent_requests_per_second: Option<u32>,
+    /// Attestations each node may make per minute (default 60).
+    pub attestations_per_minute: Option<u32>,
     /// The CA.
     pub ca: Option<CaFile>,
 }
@@ -200,6 +214,10 @@ pub struct Config {
     pub log_format: String,
     /// sled cache bound, bytes.
     pub datastore_cache_bytes: u64,
+    /// Agent-API calls per agent per second.
+    pub agent_requests_per_second: u32,
+    /// Attestations per node per minute.
+    pub attestations_per_minute: u32,
     /// CA key type.
     pub ca_key_type: KeyAlgorithm,
     /// CA lifetime.
@@ -330,6 +348,14 @@ impl Config {
             log_level: file.log_level.unwrap_or_else(|| "info".into()),
             log_format,
             datastore_cache_bytes: file.datastore_cache_mb.unwrap_or(64) * 1024 * 1024,
+            agent_requests_per_second: positive(
+                "agent_requests_per_second",
+                file.agent_requests_per_second.unwrap_or(500),
+            )?,
+            attestations_per_minute: positive(
+                "attestations_per_minute",
+                file.attestations_per_minute.unwrap_or(60),
+            )?,
             ca_key_type,
             ca_ttl,
             ca_keys: ca.keys.unwrap_or(KeyStorage::Disk),

@@ -305,6 +305,8 @@ pub async fn run_with(
             default_x509_ttl: config.x509_svid_ttl,
             default_jwt_ttl: config.jwt_svid_ttl,
             max_batch: 1000,
+            requests_per_second: config.agent_requests_per_second,
+            attestations_per_minute: config.attestations_per_minute,
             x509pop_roots,
             rpc_metrics: rpc.clone(),
         },

@@ -1068,3 +1068,50 @@ async fn oversized_batches_are_refused_whole_and_change_nothing() {
     // The agent is still served.
     assert!(sign(&s, &agent, &entry).await.error.is_empty());
 }
+
+#[tokio::test]
+async fn agent_calls_and_node_attestations_are_rate_limited_per_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node_ca, ca_file) = node_pki(dir.path());
+    let s = Server::start(&format!(
+        "x509pop_ca_bundle = {:?}\nagent_requests_per_second = 2\nattestations_per_minute = 2\n",
+        ca_file.display().to_string()
+    ))
+    .await;
+    let a = attest_token(&s, &s.token("").await).await.unwrap();
+    let b = attest_token(&s, &s.token("").await).await.unwrap();
+    let entry = s
+        .create_entry("spiffe://example.org/w", a.id.as_str(), "unix:uid:1")
+        .await;
+    // A burst of 10 calls from agent A: the first few pass, then the limit.
+    let mut c = s.client(Some(a.certs.clone())).await;
+    let mut refused = None;
+    for _ in 0..10 {
+        let r = c
+            .mint_jwt_svid(pb::MintJwtSvidRequest {
+                entry_id: entry.clone(),
+                audience: vec!["db".into()],
+            })
+            .await;
+        if let Err(e) = r {
+            refused = Some(e);
+            break;
+        }
+    }
+    let refused = refused.expect("agent A hit its limit");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("agent_requests_per_second"),
+        "{refused:?}"
+    );
+    // Agent B has its own budget.
+    let mut c = s.client(Some(b.certs.clone())).await;
+    assert!(c.sync(pb::SyncRequest::default()).await.is_ok());
+    // A node re-attesting in a loop: the third attestation in a minute is refused.
+    let (chain, key) = node_cert(&node_ca, "web-1");
+    attest_x509pop(&s, chain.clone(), &key).await.unwrap();
+    attest_x509pop(&s, chain.clone(), &key).await.unwrap();
+    let err = attest_x509pop(&s, chain, &key).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("attestations_per_minute"), "{err:?}");
+}

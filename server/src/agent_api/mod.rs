@@ -9,6 +9,7 @@
 pub(crate) mod attest;
 mod conn;
 mod index;
+mod rate;
 mod service;
 mod sync;
 
@@ -45,6 +46,10 @@ pub struct AgentApiConfig {
     pub default_jwt_ttl: Duration,
     /// Most CSRs in one `SignX509Svids` call.
     pub max_batch: usize,
+    /// Calls each agent may make per second (bursts of twice that).
+    pub requests_per_second: u32,
+    /// Attestations each node (attested ID) may make per minute.
+    pub attestations_per_minute: u32,
     /// Trusted CAs for x509pop node attestation; `None` turns x509pop off.
     pub x509pop_roots: Option<Vec<rustls_pki_types::CertificateDer<'static>>>,
     /// Where calls are counted.

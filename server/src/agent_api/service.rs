@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::attest::{self, Attested};
 use super::conn::PeerInfo;
 use super::index::IndexHandle;
+use super::rate::RateLimiter;
 use super::{AgentApiConfig, sync};
 use crate::ca::{CaError, CaManager};
 use crate::clock::{Clock, unix_secs};
@@ -38,6 +39,9 @@ pub enum AgentApiError {
     /// The server cannot serve right now.
     #[error("{0}")]
     Unavailable(String),
+    /// The caller is over its rate limit.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// A bug or a damaged store.
     #[error("{0}")]
     Internal(String),
@@ -50,6 +54,7 @@ impl From<AgentApiError> for Status {
             AgentApiError::Unauthenticated(m) => Status::unauthenticated(m),
             AgentApiError::PermissionDenied(m) => Status::permission_denied(m),
             AgentApiError::Unavailable(m) => Status::unavailable(m),
+            AgentApiError::ResourceExhausted(m) => Status::resource_exhausted(m),
             AgentApiError::Internal(m) => Status::internal(m),
         }
     }
@@ -83,6 +88,10 @@ pub(crate) struct Inner {
     pub(crate) trust_domain: oxid_pki::TrustDomain,
     /// Turns true when the server is stopping: open streams end.
     pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
+    /// Calls per agent (after authentication).
+    pub(crate) requests: RateLimiter,
+    /// Attestations per attested ID.
+    pub(crate) attestations: RateLimiter,
 }
 
 /// The agent API service.
@@ -99,8 +108,20 @@ impl AgentApiService {
         server_id: SpiffeId,
         stopping: tokio::sync::watch::Receiver<bool>,
     ) -> Result<Self, String> {
+        let requests = RateLimiter::new(
+            config.requests_per_second,
+            Duration::from_secs(1),
+            config.requests_per_second.saturating_mul(2),
+        );
+        let attestations = RateLimiter::new(
+            config.attestations_per_minute,
+            Duration::from_secs(60),
+            config.attestations_per_minute,
+        );
         Ok(Self(Arc::new(Inner {
             stopping,
+            requests,
+            attestations,
             trust_domain: server_id.trust_domain().clone(),
             ca,
             store,
@@ -139,6 +160,12 @@ impl Inner {
             })?,
         };
         check_agent(&agent, &serial)?;
+        if !self.requests.allow(id.as_str()) {
+            return Err(AgentApiError::ResourceExhausted(format!(
+                "agent {id} is over {} calls a second (agent_requests_per_second); retry later",
+                self.config.requests_per_second
+            )));
+        }
         if agent.serial == serial && agent.previous_serial.is_some() {
             let mut updated = agent.clone();
             updated.previous_serial = None;
@@ -215,6 +242,13 @@ impl Inner {
                 )));
             }
         };
+        if !self.attestations.allow(attested.spiffe_id.as_str()) {
+            return Err(AgentApiError::ResourceExhausted(format!(
+                "{} attested more than {} times in a minute (attestations_per_minute); \
+                 retry later",
+                attested.spiffe_id, self.config.attestations_per_minute
+            )));
+        }
         let existing = match self.store.get_agent(&attested.spiffe_id).await {
             Ok(a) => Some(a),
             Err(DataStoreError::NotFound(_)) => None,
