@@ -77,7 +77,8 @@ pub fn bind_unix_socket(path: &Path, mode: u32) -> Result<UnixListener, SocketEr
         )));
     }
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(io)?,
+        // A stale socket is replaced by the rename below.
+        Ok(m) if m.file_type().is_socket() => {}
         Ok(_) => {
             return Err(io(std::io::Error::new(
                 std::io::ErrorKind::AlreadyExists,
@@ -86,7 +87,78 @@ pub fn bind_unix_socket(path: &Path, mode: u32) -> Result<UnixListener, SocketEr
         }
         Err(_) => {}
     }
-    let listener = UnixListener::bind(path).map_err(io)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+    // Bound and listening under a temporary name, given its mode, then
+    // renamed into place: a client that sees the path can connect at once
+    // (no window between bind and listen refusing it) and never finds it
+    // with the wrong mode.
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let staging = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&staging);
+    let listener = UnixListener::bind(&staging).map_err(io)?;
+    let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))
+        .and_then(|()| std::fs::rename(&staging, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staging);
+        return Err(io(e));
+    }
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    fn scratch() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "oxid-socket-test-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        dir
+    }
+
+    fn rand_suffix() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    }
+
+    #[tokio::test]
+    async fn the_socket_appears_listening_with_its_mode_and_replaces_a_stale_one() {
+        let dir = scratch();
+        let path = dir.join("api.sock");
+        let first = bind_unix_socket(&path, 0o777).unwrap();
+        // Seen at its final path means connectable, with the final mode.
+        tokio::net::UnixStream::connect(&path).await.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o777);
+        drop(first);
+        // A stale socket (its listener gone) is replaced.
+        let _second = bind_unix_socket(&path, 0o770).unwrap();
+        tokio::net::UnixStream::connect(&path).await.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o770);
+        // No staging file is left behind.
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["api.sock"]);
+        // Any other file in the way is an error, and is left alone.
+        let file = dir.join("not-a-socket");
+        std::fs::write(&file, b"data").unwrap();
+        assert!(bind_unix_socket(&file, 0o777).is_err());
+        assert_eq!(std::fs::read(&file).unwrap(), b"data");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
