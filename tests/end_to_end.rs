@@ -33,8 +33,7 @@ fn path_selector(program: &std::path::Path) -> String {
 /// Lowercase hex SHA-256 of a file, as `unix:sha256:` wants it.
 fn sha256_selector(program: &std::path::Path) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, &std::fs::read(program).unwrap());
-    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    format!("unix:sha256:{hex}")
+    format!("unix:sha256:{}", oxid_pki::hex(digest.as_ref()))
 }
 
 /// The SPIFFE ID and serial of a certificate.

@@ -132,14 +132,7 @@ async fn executables_and_uids_get_their_own_identities() {
         &[&format!("unix:path:{}", me.display())],
     )
     .await;
-    let agent_sha = {
-        let bytes = std::fs::read(AGENT_BIN).unwrap();
-        ring::digest::digest(&ring::digest::SHA256, &bytes)
-            .as_ref()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
+    let agent_sha = agent_sha256();
     h.create_entry(
         "spiffe://example.org/cli",
         &[&format!("unix:sha256:{agent_sha}")],
@@ -212,14 +205,7 @@ async fn executables_and_uids_get_their_own_identities() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_api_cli_works_against_the_agent() {
     let h = Harness::start().await;
-    let sha = {
-        let bytes = std::fs::read(AGENT_BIN).unwrap();
-        ring::digest::digest(&ring::digest::SHA256, &bytes)
-            .as_ref()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
+    let sha = agent_sha256();
     h.create_entry("spiffe://example.org/cli", &[&format!("unix:sha256:{sha}")])
         .await;
     eventually(|| async {
@@ -463,14 +449,7 @@ async fn x509_source_and_jwt_source_work_against_the_agent() {
 async fn api_watch_prints_updates() {
     use tokio::io::AsyncBufReadExt as _;
     let h = Harness::start().await;
-    let sha = {
-        let bytes = std::fs::read(AGENT_BIN).unwrap();
-        ring::digest::digest(&ring::digest::SHA256, &bytes)
-            .as_ref()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
+    let sha = agent_sha256();
     h.create_entry("spiffe://example.org/cli", &[&format!("unix:sha256:{sha}")])
         .await;
     eventually(|| async {
@@ -561,6 +540,13 @@ async fn an_agent_whose_own_svid_expired_says_it_needs_a_new_token() {
     })
     .await;
     assert!(agents.iter().any(|x| x.spiffe_id.ends_with(&token.id)));
+}
+
+/// Hex SHA-256 of the agent binary, for `unix:sha256:` entries that match
+/// the `oxid-agent api` commands.
+fn agent_sha256() -> String {
+    let bytes = std::fs::read(AGENT_BIN).unwrap();
+    oxid_pki::hex(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref())
 }
 
 /// Waits until an open X509 stream carries `id`.

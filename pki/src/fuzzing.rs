@@ -206,35 +206,39 @@ pub fn private_key(data: &[u8]) {
     }
 }
 
+/// Replays the checked-in corpus (`fuzz/corpus/<target>/`) and every input
+/// that once broke a target (`fuzz/regressions/<target>/`) through `check`,
+/// so `cargo test` runs what the fuzzers run. Fails on a broken invariant
+/// or a target with no inputs. Shared by the agent's and server's replays.
+pub fn replay_corpus(target: &str, check: fn(&[u8])) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+    let mut seen = 0;
+    for dir in ["corpus", "regressions"] {
+        let Ok(entries) = std::fs::read_dir(root.join(dir).join(target)) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry.expect("corpus entry").path();
+            let data = std::fs::read(&path).expect("corpus file");
+            let result = std::panic::catch_unwind(|| check(&data));
+            assert!(
+                result.is_ok(),
+                "{target}: invariant broken by {}",
+                path.display()
+            );
+            seen += 1;
+        }
+    }
+    assert!(seen > 0, "no corpus for fuzz target {target}");
+}
+
 #[cfg(test)]
 mod corpus_replay {
     //! Replays the checked-in fuzz corpus (`fuzz/corpus/<target>/`) and every
     //! input that once broke a target (`fuzz/regressions/<target>/`) through
     //! the same checks the fuzzers run, so CI exercises them on stable.
 
-    use std::path::Path;
-
-    fn replay(target: &str, check: fn(&[u8])) {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
-        let mut seen = 0;
-        for dir in ["corpus", "regressions"] {
-            let Ok(entries) = std::fs::read_dir(root.join(dir).join(target)) else {
-                continue;
-            };
-            for entry in entries {
-                let path = entry.unwrap().path();
-                let data = std::fs::read(&path).unwrap();
-                let result = std::panic::catch_unwind(|| check(&data));
-                assert!(
-                    result.is_ok(),
-                    "{target}: invariant broken by {}",
-                    path.display()
-                );
-                seen += 1;
-            }
-        }
-        assert!(seen > 0, "no corpus for fuzz target {target}");
-    }
+    use super::replay_corpus as replay;
 
     #[test]
     fn spiffe_id_corpus() {

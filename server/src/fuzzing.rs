@@ -95,29 +95,7 @@ pub fn agent_api(data: &[u8]) {
 mod corpus_replay {
     //! Replays `fuzz/corpus/<target>/` and `fuzz/regressions/<target>/`.
 
-    use std::path::Path;
-
-    fn replay(target: &str, check: fn(&[u8])) {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
-        let mut seen = 0;
-        for dir in ["corpus", "regressions"] {
-            let Ok(entries) = std::fs::read_dir(root.join(dir).join(target)) else {
-                continue;
-            };
-            for entry in entries {
-                let path = entry.expect("corpus entry").path();
-                let data = std::fs::read(&path).expect("corpus file");
-                let result = std::panic::catch_unwind(|| check(&data));
-                assert!(
-                    result.is_ok(),
-                    "{target}: invariant broken by {}",
-                    path.display()
-                );
-                seen += 1;
-            }
-        }
-        assert!(seen > 0, "no corpus for fuzz target {target}");
-    }
+    use oxid_pki::fuzzing::replay_corpus as replay;
 
     #[test]
     fn server_config_corpus() {

@@ -681,6 +681,17 @@ fn node_pki(dir: &std::path::Path) -> (X509Ca, PathBuf) {
     (node_ca, path)
 }
 
+/// A server trusting a fresh node CA for x509pop (plus `extra` config), and
+/// that CA. `dir` holds the CA file and must outlive the server.
+async fn x509pop_server(dir: &std::path::Path, extra: &str) -> (Server, X509Ca) {
+    let (node_ca, ca_file) = node_pki(dir);
+    let config = format!(
+        "x509pop_ca_bundle = {:?}\n{extra}",
+        ca_file.display().to_string()
+    );
+    (Server::start(&config).await, node_ca)
+}
+
 fn node_cert(ca: &X509Ca, host: &str) -> (Vec<u8>, KeyPair) {
     let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
     let pk = PublicKey::from_spki_der(key.public_key_spki()).unwrap();
@@ -740,12 +751,7 @@ async fn attest_x509pop(
 #[tokio::test]
 async fn x509pop_attestation_ok_untrusted_and_wrong_key() {
     let dir = tempfile::tempdir().unwrap();
-    let (node_ca, ca_file) = node_pki(dir.path());
-    let s = Server::start(&format!(
-        "x509pop_ca_bundle = {:?}\n",
-        ca_file.display().to_string()
-    ))
-    .await;
+    let (s, node_ca) = x509pop_server(dir.path(), "").await;
     let (chain, key) = node_cert(&node_ca, "web-1");
     let result = attest_x509pop(&s, chain.clone(), &key).await.unwrap();
     assert!(
@@ -982,12 +988,7 @@ async fn a_reconnecting_agent_resumes_with_a_delta() {
 #[tokio::test]
 async fn a_banned_x509pop_node_cannot_attest_again_until_evicted() {
     let dir = tempfile::tempdir().unwrap();
-    let (node_ca, ca_file) = node_pki(dir.path());
-    let s = Server::start(&format!(
-        "x509pop_ca_bundle = {:?}\n",
-        ca_file.display().to_string()
-    ))
-    .await;
+    let (s, node_ca) = x509pop_server(dir.path(), "").await;
     let (chain, key) = node_cert(&node_ca, "web-1");
     let first = attest_x509pop(&s, chain.clone(), &key).await.unwrap();
     let request = || admin_pb::AgentRequest {
@@ -1072,11 +1073,10 @@ async fn oversized_batches_are_refused_whole_and_change_nothing() {
 #[tokio::test]
 async fn agent_calls_and_node_attestations_are_rate_limited_per_agent() {
     let dir = tempfile::tempdir().unwrap();
-    let (node_ca, ca_file) = node_pki(dir.path());
-    let s = Server::start(&format!(
-        "x509pop_ca_bundle = {:?}\nagent_requests_per_second = 2\nattestations_per_minute = 2\n",
-        ca_file.display().to_string()
-    ))
+    let (s, node_ca) = x509pop_server(
+        dir.path(),
+        "agent_requests_per_second = 2\nattestations_per_minute = 2\n",
+    )
     .await;
     let a = attest_token(&s, &s.token("").await).await.unwrap();
     let b = attest_token(&s, &s.token("").await).await.unwrap();

@@ -92,14 +92,17 @@ impl WorkloadApi {
     /// A stream slot for the caller's uid.
     #[allow(clippy::result_large_err)]
     fn stream_permit<T>(&self, req: &Request<T>) -> Result<StreamPermit, Status> {
-        let uid = req
-            .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|i| i.peer_cred)
-            .map(|c| c.uid())
-            .ok_or_else(|| Status::permission_denied("cannot identify the calling process"))?;
-        self.streams.acquire(uid)
+        self.streams.acquire(peer_cred(req)?.uid())
     }
+}
+
+/// The caller's socket credentials (`SO_PEERCRED`).
+#[allow(clippy::result_large_err)]
+fn peer_cred<T>(req: &Request<T>) -> Result<tokio::net::unix::UCred, Status> {
+    req.extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+        .ok_or_else(|| Status::permission_denied("cannot identify the calling process"))
 }
 
 /// The caller's selectors, from its socket credentials.
@@ -108,11 +111,7 @@ fn caller_selectors<T>(
     cache: &Cache,
     req: &Request<T>,
 ) -> Result<BTreeSet<Selector>, Status> {
-    let cred = req
-        .extensions()
-        .get::<UdsConnectInfo>()
-        .and_then(|i| i.peer_cred)
-        .ok_or_else(|| Status::permission_denied("cannot identify the calling process"))?;
+    let cred = peer_cred(req)?;
     let pid = cred
         .pid()
         .ok_or_else(|| Status::permission_denied("cannot identify the calling process"))?;
