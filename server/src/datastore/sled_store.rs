@@ -1,7 +1,10 @@
 //! The embedded datastore, on sled: one directory, no setup.
 //!
-//! sled writes reach disk only on flush, so every write here ends with
-//! `flush_async` before the caller hears of success. Multi-key writes run as
+//! sled writes reach disk only on flush, so every write here ends with a
+//! flush before the caller hears of success. Flushes run one at a time:
+//! concurrent `flush_async` calls deadlock sled 0.34 (the server hung for
+//! good under concurrent attestations). A write that finds a flush started
+//! after its commit rides on it (group commit). Multi-key writes run as
 //! one sled transaction across all trees, including the revision counter and
 //! the change-feed record, so a crash leaves either all of a write or none.
 
@@ -101,6 +104,8 @@ pub struct SledStore {
     /// followers (the agents' index) never advance past the last durable
     /// one; a restart reopens the store at its durable state.
     failed: std::sync::OnceLock<String>,
+    /// Held while a flush runs; holds the highest revision known durable.
+    flushed: tokio::sync::Mutex<u64>,
 }
 
 impl SledStore {
@@ -130,6 +135,7 @@ impl SledStore {
             db,
             revision_tx,
             failed: std::sync::OnceLock::new(),
+            flushed: tokio::sync::Mutex::new(revision),
         })
     }
 
@@ -165,15 +171,57 @@ impl SledStore {
             Err(TransactionError::Abort(e)) => return Err(e),
             Err(TransactionError::Storage(e)) => return Err(self.fail(e)),
         };
-        if let Err(e) = self.db.flush_async().await {
-            return Err(self.fail(e));
-        }
-        let revision = match self.meta.get(REVISION_KEY).map_err(backend)? {
-            Some(v) => decode_u64(&v)?,
-            None => 0,
+        // Our commit is at or below the revision now current.
+        let committed = self.current_revision()?;
+        let durable = match self.flush_past(committed).await {
+            Ok(durable) => durable,
+            Err(e) => return Err(self.fail(e)),
         };
-        self.revision_tx.send_replace(revision);
+        // Followers only ever see durable revisions, in order.
+        self.revision_tx.send_if_modified(|r| {
+            let newer = durable > *r;
+            *r = (*r).max(durable);
+            newer
+        });
         Ok(value)
+    }
+
+    fn current_revision(&self) -> Result<u64, DataStoreError> {
+        match self.meta.get(REVISION_KEY).map_err(backend)? {
+            Some(v) => decode_u64(&v),
+            None => Ok(0),
+        }
+    }
+
+    /// Makes every write up to revision `committed` durable; the revision
+    /// now known durable. One flush at a time; a flush that started after
+    /// our commit already covers it.
+    async fn flush_past(&self, committed: u64) -> Result<u64, String> {
+        let mut flushed = self.flushed.lock().await;
+        if *flushed >= committed {
+            return Ok(*flushed);
+        }
+        // Everything committed before this read is in the flush below.
+        let upto = self.current_revision().map_err(|e| e.to_string())?;
+        self.flush_now().await?;
+        *flushed = (*flushed).max(upto);
+        Ok(*flushed)
+    }
+
+    /// A flush of writes made outside transactions (no revision to skip by).
+    async fn flush_serialized(&self) -> Result<(), String> {
+        let _one_at_a_time = self.flushed.lock().await;
+        self.flush_now().await
+    }
+
+    /// One flush of everything written so far, on a blocking thread.
+    async fn flush_now(&self) -> Result<(), String> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| e.to_string())?
+            .map(drop)
+            .map_err(|e| e.to_string())
     }
 
     /// Records the first durability failure and says what it means.
@@ -465,13 +513,13 @@ impl DataStore for SledStore {
         self.meta
             .insert(PRUNED_KEY, &up_to.to_be_bytes())
             .map_err(backend)?;
-        self.db.flush_async().await.map_err(backend)?;
+        self.flush_serialized().await.map_err(backend)?;
         for key in self.changes.range(..=up_to.to_be_bytes()).keys() {
             self.changes
                 .remove(key.map_err(backend)?)
                 .map_err(backend)?;
         }
-        self.db.flush_async().await.map_err(backend)?;
+        self.flush_serialized().await.map_err(backend)?;
         Ok(())
     }
 
