@@ -9,6 +9,22 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
+/// Revisions of [`Touched`] history kept: a sync stream that fell further
+/// behind than this simply recomputes.
+const TOUCH_HISTORY: usize = 65_536;
+
+/// What one applied change can affect.
+#[derive(Debug, Clone)]
+enum Touched {
+    /// Entries hanging from these parent IDs (an entry's parent before and
+    /// after the change).
+    Parents(SpiffeId, Option<SpiffeId>),
+    /// This agent's record (selectors, aliases, ban).
+    Agent(SpiffeId),
+    /// Every agent (bundles).
+    Everyone,
+}
+
 use oxid_pki::SpiffeId;
 
 use crate::datastore::{Agent, ChangeEvent, Entry, EntryId};
@@ -19,9 +35,19 @@ pub struct EntryIndex {
     server_id: SpiffeId,
     entries: HashMap<EntryId, Entry>,
     by_parent: HashMap<SpiffeId, BTreeSet<EntryId>>,
+    /// Entries by the SPIFFE ID they grant: answers "is this entry
+    /// authorised" by walking up from it, instead of listing everything an
+    /// agent may have on every SVID signed.
+    by_spiffe_id: HashMap<SpiffeId, BTreeSet<EntryId>>,
     agents: HashMap<SpiffeId, Agent>,
     /// The store revision the index reflects.
     revision: u64,
+    /// What each recent revision touched, oldest first: with a thousand
+    /// agents connected, a change must wake only the sync streams it can
+    /// concern, not make every one of them recompute its entries.
+    touched: VecDeque<(u64, Touched)>,
+    /// Changes at or before this revision are not in `touched`.
+    touched_floor: u64,
 }
 
 impl EntryIndex {
@@ -31,9 +57,17 @@ impl EntryIndex {
             server_id,
             entries: HashMap::new(),
             by_parent: HashMap::new(),
+            by_spiffe_id: HashMap::new(),
             agents: HashMap::new(),
             revision: 0,
+            touched: VecDeque::new(),
+            touched_floor: 0,
         }
+    }
+
+    /// The server's own SPIFFE ID (node-alias entries hang from it).
+    pub fn server_id(&self) -> &SpiffeId {
+        &self.server_id
     }
 
     /// The store revision the index reflects.
@@ -45,6 +79,7 @@ impl EntryIndex {
     pub fn load(&mut self, entries: Vec<Entry>, agents: Vec<Agent>, revision: u64) {
         self.entries.clear();
         self.by_parent.clear();
+        self.by_spiffe_id.clear();
         self.agents.clear();
         for e in entries {
             self.insert(e);
@@ -53,25 +88,74 @@ impl EntryIndex {
             self.agents.insert(a.spiffe_id.clone(), a);
         }
         self.revision = revision;
+        self.touched.clear();
+        self.touched_floor = revision;
     }
 
     /// Applies one change of the feed.
     pub fn apply(&mut self, revision: u64, event: &ChangeEvent) {
-        match event {
+        let touched = match event {
             ChangeEvent::EntryUpserted { entry } => {
+                let before = self.entries.get(&entry.id).map(|e| e.parent_id.clone());
                 self.remove(&entry.id);
                 self.insert(entry.clone());
+                Touched::Parents(entry.parent_id.clone(), before)
             }
-            ChangeEvent::EntryDeleted { entry } => self.remove(&entry.id),
+            ChangeEvent::EntryDeleted { entry } => {
+                let before = self.entries.get(&entry.id).map(|e| e.parent_id.clone());
+                self.remove(&entry.id);
+                Touched::Parents(entry.parent_id.clone(), before)
+            }
             ChangeEvent::AgentUpserted { agent } => {
                 self.agents.insert(agent.spiffe_id.clone(), agent.clone());
+                Touched::Agent(agent.spiffe_id.clone())
             }
             ChangeEvent::AgentDeleted { agent } => {
                 self.agents.remove(&agent.spiffe_id);
+                Touched::Agent(agent.spiffe_id.clone())
             }
-            _ => {}
+            // Bundles, and anything a later version adds: everyone looks.
+            _ => Touched::Everyone,
+        };
+        self.touched.push_back((revision, touched));
+        while self.touched.len() > TOUCH_HISTORY {
+            if let Some((r, _)) = self.touched.pop_front() {
+                self.touched_floor = self.touched_floor.max(r);
+            }
         }
         self.revision = self.revision.max(revision);
+    }
+
+    /// The IDs whose entries are authorised for `agent`, given `authorized`
+    /// (from [`EntryIndex::authorized`]): its identities, the SPIFFE IDs of
+    /// those entries, and the server's ID (node aliases). A change to an
+    /// entry hanging from none of these cannot change what the agent gets.
+    pub fn closure(&self, agent: &Agent, authorized: &[&Entry]) -> HashSet<SpiffeId> {
+        let mut ids: HashSet<SpiffeId> = self.identities(agent).into_iter().collect();
+        ids.extend(authorized.iter().map(|e| e.spiffe_id.clone()));
+        ids.insert(self.server_id.clone());
+        ids
+    }
+
+    /// Whether a change applied after revision `since` may change the
+    /// entries or bundles of `agent`, whose [`EntryIndex::closure`] at
+    /// `since` was `closure`. True when the history does not reach back
+    /// that far.
+    pub fn may_concern(&self, since: u64, agent: &SpiffeId, closure: &HashSet<SpiffeId>) -> bool {
+        if since < self.touched_floor {
+            return true;
+        }
+        self.touched
+            .iter()
+            .rev()
+            .take_while(|(r, _)| *r > since)
+            .any(|(_, t)| match t {
+                Touched::Parents(now, before) => {
+                    closure.contains(now) || before.as_ref().is_some_and(|b| closure.contains(b))
+                }
+                Touched::Agent(id) => id == agent,
+                Touched::Everyone => true,
+            })
     }
 
     fn insert(&mut self, e: Entry) {
@@ -79,17 +163,17 @@ impl EntryIndex {
             .entry(e.parent_id.clone())
             .or_default()
             .insert(e.id.clone());
+        self.by_spiffe_id
+            .entry(e.spiffe_id.clone())
+            .or_default()
+            .insert(e.id.clone());
         self.entries.insert(e.id.clone(), e);
     }
 
     fn remove(&mut self, id: &EntryId) {
         if let Some(old) = self.entries.remove(id) {
-            if let Some(children) = self.by_parent.get_mut(&old.parent_id) {
-                children.remove(id);
-                if children.is_empty() {
-                    self.by_parent.remove(&old.parent_id);
-                }
-            }
+            unlink(&mut self.by_parent, &old.parent_id, id);
+            unlink(&mut self.by_spiffe_id, &old.spiffe_id, id);
         }
     }
 
@@ -158,9 +242,45 @@ impl EntryIndex {
         out
     }
 
-    /// True if `entry` is authorised for `agent` at `now`.
+    /// True if `entry` is authorised for `agent` at `now`: the same answer
+    /// as looking for it in [`EntryIndex::authorized`], found by walking
+    /// from the entry up its parents (any unexpired entry granting the
+    /// parent's ID) to one of the agent's identities.
     pub fn is_authorized(&self, agent: &Agent, entry: &EntryId, now: u64) -> bool {
-        self.authorized(agent, now).iter().any(|e| &e.id == entry)
+        let live = |e: &&Entry| e.expires_at.is_none_or(|t| t > now);
+        let Some(entry) = self.entries.get(entry).filter(live) else {
+            return false;
+        };
+        let identities = self.identities(agent);
+        // Parent IDs already followed: entries may form cycles.
+        let mut followed: HashSet<&SpiffeId> = HashSet::new();
+        let mut parents = vec![&entry.parent_id];
+        while let Some(parent) = parents.pop() {
+            if identities.contains(parent) {
+                return true;
+            }
+            if !followed.insert(parent) {
+                continue;
+            }
+            let granting = self.by_spiffe_id.get(parent).into_iter().flatten();
+            parents.extend(
+                granting
+                    .filter_map(|id| self.entries.get(id))
+                    .filter(live)
+                    .map(|e| &e.parent_id),
+            );
+        }
+        false
+    }
+}
+
+/// Removes `id` from the set under `key`, and the set once empty.
+fn unlink(map: &mut HashMap<SpiffeId, BTreeSet<EntryId>>, key: &SpiffeId, id: &EntryId) {
+    if let Some(ids) = map.get_mut(key) {
+        ids.remove(id);
+        if ids.is_empty() {
+            map.remove(key);
+        }
     }
 }
 
@@ -320,5 +440,136 @@ mod tests {
         assert!(idx.agent(&a.spiffe_id).is_some());
         idx.apply(6, &ChangeEvent::AgentDeleted { agent: a.clone() });
         assert!(idx.agent(&a.spiffe_id).is_none());
+    }
+
+    #[test]
+    fn walking_up_agrees_with_listing_on_random_graphs() {
+        // Small ID spaces make chains, shared IDs, cycles and node aliases
+        // frequent; a fixed LCG keeps the graphs reproducible.
+        let mut seed: u64 = 0x5eed;
+        let mut next = |n: u64| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) % n
+        };
+        let agents = [
+            agent("/oxid/agent/join_token/t1", &[], &["/p0"]),
+            agent("/oxid/agent/x509pop/aa", &["x509pop:subject:cn:n1"], &[]),
+        ];
+        for graph in 0..300 {
+            let mut entries = Vec::new();
+            for i in 0..12 {
+                let parent = match next(5) {
+                    0 => "/oxid/agent/join_token/t1".to_owned(),
+                    1 => "/oxid/agent/x509pop/aa".to_owned(),
+                    2 => "/oxid/server".to_owned(),
+                    _ => format!("/p{}", next(6)),
+                };
+                let mut e = entry(
+                    &format!("e{i}"),
+                    &format!("/p{}", next(6)),
+                    &parent,
+                    &[if next(2) == 0 {
+                        "x509pop:subject:cn:n1"
+                    } else {
+                        "unix:uid:1"
+                    }],
+                    next(100),
+                );
+                e.expires_at = (next(4) == 0).then(|| next(20));
+                entries.push(e);
+            }
+            let idx = index(entries.clone());
+            for a in &agents {
+                for now in [0, 10, 30] {
+                    let listed = ids(idx.authorized(a, now));
+                    for e in &entries {
+                        assert_eq!(
+                            idx.is_authorized(a, &e.id, now),
+                            listed.contains(&e.id.to_string()),
+                            "graph {graph}, agent {}, entry {}, now {now}",
+                            a.spiffe_id,
+                            e.id
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn only_changes_that_can_concern_an_agent_wake_its_sync() {
+        let a = agent("/oxid/agent/join_token/a", &["x509pop:subject:cn:n1"], &[]);
+        let b = agent("/oxid/agent/join_token/b", &[], &[]);
+        let mut idx = index(vec![
+            entry(
+                "web",
+                "/web",
+                "/oxid/agent/join_token/a",
+                &["unix:uid:1"],
+                1,
+            ),
+            entry("db", "/db", "/oxid/agent/join_token/b", &["unix:uid:1"], 2),
+        ]);
+        let closure = idx.closure(&a, &idx.authorized(&a, 0));
+        let concerns = |idx: &EntryIndex, since| idx.may_concern(since, &a.spiffe_id, &closure);
+        assert!(!concerns(&idx, 1), "nothing applied since");
+
+        // Another agent's entries and record: not A's business.
+        let db2 = entry(
+            "db2",
+            "/db2",
+            "/oxid/agent/join_token/b",
+            &["unix:uid:2"],
+            3,
+        );
+        idx.apply(2, &ChangeEvent::EntryUpserted { entry: db2.clone() });
+        idx.apply(3, &ChangeEvent::AgentUpserted { agent: b.clone() });
+        assert!(!concerns(&idx, 1));
+
+        // An entry moved from B to under A's workload: A's business.
+        let mut moved = db2.clone();
+        moved.parent_id = id("/web");
+        idx.apply(
+            4,
+            &ChangeEvent::EntryUpserted {
+                entry: moved.clone(),
+            },
+        );
+        assert!(concerns(&idx, 3));
+        // Moved away again: the old parent is what matters.
+        idx.apply(5, &ChangeEvent::EntryUpserted { entry: db2 });
+        assert!(concerns(&idx, 4));
+        // Deleting a B entry is not; a node alias, A's record or a bundle is.
+        let db = idx.entry(&"db".parse().unwrap()).unwrap().clone();
+        idx.apply(6, &ChangeEvent::EntryDeleted { entry: db });
+        assert!(!concerns(&idx, 5));
+        let alias = entry(
+            "alias",
+            "/nodes/x",
+            "/oxid/server",
+            &["x509pop:subject:cn:n1"],
+            4,
+        );
+        idx.apply(7, &ChangeEvent::EntryUpserted { entry: alias });
+        assert!(concerns(&idx, 6));
+        idx.apply(8, &ChangeEvent::AgentUpserted { agent: a.clone() });
+        assert!(concerns(&idx, 7));
+        idx.apply(
+            9,
+            &ChangeEvent::BundleUpserted {
+                bundle: crate::datastore::StoredBundle {
+                    trust_domain: "example.org".parse().unwrap(),
+                    spiffe_json: "{}".into(),
+                },
+            },
+        );
+        assert!(concerns(&idx, 8));
+
+        // A reload forgets the history: everything before it concerns all.
+        idx.load(vec![], vec![], 20);
+        assert!(concerns(&idx, 19));
+        assert!(!concerns(&idx, 20));
     }
 }

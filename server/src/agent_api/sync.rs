@@ -5,11 +5,11 @@
 //! changed, expired) is a removal. A reconnecting agent gets a fresh
 //! snapshot, which it applies in place of its view: nothing is lost.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use oxid_pki::TrustDomain;
+use oxid_pki::{SpiffeId, TrustDomain};
 use oxid_proto::agent as pb;
 use prost::Message as _;
 use tokio::sync::mpsc;
@@ -17,6 +17,9 @@ use tonic::Status;
 
 use super::service::Inner;
 use crate::datastore::{Agent, Entry, EntryId};
+
+/// How often a stream recomputes without a change (entries expire).
+const RECHECK: Duration = Duration::from_secs(60);
 
 /// Page size bound: DESIGN.md caps sync pages at 1 MiB.
 const MAX_PAGE_BYTES: usize = 1024 * 1024;
@@ -110,7 +113,7 @@ pub(crate) fn start(
                     return;
                 }
             };
-            let (delta, revision) = match compute(&inner, &current, &mut sent).await {
+            let (delta, revision, closure) = match compute(&inner, &current, &mut sent).await {
                 Ok(d) => d,
                 Err(status) => {
                     let _ = tx.send(Err(status)).await;
@@ -126,20 +129,35 @@ pub(crate) fn start(
                 snapshot = false;
                 first = false;
             }
-            // Entries can also expire without any change: look again then.
-            tokio::select! {
-                r = changes.changed() => if r.is_err() { return },
-                () = tx.closed() => return,
-                r = stopping.changed() => {
-                    // Read the flag in its own statement: the borrow guard
-                    // must not live across an await.
-                    let stop = r.is_err() || *stopping.borrow();
-                    if stop {
-                        let _ = tx.send(Err(Status::unavailable("the server is shutting down"))).await;
-                        return;
+            // Wait for a change that may concern this agent; entries can
+            // also expire without any change, so look again after a while.
+            let mut seen = revision;
+            let recheck = tokio::time::sleep(RECHECK);
+            tokio::pin!(recheck);
+            loop {
+                tokio::select! {
+                    r = changes.changed() => {
+                        if r.is_err() {
+                            return;
+                        }
+                        let index = inner.index.read();
+                        if index.may_concern(seen, &agent.spiffe_id, &closure) {
+                            break;
+                        }
+                        seen = index.revision();
                     }
+                    () = tx.closed() => return,
+                    r = stopping.changed() => {
+                        // Read the flag in its own statement: the borrow
+                        // guard must not live across an await.
+                        let stop = r.is_err() || *stopping.borrow();
+                        if stop {
+                            let _ = tx.send(Err(Status::unavailable("the server is shutting down"))).await;
+                            return;
+                        }
+                    }
+                    () = &mut recheck => break,
                 }
-                () = tokio::time::sleep(Duration::from_secs(60)) => {}
             }
         }
     });
@@ -167,12 +185,21 @@ fn to_pb(e: &Entry, inner: &Inner) -> pb::Entry {
     }
 }
 
-async fn compute(inner: &Inner, agent: &Agent, sent: &mut Sent) -> Result<(Delta, u64), Status> {
+/// The delta since `sent`, the revision it brings the agent to, and the
+/// agent's [`EntryIndex::closure`](crate::authz::EntryIndex::closure) at
+/// that revision.
+async fn compute(
+    inner: &Inner,
+    agent: &Agent,
+    sent: &mut Sent,
+) -> Result<(Delta, u64, HashSet<SpiffeId>), Status> {
     let now = inner.now_secs();
-    let (entries, revision) = {
+    let (entries, revision, closure) = {
         let index = inner.index.read();
-        let entries: Vec<Entry> = index.authorized(agent, now).into_iter().cloned().collect();
-        (entries, index.revision())
+        let authorized = index.authorized(agent, now);
+        let closure = index.closure(agent, &authorized);
+        let entries: Vec<Entry> = authorized.into_iter().cloned().collect();
+        (entries, index.revision(), closure)
     };
     let mut delta = Delta {
         upserts: vec![],
@@ -226,7 +253,7 @@ async fn compute(inner: &Inner, agent: &Agent, sent: &mut Sent) -> Result<(Delta
         .map(ToString::to_string)
         .collect();
     sent.bundles = bundles;
-    Ok((delta, revision))
+    Ok((delta, revision, closure))
 }
 
 /// Splits a delta into pages under [`MAX_PAGE_BYTES`]; all but the last say
