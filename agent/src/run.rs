@@ -107,6 +107,10 @@ pub async fn run(
             let l = tokio::net::TcpListener::bind(address)
                 .await
                 .map_err(|e| AgentError::Config(format!("metrics_address {address}: {e}")))?;
+            // Logged as bound, so a port of 0 can be found.
+            if let Ok(bound) = l.local_addr() {
+                tracing::info!(metrics_address = %bound, "oxid-agent serving metrics");
+            }
             let source = Arc::new(AgentMetrics {
                 rpc: rpc.clone(),
                 cache: cache.clone(),

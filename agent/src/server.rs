@@ -182,6 +182,12 @@ impl ServerClient {
         tx.send(first)
             .await
             .map_err(|_| AgentError::Internal("attest channel".into()))?;
+        // The request stream is closed as soon as nothing more will be sent
+        // on it (join_token: now; x509pop: after the answer). Left open, the
+        // server ends the call with RST_STREAM, which can overtake the
+        // result: the agent then saw an error for a join token the server
+        // had already consumed (found by `oxid-bench scale`).
+        let mut tx = node_key.is_some().then_some(tx);
         let mut responses = self
             .api()
             .attest(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -211,13 +217,15 @@ impl ServerClient {
             let signature = node_key
                 .sign_x509(&message)
                 .map_err(|e| AgentError::Internal(e.to_string()))?;
-            tx.send(pb::AttestRequest {
-                data: None,
-                csr: vec![],
-                challenge_response: signature,
-            })
-            .await
-            .map_err(|_| AgentError::Server("the server closed the attestation".into()))?;
+            tx.take()
+                .ok_or_else(|| AgentError::Server("a second attestation challenge".into()))?
+                .send(pb::AttestRequest {
+                    data: None,
+                    csr: vec![],
+                    challenge_response: signature,
+                })
+                .await
+                .map_err(|_| AgentError::Server("the server closed the attestation".into()))?;
         }
     }
 

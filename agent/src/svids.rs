@@ -26,6 +26,26 @@ pub(crate) fn rotate_at(issued: SystemTime, not_after: SystemTime, jitter_unit: 
     issued + offset
 }
 
+/// The shortest wait between two signing passes: an SVID that stays due
+/// (its entry just left) must not make the loop spin.
+const MIN_PASS_INTERVAL: Duration = Duration::from_millis(100);
+/// The wait when nothing is held.
+const IDLE_PASS_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// How long to sleep before the next signing pass, given when each held
+/// SVID is to be rotated. An SVID whose time came while the last pass was
+/// signing others is due now: it used to make this wait an hour, so with
+/// thousands of SVIDs most of them expired unrotated (found by
+/// `oxid-bench agent`).
+pub(crate) fn next_pass(rotate_at: impl Iterator<Item = SystemTime>, now: SystemTime) -> Duration {
+    rotate_at
+        .min()
+        .map_or(IDLE_PASS_INTERVAL, |t| {
+            t.duration_since(now).unwrap_or(Duration::ZERO)
+        })
+        .max(MIN_PASS_INTERVAL)
+}
+
 /// A random number in [0, 1) for jitter.
 pub(crate) fn random_unit() -> f64 {
     let mut b = [0u8; 2];
@@ -106,17 +126,13 @@ pub(crate) async fn run(server: Arc<ServerClient>, cache: Arc<Cache>, presign: u
         }
         changes.borrow_and_update();
         let snapshot = cache.current();
-        let next_rotation = snapshot
-            .svids
-            .values()
-            .map(|s| s.rotate_at)
-            .min()
-            .and_then(|t| t.duration_since(SystemTime::now()).ok())
-            .unwrap_or(Duration::from_secs(3600));
         let wait = if failed {
             crate::sync::jittered(Duration::from_secs(2))
         } else {
-            next_rotation
+            next_pass(
+                snapshot.svids.values().map(|s| s.rotate_at),
+                SystemTime::now(),
+            )
         };
         tokio::select! {
             r = changes.changed() => if r.is_err() { return },
@@ -220,5 +236,21 @@ mod tests {
             t0 + Duration::from_secs(2160),
             "clamped"
         );
+    }
+
+    #[test]
+    fn the_next_pass_comes_when_the_first_svid_is_due_even_if_overdue() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let secs = Duration::from_secs;
+        assert_eq!(
+            next_pass([now + secs(90), now + secs(30)].into_iter(), now),
+            secs(30)
+        );
+        assert_eq!(
+            next_pass([now + secs(90), now - secs(5)].into_iter(), now),
+            MIN_PASS_INTERVAL,
+            "an overdue SVID is rotated at once, not in an hour"
+        );
+        assert_eq!(next_pass(std::iter::empty(), now), IDLE_PASS_INTERVAL);
     }
 }

@@ -10,7 +10,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::Read as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use oxid_pki::Selector;
 
@@ -34,15 +34,72 @@ pub enum AttestError {
 /// executable never reuses a stale hash.
 type FileKey = (u64, u64, u64, i64, i64, i64, i64);
 
-/// The attestor, with its executable-hash cache.
-#[derive(Debug, Default)]
-pub struct UnixAttestor {
-    hashes: Mutex<HashMap<FileKey, String>>,
+fn file_key(meta: &std::fs::Metadata) -> FileKey {
+    (
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec(),
+    )
 }
 
-/// Where the attestor reads user and group names (tests point elsewhere).
-const PASSWD: &str = "/etc/passwd";
-const GROUP: &str = "/etc/group";
+/// The attestor, with its executable-hash and user/group-name caches.
+#[derive(Debug)]
+pub struct UnixAttestor {
+    hashes: Mutex<HashMap<FileKey, String>>,
+    users: NameFile,
+    groups: NameFile,
+}
+
+impl Default for UnixAttestor {
+    fn default() -> Self {
+        Self {
+            hashes: Mutex::default(),
+            users: NameFile::new("/etc/passwd"),
+            groups: NameFile::new("/etc/group"),
+        }
+    }
+}
+
+/// id → name, shared between calls.
+type Names = Arc<HashMap<u32, String>>;
+
+/// A passwd- or group-format file, parsed again only when it changes:
+/// parsing both on every call was the largest user-space cost of a
+/// Workload API call (BENCHMARKS.md).
+#[derive(Debug)]
+struct NameFile {
+    path: &'static str,
+    parsed: Mutex<Option<(FileKey, Names)>>,
+}
+
+impl NameFile {
+    fn new(path: &'static str) -> Self {
+        Self {
+            path,
+            parsed: Mutex::new(None),
+        }
+    }
+
+    /// id → name, as the file is now (empty if it cannot be read).
+    fn names(&self) -> Names {
+        // The identity is taken before reading, so a change during the read
+        // shows as a new identity next time and the file is read again.
+        let key = std::fs::metadata(self.path).ok().map(|m| file_key(&m));
+        let mut parsed = self.parsed.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some(key), Some((seen, names))) = (key, parsed.as_ref()) {
+            if key == *seen {
+                return names.clone();
+            }
+        }
+        let names = Arc::new(read_names(self.path));
+        *parsed = key.map(|k| (k, names.clone()));
+        names
+    }
+}
 
 impl UnixAttestor {
     /// Selectors of process `pid` running as `uid`/`gid`.
@@ -50,11 +107,15 @@ impl UnixAttestor {
         let pidfd = rustix::process::Pid::from_raw(pid).and_then(|p| {
             rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
         });
-        let started = start_time(pid)?;
+        // Without a pidfd, the start time tells a reused PID apart.
+        let started = match pidfd {
+            Some(_) => None,
+            None => Some(start_time(pid)?),
+        };
         let selectors = self.inspect(pid, uid, gid)?;
-        let alive = match &pidfd {
+        let alive = match (&pidfd, started) {
             // A pidfd becomes readable when its process exits.
-            Some(fd) => {
+            (Some(fd), _) => {
                 let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
                 let timeout = rustix::event::Timespec {
                     tv_sec: 0,
@@ -62,9 +123,9 @@ impl UnixAttestor {
                 };
                 matches!(rustix::event::poll(&mut fds, Some(&timeout)), Ok(0))
             }
-            None => true,
+            (None, started) => start_time(pid).ok() == started,
         };
-        if !alive || start_time(pid).ok() != Some(started) {
+        if !alive {
             return Err(AttestError::ProcessExited);
         }
         Ok(selectors)
@@ -79,8 +140,7 @@ impl UnixAttestor {
         };
         add("unix", format!("uid:{uid}"));
         add("unix", format!("gid:{gid}"));
-        let users = read_names(PASSWD);
-        let groups = read_names(GROUP);
+        let (users, groups) = (self.users.names(), self.groups.names());
         if let Some(name) = users.get(&uid) {
             add("unix", format!("user:{name}"));
         }
@@ -118,15 +178,7 @@ impl UnixAttestor {
         if meta.size() > MAX_HASH_BYTES {
             return Ok(None);
         }
-        let key: FileKey = (
-            meta.dev(),
-            meta.ino(),
-            meta.size(),
-            meta.mtime(),
-            meta.mtime_nsec(),
-            meta.ctime(),
-            meta.ctime_nsec(),
-        );
+        let key = file_key(&meta);
         if let Some(h) = self
             .hashes
             .lock()
@@ -356,5 +408,26 @@ mod tests {
     #[test]
     fn stat_with_odd_command_names() {
         assert!(start_time(i32::try_from(std::process::id()).unwrap()).unwrap() > 0);
+    }
+
+    #[test]
+    fn name_files_are_parsed_again_when_they_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("passwd");
+        std::fs::write(&path, "alice:x:1000:1000::/home/alice:/bin/sh\n").unwrap();
+        let file = NameFile::new(Box::leak(path.display().to_string().into_boxed_str()));
+        assert_eq!(file.names().get(&1000).map(String::as_str), Some("alice"));
+        let first = file.names();
+        assert!(
+            Arc::ptr_eq(&first, &file.names()),
+            "unchanged: not parsed again"
+        );
+        // Replaced the way useradd does it: a new file renamed into place.
+        let next = dir.path().join("passwd+");
+        std::fs::write(&next, "robert:x:1000:1000::/home/robert:/bin/sh\n").unwrap();
+        std::fs::rename(&next, &path).unwrap();
+        assert_eq!(file.names().get(&1000).map(String::as_str), Some("robert"));
+        std::fs::remove_file(&path).unwrap();
+        assert!(file.names().is_empty(), "a missing file names no one");
     }
 }
