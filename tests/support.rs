@@ -23,14 +23,21 @@ use tokio::sync::watch;
 /// How long any single awaited event may take.
 pub const WAIT: Duration = Duration::from_secs(60);
 
-/// The path of a workspace binary built alongside this test.
+/// The path of a workspace binary built alongside this test (or alongside
+/// `oxid-bench`, which lives in `target/<profile>/` itself).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
     let dir = exe
         .parent()
-        .and_then(Path::parent)
-        .expect("test executable in target/<profile>/deps");
+        .map(|d| {
+            if d.ends_with("deps") {
+                d.parent().unwrap_or(d)
+            } else {
+                d
+            }
+        })
+        .expect("executable in target/<profile>");
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -128,6 +135,11 @@ impl Proc {
         }
     }
 
+    /// The process ID, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -206,10 +218,16 @@ pub struct Server {
 impl Server {
     /// Starts a server for `example.org` under `dir`.
     pub async fn start(dir: &Path) -> Self {
+        Self::start_with(dir, "", "[ca]\nttl = \"6h\"\nagent_svid_ttl = \"10m\"\n").await
+    }
+
+    /// Starts a server for `example.org` under `dir` with `top` (top-level
+    /// keys) and `tables` (from `[ca]` on) as its configuration.
+    pub async fn start_with(dir: &Path, top: &str, tables: &str) -> Self {
         let config = dir.join("server.toml");
         std::fs::write(
             &config,
-            "trust_domain = \"example.org\"\n[ca]\nttl = \"6h\"\nagent_svid_ttl = \"10m\"\n",
+            format!("trust_domain = \"example.org\"\n{top}\n{tables}"),
         )
         .unwrap();
         let admin_socket = dir.join("server-run/admin.sock");
@@ -310,11 +328,18 @@ pub struct Agent {
     pub socket: PathBuf,
     data_dir: PathBuf,
     bundle: PathBuf,
+    /// Extra `run` flags, kept for restarts.
+    extra: Vec<String>,
 }
 
 impl Agent {
     /// Attests with `token` and starts serving the Workload API.
     pub async fn start(dir: &Path, server: &Server, token: &str) -> Self {
+        Self::start_with(dir, server, token, &[]).await
+    }
+
+    /// [`Agent::start`] with `extra` flags for `oxid-agent run`.
+    pub async fn start_with(dir: &Path, server: &Server, token: &str, extra: &[&str]) -> Self {
         let bundle = dir.join("bundle.pem");
         let admin = server.admin_socket.display().to_string();
         let (code, pem, err) = run(
@@ -326,19 +351,29 @@ impl Agent {
         std::fs::write(&bundle, pem).unwrap();
         let socket = dir.join("agent-run/api.sock");
         let data_dir = dir.join("agent");
-        let proc = Self::launch(server, &bundle, &data_dir, &socket, Some(token)).await;
+        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        let proc = Self::launch(server, &bundle, &data_dir, &socket, Some(token), &extra).await;
         Self {
             proc,
             socket,
             data_dir,
             bundle,
+            extra,
         }
     }
 
     /// Starts the agent process again (after [`Agent::stop`]), with the
     /// identity it saved and no token.
     pub async fn restart(&mut self, server: &Server) {
-        self.proc = Self::launch(server, &self.bundle, &self.data_dir, &self.socket, None).await;
+        self.proc = Self::launch(
+            server,
+            &self.bundle,
+            &self.data_dir,
+            &self.socket,
+            None,
+            &self.extra,
+        )
+        .await;
         self.proc.wait_for("restored the agent identity").await;
     }
 
@@ -348,6 +383,7 @@ impl Agent {
         data_dir: &Path,
         socket: &Path,
         token: Option<&str>,
+        extra: &[String],
     ) -> Proc {
         let mut cmd = Command::new(bin("oxid-agent"));
         cmd.arg("run")
@@ -361,6 +397,7 @@ impl Agent {
         if let Some(token) = token {
             cmd.args(["--join-token", token]);
         }
+        cmd.args(extra);
         let mut proc = Proc::spawn("oxid-agent", cmd);
         proc.wait_for("serving the Workload API").await;
         proc
