@@ -194,7 +194,11 @@ pub fn main() -> ExitCode {
             .enable_all()
             .build()
             .map_err(|e| crate::AgentError::Internal(e.to_string()))?;
-        rt.block_on(crate::run::run(config, shutdown_signal()))
+        rt.block_on(async {
+            // Inside the runtime: the handlers need its reactor.
+            let stop = shutdown_signal();
+            crate::run::run(config, stop).await
+        })
     });
     finish(result)
 }
@@ -219,17 +223,21 @@ fn block_on<F: std::future::Future<Output = Result<(), crate::AgentError>>>(
         .block_on(f)
 }
 
-async fn shutdown_signal() {
+/// Completes on SIGINT or SIGTERM; the handlers are installed when this is
+/// called (inside the runtime), so a signal right after start is not fatal.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
             }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+            _ => std::future::pending().await,
         }
     }
 }
