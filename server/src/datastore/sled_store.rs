@@ -83,6 +83,33 @@ impl Txn<'_> {
     }
 }
 
+/// How long `open` waits for the directory lock of a store that was just
+/// closed: sled's background threads release it a moment after the last
+/// handle is dropped, so a restart in the same process can race them.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, DataStoreError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .open()
+        {
+            Ok(db) => return Ok(db),
+            // sled has no error variant for this; its message is stable in
+            // 0.34. Past the wait, another process really holds the store.
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(backend(e)),
+        }
+    }
+}
+
 /// The embedded store.
 pub struct SledStore {
     db: sled::Db,
@@ -112,11 +139,7 @@ impl SledStore {
     /// Opens (or creates) the store in `dir`. `cache_bytes` bounds sled's
     /// page cache, which otherwise grows with the database.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, DataStoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_bytes)
-            .open()
-            .map_err(backend)?;
+        let db = open_db(dir, cache_bytes)?;
         let tree = |name: &str| db.open_tree(name).map_err(backend);
         let meta = tree("meta")?;
         let revision = match meta.get(REVISION_KEY).map_err(backend)? {
