@@ -9,6 +9,10 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
+use oxid_pki::SpiffeId;
+
+use crate::datastore::{Agent, ChangeEvent, Entry, EntryId};
+
 /// Revisions of [`Touched`] history kept: a sync stream that fell further
 /// behind than this simply recomputes.
 const TOUCH_HISTORY: usize = 65_536;
@@ -24,10 +28,6 @@ enum Touched {
     /// Every agent (bundles).
     Everyone,
 }
-
-use oxid_pki::SpiffeId;
-
-use crate::datastore::{Agent, ChangeEvent, Entry, EntryId};
 
 /// The index.
 #[derive(Debug, Clone)]
@@ -63,11 +63,6 @@ impl EntryIndex {
             touched: VecDeque::new(),
             touched_floor: 0,
         }
-    }
-
-    /// The server's own SPIFFE ID (node-alias entries hang from it).
-    pub fn server_id(&self) -> &SpiffeId {
-        &self.server_id
     }
 
     /// The store revision the index reflects.

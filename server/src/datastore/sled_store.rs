@@ -110,6 +110,14 @@ fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, DataStoreError> {
     }
 }
 
+/// The last revision committed to `meta` (0 for a new store).
+fn read_revision(meta: &sled::Tree) -> Result<u64, DataStoreError> {
+    match meta.get(REVISION_KEY).map_err(backend)? {
+        Some(v) => decode_u64(&v),
+        None => Ok(0),
+    }
+}
+
 /// The embedded store.
 pub struct SledStore {
     db: sled::Db,
@@ -142,10 +150,7 @@ impl SledStore {
         let db = open_db(dir, cache_bytes)?;
         let tree = |name: &str| db.open_tree(name).map_err(backend);
         let meta = tree("meta")?;
-        let revision = match meta.get(REVISION_KEY).map_err(backend)? {
-            Some(v) => decode_u64(&v)?,
-            None => 0,
-        };
+        let revision = read_revision(&meta)?;
         let (revision_tx, _) = watch::channel(revision);
         Ok(Self {
             entries: tree("entries")?,
@@ -210,10 +215,7 @@ impl SledStore {
     }
 
     fn current_revision(&self) -> Result<u64, DataStoreError> {
-        match self.meta.get(REVISION_KEY).map_err(backend)? {
-            Some(v) => decode_u64(&v),
-            None => Ok(0),
-        }
+        read_revision(&self.meta)
     }
 
     /// Makes every write up to revision `committed` durable; the revision
