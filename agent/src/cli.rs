@@ -196,7 +196,13 @@ pub fn main() -> ExitCode {
             .map_err(|e| crate::AgentError::Internal(e.to_string()))?;
         rt.block_on(async {
             // Inside the runtime: the handlers need its reactor.
-            let stop = shutdown_signal();
+            let signal = oxid_telemetry::shutdown_signal();
+            let stop = async move {
+                match signal {
+                    Ok(signal) => signal.await,
+                    Err(_) => std::future::pending().await,
+                }
+            };
             crate::run::run(config, stop).await
         })
     });
@@ -221,25 +227,6 @@ fn block_on<F: std::future::Future<Output = Result<(), crate::AgentError>>>(
         .build()
         .map_err(|e| crate::AgentError::Internal(e.to_string()))?
         .block_on(f)
-}
-
-/// Completes on SIGINT or SIGTERM; the handlers are installed when this is
-/// called (inside the runtime), so a signal right after start is not fatal.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    async move {
-        match (term, int) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            _ => std::future::pending().await,
-        }
-    }
 }
 
 fn init_logging(level: &str, format: &str) {

@@ -4,6 +4,9 @@
 //! RPCs of both APIs are counted by method and gRPC status with a latency
 //! histogram (a tower layer, so no handler can forget it). State gauges
 //! (entries, agents, CA expiry, SVIDs signed) are read when scraped.
+//!
+//! Also the one other piece of process plumbing both binaries share: the
+//! shutdown signal.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -240,6 +243,23 @@ fn answer(path: &str, source: &dyn MetricsSource) -> hyper::Response<Full<Bytes>
         resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
     }
     resp
+}
+
+/// A future that completes on SIGINT or SIGTERM, for the server's and the
+/// agent's `run`. The handlers are installed by this call, not when the
+/// future is first polled: a SIGTERM that arrived between "ready" and that
+/// first poll used to kill the process with the default action. Call it
+/// inside the runtime (the handlers need its reactor).
+pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }
 
 #[cfg(test)]

@@ -74,22 +74,13 @@ fn run(args: RunArgs) -> CliResult {
     })
 }
 
-/// Completes on SIGINT or SIGTERM. The handlers are installed when this is
-/// called, not when the future is first polled: a SIGTERM right after
-/// `oxid-server ready` used to kill the process with the default action.
+/// Completes on SIGINT or SIGTERM (handlers installed by this call).
 fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
+    let signal = oxid_telemetry::shutdown_signal();
     async move {
-        match (term, int) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            (Err(e), _) | (_, Err(e)) => {
+        match signal {
+            Ok(signal) => signal.await,
+            Err(e) => {
                 tracing::error!(error = %e, "cannot listen for SIGTERM/SIGINT");
                 return std::future::pending().await;
             }
