@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use crate::BenchResult;
 use crate::cluster::{
-    Cluster, agent_metrics_address, entry, metric, mib, own_uid_selector, proc_stat,
-    wait_first_x509, wait_metric,
+    Cluster, agent_metrics_address, agent_restarts, entry, metric, mib, own_uid_selector,
+    proc_stat, wait_first_x509, wait_metric,
 };
 use crate::stats::spread;
 
@@ -142,14 +142,7 @@ pub(crate) async fn run() -> BenchResult<()> {
     )])
     .await?;
     wait_first_x509(&agent.socket).await?;
-    let mut times = Vec::new();
-    for _ in 0..RESTARTS {
-        agent.stop().await;
-        let t = Instant::now();
-        agent.restart(&c.server).await;
-        wait_first_x509(&agent.socket).await?;
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-    }
+    let times = agent_restarts(&c.server, &mut agent, RESTARTS).await?;
     println!(
         "| agent restart to the first X509-SVID served, {} entries, median of {RESTARTS} (range) \
          | {} ms |",

@@ -367,6 +367,25 @@ pub(crate) async fn wait_first_x509(socket: &Path) -> BenchResult<Duration> {
     }
 }
 
+/// Restarts `agent` `times` times (SIGTERM, then a start with its saved
+/// identity); for each, milliseconds from the process start to the first
+/// X509-SVID served to this process.
+pub(crate) async fn agent_restarts(
+    server: &Server,
+    agent: &mut Agent,
+    times: usize,
+) -> BenchResult<Vec<f64>> {
+    let mut out = Vec::with_capacity(times);
+    for _ in 0..times {
+        agent.stop().await;
+        let start = std::time::Instant::now();
+        agent.restart(server).await;
+        wait_first_x509(&agent.socket).await?;
+        out.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(out)
+}
+
 /// Pins every thread of process `pid` (threads it starts later inherit the
 /// mask) to CPU `cpu`.
 pub(crate) fn pin(pid: u32, cpu: usize) -> BenchResult<()> {

@@ -58,25 +58,22 @@ pub(crate) async fn run(rounds: usize) -> BenchResult<()> {
     for round in 1..=rounds {
         let raw =
             tokio::task::spawn_blocking(move || raw::x509_svids_per_sec(threads, TIME)).await?;
-        let (before, client_before) = (proc_stat(pid)?, proc_stat(std::process::id())?);
+        let before = cpu_sample(pid)?;
         let start = Instant::now();
         let mut lats = sign_batches(&agent, &ids, &csrs).await?;
-        let wall = start.elapsed();
-        let (after, client_after) = (proc_stat(pid)?, proc_stat(std::process::id())?);
-        let svids = (BATCH * BATCHES) as f64;
-        let through = svids / wall.as_secs_f64();
-        let server_cpu_us = (after.cpu - before.cpu).as_secs_f64() * 1e6 / svids;
-        let client_cpu_us = (client_after.cpu - client_before.cpu).as_secs_f64() * 1e6 / svids;
-        let raw_cpu_us = threads as f64 * 1e6 / raw;
-        table += &format!(
-            "| {round} | {raw:.0} | {through:.0} | {:.2} | {server_cpu_us:.1} | {raw_cpu_us:.1} | {:.2} | {client_cpu_us:.1} |\n",
-            through / raw,
-            raw_cpu_us / server_cpu_us
+        let r = Round::new(
+            raw,
+            threads,
+            BATCH * BATCHES,
+            start.elapsed(),
+            before,
+            cpu_sample(pid)?,
         );
+        table += &r.row(round);
         bound.push(raw);
-        rate.push(through);
-        ratio.push(through / raw);
-        cpu_ratio.push(raw_cpu_us / server_cpu_us);
+        rate.push(r.through);
+        ratio.push(r.ratio());
+        cpu_ratio.push(r.cpu_ratio());
         latencies.append(&mut lats);
     }
     let lat = Dist::new(latencies);
@@ -162,7 +159,7 @@ async fn jwt(agent: &SimAgent, ids: &Arc<Vec<String>>, rounds: usize, pid: u32) 
     let mut table = String::new();
     for round in 1..=rounds {
         let raw = tokio::task::spawn_blocking(move || raw::es256_per_sec(threads, TIME)).await?;
-        let (before, client_before) = (proc_stat(pid)?, proc_stat(std::process::id())?);
+        let before = cpu_sample(pid)?;
         let start = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         for worker in 0..JWT_IN_FLIGHT {
@@ -189,20 +186,17 @@ async fn jwt(agent: &SimAgent, ids: &Arc<Vec<String>>, rounds: usize, pid: u32) 
             minted += lats.len();
             latencies.append(&mut lats);
         }
-        let wall = start.elapsed().as_secs_f64();
-        let (after, client_after) = (proc_stat(pid)?, proc_stat(std::process::id())?);
-        let through = minted as f64 / wall;
-        let server_cpu_us = (after.cpu - before.cpu).as_secs_f64() * 1e6 / minted as f64;
-        let client_cpu_us =
-            (client_after.cpu - client_before.cpu).as_secs_f64() * 1e6 / minted as f64;
-        let raw_cpu_us = threads as f64 * 1e6 / raw;
-        table += &format!(
-            "| {round} | {raw:.0} | {through:.0} | {:.2} | {server_cpu_us:.1} | {raw_cpu_us:.1} | {:.2} | {client_cpu_us:.1} |\n",
-            through / raw,
-            raw_cpu_us / server_cpu_us
+        let r = Round::new(
+            raw,
+            threads,
+            minted,
+            start.elapsed(),
+            before,
+            cpu_sample(pid)?,
         );
-        ratio.push(through / raw);
-        cpu_ratio.push(raw_cpu_us / server_cpu_us);
+        table += &r.row(round);
+        ratio.push(r.ratio());
+        cpu_ratio.push(r.cpu_ratio());
     }
     let lat = Dist::new(latencies);
     println!("\n## JWT-SVID minting through the server\n");
@@ -226,4 +220,64 @@ async fn jwt(agent: &SimAgent, ids: &Arc<Vec<String>>, rounds: usize, pid: u32) 
         ms(lat.q(0.99)),
     );
     Ok(())
+}
+
+/// CPU used so far by the server (`pid`) and by this load generator,
+/// sampled together.
+fn cpu_sample(pid: u32) -> BenchResult<(Duration, Duration)> {
+    Ok((proc_stat(pid)?.cpu, proc_stat(std::process::id())?.cpu))
+}
+
+/// One round's throughput and CPU, against its bound.
+struct Round {
+    bound: f64,
+    through: f64,
+    server_cpu_us: f64,
+    client_cpu_us: f64,
+    bound_cpu_us: f64,
+}
+
+impl Round {
+    /// `ops` done in `wall`, with CPU samples taken before and after, against
+    /// a bound of `bound` operations a second on `threads` threads.
+    fn new(
+        bound: f64,
+        threads: usize,
+        ops: usize,
+        wall: Duration,
+        before: (Duration, Duration),
+        after: (Duration, Duration),
+    ) -> Self {
+        let per_op_us = |d: Duration| d.as_secs_f64() * 1e6 / ops as f64;
+        Self {
+            bound,
+            through: ops as f64 / wall.as_secs_f64(),
+            server_cpu_us: per_op_us(after.0 - before.0),
+            client_cpu_us: per_op_us(after.1 - before.1),
+            bound_cpu_us: threads as f64 * 1e6 / bound,
+        }
+    }
+
+    fn ratio(&self) -> f64 {
+        self.through / self.bound
+    }
+
+    fn cpu_ratio(&self) -> f64 {
+        self.bound_cpu_us / self.server_cpu_us
+    }
+
+    /// The table row: round, bound, throughput, ratio, server CPU, bound
+    /// CPU, CPU ratio, load generator CPU.
+    fn row(&self, round: usize) -> String {
+        format!(
+            "| {round} | {:.0} | {:.0} | {:.2} | {:.1} | {:.1} | {:.2} | {:.1} |\n",
+            self.bound,
+            self.through,
+            self.ratio(),
+            self.server_cpu_us,
+            self.bound_cpu_us,
+            self.cpu_ratio(),
+            self.client_cpu_us,
+        )
+    }
 }

@@ -12,8 +12,8 @@ use oxid_proto::workload as pb;
 
 use crate::BenchResult;
 use crate::cluster::{
-    Cluster, WorkloadClient, entry, first_x509, own_uid_selector, pin, proc_stat, wait_first_x509,
-    with_header, workload_client,
+    Cluster, WorkloadClient, agent_restarts, entry, first_x509, own_uid_selector, pin, proc_stat,
+    wait_first_x509, with_header, workload_client,
 };
 use crate::stats::{Dist, cores, median, spread};
 
@@ -225,14 +225,7 @@ async fn max_rate(socket: &std::path::Path, rounds: usize) -> BenchResult<()> {
 /// Agent restart (SIGTERM, start with its saved identity) to the first
 /// X509-SVID served to a workload.
 async fn restart(c: &Cluster, agent: &mut oxid_e2e::Agent, rounds: usize) -> BenchResult<()> {
-    let mut times = Vec::new();
-    for _ in 0..rounds {
-        agent.stop().await;
-        let start = Instant::now();
-        agent.restart(&c.server).await;
-        wait_first_x509(&agent.socket).await?;
-        times.push(start.elapsed().as_secs_f64() * 1e3);
-    }
+    let times = agent_restarts(&c.server, agent, rounds).await?;
     println!(
         "\nAgent restart (process start, saved identity, one entry) to the first X509-SVID \
          served: {} ms (median of {rounds}, range).",
