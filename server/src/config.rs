@@ -18,6 +18,19 @@ pub const DEFAULT_DATA_DIR: &str = "./.oxid/server";
 pub const DEFAULT_BIND_ADDRESS: &str = "0.0.0.0:8081";
 /// Default admin socket.
 pub const DEFAULT_SOCKET_PATH: &str = "/run/oxid-server/private/admin.sock";
+/// Default for `max_csrs_per_call`.
+pub const DEFAULT_MAX_CSRS_PER_CALL: usize = 1000;
+/// Default for `max_admin_batch`.
+pub const DEFAULT_MAX_ADMIN_BATCH: usize = 1000;
+/// Default for `max_request_kib`: tonic's own default of 4 MiB.
+pub const DEFAULT_MAX_REQUEST_KIB: usize = 4096;
+/// Batches above this would let one call hold the server for minutes.
+const BATCH_CEILING: usize = 100_000;
+/// A request must fit a 16 KiB CSR with an 8-certificate node chain.
+const REQUEST_KIB_FLOOR: usize = 64;
+/// Beyond this one request could make the server buffer a large share of
+/// its memory before any check runs.
+const REQUEST_KIB_CEILING: usize = 64 * 1024;
 
 /// Why the configuration is unusable.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +65,17 @@ pub struct HumanDuration(pub Duration);
 fn positive(name: &str, value: u32) -> Result<u32, ConfigError> {
     if value == 0 {
         return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+    }
+    Ok(value)
+}
+
+/// A size limit: 0 would refuse everything, and past `max` one call could
+/// take the server's memory or hold it for minutes.
+fn within(name: &str, value: usize, min: usize, max: usize) -> Result<usize, ConfigError> {
+    if !(min..=max).contains(&value) {
+        return Err(ConfigError::Invalid(format!(
+            "{name} {value} must be between {min} and {max}"
+        )));
     }
     Ok(value)
 }
@@ -170,6 +194,13 @@ pub struct ConfigFile {
     pub agent_requests_per_second: Option<u32>,
     /// Attestations each node may make per minute (default 60).
     pub attestations_per_minute: Option<u32>,
+    /// CSRs in one `SignX509Svids` call (default 1000).
+    pub max_csrs_per_call: Option<usize>,
+    /// Entries (or entry IDs) in one admin call (default 1000).
+    pub max_admin_batch: Option<usize>,
+    /// Largest gRPC request message on the agent and admin APIs, in KiB
+    /// (default 4096).
+    pub max_request_kib: Option<usize>,
     /// The CA.
     pub ca: Option<CaFile>,
 }
@@ -218,6 +249,12 @@ pub struct Config {
     pub agent_requests_per_second: u32,
     /// Attestations per node per minute.
     pub attestations_per_minute: u32,
+    /// Most CSRs in one `SignX509Svids` call.
+    pub max_csrs_per_call: usize,
+    /// Most entries (or entry IDs) in one admin call.
+    pub max_admin_batch: usize,
+    /// Largest request message on the agent and admin APIs, bytes.
+    pub max_request_bytes: usize,
     /// CA key type.
     pub ca_key_type: KeyAlgorithm,
     /// CA lifetime.
@@ -356,6 +393,24 @@ impl Config {
                 "attestations_per_minute",
                 file.attestations_per_minute.unwrap_or(60),
             )?,
+            max_csrs_per_call: within(
+                "max_csrs_per_call",
+                file.max_csrs_per_call.unwrap_or(DEFAULT_MAX_CSRS_PER_CALL),
+                1,
+                BATCH_CEILING,
+            )?,
+            max_admin_batch: within(
+                "max_admin_batch",
+                file.max_admin_batch.unwrap_or(DEFAULT_MAX_ADMIN_BATCH),
+                1,
+                BATCH_CEILING,
+            )?,
+            max_request_bytes: within(
+                "max_request_kib",
+                file.max_request_kib.unwrap_or(DEFAULT_MAX_REQUEST_KIB),
+                REQUEST_KIB_FLOOR,
+                REQUEST_KIB_CEILING,
+            )? * 1024,
             ca_key_type,
             ca_ttl,
             ca_keys: ca.keys.unwrap_or(KeyStorage::Disk),
@@ -390,6 +445,35 @@ mod tests {
         assert_eq!(c.bind_address.to_string(), "0.0.0.0:8081");
         assert_eq!(c.agent_svid_ttl, Duration::from_secs(3600));
         assert!(c.x509pop_ca_bundle.is_none());
+        assert_eq!(c.max_csrs_per_call, 1000);
+        assert_eq!(c.max_admin_batch, 1000);
+        assert_eq!(c.max_request_bytes, 4 * 1024 * 1024);
+    }
+
+    #[test]
+    fn limits_are_settable_and_bounded() {
+        let c = parse("max_csrs_per_call = 3\nmax_admin_batch = 2\nmax_request_kib = 64").unwrap();
+        assert_eq!(
+            (c.max_csrs_per_call, c.max_admin_batch, c.max_request_bytes),
+            (3, 2, 64 * 1024)
+        );
+        for (text, key) in [
+            ("max_csrs_per_call = 0", "max_csrs_per_call"),
+            ("max_csrs_per_call = 100001", "max_csrs_per_call"),
+            ("max_admin_batch = 0", "max_admin_batch"),
+            ("max_admin_batch = 1000000000", "max_admin_batch"),
+            ("max_request_kib = 0", "max_request_kib"),
+            ("max_request_kib = 63", "max_request_kib"),
+            ("max_request_kib = 65537", "max_request_kib"),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(
+                err.contains(key) && err.contains("between"),
+                "{text}: {err}"
+            );
+        }
+        // Negative numbers do not parse as sizes at all.
+        assert!(parse("max_admin_batch = -1").is_err());
     }
 
     #[test]

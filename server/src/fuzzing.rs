@@ -18,7 +18,8 @@ use rustls_pki_types::CertificateDer;
 use crate::config::{Config, Overrides};
 
 /// `server.toml` text: parsing never panics, and a config that loads keeps
-/// every SVID TTL within its CA's (at most a sixth of `ca.ttl`).
+/// every SVID TTL within its CA's (at most a sixth of `ca.ttl`) and every
+/// batch and request limit above zero.
 pub fn server_config(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -32,6 +33,8 @@ pub fn server_config(data: &[u8]) {
             );
         }
         assert!(matches!(c.log_format.as_str(), "human" | "json"));
+        assert!(c.max_csrs_per_call > 0 && c.max_admin_batch > 0);
+        assert!(c.max_request_bytes >= 64 * 1024);
     }
 }
 

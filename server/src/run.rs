@@ -241,6 +241,7 @@ pub async fn run_with(
         access,
         default_x509_ttl: config.x509_svid_ttl,
         default_jwt_ttl: config.jwt_svid_ttl,
+        max_batch: config.max_admin_batch,
     };
 
     let rotation = {
@@ -268,6 +269,12 @@ pub async fn run_with(
         .spiffe_id("/oxid/server")
         .map_err(|e| RunError::AgentApi(e.to_string()))?;
     let index = IndexHandle::load(store.as_ref(), server_id).await?;
+    // Logged with the ready line, so whoever bound port 0 can find it.
+    let metrics_address = metrics_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "off".into());
     let metrics_task = metrics_listener.map(|listener| {
         let source = Arc::new(ServerMetrics {
             rpc: rpc.clone(),
@@ -304,7 +311,8 @@ pub async fn run_with(
             agent_svid_ttl: config.agent_svid_ttl,
             default_x509_ttl: config.x509_svid_ttl,
             default_jwt_ttl: config.jwt_svid_ttl,
-            max_batch: 1000,
+            max_batch: config.max_csrs_per_call,
+            max_request_bytes: config.max_request_bytes,
             requests_per_second: config.agent_requests_per_second,
             attestations_per_minute: config.attestations_per_minute,
             x509pop_roots,
@@ -319,7 +327,13 @@ pub async fn run_with(
             stopped(stop_rx.clone()),
         ))
     });
-    let admin_api = admin::serve(listener, service, rpc, stopped(stop_rx));
+    let admin_api = admin::serve(
+        listener,
+        service,
+        config.max_request_bytes,
+        rpc,
+        stopped(stop_rx),
+    );
     let (stop_admin, stop_agent) = (stop_after(stop_tx.clone()), stop_after(stop_tx.clone()));
     let admin_api = async move {
         let r = admin_api.await;
@@ -334,6 +348,7 @@ pub async fn run_with(
     tracing::info!(
         trust_domain = %config.trust_domain,
         agent_api = %agent_address,
+        metrics = %metrics_address,
         admin_socket = %config.socket_path.display(),
         data_dir = %data_dir.display(),
         "oxid-server ready"

@@ -350,6 +350,16 @@ async fn join_token_attestation_ok_reused_unknown_expired() {
     );
 }
 
+async fn listed_entries(s: &Server) -> Vec<admin_pb::Entry> {
+    s.admin()
+        .await
+        .list_entries(admin_pb::ListEntriesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+}
+
 async fn agents(s: &Server) -> Vec<admin_pb::Agent> {
     s.admin()
         .await
@@ -1057,15 +1067,11 @@ async fn oversized_batches_are_refused_whole_and_change_nothing() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("at most 1000"), "{}", err.message());
-    let listed = s
-        .admin()
-        .await
-        .list_entries(admin_pb::ListEntriesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
-    assert_eq!(listed.len(), 1, "only the first entry exists");
+    assert_eq!(
+        listed_entries(&s).await.len(),
+        1,
+        "only the first entry exists"
+    );
     // The agent is still served.
     assert!(sign(&s, &agent, &entry).await.error.is_empty());
 }
@@ -1114,4 +1120,82 @@ async fn agent_calls_and_node_attestations_are_rate_limited_per_agent() {
     let err = attest_x509pop(&s, chain, &key).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("attestations_per_minute"), "{err:?}");
+}
+
+fn assert_refused(err: &tonic::Status, code: Code, needle: &str) {
+    assert_eq!(err.code(), code, "{err:?}");
+    assert!(err.message().contains(needle), "{}", err.message());
+}
+
+#[tokio::test]
+async fn lowered_limits_from_the_config_refuse_whole_and_change_nothing() {
+    let s =
+        Server::start("max_csrs_per_call = 2\nmax_admin_batch = 2\nmax_request_kib = 64\n").await;
+    let agent = attest_token(&s, &s.token("").await).await.unwrap();
+    let entry = s
+        .create_entry("spiffe://example.org/w", agent.id.as_str(), "unix:uid:1")
+        .await;
+    let csr = Csr::create(&KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap()).unwrap();
+    let batch = |n: usize, csr: &[u8]| pb::SignX509SvidsRequest {
+        requests: (0..n)
+            .map(|_| pb::SvidRequest {
+                entry_id: entry.clone(),
+                csr: csr.to_vec(),
+            })
+            .collect(),
+    };
+    let mut c = s.client(Some(agent.certs.clone())).await;
+    let at_limit = c
+        .sign_x509_svids(batch(2, &csr))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(at_limit.svids.len(), 2);
+    let err = c.sign_x509_svids(batch(3, &csr)).await.unwrap_err();
+    assert_refused(&err, Code::InvalidArgument, "at most 2 (max_csrs_per_call)");
+    // Two 40 KiB CSRs: over max_request_kib, refused before decoding.
+    let err = c
+        .sign_x509_svids(batch(2, &vec![0x30; 40 * 1024]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+
+    let entries = |n: usize, hint: &str| admin_pb::CreateEntriesRequest {
+        entries: (0..n)
+            .map(|i| admin_pb::Entry {
+                spiffe_id: format!("spiffe://example.org/bulk/{i}"),
+                parent_id: agent.id.to_string(),
+                selectors: vec!["unix:uid:2".into()],
+                hint: hint.into(),
+                ..Default::default()
+            })
+            .collect(),
+    };
+    let mut admin = s.admin().await;
+    let err = admin.create_entries(entries(3, "")).await.unwrap_err();
+    assert_refused(&err, Code::InvalidArgument, "at most 2 (max_admin_batch)");
+    let err = admin
+        .delete_entries(admin_pb::DeleteEntriesRequest {
+            ids: vec![entry.clone(); 3],
+        })
+        .await
+        .unwrap_err();
+    assert_refused(&err, Code::InvalidArgument, "at most 2 (max_admin_batch)");
+    let err = admin
+        .create_entries(entries(1, &"h".repeat(65 * 1024)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert_eq!(
+        listed_entries(&s).await.len(),
+        1,
+        "only the first entry exists"
+    );
+    // The agent is still served, on the same connection.
+    let ok = c
+        .sign_x509_svids(batch(1, &csr))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ok.svids[0].error.is_empty(), "{:?}", ok.svids[0].error);
 }

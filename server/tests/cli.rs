@@ -692,6 +692,23 @@ fn validate_checks_config_files() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("trust_domian"), "{err}");
+    // Limits of 0, or absurd ones, are refused naming the setting.
+    for (text, key) in [
+        ("max_csrs_per_call = 0\n", "max_csrs_per_call"),
+        ("max_admin_batch = 10000000\n", "max_admin_batch"),
+        ("max_request_kib = 1\n", "max_request_kib"),
+    ] {
+        std::fs::write(&bad, text).unwrap();
+        let out = Command::new(BIN)
+            .args(["validate", "--config"])
+            .arg(&bad)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{text}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(key) && err.contains("between"), "{err}");
+    }
 }
 
 #[test]

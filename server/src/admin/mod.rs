@@ -108,16 +108,21 @@ impl AdminAccess {
 pub use oxid_tls::socket::{SocketError, bind_unix_socket, current_uid};
 
 /// Serves the admin API on `listener` until `shutdown` completes; calls are
-/// recorded in `rpc`.
+/// recorded in `rpc`, and requests over `max_request_bytes` are refused with
+/// `OutOfRange` before decoding.
 pub async fn serve(
     listener: UnixListener,
     service: AdminService,
+    max_request_bytes: usize,
     rpc: std::sync::Arc<crate::metrics::RpcMetrics>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
         .layer(crate::metrics::RpcLayer::new("admin", rpc))
-        .add_service(oxid_proto::admin::admin_server::AdminServer::new(service))
+        .add_service(
+            oxid_proto::admin::admin_server::AdminServer::new(service)
+                .max_decoding_message_size(max_request_bytes),
+        )
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
 }

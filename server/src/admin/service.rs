@@ -23,9 +23,6 @@ pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(600);
 /// Longest join token lifetime accepted.
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 86_400);
 
-/// Most entries in one batch call.
-const MAX_BATCH: usize = 1000;
-
 /// The admin API implementation.
 pub struct AdminService {
     /// The server's store.
@@ -42,6 +39,8 @@ pub struct AdminService {
     pub default_x509_ttl: Duration,
     /// JWT-SVID TTL when none is asked for.
     pub default_jwt_ttl: Duration,
+    /// Most entries (or entry IDs) in one call (`max_admin_batch`).
+    pub max_batch: usize,
 }
 
 /// The peer of a call, from its socket credentials.
@@ -134,10 +133,10 @@ fn e_code(e: &AdminError) -> &'static str {
     }
 }
 
-fn check_batch(len: usize) -> Result<(), AdminError> {
-    if len > MAX_BATCH {
+fn check_batch(len: usize, max: usize) -> Result<(), AdminError> {
+    if len > max {
         return Err(AdminError::invalid(format!(
-            "{len} items in one call; at most {MAX_BATCH}"
+            "{len} items in one call; at most {max} (max_admin_batch)"
         )));
     }
     Ok(())
@@ -150,7 +149,7 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::CreateEntriesRequest>,
     ) -> Result<Response<pb::EntryResults>, Status> {
         guarded!(self, req, "CreateEntries", {
-            check_batch(req.entries.len())?;
+            check_batch(req.entries.len(), self.max_batch)?;
             let created_at = self.now_ms();
             let parsed: Vec<_> = req
                 .entries
@@ -218,7 +217,7 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::DeleteEntriesRequest>,
     ) -> Result<Response<pb::EntryResults>, Status> {
         guarded!(self, req, "DeleteEntries", {
-            check_batch(req.ids.len())?;
+            check_batch(req.ids.len(), self.max_batch)?;
             let mut results = Vec::with_capacity(req.ids.len());
             for id in req.ids {
                 let outcome = match id.parse::<EntryId>() {

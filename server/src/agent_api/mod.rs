@@ -46,6 +46,9 @@ pub struct AgentApiConfig {
     pub default_jwt_ttl: Duration,
     /// Most CSRs in one `SignX509Svids` call.
     pub max_batch: usize,
+    /// Largest request message; tonic answers `OutOfRange` past it, before
+    /// decoding.
+    pub max_request_bytes: usize,
     /// Calls each agent may make per second (bursts of twice that).
     pub requests_per_second: u32,
     /// Attestations each node (attested ID) may make per minute.
@@ -145,6 +148,7 @@ pub async fn serve(
     ));
     let tls = oxid_tls::server_config(resolver, verifier).map_err(|e| e.to_string())?;
     let rpc_layer = crate::metrics::RpcLayer::new("agent", config.rpc_metrics.clone());
+    let max_request_bytes = config.max_request_bytes;
     // Long-lived streams (sync) must end when the server stops, or a
     // graceful shutdown would wait for agents forever.
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
@@ -160,9 +164,10 @@ pub async fn serve(
         .http2_keepalive_interval(Some(KEEPALIVE))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .layer(rpc_layer)
-        .add_service(oxid_proto::agent::agent_api_server::AgentApiServer::new(
-            service,
-        ))
+        .add_service(
+            oxid_proto::agent::agent_api_server::AgentApiServer::new(service)
+                .max_decoding_message_size(max_request_bytes),
+        )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| e.to_string());

@@ -381,7 +381,7 @@ impl pb::agent_api_server::AgentApi for AgentApiService {
         let requests = req.into_inner().requests;
         if requests.len() > inner.config.max_batch {
             return Err(AgentApiError::InvalidArgument(format!(
-                "{} CSRs in one call; at most {}",
+                "{} CSRs in one call; at most {} (max_csrs_per_call)",
                 requests.len(),
                 inner.config.max_batch
             ))
