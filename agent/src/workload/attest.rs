@@ -1,10 +1,10 @@
 //! The `unix` workload attestor: who is calling, from the socket's peer
 //! credentials and `/proc`.
 //!
-//! The caller is pinned with a pidfd before anything is read, and checked
-//! again after: if it exited meanwhile (and its PID could have been reused
-//! by another process), attestation is refused. Where the kernel has no
-//! pidfd, the process start time is compared before and after instead.
+//! The caller is the process pinned when its connection was accepted
+//! ([`Peer`]). It is checked before anything is read and again after: if it
+//! exited meanwhile (and its PID could have been reused by another process),
+//! attestation is refused.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Read as _;
@@ -13,6 +13,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use oxid_pki::Selector;
+
+use super::peer::{Cred, Peer};
 
 /// Largest executable hashed for `unix:sha256` (bigger ones get no hash
 /// selector rather than stalling the call).
@@ -102,30 +104,27 @@ impl NameFile {
 }
 
 impl UnixAttestor {
-    /// Selectors of process `pid` running as `uid`/`gid`.
-    pub fn attest(&self, pid: i32, uid: u32, gid: u32) -> Result<BTreeSet<Selector>, AttestError> {
-        let pidfd = rustix::process::Pid::from_raw(pid).and_then(|p| {
-            rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
-        });
-        // Without a pidfd, the start time tells a reused PID apart.
-        let started = match pidfd {
-            Some(_) => None,
-            None => Some(start_time(pid)?),
+    /// Selectors of the process `peer` pinned. Refused if that process has
+    /// exited by the time they are read: its PID may belong to another
+    /// process by then.
+    pub fn attest(&self, peer: &Peer) -> Result<BTreeSet<Selector>, AttestError> {
+        let Some(Cred {
+            pid: Some(pid),
+            uid,
+            gid,
+        }) = peer.cred()
+        else {
+            return Err(AttestError::Proc(
+                "the kernel did not name the calling process".into(),
+            ));
         };
+        if !peer.pin.still_running(pid) {
+            return Err(AttestError::ProcessExited);
+        }
         let selectors = self.inspect(pid, uid, gid)?;
-        let alive = match (&pidfd, started) {
-            // A pidfd becomes readable when its process exits.
-            (Some(fd), _) => {
-                let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
-                let timeout = rustix::event::Timespec {
-                    tv_sec: 0,
-                    tv_nsec: 0,
-                };
-                matches!(rustix::event::poll(&mut fds, Some(&timeout)), Ok(0))
-            }
-            (None, started) => start_time(pid).ok() == started,
-        };
-        if !alive {
+        // Checked again after: what was read belongs to the pinned process
+        // only if it was still running when reading ended.
+        if !peer.pin.still_running(pid) {
             return Err(AttestError::ProcessExited);
         }
         Ok(selectors)
@@ -211,7 +210,7 @@ impl UnixAttestor {
 }
 
 /// Field 22 of `/proc/<pid>/stat`: start time in clock ticks since boot.
-fn start_time(pid: i32) -> Result<u64, AttestError> {
+pub(crate) fn start_time(pid: i32) -> Result<u64, AttestError> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map_err(|_| AttestError::ProcessExited)?;
     // The command name (field 2) may hold spaces and parentheses: skip past
@@ -262,7 +261,7 @@ mod tests {
     fn attests_this_process() {
         let pid = i32::try_from(std::process::id()).unwrap();
         let a = UnixAttestor::default();
-        let s = a.attest(pid, 0, 0).unwrap();
+        let s = a.attest(&Peer::pin_pid(pid, 0, 0)).unwrap();
         let text: Vec<String> = s.iter().map(ToString::to_string).collect();
         assert!(text.contains(&"unix:uid:0".to_owned()));
         let exe = std::env::current_exe().unwrap();
@@ -279,7 +278,7 @@ mod tests {
             .collect();
         assert_eq!(sha, &format!("unix:sha256:{hex}"));
         // The second time comes from the cache, with the same answer.
-        assert_eq!(a.attest(pid, 0, 0).unwrap(), s);
+        assert_eq!(a.attest(&Peer::pin_pid(pid, 0, 0)).unwrap(), s);
     }
 
     /// A child running `program` (a copy of `sleep`), killed on drop.
@@ -297,7 +296,7 @@ mod tests {
 
         fn selectors(&self, a: &UnixAttestor) -> Vec<String> {
             let pid = i32::try_from(self.0.id()).unwrap();
-            let s = a.attest(pid, 0, 0).unwrap();
+            let s = a.attest(&Peer::pin_pid(pid, 0, 0)).unwrap();
             s.iter().map(ToString::to_string).collect()
         }
     }
@@ -384,7 +383,7 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = i32::try_from(child.id()).unwrap();
-        let outcome = UnixAttestor::default().attest(pid, 0, 0);
+        let outcome = UnixAttestor::default().attest(&Peer::pin_pid(pid, 0, 0));
         child.wait().unwrap();
         // Never an identity for a process that is gone. (If it exits before
         // its executable is even opened, /proc refuses instead.)
@@ -402,7 +401,11 @@ mod tests {
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let pid = i32::try_from(child.id()).unwrap();
         child.wait().unwrap();
-        assert!(UnixAttestor::default().attest(pid, 0, 0).is_err());
+        assert!(
+            UnixAttestor::default()
+                .attest(&Peer::pin_pid(pid, 0, 0))
+                .is_err()
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod attest;
 pub mod h2_authority;
 pub mod jwt_cache;
 pub mod limits;
+pub mod peer;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
@@ -19,12 +20,12 @@ use oxid_proto::agent as agent_pb;
 use oxid_proto::workload as pb;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use self::attest::UnixAttestor;
 use self::jwt_cache::JwtCache;
 use self::limits::{StreamLimits, StreamPermit};
+use self::peer::Peer;
 use crate::cache::{Cache, Entry, Snapshot};
 use crate::server::ServerClient;
 
@@ -92,16 +93,19 @@ impl WorkloadApi {
     /// A stream slot for the caller's uid.
     #[allow(clippy::result_large_err)]
     fn stream_permit<T>(&self, req: &Request<T>) -> Result<StreamPermit, Status> {
-        self.streams.acquire(peer_cred(req)?.uid())
+        let uid = peer(req)?
+            .cred()
+            .map(|c| c.uid)
+            .ok_or_else(|| Status::permission_denied("cannot identify the calling process"))?;
+        self.streams.acquire(uid)
     }
 }
 
-/// The caller's socket credentials (`SO_PEERCRED`).
+/// The process that made the caller's connection, pinned at accept.
 #[allow(clippy::result_large_err)]
-fn peer_cred<T>(req: &Request<T>) -> Result<tokio::net::unix::UCred, Status> {
+fn peer<T>(req: &Request<T>) -> Result<&Peer, Status> {
     req.extensions()
-        .get::<UdsConnectInfo>()
-        .and_then(|i| i.peer_cred)
+        .get::<Peer>()
         .ok_or_else(|| Status::permission_denied("cannot identify the calling process"))
 }
 
@@ -111,16 +115,19 @@ fn caller_selectors<T>(
     cache: &Cache,
     req: &Request<T>,
 ) -> Result<BTreeSet<Selector>, Status> {
-    let cred = peer_cred(req)?;
-    let pid = cred
-        .pid()
-        .ok_or_else(|| Status::permission_denied("cannot identify the calling process"))?;
-    attestor.attest(pid, cred.uid(), cred.gid()).map_err(|e| {
+    let peer = peer(req)?;
+    attestor.attest(peer).map_err(|e| {
         cache
             .counters
             .attestation_failures
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::warn!(pid, uid = cred.uid(), error = %e, "workload attestation refused");
+        let cred = peer.cred();
+        tracing::warn!(
+            pid = cred.and_then(|c| c.pid),
+            uid = cred.map(|c| c.uid),
+            error = %e,
+            "workload attestation refused"
+        );
         Status::permission_denied(format!("workload attestation failed: {e}"))
     })
 }

@@ -26,9 +26,10 @@ use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
-use tonic::transport::server::{Connected, UdsConnectInfo};
+use tonic::transport::server::Connected;
 
 use self::hpack::{Decoder, Field, HpackError};
+use super::peer::Peer;
 
 /// The client connection preface (RFC 9113 §3.4).
 pub(crate) const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -325,6 +326,8 @@ fn frame_header(len: usize, frame_type: u8, flags: u8, stream: u32, out: &mut Ve
 #[derive(Debug)]
 pub struct RewrittenStream {
     inner: UnixStream,
+    /// The connecting process, pinned at accept (see [`Peer`]).
+    peer: Peer,
     rewriter: AuthorityRewriter,
     /// Client bytes not yet forming a complete unit.
     input: Vec<u8>,
@@ -338,6 +341,7 @@ impl RewrittenStream {
     /// Wraps an accepted connection.
     pub fn new(inner: UnixStream) -> Self {
         Self {
+            peer: Peer::of(&inner),
             inner,
             rewriter: AuthorityRewriter::default(),
             input: Vec::new(),
@@ -349,10 +353,10 @@ impl RewrittenStream {
 }
 
 impl Connected for RewrittenStream {
-    type ConnectInfo = UdsConnectInfo;
+    type ConnectInfo = Peer;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
+        self.peer.clone()
     }
 }
 
