@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod support;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,17 +14,18 @@ use std::time::{Duration, SystemTime};
 use hyper_util::rt::TokioIo;
 use oxid_pki::bundle::Bundle;
 use oxid_pki::x509::{Csr, ExtendedKeyUsage, PublicKey, SvidParams, X509Ca, verify_x509_svid};
-use oxid_pki::{KeyAlgorithm, KeyPair, SpiffeId, TrustDomain};
+use oxid_pki::{KeyAlgorithm, KeyPair, TrustDomain};
 use oxid_proto::admin as admin_pb;
 use oxid_proto::admin::admin_client::AdminClient;
 use oxid_proto::agent as pb;
 use oxid_proto::agent::agent_api_client::AgentApiClient;
 use oxid_server::clock::ManualClock;
 use oxid_server::config::{Config, Overrides};
-use oxid_tls::{SharedBundle, SpiffeServerVerifier, SvidResolver, client_config};
-use rustls_pki_types::{CertificateDer, ServerName};
+use oxid_tls::SvidResolver;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint, Uri};
+
+use support::{Agent, chain_of};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -182,35 +185,11 @@ impl Server {
         server_id: &str,
         certs: Option<Arc<SvidResolver>>,
     ) -> Result<AgentApiClient<Channel>, String> {
-        let bundle = Arc::new(SharedBundle::new(self.bundle().await));
-        let verifier = Arc::new(SpiffeServerVerifier::new(
-            server_id.parse().unwrap(),
-            bundle,
-        ));
-        let tls = Arc::new(client_config(verifier, certs).unwrap());
-        let addr = self.addr;
-        let channel = Endpoint::try_from("http://oxid-server.invalid")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let tls = tls.clone();
-                async move {
-                    let tcp = tokio::net::TcpStream::connect(addr).await?;
-                    let name = ServerName::try_from("oxid-server").unwrap();
-                    let stream = tokio_rustls::TlsConnector::from(tls)
-                        .connect(name, tcp)
-                        .await?;
-                    Ok::<_, std::io::Error>(TokioIo::new(stream))
-                }
-            }))
-            .await
-            .map_err(|e| format!("{e:?}"))?;
-        Ok(AgentApiClient::new(channel))
+        support::agent_api_client(self.addr, self.bundle().await, server_id, certs).await
     }
 
     async fn client(&self, certs: Option<Arc<SvidResolver>>) -> AgentApiClient<Channel> {
-        self.channel_as("spiffe://example.org/oxid/server", certs)
-            .await
-            .unwrap()
+        self.channel_as(support::SERVER_ID, certs).await.unwrap()
     }
 }
 
@@ -226,17 +205,6 @@ fn td() -> TrustDomain {
     TrustDomain::new("example.org").unwrap()
 }
 
-/// An attested agent: its ID, key and current SVID.
-struct Agent {
-    id: SpiffeId,
-    certs: Arc<SvidResolver>,
-    chain: Vec<CertificateDer<'static>>,
-}
-
-fn chain_of(v: Vec<Vec<u8>>) -> Vec<CertificateDer<'static>> {
-    v.into_iter().map(CertificateDer::from).collect()
-}
-
 async fn attest_token(s: &Server, token: &str) -> Result<Agent, tonic::Status> {
     attest_token_with(s, token, |csr| csr).await
 }
@@ -247,29 +215,7 @@ async fn attest_token_with(
     token: &str,
     tamper: impl FnOnce(Vec<u8>) -> Vec<u8>,
 ) -> Result<Agent, tonic::Status> {
-    let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
-    let first = pb::AttestRequest {
-        data: Some(pb::AttestationData {
-            r#type: "join_token".into(),
-            payload: token.as_bytes().to_vec(),
-        }),
-        csr: tamper(Csr::create(&key).unwrap()),
-        challenge_response: vec![],
-    };
-    let mut c = s.client(None).await;
-    let mut responses = c
-        .attest(tokio_stream::iter(vec![first]))
-        .await?
-        .into_inner();
-    let result = responses.message().await?.unwrap().result.unwrap();
-    let chain = chain_of(result.svid_chain);
-    let certs = Arc::new(SvidResolver::default());
-    certs.set(chain.clone(), &key).unwrap();
-    Ok(Agent {
-        id: result.spiffe_id.parse().unwrap(),
-        certs,
-        chain,
-    })
+    support::attest_token_with(s.client(None).await, token, tamper).await
 }
 
 async fn renew(s: &Server, agent: &Agent) -> Agent {

@@ -4,7 +4,9 @@
 //! flush before the caller hears of success. Flushes run one at a time:
 //! concurrent `flush_async` calls deadlock sled 0.34 (the server hung for
 //! good under concurrent attestations). A write that finds a flush started
-//! after its commit rides on it (group commit). Multi-key writes run as
+//! after its commit rides on it (group commit). Commits are counted apart
+//! from revisions: join-token writes take no revision, and skipping their
+//! flush on that account once lost acknowledged tokens to a `SIGKILL`. Multi-key writes run as
 //! one sled transaction across all trees, including the revision counter and
 //! the change-feed record, so a crash leaves either all of a write or none.
 
@@ -139,8 +141,18 @@ pub struct SledStore {
     /// followers (the agents' index) never advance past the last durable
     /// one; a restart reopens the store at its durable state.
     failed: std::sync::OnceLock<String>,
-    /// Held while a flush runs; holds the highest revision known durable.
-    flushed: tokio::sync::Mutex<u64>,
+    /// Transactions committed so far, counted after each commit.
+    commits: std::sync::atomic::AtomicU64,
+    /// Held while a flush runs; what is known durable.
+    flushed: tokio::sync::Mutex<Durable>,
+}
+
+/// What the last flush covered.
+struct Durable {
+    /// Commits counted before it started.
+    commits: u64,
+    /// The highest revision committed before it started.
+    revision: u64,
 }
 
 impl SledStore {
@@ -163,7 +175,11 @@ impl SledStore {
             db,
             revision_tx,
             failed: std::sync::OnceLock::new(),
-            flushed: tokio::sync::Mutex::new(revision),
+            commits: std::sync::atomic::AtomicU64::new(0),
+            flushed: tokio::sync::Mutex::new(Durable {
+                commits: 0,
+                revision,
+            }),
         })
     }
 
@@ -199,9 +215,13 @@ impl SledStore {
             Err(TransactionError::Abort(e)) => return Err(e),
             Err(TransactionError::Storage(e)) => return Err(self.fail(e)),
         };
-        // Our commit is at or below the revision now current.
-        let committed = self.current_revision()?;
-        let durable = match self.flush_past(committed).await {
+        // Counted after the commit: a flush that reads a count at or past
+        // ours started after our commit, so it covers it.
+        let ours = self
+            .commits
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        let durable = match self.flush_past(ours).await {
             Ok(durable) => durable,
             Err(e) => return Err(self.fail(e)),
         };
@@ -218,19 +238,21 @@ impl SledStore {
         read_revision(&self.meta)
     }
 
-    /// Makes every write up to revision `committed` durable; the revision
-    /// now known durable. One flush at a time; a flush that started after
-    /// our commit already covers it.
-    async fn flush_past(&self, committed: u64) -> Result<u64, String> {
+    /// Makes commit number `ours` (and every one before it) durable;
+    /// returns the revision now known durable. One flush at a time; a flush
+    /// that started after our commit already covers it.
+    async fn flush_past(&self, ours: u64) -> Result<u64, String> {
         let mut flushed = self.flushed.lock().await;
-        if *flushed >= committed {
-            return Ok(*flushed);
+        if flushed.commits >= ours {
+            return Ok(flushed.revision);
         }
-        // Everything committed before this read is in the flush below.
-        let upto = self.current_revision().map_err(|e| e.to_string())?;
+        // Everything committed before these reads is in the flush below.
+        let commits = self.commits.load(std::sync::atomic::Ordering::SeqCst);
+        let revision = self.current_revision().map_err(|e| e.to_string())?;
         self.flush_now().await?;
-        *flushed = (*flushed).max(upto);
-        Ok(*flushed)
+        flushed.commits = flushed.commits.max(commits);
+        flushed.revision = flushed.revision.max(revision);
+        Ok(flushed.revision)
     }
 
     /// A flush of writes made outside transactions (no revision to skip by).
