@@ -4,13 +4,13 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use oxid_pki::bundle::Bundle;
 use oxid_pki::{KeyPair, Selector, SpiffeId, TrustDomain};
 use oxid_proto::agent as pb;
 use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// A registration entry as the agent uses it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,12 +79,11 @@ pub struct HeldSvid {
     pub key: KeyPair,
     /// The entry revision it was signed for.
     pub entry_revision: u64,
-    /// When it was signed.
-    pub issued_at: SystemTime,
-    /// Its expiry.
-    pub not_after: SystemTime,
-    /// When to replace it (about half-life, jittered).
-    pub rotate_at: SystemTime,
+    /// When it stops being valid, on the monotonic clock (see
+    /// [`crate::clock`]): never served after this.
+    pub expires: Instant,
+    /// When to replace it (about half-life, jittered), monotonic too.
+    pub rotate_at: Instant,
 }
 
 /// The agent's view at one moment.

@@ -86,6 +86,8 @@ pub struct AgentConfig {
     pub log_level: String,
     /// Log format.
     pub log_format: String,
+    /// The wall clock (the system's; tests shift it to stage jumps).
+    pub clock: crate::clock::WallClock,
 }
 
 impl AgentConfig {
@@ -176,6 +178,7 @@ impl AgentConfig {
                 .unwrap_or_else(|| DEFAULT_SOCKET_PATH.into()),
             log_level: pick(flags.log_level, file.log_level).unwrap_or_else(|| "info".into()),
             log_format,
+            clock: crate::clock::WallClock::default(),
         })
     }
 }

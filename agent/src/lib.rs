@@ -10,6 +10,7 @@
 mod api_cli;
 pub mod cache;
 pub mod cli;
+pub mod clock;
 pub mod config;
 /// Fuzz oracles: only for `fuzz/` (feature `fuzzing`) and this crate's tests.
 #[cfg(any(test, feature = "fuzzing"))]

@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use oxid_pki::bundle::Bundle;
 use oxid_tls::{SharedBundle, SvidResolver};
@@ -50,14 +50,17 @@ pub async fn run(
     let server_id = td
         .spiffe_id("/oxid/server")
         .map_err(|e| AgentError::Internal(e.to_string()))?;
-    let server = Arc::new(ServerClient::new(
-        config.server_address.clone(),
-        server_id,
-        tls_bundle.clone(),
-        Arc::new(SvidResolver::default()),
-    )?);
+    let server = Arc::new(
+        ServerClient::new(
+            config.server_address.clone(),
+            server_id,
+            tls_bundle.clone(),
+            Arc::new(SvidResolver::default()),
+        )?
+        .with_clock(config.clock.clone()),
+    );
 
-    let now = SystemTime::now();
+    let now = config.clock.now();
     let identity = match state::load_identity(&dir) {
         Some(i) if i.not_after > now => {
             tracing::info!(agent = %i.spiffe_id, "restored the agent identity");
@@ -96,6 +99,7 @@ pub async fn run(
         server.clone(),
         cache.clone(),
         config.max_presigned_svids,
+        config.clock.clone(),
     ));
 
     let listener = oxid_tls::socket::bind_unix_socket(&config.socket_path, 0o777)
@@ -132,6 +136,7 @@ pub async fn run(
         jwts,
         stopping.clone(),
         crate::workload::limits::StreamLimits::new(config.max_streams_per_uid),
+        config.clock.clone(),
     );
     // gRPC health and reflection share the socket; neither needs the
     // Workload API's security header. Health turns SERVING at first sync.
@@ -222,12 +227,9 @@ async fn keep_identity(
 ) {
     let td = identity.spiffe_id.trust_domain().clone();
     loop {
-        let life = identity
-            .not_after
-            .duration_since(identity.issued_at)
-            .unwrap_or_default();
-        let due = identity.issued_at + life / 2;
-        let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
+        let wait = identity
+            .renew_at
+            .saturating_duration_since(tokio::time::Instant::now());
         tokio::time::sleep(sync::jittered(wait.max(Duration::from_millis(200)))).await;
         match server.renew(&identity).await {
             Ok(next) => {

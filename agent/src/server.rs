@@ -15,6 +15,7 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::AgentError;
+use crate::clock::{self, WallClock};
 
 /// Context string signed with the x509pop nonce (must match the server).
 const X509POP_CONTEXT: &[u8] = b"oxid x509pop v1\0";
@@ -28,20 +29,26 @@ pub struct Identity {
     pub key: KeyPair,
     /// Its SVID chain, leaf first.
     pub chain: Vec<CertificateDer<'static>>,
-    /// When the SVID was issued (as we saw it).
-    pub issued_at: SystemTime,
-    /// When the SVID expires.
+    /// When to renew it (half its life), on the monotonic clock: see
+    /// [`crate::clock`].
+    pub renew_at: tokio::time::Instant,
+    /// When the SVID expires, by its certificate (wall-clock time: what is
+    /// checked against a restart's clock).
     pub not_after: SystemTime,
 }
 
 impl Identity {
     /// Builds an identity from a signed chain, checking it names `expected`
-    /// (or any agent ID if `None`).
+    /// (or any agent ID if `None`). `valid_for_ms` is the server's count of
+    /// its remaining life (0 if unknown: the `wall` clock is used then).
     pub fn from_chain(
         key: KeyPair,
         chain: Vec<CertificateDer<'static>>,
         expected: Option<&SpiffeId>,
+        valid_for_ms: u64,
+        wall: &WallClock,
     ) -> Result<Self, AgentError> {
+        let asked = tokio::time::Instant::now();
         let leaf = chain
             .first()
             .ok_or_else(|| AgentError::Server("empty agent SVID".into()))?;
@@ -59,11 +66,15 @@ impl Identity {
                     )
             })
             .map_err(|e| AgentError::Server(e.to_string()))?;
+        let expires_at = not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let life = clock::valid_for(valid_for_ms, expires_at, wall);
         Ok(Self {
             spiffe_id,
             key,
             chain,
-            issued_at: SystemTime::now(),
+            renew_at: clock::after(asked, life / 2),
             not_after,
         })
     }
@@ -90,6 +101,8 @@ pub struct ServerClient {
     bundle: Arc<SharedBundle>,
     certs: Arc<SvidResolver>,
     channel: RwLock<Channel>,
+    /// For lifetimes from a server that does not count them itself.
+    wall: WallClock,
 }
 
 impl std::fmt::Debug for ServerClient {
@@ -116,7 +129,15 @@ impl ServerClient {
             bundle,
             certs,
             channel: RwLock::new(channel),
+            wall: WallClock::default(),
         })
+    }
+
+    /// This client, reading wall-clock time from `wall`.
+    #[must_use]
+    pub fn with_clock(mut self, wall: WallClock) -> Self {
+        self.wall = wall;
+        self
     }
 
     /// An API client on the current channel.
@@ -206,7 +227,8 @@ impl ServerClient {
                     .into_iter()
                     .map(CertificateDer::from)
                     .collect();
-                let identity = Identity::from_chain(key, chain, None)?;
+                let identity =
+                    Identity::from_chain(key, chain, None, result.valid_for_ms, &self.wall)?;
                 return Ok((identity, result.bundle));
             }
             let node_key = node_key
@@ -245,7 +267,13 @@ impl ServerClient {
             .into_iter()
             .map(CertificateDer::from)
             .collect();
-        Identity::from_chain(key, chain, Some(&current.spiffe_id))
+        Identity::from_chain(
+            key,
+            chain,
+            Some(&current.spiffe_id),
+            resp.valid_for_ms,
+            &self.wall,
+        )
     }
 }
 

@@ -42,12 +42,13 @@ pub fn save_identity(dir: &Path, identity: &Identity) -> Result<(), AgentError> 
     write_private(&dir.join(SVID_FILE), pem.as_bytes())
 }
 
-/// Loads the saved identity, if complete and readable.
+/// Loads the saved identity, if complete and readable. It is renewed at
+/// half its remaining life by the system clock.
 pub fn load_identity(dir: &Path) -> Option<Identity> {
     let key = KeyPair::load(&dir.join(KEY_FILE)).ok()?;
     let pem = std::fs::read(dir.join(SVID_FILE)).ok()?;
     let chain = oxid_pki::x509::certs_from_pem(&pem).ok()?;
-    Identity::from_chain(key, chain, None).ok()
+    Identity::from_chain(key, chain, None, 0, &crate::clock::WallClock::default()).ok()
 }
 
 /// Saves the latest bundle of the agent's trust domain.

@@ -4,26 +4,29 @@
 //! when their entry changes.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use oxid_pki::x509::Csr;
 use oxid_pki::{KeyAlgorithm, KeyPair};
 use oxid_proto::agent as pb;
 use ring::rand::SecureRandom as _;
 use rustls_pki_types::CertificateDer;
+use tokio::time::Instant;
 
 use crate::cache::{Cache, Entry, HeldSvid};
+use crate::clock::{self, WallClock};
 use crate::server::ServerClient;
 
 /// CSRs per `SignX509Svids` call.
 const BATCH: usize = 500;
 
-/// When to replace an SVID valid from `issued` to `not_after`: at half its
+/// When to replace an SVID valid for `life` from `issued`: at half its
 /// life, moved by up to ±10 % of the life.
-pub(crate) fn rotate_at(issued: SystemTime, not_after: SystemTime, jitter_unit: f64) -> SystemTime {
-    let life = not_after.duration_since(issued).unwrap_or_default();
-    let offset = life.mul_f64(0.4 + 0.2 * jitter_unit.clamp(0.0, 1.0));
-    issued + offset
+pub(crate) fn rotate_at(issued: Instant, life: Duration, jitter_unit: f64) -> Instant {
+    clock::after(
+        issued,
+        life.mul_f64(0.4 + 0.2 * jitter_unit.clamp(0.0, 1.0)),
+    )
 }
 
 /// The shortest wait between two signing passes: an SVID that stays due
@@ -37,12 +40,10 @@ const IDLE_PASS_INTERVAL: Duration = Duration::from_secs(3600);
 /// signing others is due now: it used to make this wait an hour, so with
 /// thousands of SVIDs most of them expired unrotated (found by
 /// `oxid-bench agent`).
-pub(crate) fn next_pass(rotate_at: impl Iterator<Item = SystemTime>, now: SystemTime) -> Duration {
+pub(crate) fn next_pass(rotate_at: impl Iterator<Item = Instant>, now: Instant) -> Duration {
     rotate_at
         .min()
-        .map_or(IDLE_PASS_INTERVAL, |t| {
-            t.duration_since(now).unwrap_or(Duration::ZERO)
-        })
+        .map_or(IDLE_PASS_INTERVAL, |t| t.saturating_duration_since(now))
         .max(MIN_PASS_INTERVAL)
 }
 
@@ -67,7 +68,7 @@ fn due<'a>(
     held: &std::collections::HashMap<String, Arc<HeldSvid>>,
     demanded: &std::collections::HashSet<String>,
     presign: usize,
-    now: SystemTime,
+    now: Instant,
 ) -> Vec<&'a Entry> {
     entries
         .iter()
@@ -83,11 +84,16 @@ fn due<'a>(
 
 /// Runs forever: sign what is due, then sleep until the next rotation or
 /// the next cache change.
-pub(crate) async fn run(server: Arc<ServerClient>, cache: Arc<Cache>, presign: usize) {
+pub(crate) async fn run(
+    server: Arc<ServerClient>,
+    cache: Arc<Cache>,
+    presign: usize,
+    wall: WallClock,
+) {
     let mut changes = cache.subscribe();
     loop {
         let snapshot = cache.current();
-        let now = SystemTime::now();
+        let now = Instant::now();
         let demanded = {
             let mut demand = cache.demand.lock().unwrap_or_else(|e| e.into_inner());
             // Entries that left the authorised set are no longer wanted.
@@ -100,7 +106,7 @@ pub(crate) async fn run(server: Arc<ServerClient>, cache: Arc<Cache>, presign: u
             .collect();
         let mut failed = false;
         for chunk in todo.chunks(BATCH) {
-            match sign(&server, chunk).await {
+            match sign(&server, chunk, &wall).await {
                 Ok(signed) => {
                     cache.update(|old| {
                         let mut next = old.clone_shallow();
@@ -129,10 +135,7 @@ pub(crate) async fn run(server: Arc<ServerClient>, cache: Arc<Cache>, presign: u
         let wait = if failed {
             crate::sync::jittered(Duration::from_secs(2))
         } else {
-            next_pass(
-                snapshot.svids.values().map(|s| s.rotate_at),
-                SystemTime::now(),
-            )
+            next_pass(snapshot.svids.values().map(|s| s.rotate_at), Instant::now())
         };
         tokio::select! {
             r = changes.changed() => if r.is_err() { return },
@@ -142,7 +145,11 @@ pub(crate) async fn run(server: Arc<ServerClient>, cache: Arc<Cache>, presign: u
     }
 }
 
-async fn sign(server: &ServerClient, entries: &[Entry]) -> Result<Vec<(String, HeldSvid)>, String> {
+async fn sign(
+    server: &ServerClient,
+    entries: &[Entry],
+    wall: &WallClock,
+) -> Result<Vec<(String, HeldSvid)>, String> {
     let mut keys = Vec::with_capacity(entries.len());
     let mut requests = Vec::with_capacity(entries.len());
     for e in entries {
@@ -153,7 +160,8 @@ async fn sign(server: &ServerClient, entries: &[Entry]) -> Result<Vec<(String, H
         });
         keys.push((e.id.clone(), e.revision, key));
     }
-    let issued_at = SystemTime::now();
+    // Lifetimes count from before the request: the SVIDs were signed after.
+    let asked = Instant::now();
     let resp = server
         .api()
         .sign_x509_svids(pb::SignX509SvidsRequest { requests })
@@ -171,16 +179,15 @@ async fn sign(server: &ServerClient, entries: &[Entry]) -> Result<Vec<(String, H
             .into_iter()
             .map(CertificateDer::from)
             .collect();
-        let not_after = SystemTime::UNIX_EPOCH + Duration::from_secs(signed.expires_at);
+        let life = clock::valid_for(signed.valid_for_ms, signed.expires_at, wall);
         out.push((
             id,
             HeldSvid {
                 chain,
                 key,
                 entry_revision: revision,
-                issued_at,
-                not_after,
-                rotate_at: rotate_at(issued_at, not_after, random_unit()),
+                expires: clock::after(asked, life),
+                rotate_at: rotate_at(asked, life, random_unit()),
             },
         ));
     }
@@ -214,7 +221,7 @@ mod tests {
         let held = std::collections::HashMap::new();
         let mut demanded = std::collections::HashSet::new();
         let ids = |v: Vec<&Entry>| v.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
-        let now = SystemTime::now();
+        let now = Instant::now();
         assert_eq!(ids(due(&entries, &held, &demanded, 2, now)), ["a", "b"]);
         demanded.insert("d".to_owned());
         assert_eq!(
@@ -226,13 +233,13 @@ mod tests {
 
     #[test]
     fn rotation_is_at_half_life_with_ten_percent_jitter() {
-        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
-        let end = t0 + Duration::from_secs(3600);
-        assert_eq!(rotate_at(t0, end, 0.5), t0 + Duration::from_secs(1800));
-        assert_eq!(rotate_at(t0, end, 0.0), t0 + Duration::from_secs(1440));
-        assert_eq!(rotate_at(t0, end, 1.0), t0 + Duration::from_secs(2160));
+        let t0 = Instant::now();
+        let life = Duration::from_secs(3600);
+        assert_eq!(rotate_at(t0, life, 0.5), t0 + Duration::from_secs(1800));
+        assert_eq!(rotate_at(t0, life, 0.0), t0 + Duration::from_secs(1440));
+        assert_eq!(rotate_at(t0, life, 1.0), t0 + Duration::from_secs(2160));
         assert_eq!(
-            rotate_at(t0, end, 7.0),
+            rotate_at(t0, life, 7.0),
             t0 + Duration::from_secs(2160),
             "clamped"
         );
@@ -240,7 +247,7 @@ mod tests {
 
     #[test]
     fn the_next_pass_comes_when_the_first_svid_is_due_even_if_overdue() {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let now = Instant::now() + Duration::from_secs(1_000_000);
         let secs = Duration::from_secs;
         assert_eq!(
             next_pass([now + secs(90), now + secs(30)].into_iter(), now),

@@ -6,7 +6,8 @@
 //! ones closest to their refresh time (the least valuable to keep).
 
 use std::collections::HashMap;
-use std::time::SystemTime;
+
+use tokio::time::Instant;
 
 /// What a cached token is filed under.
 pub type JwtKey = (String, Vec<String>);
@@ -16,10 +17,11 @@ pub type JwtKey = (String, Vec<String>);
 struct CachedJwt {
     token: String,
     /// Past this instant the token is re-minted rather than served.
-    refresh_at: SystemTime,
+    refresh_at: Instant,
 }
 
-/// A size-bounded JWT-SVID cache. Time is passed in so tests control it.
+/// A size-bounded JWT-SVID cache. Time is passed in so tests control it;
+/// it is monotonic, so a wall-clock jump neither expires nor prolongs tokens.
 #[derive(Debug)]
 pub struct JwtCache {
     capacity: usize,
@@ -36,7 +38,7 @@ impl JwtCache {
     }
 
     /// The token under `key` if it is still fresh at `now`.
-    pub fn get(&self, key: &JwtKey, now: SystemTime) -> Option<String> {
+    pub fn get(&self, key: &JwtKey, now: Instant) -> Option<String> {
         self.tokens
             .get(key)
             .filter(|c| now < c.refresh_at)
@@ -44,7 +46,7 @@ impl JwtCache {
     }
 
     /// Files `token` under `key`, evicting to stay within capacity.
-    pub fn insert(&mut self, key: JwtKey, token: String, refresh_at: SystemTime, now: SystemTime) {
+    pub fn insert(&mut self, key: JwtKey, token: String, refresh_at: Instant, now: Instant) {
         if self.capacity == 0 || refresh_at <= now {
             return;
         }
@@ -90,7 +92,7 @@ mod tests {
 
     #[test]
     fn serves_until_refresh_time() {
-        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let t0 = Instant::now() + Duration::from_secs(1_000_000);
         let mut c = JwtCache::new(4);
         c.insert(key("a"), "tok".into(), t0 + Duration::from_secs(10), t0);
         assert_eq!(c.get(&key("a"), t0).as_deref(), Some("tok"));
@@ -100,7 +102,7 @@ mod tests {
 
     #[test]
     fn never_grows_past_capacity_and_evicts_soonest_first() {
-        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let t0 = Instant::now() + Duration::from_secs(1_000_000);
         let mut c = JwtCache::new(3);
         for i in 0..100u64 {
             c.insert(
@@ -119,7 +121,7 @@ mod tests {
 
     #[test]
     fn expired_tokens_go_before_fresh_ones() {
-        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let t0 = Instant::now() + Duration::from_secs(1_000_000);
         let mut c = JwtCache::new(2);
         c.insert(key("old"), "o".into(), t0 + Duration::from_secs(1), t0);
         c.insert(key("keep"), "k".into(), t0 + Duration::from_secs(100), t0);
@@ -137,7 +139,7 @@ mod tests {
 
     #[test]
     fn replacing_a_key_does_not_evict_others() {
-        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let t0 = Instant::now() + Duration::from_secs(1_000_000);
         let mut c = JwtCache::new(2);
         c.insert(key("a"), "a1".into(), t0 + Duration::from_secs(10), t0);
         c.insert(key("b"), "b1".into(), t0 + Duration::from_secs(20), t0);
@@ -148,7 +150,7 @@ mod tests {
 
     #[test]
     fn zero_capacity_caches_nothing() {
-        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let t0 = Instant::now() + Duration::from_secs(1_000_000);
         let mut c = JwtCache::new(0);
         c.insert(key("a"), "a".into(), t0 + Duration::from_secs(10), t0);
         assert!(c.is_empty());

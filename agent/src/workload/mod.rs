@@ -18,6 +18,7 @@ use oxid_pki::bundle::Bundle;
 use oxid_pki::{Selector, SpiffeId, TrustDomain};
 use oxid_proto::agent as agent_pb;
 use oxid_proto::workload as pb;
+use tokio::time::Instant;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -27,6 +28,7 @@ use self::jwt_cache::JwtCache;
 use self::limits::{StreamLimits, StreamPermit};
 use self::peer::Peer;
 use crate::cache::{Cache, Entry, Snapshot};
+use crate::clock::{self, WallClock};
 use crate::server::ServerClient;
 
 /// The message SPIFFE clients match on when a caller has no identity.
@@ -67,11 +69,14 @@ pub struct WorkloadApi {
     stopping: tokio::sync::watch::Receiver<bool>,
     /// Open streams per uid, bounded.
     streams: Arc<StreamLimits>,
+    /// For the `exp` of tokens to validate; see [`crate::clock`].
+    wall: WallClock,
 }
 
 impl WorkloadApi {
     /// A Workload API over `cache`, minting JWT-SVIDs through `server` and
-    /// reusing them from `jwts`, whose streams end once `stopping` is true.
+    /// reusing them from `jwts`, whose streams end once `stopping` is true,
+    /// validating tokens against `wall` time.
     pub fn new(
         cache: Arc<Cache>,
         server: Arc<ServerClient>,
@@ -79,6 +84,7 @@ impl WorkloadApi {
         jwts: Arc<Mutex<JwtCache>>,
         stopping: tokio::sync::watch::Receiver<bool>,
         streams: Arc<StreamLimits>,
+        wall: WallClock,
     ) -> Self {
         Self {
             cache,
@@ -87,6 +93,7 @@ impl WorkloadApi {
             jwts,
             stopping,
             streams,
+            wall,
         }
     }
 
@@ -183,12 +190,12 @@ fn x509_response(
     let Some(own_bundle) = own_bundle else {
         return Ok(None); // no bundle yet: wait rather than send an empty one
     };
-    let now = SystemTime::now();
+    let now = Instant::now();
     let svids: Vec<pb::X509svid> = entries
         .iter()
         .filter_map(|e| {
             let held = snapshot.svids.get(&e.id)?;
-            (held.not_after > now).then(|| pb::X509svid {
+            (held.expires > now).then(|| pb::X509svid {
                 spiffe_id: e.spiffe_id.to_string(),
                 x509_svid: oxid_pki::x509::concat_der(&held.chain),
                 x509_svid_key: held.key.pkcs8_der().to_vec(),
@@ -290,15 +297,16 @@ where
 
 /// When a stream must look again without a snapshot change: the next SVID
 /// expiry, the first-message deadline, or [`RECHECK`], whichever is first.
-fn recheck_at(snapshot: &Snapshot, deadline: Option<tokio::time::Instant>) -> tokio::time::Instant {
-    let now = SystemTime::now();
+fn recheck_at(snapshot: &Snapshot, deadline: Option<Instant>) -> Instant {
+    let now = Instant::now();
     let next_expiry = snapshot
         .svids
         .values()
-        .filter_map(|held| held.not_after.duration_since(now).ok())
+        .filter(|held| held.expires > now)
+        .map(|held| held.expires - now)
         .min()
         .unwrap_or(RECHECK);
-    let at = tokio::time::Instant::now() + next_expiry.min(RECHECK);
+    let at = now + next_expiry.min(RECHECK);
     deadline.map_or(at, |d| d.min(at))
 }
 
@@ -429,7 +437,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             .iter()
             .map(|(td, b)| (td.clone(), b.as_ref().clone()))
             .collect();
-        validate_jwt(&req.into_inner(), &bundles, SystemTime::now()).map(Response::new)
+        validate_jwt(&req.into_inner(), &bundles, self.wall.now()).map(Response::new)
     }
 }
 
@@ -473,7 +481,7 @@ impl WorkloadApi {
     /// A JWT-SVID for `entry` and `audiences`: cached until half its life.
     async fn jwt_for(&self, entry: &Entry, audiences: &[String]) -> Result<String, Status> {
         let key = (entry.id.clone(), audiences.to_vec());
-        let now = SystemTime::now();
+        let now = Instant::now();
         if let Some(token) = self
             .jwts
             .lock()
@@ -496,8 +504,8 @@ impl WorkloadApi {
                 _ => Status::unavailable(format!("cannot reach the server: {}", s.message())),
             })?
             .into_inner();
-        let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(minted.expires_at);
-        let refresh_at = now + expiry.duration_since(now).unwrap_or_default() / 2;
+        let life = clock::valid_for(minted.valid_for_ms, minted.expires_at, &self.wall);
+        let refresh_at = clock::after(now, life / 2);
         self.jwts.lock().unwrap_or_else(|e| e.into_inner()).insert(
             key,
             minted.token.clone(),

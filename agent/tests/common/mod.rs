@@ -41,6 +41,8 @@ pub struct Harness {
     pub agent_server_addr: Option<std::net::SocketAddr>,
     /// x509pop node certificate and key for the next agent start.
     pub node_credentials: Option<(PathBuf, PathBuf)>,
+    /// The wall clock of the next agent start (tests jump it).
+    pub clock: oxid_agent::clock::WallClock,
 }
 
 /// A gRPC channel over the Unix socket at `socket`.
@@ -100,6 +102,7 @@ impl Harness {
             max_streams_per_uid: None,
             agent_server_addr: None,
             node_credentials: None,
+            clock: oxid_agent::clock::WallClock::default(),
         };
         h.spawn_server(listener);
         let deadline = tokio::time::Instant::now() + WAIT;
@@ -178,7 +181,7 @@ impl Harness {
     }
 
     fn start_agent_inner(&mut self, token: Option<String>, metrics: Option<String>) {
-        let config = AgentConfig::load(
+        let mut config = AgentConfig::load(
             None,
             AgentFile {
                 metrics_address: metrics,
@@ -200,6 +203,7 @@ impl Harness {
             },
         )
         .unwrap();
+        config.clock = self.clock.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         self.agent = Some(tokio::spawn(oxid_agent::run::run(config, async {
             let _ = stopped.await;

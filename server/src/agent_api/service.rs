@@ -137,6 +137,17 @@ impl Inner {
         unix_secs(self.clock.now())
     }
 
+    /// Milliseconds from now until `expires_at` (Unix seconds): what the
+    /// agent counts down on its monotonic clock.
+    fn valid_for_ms(&self, expires_at: u64) -> u64 {
+        let now_ms = self
+            .clock
+            .now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        expires_at.saturating_mul(1000).saturating_sub(now_ms)
+    }
+
     /// The calling agent, checked against its record. Marks a renewed SVID
     /// as used (which retires the previous one).
     pub(crate) async fn authenticate<T>(&self, req: &Request<T>) -> Result<Agent, AgentApiError> {
@@ -280,6 +291,7 @@ impl Inner {
             spiffe_id: attested.spiffe_id.to_string(),
             svid_chain: chain,
             bundle: self.ca.bundle().to_spiffe_json(),
+            valid_for_ms: self.valid_for_ms(expires_at),
         })
     }
 }
@@ -369,7 +381,10 @@ impl pb::agent_api_server::AgentApi for AgentApiService {
             .put_agent(agent)
             .await
             .map_err(AgentApiError::from)?;
-        Ok(Response::new(pb::RenewResponse { svid_chain: chain }))
+        Ok(Response::new(pb::RenewResponse {
+            svid_chain: chain,
+            valid_for_ms: inner.valid_for_ms(expires_at),
+        }))
     }
 
     async fn sign_x509_svids(
@@ -397,12 +412,14 @@ impl pb::agent_api_server::AgentApi for AgentApiService {
                     cert_chain,
                     expires_at,
                     error: String::new(),
+                    valid_for_ms: inner.valid_for_ms(expires_at),
                 },
                 Err(e) => pb::SignedSvid {
                     entry_id: r.entry_id,
                     cert_chain: vec![],
                     expires_at: 0,
                     error: e.to_string(),
+                    valid_for_ms: 0,
                 },
             });
         }
@@ -426,9 +443,11 @@ impl pb::agent_api_server::AgentApi for AgentApiService {
             .ca
             .mint_jwt_svid(&entry.spiffe_id, &r.audience, ttl)
             .map_err(AgentApiError::from)?;
+        let expires_at = unix_secs(svid.expiry);
         Ok(Response::new(pb::MintJwtSvidResponse {
-            expires_at: unix_secs(svid.expiry),
+            expires_at,
             token: svid.token,
+            valid_for_ms: inner.valid_for_ms(expires_at),
         }))
     }
 
