@@ -7,7 +7,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -867,9 +867,7 @@ fn a_full_disk_refuses_writes_clearly_and_keeps_what_was_acknowledged() {
         }
     }
     let refusal = refusal.expect("the disk filled up");
-    assert_eq!(refusal.lines().count(), 1, "{refusal}");
-    assert!(refusal.contains("No space left on device"), "{refusal}");
-    assert!(refusal.contains("restart the server"), "{refusal}");
+    assert_first_refusal(&refusal, "No space left on device");
     // Freeing space does not bring writes back by surprise: they stay
     // refused, clearly, until a restart. Reads are still served.
     std::fs::remove_file(&filler).unwrap();
@@ -888,16 +886,30 @@ fn a_full_disk_refuses_writes_clearly_and_keeps_what_was_acknowledged() {
     // After a restart every acknowledged entry is there, and writes work.
     s.stop();
     s.spawn();
+    assert_kept_and_writable(&s, &acknowledged);
+}
+
+/// The first write that could not be saved: one line naming `cause` and
+/// saying what to do.
+fn assert_first_refusal(refusal: &str, cause: &str) {
+    assert_eq!(refusal.lines().count(), 1, "{refusal}");
+    assert!(refusal.contains(cause), "{refusal}");
+    assert!(refusal.contains("restart the server"), "{refusal}");
+}
+
+/// After a restart: every `acknowledged` SPIFFE ID has its entry, and
+/// writes work again.
+fn assert_kept_and_writable(s: &Server, acknowledged: &[String]) {
     let listed: Vec<String> = s.json(&["entry", "show"])["entries"]
         .as_array()
         .unwrap()
         .iter()
         .map(|e| e["spiffe_id"].as_str().unwrap().to_owned())
         .collect();
-    for id in &acknowledged {
+    for id in acknowledged {
         assert!(listed.contains(id), "{id} was acknowledged but is gone");
     }
-    assert!(create_numbered(&s, 9999).status.success());
+    assert!(create_numbered(s, 9999).status.success());
 }
 
 #[test]
@@ -1112,4 +1124,151 @@ fn kill_9_keeps_every_acknowledged_agent_record() {
         acknowledged.values().any(|banned| *banned),
         "some bans acknowledged"
     );
+}
+
+/// An ext4 image loop-mounted for the length of a test, mounted with
+/// `errors=remount-ro` so that an error turns it read-only under the open
+/// files of a running server, as a failing disk does (a tmpfs refuses
+/// `remount,ro` while a file is open for writing).
+struct Ext4 {
+    image: PathBuf,
+    at: PathBuf,
+}
+
+impl Ext4 {
+    fn mount(image: &Path, at: &Path) -> Self {
+        std::fs::File::create(image)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let mkfs = Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(image)
+            .output()
+            .expect("mkfs.ext4 (e2fsprogs) is required");
+        assert!(
+            mkfs.status.success(),
+            "{}",
+            String::from_utf8_lossy(&mkfs.stderr)
+        );
+        std::fs::create_dir_all(at).unwrap();
+        let fs = Self {
+            image: image.to_owned(),
+            at: at.to_owned(),
+        };
+        fs.attach();
+        fs
+    }
+
+    fn attach(&self) {
+        let out = Command::new("mount")
+            .args(["-o", "loop,errors=remount-ro"])
+            .arg(&self.image)
+            .arg(&self.at)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "this test loop-mounts an ext4 image and must run as root, as CI does: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Reports a filesystem error, as ext4 does on a failing disk: the
+    /// kernel turns the mount read-only at once.
+    fn turn_read_only(&self) {
+        let source = Command::new("findmnt")
+            .args(["-n", "-o", "SOURCE"])
+            .arg(&self.at)
+            .output()
+            .unwrap();
+        let device = String::from_utf8(source.stdout).unwrap();
+        let device = Path::new(device.trim()).file_name().unwrap().to_owned();
+        let trigger = Path::new("/sys/fs/ext4")
+            .join(device)
+            .join("trigger_fs_error");
+        std::fs::write(&trigger, "oxid test: turning read-only").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::write(self.at.join("probe"), "x").is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "{} stayed writable",
+                self.at.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Unmounts and mounts again: writable, with what reached the disk.
+    fn remount(&self) {
+        let out = Command::new("umount").arg(&self.at).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.attach();
+    }
+}
+
+impl Drop for Ext4 {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.at).status();
+    }
+}
+
+/// The status line of `GET path` on `addr`.
+fn http_status(addr: &str, path: &str) -> String {
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).unwrap();
+    response.lines().next().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn a_read_only_data_directory_refuses_writes_clearly_and_keeps_what_was_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let fs = Ext4::mount(&dir.path().join("data.img"), &data);
+    let mut s = Server::start_in(dir, "metrics_address = \"127.0.0.1:0\"\n");
+    let metrics = s.ready_field("metrics");
+    let acknowledged: Vec<String> = (0..20)
+        .map(|i| {
+            assert!(create_numbered(&s, i).status.success());
+            format!("spiffe://example.org/w{i}")
+        })
+        .collect();
+    assert!(http_status(&metrics, "/ready").contains("200"));
+
+    fs.turn_read_only();
+    // The first write that cannot be saved says why and what to do.
+    let refusal = String::from_utf8(create_numbered(&s, 100).stderr).unwrap();
+    assert_first_refusal(&refusal, "Read-only file system");
+    // Later writes of every kind are refused the same way.
+    for args in [
+        &["token", "generate"][..],
+        &["bundle", "delete", "--id", "partner.example"],
+        &create_args("spiffe://example.org/later", "unix:uid:1"),
+    ] {
+        let err = s.fails(args);
+        assert!(err.contains("writes are refused"), "{args:?}: {err}");
+    }
+    // Reads are still served, and the server says it is not ready.
+    assert!(s.entry_count() >= acknowledged.len() as u64);
+    assert_eq!(s.json(&["agent", "count"])["count"], 0);
+    assert!(http_status(&metrics, "/ready").contains("503"));
+    assert!(http_status(&metrics, "/live").contains("200"));
+
+    // Stopped, then restarted on the disk made writable again: every
+    // acknowledged entry is there, and writes work.
+    s.stop();
+    fs.remount();
+    s.spawn();
+    assert_kept_and_writable(&s, &acknowledged);
+    assert!(http_status(&s.ready_field("metrics"), "/ready").contains("200"));
 }
