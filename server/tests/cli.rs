@@ -845,7 +845,7 @@ fn a_full_disk_refuses_writes_clearly_and_keeps_what_was_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let _mount = Tmpfs::mount(&data, "4m");
-    let mut s = Server::start_in(dir, "");
+    let mut s = Server::start_in(dir, "metrics_address = \"127.0.0.1:0\"\n");
     // Fill the filesystem, then leave about 40 KB.
     let filler = data.join("filler");
     {
@@ -883,6 +883,7 @@ fn a_full_disk_refuses_writes_clearly_and_keeps_what_was_acknowledged() {
     ]);
     assert!(again.contains("writes are refused"), "{again}");
     assert!(s.entry_count() >= acknowledged.len() as u64);
+    assert!(http_status(&s.ready_field("metrics"), "/ready").contains("503"));
     // After a restart every acknowledged entry is there, and writes work.
     s.stop();
     s.spawn();
