@@ -147,6 +147,9 @@ pub struct RunArgs {
     /// Workload API streams one uid may hold open at once (default 2048).
     #[arg(long)]
     pub max_streams_per_uid: Option<usize>,
+    /// Largest Workload API request decoded, KiB (default 4096).
+    #[arg(long)]
+    pub max_request_kib: Option<usize>,
     /// Log format.
     #[arg(long, value_parser = ["human", "json"])]
     pub log_format: Option<String>,
@@ -185,6 +188,7 @@ pub fn main() -> ExitCode {
         max_presigned_svids: args.max_presigned_svids,
         jwt_svid_cache_size: args.jwt_svid_cache_size,
         max_streams_per_uid: args.max_streams_per_uid,
+        max_request_kib: args.max_request_kib,
         log_level: None,
         log_format: args.log_format,
     };

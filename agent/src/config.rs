@@ -22,6 +22,11 @@ pub const DEFAULT_JWT_SVID_CACHE_SIZE: usize = 1000;
 /// Default bound on Workload API streams open at once by one uid.
 pub const DEFAULT_MAX_STREAMS_PER_UID: usize = 2048;
 
+/// Default bound on one Workload API request, KiB (tonic's own default).
+/// Well-formed requests are a few KiB at most: a token to validate is capped
+/// at 64 KiB and 32 audiences at 1 KiB each.
+pub const DEFAULT_MAX_REQUEST_KIB: usize = 4096;
+
 /// `agent.toml` as written.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -53,6 +58,9 @@ pub struct AgentFile {
     /// Workload API streams one uid may hold open at once (default 2048);
     /// bounds what one user's processes can make the agent hold.
     pub max_streams_per_uid: Option<usize>,
+    /// Largest Workload API request decoded, KiB (default 4096, 64 to
+    /// 65536); larger ones get `OutOfRange` unread.
+    pub max_request_kib: Option<usize>,
     /// Log level.
     pub log_level: Option<String>,
     /// `human` or `json`.
@@ -82,6 +90,8 @@ pub struct AgentConfig {
     pub jwt_svid_cache_size: usize,
     /// Workload API streams one uid may hold open at once.
     pub max_streams_per_uid: usize,
+    /// Largest Workload API request decoded, bytes.
+    pub max_request_bytes: usize,
     /// Log level.
     pub log_level: String,
     /// Log format.
@@ -149,8 +159,28 @@ impl AgentConfig {
             })?),
             None => None,
         };
+        let max_request_kib = flags
+            .max_request_kib
+            .or(file.max_request_kib)
+            .unwrap_or(DEFAULT_MAX_REQUEST_KIB);
+        if !(64..=65_536).contains(&max_request_kib) {
+            return Err(AgentError::Config(format!(
+                "max_request_kib {max_request_kib} must be between 64 and 65536"
+            )));
+        }
+        let max_streams_per_uid = flags
+            .max_streams_per_uid
+            .or(file.max_streams_per_uid)
+            .unwrap_or(DEFAULT_MAX_STREAMS_PER_UID);
+        if max_streams_per_uid == 0 {
+            return Err(AgentError::Config(
+                "max_streams_per_uid 0 would refuse every stream; use at least 1".into(),
+            ));
+        }
         Ok(Self {
             metrics_address,
+            max_request_bytes: max_request_kib * 1024,
+            max_streams_per_uid,
             max_presigned_svids: flags
                 .max_presigned_svids
                 .or(file.max_presigned_svids)
@@ -159,10 +189,6 @@ impl AgentConfig {
                 .jwt_svid_cache_size
                 .or(file.jwt_svid_cache_size)
                 .unwrap_or(DEFAULT_JWT_SVID_CACHE_SIZE),
-            max_streams_per_uid: flags
-                .max_streams_per_uid
-                .or(file.max_streams_per_uid)
-                .unwrap_or(DEFAULT_MAX_STREAMS_PER_UID),
             server_address: pick(flags.server_address, file.server_address)
                 .unwrap_or_else(|| DEFAULT_SERVER_ADDRESS.into()),
             trust_domain,

@@ -104,6 +104,8 @@ pub fn agent_config(data: &[u8]) {
     if let Ok(config) = AgentConfig::from_toml(text, AgentFile::default()) {
         assert!(matches!(config.log_format.as_str(), "human" | "json"));
         assert!(!config.trust_domain.as_str().is_empty());
+        assert!((64 * 1024..=64 << 20).contains(&config.max_request_bytes));
+        assert!(config.max_streams_per_uid > 0);
     }
 }
 

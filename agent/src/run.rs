@@ -156,12 +156,11 @@ pub async fn run(
         .layer(oxid_telemetry::RpcLayer::new("workload", rpc))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(
-            oxid_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::with_interceptor(
-                api,
-                check_header,
-            ),
-        )
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            oxid_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(api)
+                .max_decoding_message_size(config.max_request_bytes),
+            check_header,
+        ))
         .serve_with_incoming_shutdown(
             // Lets gRPC C-core and Java clients in: see h2_authority.
             tokio_stream::StreamExt::map(

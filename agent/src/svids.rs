@@ -17,8 +17,20 @@ use crate::cache::{Cache, Entry, HeldSvid};
 use crate::clock::{self, WallClock};
 use crate::server::ServerClient;
 
-/// CSRs per `SignX509Svids` call.
+/// CSRs per `SignX509Svids` call at first. A server that takes fewer (its
+/// `max_csrs_per_call` or `max_request_kib`) gets halved batches instead.
 const BATCH: usize = 500;
+
+/// Why a signing call failed.
+#[derive(Debug, thiserror::Error)]
+enum SignError {
+    /// The server takes fewer CSRs, or fewer bytes, in one call.
+    #[error("the batch is too large for the server: {0}")]
+    BatchTooLarge(String),
+    /// Anything else: retried on the next pass.
+    #[error("{0}")]
+    Failed(String),
+}
 
 /// When to replace an SVID valid for `life` from `issued`: at half its
 /// life, moved by up to ±10 % of the life.
@@ -91,6 +103,7 @@ pub(crate) async fn run(
     wall: WallClock,
 ) {
     let mut changes = cache.subscribe();
+    let mut batch = BATCH;
     loop {
         let snapshot = cache.current();
         let now = Instant::now();
@@ -105,8 +118,10 @@ pub(crate) async fn run(
             .cloned()
             .collect();
         let mut failed = false;
-        for chunk in todo.chunks(BATCH) {
-            match sign(&server, chunk, &wall).await {
+        let mut rest: &[Entry] = &todo;
+        while !rest.is_empty() {
+            let n = batch.min(rest.len());
+            match sign(&server, &rest[..n], &wall).await {
                 Ok(signed) => {
                     cache.update(|old| {
                         let mut next = old.clone_shallow();
@@ -123,10 +138,16 @@ pub(crate) async fn run(
                         }
                         next
                     });
+                    rest = &rest[n..];
+                }
+                Err(SignError::BatchTooLarge(why)) if n > 1 => {
+                    batch = n / 2;
+                    tracing::info!(batch, reason = %why, "signing in smaller batches");
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "signing SVIDs failed; will retry");
                     failed = true;
+                    rest = &rest[n..];
                 }
             }
         }
@@ -149,14 +170,15 @@ async fn sign(
     server: &ServerClient,
     entries: &[Entry],
     wall: &WallClock,
-) -> Result<Vec<(String, HeldSvid)>, String> {
+) -> Result<Vec<(String, HeldSvid)>, SignError> {
     let mut keys = Vec::with_capacity(entries.len());
     let mut requests = Vec::with_capacity(entries.len());
     for e in entries {
-        let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).map_err(|e| e.to_string())?;
+        let key = KeyPair::generate(KeyAlgorithm::EcdsaP256)
+            .map_err(|e| SignError::Failed(e.to_string()))?;
         requests.push(pb::SvidRequest {
             entry_id: e.id.clone(),
-            csr: Csr::create(&key).map_err(|e| e.to_string())?,
+            csr: Csr::create(&key).map_err(|e| SignError::Failed(e.to_string()))?,
         });
         keys.push((e.id.clone(), e.revision, key));
     }
@@ -166,7 +188,14 @@ async fn sign(
         .api()
         .sign_x509_svids(pb::SignX509SvidsRequest { requests })
         .await
-        .map_err(|s| s.message().to_owned())?
+        .map_err(|s| match s.code() {
+            // Over max_request_kib, or over max_csrs_per_call.
+            tonic::Code::OutOfRange => SignError::BatchTooLarge(s.message().to_owned()),
+            tonic::Code::InvalidArgument if s.message().contains("max_csrs_per_call") => {
+                SignError::BatchTooLarge(s.message().to_owned())
+            }
+            _ => SignError::Failed(s.message().to_owned()),
+        })?
         .into_inner();
     let mut out = Vec::with_capacity(keys.len());
     for ((id, revision, key), signed) in keys.into_iter().zip(resp.svids) {

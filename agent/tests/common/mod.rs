@@ -36,6 +36,8 @@ pub struct Harness {
     pub jwt_cache_size: Option<usize>,
     /// `max_streams_per_uid` for the next agent start, if set.
     pub max_streams_per_uid: Option<usize>,
+    /// `max_request_kib` for the next agent start, if set.
+    pub max_request_kib: Option<usize>,
     /// Where the next agent start dials the server (a [`Proxy`]), if not
     /// directly.
     pub agent_server_addr: Option<std::net::SocketAddr>,
@@ -100,6 +102,7 @@ impl Harness {
             presign: None,
             jwt_cache_size: None,
             max_streams_per_uid: None,
+            max_request_kib: None,
             agent_server_addr: None,
             node_credentials: None,
             clock: oxid_agent::clock::WallClock::default(),
@@ -188,6 +191,7 @@ impl Harness {
                 max_presigned_svids: self.presign,
                 jwt_svid_cache_size: self.jwt_cache_size,
                 max_streams_per_uid: self.max_streams_per_uid,
+                max_request_kib: self.max_request_kib,
                 server_address: Some(
                     self.agent_server_addr
                         .unwrap_or(self.server_addr)
