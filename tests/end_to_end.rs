@@ -452,3 +452,73 @@ fn python() -> PathBuf {
     );
     venv
 }
+
+/// The README's backup: stop the server, copy its data directory. Restored
+/// on another host (another directory and port), it is the same CA with the
+/// same entries and agents, and an agent pointed at it carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backup_restored_on_another_host_serves_the_same_identities() {
+    let old_host = tempfile::tempdir().unwrap();
+    let mut server = Server::start(old_host.path()).await;
+    let (token, agent_id) = server.join_token().await;
+    let mut agent = Agent::start(old_host.path(), &server, &token).await;
+    server
+        .create_entry(TEST_ID, &agent_id, &["--selector", &path_selector(&me())])
+        .await;
+    let client = WorkloadApiClient::connect_to(agent.endpoint())
+        .await
+        .unwrap();
+    first_svid(&client).await;
+    let bundle = server.cli(&["bundle", "show", "--format", "spiffe"]).await;
+
+    server.stop().await;
+    let new_host = tempfile::tempdir().unwrap();
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(old_host.path().join("server"))
+        .arg(new_host.path().join("server"))
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let restored = Server::start(new_host.path()).await;
+    assert_eq!(
+        restored
+            .cli(&["bundle", "show", "--format", "spiffe"])
+            .await,
+        bundle,
+        "the same CA"
+    );
+    let agents = restored.cli(&["agent", "list"]).await;
+    assert_eq!(agents["agents"][0]["spiffe_id"], agent_id.as_str());
+    let entries = restored.cli(&["entry", "show"]).await;
+    assert_eq!(entries["entries"][0]["spiffe_id"], TEST_ID);
+
+    // The agent, pointed at the restored server, keeps its identity, and
+    // what the restored server learns next reaches the workload.
+    agent.stop().await;
+    agent.restart(&restored).await;
+    let client = WorkloadApiClient::connect_to(agent.endpoint())
+        .await
+        .unwrap();
+    assert_eq!(first_svid(&client).await.spiffe_id().to_string(), TEST_ID);
+    restored
+        .create_entry(
+            "spiffe://example.org/e2e/after-restore",
+            &agent_id,
+            &["--selector", &path_selector(&me())],
+        )
+        .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while client
+        .fetch_x509_context()
+        .await
+        .map_or(0, |c| c.svids().len())
+        < 2
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new entry never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
