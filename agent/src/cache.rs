@@ -6,9 +6,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use oxid_pki::bundle::Bundle;
-use oxid_pki::{KeyPair, Selector, SpiffeId, TrustDomain};
+use oxid_pki::{Pkcs8Key, Selector, SpiffeId, TrustDomain};
 use oxid_proto::agent as pb;
-use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -73,10 +72,12 @@ impl Entry {
 /// An X509-SVID held for an entry.
 #[derive(Debug)]
 pub struct HeldSvid {
-    /// Leaf first, then intermediates.
-    pub chain: Vec<CertificateDer<'static>>,
-    /// Its private key (generated here, never sent).
-    pub key: KeyPair,
+    /// The certificates, leaf first, then intermediates, as one DER
+    /// concatenation: exactly the bytes the Workload API sends.
+    pub chain_der: Vec<u8>,
+    /// Its private key (generated here, never sent), kept only as the
+    /// PKCS#8 the workload receives: the agent never signs with it.
+    pub key: Pkcs8Key,
     /// The entry revision it was signed for.
     pub entry_revision: u64,
     /// When it stops being valid, on the monotonic clock (see
@@ -86,15 +87,62 @@ pub struct HeldSvid {
     pub rotate_at: Instant,
 }
 
+/// The authorised entries in SVID order (creation time, then ID), indexed
+/// by ID. Snapshots share one `Arc<Entries>` until the entries change, so
+/// publishing a signed SVID copies no entry: with thousands of entries,
+/// copying them on every update was most of the agent's allocation churn.
+#[derive(Debug, Default)]
+pub struct Entries {
+    ordered: Vec<Arc<Entry>>,
+    /// Entry ID → position in `ordered`.
+    by_id: HashMap<String, usize>,
+}
+
+impl Entries {
+    /// `entries` put in SVID order and indexed.
+    pub fn new(mut entries: Vec<Arc<Entry>>) -> Self {
+        entries.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        let by_id = entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.id.clone(), i))
+            .collect();
+        Self {
+            ordered: entries,
+            by_id,
+        }
+    }
+
+    /// In SVID order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Entry>> {
+        self.ordered.iter()
+    }
+
+    /// Whether entry `id` is authorised.
+    pub fn contains(&self, id: &str) -> bool {
+        self.by_id.contains_key(id)
+    }
+
+    /// How many there are.
+    pub fn len(&self) -> usize {
+        self.ordered.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.ordered.is_empty()
+    }
+}
+
 /// The agent's view at one moment.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     /// True once the first sync snapshot has arrived.
     pub synced: bool,
-    /// Authorised entries in the stable order (creation time, then ID).
-    pub entries: Vec<Entry>,
-    /// SVIDs by entry ID.
-    pub svids: HashMap<String, Arc<HeldSvid>>,
+    /// Authorised entries.
+    pub entries: Arc<Entries>,
+    /// SVIDs by entry ID (shared keys: a snapshot copy allocates no string).
+    pub svids: HashMap<Arc<str>, Arc<HeldSvid>>,
     /// Bundles by trust domain (own and federated).
     pub bundles: BTreeMap<TrustDomain, Arc<Bundle>>,
 }
@@ -171,7 +219,8 @@ impl Cache {
 }
 
 impl Snapshot {
-    /// A copy with the same SVIDs and bundles (cheap: shared `Arc`s).
+    /// A copy with the same entries, SVIDs and bundles (cheap: shared
+    /// `Arc`s).
     pub fn clone_shallow(&self) -> Self {
         Self {
             synced: self.synced,
@@ -189,6 +238,7 @@ impl Snapshot {
         let selectors = selectors.clone();
         self.entries
             .iter()
+            .map(|e| e.as_ref())
             .filter(move |e| e.selectors.is_subset(&selectors))
     }
 }

@@ -10,10 +10,9 @@ use oxid_pki::x509::Csr;
 use oxid_pki::{KeyAlgorithm, KeyPair};
 use oxid_proto::agent as pb;
 use ring::rand::SecureRandom as _;
-use rustls_pki_types::CertificateDer;
 use tokio::time::Instant;
 
-use crate::cache::{Cache, Entry, HeldSvid};
+use crate::cache::{Cache, Entries, Entry, HeldSvid};
 use crate::clock::{self, WallClock};
 use crate::server::ServerClient;
 
@@ -75,22 +74,25 @@ pub(crate) fn unit_from(raw: u16) -> f64 {
 /// Entries that need a (new) SVID now: the first `presign` entries (in SVID
 /// order), any a workload asked for, and those already held (to rotate);
 /// others wait for a first request, so memory follows the entries in use.
-fn due<'a>(
-    entries: &'a [Entry],
-    held: &std::collections::HashMap<String, Arc<HeldSvid>>,
+fn due(
+    entries: &Entries,
+    held: &std::collections::HashMap<Arc<str>, Arc<HeldSvid>>,
     demanded: &std::collections::HashSet<String>,
     presign: usize,
     now: Instant,
-) -> Vec<&'a Entry> {
+) -> Vec<Arc<Entry>> {
     entries
         .iter()
         .enumerate()
-        .filter(|(i, e)| *i < presign || demanded.contains(&e.id) || held.contains_key(&e.id))
+        .filter(|(i, e)| {
+            *i < presign || demanded.contains(&e.id) || held.contains_key(e.id.as_str())
+        })
         .map(|(_, e)| e)
-        .filter(|e| match held.get(&e.id) {
+        .filter(|e| match held.get(e.id.as_str()) {
             None => true,
             Some(s) => s.entry_revision != e.revision || now >= s.rotate_at,
         })
+        .cloned()
         .collect()
 }
 
@@ -110,15 +112,12 @@ pub(crate) async fn run(
         let demanded = {
             let mut demand = cache.demand.lock().unwrap_or_else(|e| e.into_inner());
             // Entries that left the authorised set are no longer wanted.
-            demand.retain(|id| snapshot.entries.iter().any(|e| &e.id == id));
+            demand.retain(|id| snapshot.entries.contains(id));
             demand.clone()
         };
-        let todo: Vec<Entry> = due(&snapshot.entries, &snapshot.svids, &demanded, presign, now)
-            .into_iter()
-            .cloned()
-            .collect();
+        let todo = due(&snapshot.entries, &snapshot.svids, &demanded, presign, now);
         let mut failed = false;
-        let mut rest: &[Entry] = &todo;
+        let mut rest: &[Arc<Entry>] = &todo;
         while !rest.is_empty() {
             let n = batch.min(rest.len());
             match sign(&server, &rest[..n], &wall).await {
@@ -127,8 +126,8 @@ pub(crate) async fn run(
                         let mut next = old.clone_shallow();
                         for (id, svid) in signed {
                             // Only for entries still authorised.
-                            if next.entries.iter().any(|e| e.id == id)
-                                && next.svids.insert(id, Arc::new(svid)).is_some()
+                            if next.entries.contains(&id)
+                                && next.svids.insert(id.into(), Arc::new(svid)).is_some()
                             {
                                 cache
                                     .counters
@@ -168,7 +167,7 @@ pub(crate) async fn run(
 
 async fn sign(
     server: &ServerClient,
-    entries: &[Entry],
+    entries: &[Arc<Entry>],
     wall: &WallClock,
 ) -> Result<Vec<(String, HeldSvid)>, SignError> {
     let mut keys = Vec::with_capacity(entries.len());
@@ -199,21 +198,18 @@ async fn sign(
         .into_inner();
     let mut out = Vec::with_capacity(keys.len());
     for ((id, revision, key), signed) in keys.into_iter().zip(resp.svids) {
-        if !signed.error.is_empty() || signed.entry_id != id {
+        // An empty chain would be served as an empty field: refused too.
+        if !signed.error.is_empty() || signed.entry_id != id || signed.cert_chain.is_empty() {
             tracing::warn!(entry = %id, error = %signed.error, "the server refused an SVID");
             continue;
         }
-        let chain: Vec<CertificateDer<'static>> = signed
-            .cert_chain
-            .into_iter()
-            .map(CertificateDer::from)
-            .collect();
+        let chain_der = signed.cert_chain.concat();
         let life = clock::valid_for(signed.valid_for_ms, signed.expires_at, wall);
         out.push((
             id,
             HeldSvid {
-                chain,
-                key,
+                chain_der,
+                key: key.into_pkcs8(),
                 entry_revision: revision,
                 expires: clock::after(asked, life),
                 rotate_at: rotate_at(asked, life, random_unit()),
@@ -246,10 +242,15 @@ mod tests {
 
     #[test]
     fn only_presigned_and_demanded_entries_are_due() {
-        let entries: Vec<Entry> = ["a", "b", "c", "d"].iter().map(|i| entry(i)).collect();
+        let entries = Entries::new(
+            ["a", "b", "c", "d"]
+                .iter()
+                .map(|i| Arc::new(entry(i)))
+                .collect(),
+        );
         let held = std::collections::HashMap::new();
         let mut demanded = std::collections::HashSet::new();
-        let ids = |v: Vec<&Entry>| v.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
+        let ids = |v: Vec<Arc<Entry>>| v.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
         let now = Instant::now();
         assert_eq!(ids(due(&entries, &held, &demanded, 2, now)), ["a", "b"]);
         demanded.insert("d".to_owned());

@@ -13,7 +13,7 @@ use oxid_pki::bundle::Bundle;
 use oxid_proto::agent as pb;
 use oxid_tls::SharedBundle;
 
-use crate::cache::{Cache, Entry};
+use crate::cache::{Cache, Entries, Entry};
 use crate::server::ServerClient;
 
 /// Bounds of the reconnect backoff.
@@ -35,7 +35,8 @@ fn jitter_by(base: Duration, unit: f64) -> Duration {
 #[derive(Default)]
 struct View {
     revision: u64,
-    entries: HashMap<String, Entry>,
+    /// Shared with published snapshots: a delta copies pointers, not entries.
+    entries: HashMap<String, Arc<Entry>>,
     bundles: BTreeMap<TrustDomain, Arc<Bundle>>,
 }
 
@@ -112,7 +113,7 @@ fn apply(view: &mut View, page: &pb::SyncResponse, own: &TrustDomain) {
     view.revision = page.revision;
     for e in &page.upserts {
         if let Some(entry) = Entry::from_pb(e) {
-            view.entries.insert(entry.id.clone(), entry);
+            view.entries.insert(entry.id.clone(), Arc::new(entry));
         }
     }
     for id in &page.removed_ids {
@@ -141,8 +142,7 @@ fn apply(view: &mut View, page: &pb::SyncResponse, own: &TrustDomain) {
 }
 
 fn publish(view: &View, cache: &Cache, tls_bundle: &SharedBundle, data_dir: &std::path::Path) {
-    let mut entries: Vec<Entry> = view.entries.values().cloned().collect();
-    entries.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    let entries = Arc::new(Entries::new(view.entries.values().cloned().collect()));
     if let Some(own) = view.bundles.get(&cache.trust_domain) {
         // The TLS verifier follows the synced bundle, so CA rotation on the
         // server never locks the agent out; persisted for restarts.
@@ -158,8 +158,7 @@ fn publish(view: &View, cache: &Cache, tls_bundle: &SharedBundle, data_dir: &std
         next.entries = entries;
         next.bundles = bundles;
         // SVIDs of entries that left are dropped at once.
-        next.svids
-            .retain(|id, _| next.entries.iter().any(|e| &e.id == id));
+        next.svids.retain(|id, _| next.entries.contains(id));
         next
     });
     tracing::debug!(

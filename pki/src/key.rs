@@ -393,6 +393,45 @@ fn rsa_sign(
     Ok(sig)
 }
 
+/// A private key kept only as its PKCS#8 DER, for handing to the workload
+/// it belongs to: no parsed signer is held, which is most of a
+/// [`KeyPair`]'s memory. The bytes are zeroized on drop, and `Debug` shows
+/// only the algorithm.
+pub struct Pkcs8Key {
+    algorithm: KeyAlgorithm,
+    der: Zeroizing<Vec<u8>>,
+}
+
+impl Pkcs8Key {
+    /// The PKCS#8 DER.
+    pub fn der(&self) -> &[u8] {
+        &self.der
+    }
+
+    /// The key's algorithm.
+    pub fn algorithm(&self) -> KeyAlgorithm {
+        self.algorithm
+    }
+}
+
+impl fmt::Debug for Pkcs8Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pkcs8Key")
+            .field("algorithm", &self.algorithm)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyPair {
+    /// Drops the parsed key, keeping only its PKCS#8 DER.
+    pub fn into_pkcs8(mut self) -> Pkcs8Key {
+        Pkcs8Key {
+            algorithm: self.algorithm,
+            der: std::mem::take(&mut self.pkcs8),
+        }
+    }
+}
+
 impl fmt::Debug for KeyPair {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyPair")
@@ -448,6 +487,22 @@ mod tests {
             let again = KeyPair::from_pkcs8_der(key.pkcs8_der()).unwrap();
             assert_eq!(again.fingerprint(), key.fingerprint());
         }
+    }
+
+    #[test]
+    fn a_pkcs8_only_key_keeps_the_same_key_and_shows_no_bytes() {
+        let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let (fingerprint, der) = (key.fingerprint(), key.pkcs8_der().to_vec());
+        let kept = key.into_pkcs8();
+        assert_eq!(kept.der(), der.as_slice());
+        assert_eq!(kept.algorithm(), KeyAlgorithm::EcdsaP256);
+        assert_eq!(
+            KeyPair::from_pkcs8_der(kept.der()).unwrap().fingerprint(),
+            fingerprint
+        );
+        let shown = format!("{kept:?}");
+        assert!(!shown.contains(&format!("{:?}", &der[..8])), "{shown}");
+        assert_eq!(shown, "Pkcs8Key { algorithm: EcdsaP256, .. }");
     }
 
     #[test]

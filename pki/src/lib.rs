@@ -32,5 +32,5 @@ pub mod x509;
 pub mod fuzzing;
 
 pub use id::{IdError, RESERVED_PATH, SpiffeId, TrustDomain};
-pub use key::{KeyAlgorithm, KeyError, KeyPair, hex};
+pub use key::{KeyAlgorithm, KeyError, KeyPair, Pkcs8Key, hex};
 pub use selector::{Selector, SelectorError};

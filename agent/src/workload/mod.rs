@@ -194,11 +194,11 @@ fn x509_response(
     let svids: Vec<pb::X509svid> = entries
         .iter()
         .filter_map(|e| {
-            let held = snapshot.svids.get(&e.id)?;
+            let held = snapshot.svids.get(e.id.as_str())?;
             (held.expires > now).then(|| pb::X509svid {
                 spiffe_id: e.spiffe_id.to_string(),
-                x509_svid: oxid_pki::x509::concat_der(&held.chain),
-                x509_svid_key: held.key.pkcs8_der().to_vec(),
+                x509_svid: held.chain_der.clone(),
+                x509_svid_key: held.key.der().to_vec(),
                 bundle: own_bundle.clone(),
                 hint: e.hint.clone(),
             })
@@ -328,7 +328,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             // Entries beyond the pre-signed ones are signed on first request.
             cache.request(
                 s.matching(&selectors)
-                    .filter(|e| !s.svids.contains_key(&e.id))
+                    .filter(|e| !s.svids.contains_key(e.id.as_str()))
                     .map(|e| e.id.clone()),
             );
             x509_response(s, &own, &selectors)
