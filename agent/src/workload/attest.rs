@@ -2,15 +2,16 @@
 //! credentials and `/proc`.
 //!
 //! The caller is the process pinned when its connection was accepted
-//! ([`Peer`]). It is checked before anything is read and again after: if it
-//! exited meanwhile (and its PID could have been reused by another process),
-//! attestation is refused.
+//! ([`Peer`]). It is checked after everything is read: if it has exited
+//! (and its PID could have been reused by another process), attestation is
+//! refused.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Read as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use oxid_pki::Selector;
 
@@ -75,30 +76,53 @@ type Names = Arc<HashMap<u32, String>>;
 #[derive(Debug)]
 struct NameFile {
     path: &'static str,
-    parsed: Mutex<Option<(FileKey, Names)>>,
+    /// How long a parse is used before the file's identity is checked again:
+    /// one `statx` a second rather than one per call. A renamed user shows
+    /// in names that long after; ids (`unix:uid:`) are never stale.
+    recheck: Duration,
+    parsed: Mutex<Option<Parsed>>,
+}
+
+#[derive(Debug)]
+struct Parsed {
+    key: FileKey,
+    names: Names,
+    checked: Instant,
 }
 
 impl NameFile {
     fn new(path: &'static str) -> Self {
         Self {
             path,
+            recheck: Duration::from_secs(1),
             parsed: Mutex::new(None),
         }
     }
 
     /// id → name, as the file is now (empty if it cannot be read).
     fn names(&self) -> Names {
+        let mut parsed = self.parsed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = parsed.as_ref() {
+            if p.checked.elapsed() < self.recheck {
+                return p.names.clone();
+            }
+        }
         // The identity is taken before reading, so a change during the read
         // shows as a new identity next time and the file is read again.
         let key = std::fs::metadata(self.path).ok().map(|m| file_key(&m));
-        let mut parsed = self.parsed.lock().unwrap_or_else(|e| e.into_inner());
-        if let (Some(key), Some((seen, names))) = (key, parsed.as_ref()) {
-            if key == *seen {
-                return names.clone();
+        let checked = Instant::now();
+        if let (Some(key), Some(p)) = (key, parsed.as_mut()) {
+            if key == p.key {
+                p.checked = checked;
+                return p.names.clone();
             }
         }
         let names = Arc::new(read_names(self.path));
-        *parsed = key.map(|k| (k, names.clone()));
+        *parsed = key.map(|key| Parsed {
+            key,
+            names: names.clone(),
+            checked,
+        });
         names
     }
 }
@@ -118,12 +142,16 @@ impl UnixAttestor {
                 "the kernel did not name the calling process".into(),
             ));
         };
-        if !peer.pin.still_running(pid) {
-            return Err(AttestError::ProcessExited);
-        }
-        let selectors = self.inspect(pid, uid, gid)?;
-        // Checked again after: what was read belongs to the pinned process
-        // only if it was still running when reading ended.
+        let selectors = self.inspect(pid, uid, gid).map_err(|e| {
+            // `/proc/<pid>` gone: say why, rather than what failed to open.
+            if peer.pin.still_running(pid) {
+                e
+            } else {
+                AttestError::ProcessExited
+            }
+        })?;
+        // Checked after reading, which is enough: a process still running at
+        // the end was running throughout, so `pid` named it for every read.
         if !peer.pin.still_running(pid) {
             return Err(AttestError::ProcessExited);
         }
@@ -418,7 +446,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("passwd");
         std::fs::write(&path, "alice:x:1000:1000::/home/alice:/bin/sh\n").unwrap();
-        let file = NameFile::new(Box::leak(path.display().to_string().into_boxed_str()));
+        let mut file = NameFile::new(Box::leak(path.display().to_string().into_boxed_str()));
+        file.recheck = Duration::ZERO;
         assert_eq!(file.names().get(&1000).map(String::as_str), Some("alice"));
         let first = file.names();
         assert!(
@@ -432,5 +461,11 @@ mod tests {
         assert_eq!(file.names().get(&1000).map(String::as_str), Some("robert"));
         std::fs::remove_file(&path).unwrap();
         assert!(file.names().is_empty(), "a missing file names no one");
+        // Within `recheck` of the last look, the file is not even statted.
+        std::fs::write(&path, "carol:x:1000:1000::/home/carol:/bin/sh\n").unwrap();
+        file.recheck = Duration::from_secs(3600);
+        assert_eq!(file.names().get(&1000).map(String::as_str), Some("carol"));
+        std::fs::write(&path, "dave:x:1000:1000::/home/dave:/bin/sh\n").unwrap();
+        assert_eq!(file.names().get(&1000).map(String::as_str), Some("carol"));
     }
 }
