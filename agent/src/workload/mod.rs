@@ -97,6 +97,29 @@ impl WorkloadApi {
         }
     }
 
+    /// A stream of what `compute` makes of each snapshot, or its error on
+    /// the current one (refused before the stream opens).
+    #[allow(clippy::result_large_err)]
+    fn open_stream<T, F>(
+        &self,
+        permit: StreamPermit,
+        compute: F,
+    ) -> Result<Response<WatchStream<T>>, Status>
+    where
+        T: Clone + PartialEq + Send + Sync + 'static,
+        F: Fn(&Snapshot) -> Result<Option<T>, Status> + Send + 'static,
+    {
+        let snapshot = self.cache.current();
+        let first = compute(&snapshot)?;
+        Ok(Response::new(watch_stream(
+            self.cache.clone(),
+            self.stopping.clone(),
+            permit,
+            compute,
+            (snapshot, first),
+        )))
+    }
+
     /// A stream slot for the caller's uid.
     #[allow(clippy::result_large_err)]
     fn stream_permit<T>(&self, req: &Request<T>) -> Result<StreamPermit, Status> {
@@ -235,11 +258,14 @@ const RECHECK: Duration = Duration::from_secs(30);
 /// [`FIRST_MESSAGE_WAIT`] before the first message), and it ends the stream
 /// with `Unavailable` once something was sent (the SVIDs expired unrenewed).
 /// An error, or `stopping` turning true, ends the stream.
+/// `first` is what `compute` gave for a snapshot already, so the first
+/// message is not computed twice.
 fn watch_stream<T, F>(
     cache: Arc<Cache>,
     mut stopping: tokio::sync::watch::Receiver<bool>,
     permit: StreamPermit,
     compute: F,
+    first: (Arc<Snapshot>, Option<T>),
 ) -> WatchStream<T>
 where
     T: Clone + PartialEq + Send + Sync + 'static,
@@ -250,11 +276,16 @@ where
         // Held for as long as the stream lives.
         let _permit = permit;
         let mut changes = cache.subscribe();
+        let mut first = Some(first);
         let mut last: Option<T> = None;
         let first_deadline = tokio::time::Instant::now() + FIRST_MESSAGE_WAIT;
         loop {
             let snapshot = changes.borrow_and_update().clone();
-            let end = match compute(&snapshot) {
+            let outcome = match first.take() {
+                Some((seen, message)) if Arc::ptr_eq(&seen, &snapshot) => Ok(message),
+                _ => compute(&snapshot),
+            };
+            let end = match outcome {
                 Err(status) => Some(status),
                 Ok(None) if last.is_some() => Some(Status::unavailable(
                     "the caller's SVIDs expired before the agent could renew them \
@@ -333,13 +364,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             );
             x509_response(s, &own, &selectors)
         };
-        compute(&self.cache.current())?;
-        Ok(Response::new(watch_stream(
-            self.cache.clone(),
-            self.stopping.clone(),
-            permit,
-            compute,
-        )))
+        self.open_stream(permit, compute)
     }
 
     async fn fetch_x509_bundles(
@@ -364,13 +389,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
                 bundles,
             }))
         };
-        compute(&self.cache.current())?;
-        Ok(Response::new(watch_stream(
-            self.cache.clone(),
-            self.stopping.clone(),
-            permit,
-            compute,
-        )))
+        self.open_stream(permit, compute)
     }
 
     async fn fetch_jwt_bundles(
@@ -391,13 +410,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
                 .collect();
             Ok((!bundles.is_empty()).then_some(pb::JwtBundlesResponse { bundles }))
         };
-        compute(&self.cache.current())?;
-        Ok(Response::new(watch_stream(
-            self.cache.clone(),
-            self.stopping.clone(),
-            permit,
-            compute,
-        )))
+        self.open_stream(permit, compute)
     }
 
     async fn fetch_jwtsvid(
