@@ -55,6 +55,22 @@ async fn first_svid(client: &WorkloadApiClient) -> spiffe::X509Svid {
     }
 }
 
+/// A server and an agent under `dir`, and this test process registered
+/// (by its executable) as `TEST_ID` and served: the agent's ID and a client.
+async fn serving_this_test(dir: &std::path::Path) -> (Server, Agent, String, WorkloadApiClient) {
+    let server = Server::start(dir).await;
+    let (token, agent_id) = server.join_token().await;
+    let agent = Agent::start(dir, &server, &token).await;
+    server
+        .create_entry(TEST_ID, &agent_id, &["--selector", &path_selector(&me())])
+        .await;
+    let client = WorkloadApiClient::connect_to(agent.endpoint())
+        .await
+        .unwrap();
+    first_svid(&client).await;
+    (server, agent, agent_id, client)
+}
+
 type Conn = (
     tokio::io::Lines<BufReader<tokio::io::ReadHalf<tokio_rustls::client::TlsStream<TcpStream>>>>,
     tokio::io::WriteHalf<tokio_rustls::client::TlsStream<TcpStream>>,
@@ -254,16 +270,7 @@ async fn jwt_svids_between_the_example_programs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restarts_keep_identities_and_streams() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start(dir.path()).await;
-    let (token, agent_id) = server.join_token().await;
-    let mut agent = Agent::start(dir.path(), &server, &token).await;
-    server
-        .create_entry(TEST_ID, &agent_id, &["--selector", &path_selector(&me())])
-        .await;
-    let client = WorkloadApiClient::connect_to(agent.endpoint())
-        .await
-        .unwrap();
-    first_svid(&client).await;
+    let (mut server, mut agent, agent_id, client) = serving_this_test(dir.path()).await;
     let mut stream = Box::pin(client.stream_x509_contexts().await.unwrap());
     let first = stream.next().await.unwrap().unwrap();
     assert_eq!(first.svids().len(), 1);
@@ -459,16 +466,7 @@ fn python() -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_backup_restored_on_another_host_serves_the_same_identities() {
     let old_host = tempfile::tempdir().unwrap();
-    let mut server = Server::start(old_host.path()).await;
-    let (token, agent_id) = server.join_token().await;
-    let mut agent = Agent::start(old_host.path(), &server, &token).await;
-    server
-        .create_entry(TEST_ID, &agent_id, &["--selector", &path_selector(&me())])
-        .await;
-    let client = WorkloadApiClient::connect_to(agent.endpoint())
-        .await
-        .unwrap();
-    first_svid(&client).await;
+    let (mut server, mut agent, agent_id, _) = serving_this_test(old_host.path()).await;
     let bundle = server.cli(&["bundle", "show", "--format", "spiffe"]).await;
 
     server.stop().await;

@@ -9,18 +9,11 @@ mod common;
 
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{Harness, WAIT, eventually, my_uid};
+use common::{Harness, WAIT, serial_and_expiry};
 use tokio_stream::StreamExt as _;
 
 /// SVIDs of 6 s (rotated about every 3 s), agent SVID of 10 s.
 const SHORT_TTLS: &str = "[ca]\nttl = \"1m\"\nx509_svid_ttl = \"6s\"\nagent_svid_ttl = \"10s\"\njwt_svid_ttl = \"10s\"\n";
-
-fn leaf(svid: &spiffe::X509Svid) -> (Vec<u8>, SystemTime) {
-    let (_, cert) = x509_parser::parse_x509_certificate(svid.leaf().as_bytes()).unwrap();
-    let not_after = SystemTime::UNIX_EPOCH
-        + Duration::from_secs(cert.validity().not_after.timestamp().unsigned_abs());
-    (cert.raw_serial().to_vec(), not_after)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn wall_clock_jumps_move_neither_rotation_nor_expiry() {
@@ -29,20 +22,14 @@ async fn wall_clock_jumps_move_neither_rotation_nor_expiry() {
     h.stop_agent().await;
     let clock = h.clock.clone();
     h.start_agent(None);
-    h.create_entry(
-        "spiffe://example.org/web",
-        &[&format!("unix:uid:{}", my_uid())],
-    )
-    .await;
-    let client = h.client().await;
-    eventually(|| client.fetch_x509_svid()).await;
+    let client = h.with_web_identity().await;
     let mut stream = client.stream_x509_svids().await.unwrap();
     let first = tokio::time::timeout(WAIT, stream.next())
         .await
         .unwrap()
         .unwrap()
         .unwrap();
-    let (mut serial, _) = leaf(&first);
+    let (mut serial, _) = serial_and_expiry(&first);
     let mut rotated_at = Instant::now();
 
     // Two hours ahead, then two hours behind the real time.
@@ -56,11 +43,11 @@ async fn wall_clock_jumps_move_neither_rotation_nor_expiry() {
                     .unwrap_or_else(|_| panic!("no rotation within {WAIT:?} after a {jump} s jump"))
                     .expect("the stream ended")
                     .unwrap_or_else(|e| panic!("after a {jump} s jump: {e}"));
-                if leaf(&update).0 != serial {
+                if serial_and_expiry(&update).0 != serial {
                     break update;
                 }
             };
-            let (next_serial, not_after) = leaf(&next);
+            let (next_serial, not_after) = serial_and_expiry(&next);
             // ...valid in real time, rotated at its real half-life: a storm
             // would rotate every pass (100 ms), a postponed rotation not at
             // all within WAIT.

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Harness, eventually, my_uid};
+use common::{Harness, eventually};
 use oxid_agent::workload::with_header;
 use oxid_proto::workload as pb;
 use tonic::Code;
@@ -14,10 +14,7 @@ use tonic::Code;
 /// A harness whose test process has an X509-SVID and can mint JWT-SVIDs.
 async fn harness_with_identity() -> Harness {
     let h = Harness::start().await;
-    let uid = format!("unix:uid:{}", my_uid());
-    h.create_entry("spiffe://example.org/web", &[&uid]).await;
-    let client = h.client().await;
-    eventually(|| client.fetch_x509_svid()).await;
+    h.with_web_identity().await;
     h
 }
 

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Harness, WAIT, eventually, my_uid};
+use common::{Harness, WAIT, my_uid};
 use oxid_agent::workload::with_header;
 use oxid_proto::workload as pb;
 use tonic::Code;
@@ -16,13 +16,7 @@ async fn a_lowered_request_limit_refuses_larger_requests_only() {
     h.stop_agent().await;
     h.max_request_kib = Some(64);
     h.start_agent(None);
-    h.create_entry(
-        "spiffe://example.org/web",
-        &[&format!("unix:uid:{}", my_uid())],
-    )
-    .await;
-    let client = h.client().await;
-    eventually(|| client.fetch_jwt_svid(&["spiffe://example.org/db"], None)).await;
+    let client = h.with_web_identity().await;
     let mut raw = h.raw_client().await;
     let validate = |svid: String| {
         with_header(pb::ValidateJwtsvidRequest {

@@ -8,28 +8,20 @@ mod common;
 
 use std::time::{Duration, SystemTime};
 
-use common::{Harness, WAIT, eventually, my_uid};
+use common::{Harness, WAIT, eventually, serial_and_expiry};
 use tokio_stream::StreamExt as _;
 
 /// Workload SVIDs of 4 s; the agent's own lasts the whole test.
 const TTLS: &str = "[ca]\nttl = \"10m\"\nx509_svid_ttl = \"4s\"\nagent_svid_ttl = \"90s\"\njwt_svid_ttl = \"90s\"\n";
 
 fn not_after(svid: &spiffe::X509Svid) -> SystemTime {
-    let (_, cert) = x509_parser::parse_x509_certificate(svid.leaf().as_bytes()).unwrap();
-    SystemTime::UNIX_EPOCH
-        + Duration::from_secs(cert.validity().not_after.timestamp().unsigned_abs())
+    serial_and_expiry(svid).1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_outage_longer_than_the_svid_ttl_ends_in_unavailable_then_recovers() {
     let mut h = Harness::start_with(TTLS).await;
-    h.create_entry(
-        "spiffe://example.org/web",
-        &[&format!("unix:uid:{}", my_uid())],
-    )
-    .await;
-    let client = h.client().await;
-    eventually(|| client.fetch_x509_svid()).await;
+    let client = h.with_web_identity().await;
     let mut stream = client.stream_x509_svids().await.unwrap();
     let mut held = tokio::time::timeout(WAIT, stream.next())
         .await

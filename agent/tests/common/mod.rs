@@ -265,6 +265,19 @@ impl Harness {
         .max_encoding_message_size(usize::MAX)
     }
 
+    /// Registers `spiffe://example.org/web` for this test's uid and waits
+    /// until the agent serves it; a `spiffe` client for it.
+    pub async fn with_web_identity(&self) -> spiffe::WorkloadApiClient {
+        self.create_entry(
+            "spiffe://example.org/web",
+            &[&format!("unix:uid:{}", my_uid())],
+        )
+        .await;
+        let client = self.client().await;
+        eventually(|| client.fetch_x509_svid()).await;
+        client
+    }
+
     pub async fn create_entry(&self, spiffe_id: &str, selectors: &[&str]) {
         let r = admin(&self.admin_socket())
             .await
@@ -293,6 +306,14 @@ impl Drop for Harness {
             let _ = s.send(());
         }
     }
+}
+
+/// An X509-SVID leaf's serial number and expiry.
+pub fn serial_and_expiry(svid: &spiffe::X509Svid) -> (Vec<u8>, std::time::SystemTime) {
+    let (_, cert) = x509_parser::parse_x509_certificate(svid.leaf().as_bytes()).unwrap();
+    let not_after = std::time::SystemTime::UNIX_EPOCH
+        + Duration::from_secs(cert.validity().not_after.timestamp().unsigned_abs());
+    (cert.raw_serial().to_vec(), not_after)
 }
 
 pub fn my_uid() -> u32 {
