@@ -884,6 +884,12 @@ fn a_full_disk_refuses_writes_clearly_and_keeps_what_was_acknowledged() {
     assert!(again.contains("writes are refused"), "{again}");
     assert!(s.entry_count() >= acknowledged.len() as u64);
     assert!(http_status(&s.ready_field("metrics"), "/ready").contains("503"));
+    // `oxid-server healthcheck` (what a unit or probe runs) says so too.
+    let unhealthy = s.fails(&["healthcheck"]);
+    assert!(
+        unhealthy.contains("not ready") && unhealthy.contains("writes are refused"),
+        "{unhealthy}"
+    );
     // After a restart every acknowledged entry is there, and writes work.
     s.stop();
     s.spawn();

@@ -534,14 +534,21 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::HealthResponse>, Status> {
         guarded!(self, req, "Health", {
             let _ = req;
-            let ready = self
+            let can_sign = self
                 .ca
                 .authorities()
                 .iter()
                 .any(|a| a.state == AuthorityState::Active && a.can_sign);
+            // The same two conditions as `/ready`.
+            let reason = match self.store.write_failure() {
+                Some(failure) => format!("datastore unavailable: {failure}"),
+                None if !can_sign => "no active CA can sign".to_owned(),
+                None => String::new(),
+            };
             Ok(pb::HealthResponse {
-                ready,
+                ready: reason.is_empty(),
                 revision: *self.store.revision().borrow(),
+                reason,
             })
         })
     }

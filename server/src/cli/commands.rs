@@ -130,7 +130,7 @@ async fn operator(command: Command) -> CliResult {
                 .map_err(status_line)?
                 .into_inner();
             if !h.ready {
-                return Err("server is up but has no active CA".into());
+                return Err(format!("server is up but not ready: {}", h.reason));
             }
             match common.output {
                 Output::Json => println(&json!({"ready": true, "revision": h.revision})),

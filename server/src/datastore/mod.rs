@@ -166,7 +166,8 @@ pub trait DataStore: Send + Sync + 'static {
     fn revision(&self) -> watch::Receiver<u64>;
 
     /// Why the store refuses writes, if it does (a write that could not be
-    /// made durable, such as on a full disk). Reads are still served.
+    /// made durable, such as on a full disk), as a message for the
+    /// operator. Reads are still served.
     fn write_failure(&self) -> Option<String> {
         None
     }

@@ -586,17 +586,23 @@ impl DataStore for SledStore {
     }
 
     fn write_failure(&self) -> Option<String> {
-        self.failed.get().cloned()
+        self.failed.get().map(|reason| refusal(reason))
     }
+}
+
+/// What every write is told once the store has failed, and what health
+/// checks report.
+fn refusal(reason: &str) -> String {
+    format!(
+        "writes are refused since a write could not be saved ({reason}); free space or \
+         fix the data directory, then restart the server. That write may be lost; \
+         every earlier acknowledged write is safe"
+    )
 }
 
 /// The error every write gets once the store has failed.
 fn refused(reason: &str) -> DataStoreError {
-    DataStoreError::Backend(format!(
-        "writes are refused since a write could not be saved ({reason}); free space or \
-         fix the data directory, then restart the server. That write may be lost; \
-         every earlier acknowledged write is safe"
-    ))
+    DataStoreError::Backend(refusal(reason))
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, DataStoreError> {
