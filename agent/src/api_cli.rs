@@ -1,9 +1,6 @@
 //! `oxid-agent api ...` and `healthcheck`: the Workload API used from the
 //! command line, as any workload would (with the security header).
 
-// A command line prints its results; that is its job.
-#![allow(clippy::print_stdout)]
-
 use std::path::PathBuf;
 
 use hyper_util::rt::TokioIo;
@@ -17,8 +14,9 @@ use crate::AgentError;
 use crate::cli::{ApiArgs, ApiCommand, FetchCommand, ValidateCommand};
 use crate::workload::with_header;
 
+/// Prints one line of command output (quietly done if the reader left).
 pub(crate) fn say(line: &str) {
-    println!("{line}");
+    oxid_telemetry::write_stdout(format_args!("{line}\n"));
 }
 
 fn socket_path(args: &ApiArgs) -> PathBuf {

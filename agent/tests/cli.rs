@@ -101,3 +101,24 @@ fn bad_input_is_one_error_line() {
     // The refused runs created no data directory (the default is ./.oxid).
     assert!(!dir.path().join(".oxid").exists());
 }
+
+/// `oxid-agent validate | head -0`: the reader is gone before the first
+/// line; the command ends quietly instead of panicking.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "trust_domain = \"example.org\"\n").unwrap();
+    let mut child = Command::new(BIN)
+        .args(["validate", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?} {stderr}", out.status);
+    assert!(stderr.is_empty(), "{stderr}");
+}

@@ -827,6 +827,31 @@ impl Drop for Tmpfs {
     }
 }
 
+/// `oxid-server entry show | head -0`: the reader is gone before the first
+/// line. The command ends quietly, where `println!` used to panic.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let s = Server::start("");
+    for i in 0..3 {
+        assert!(create_numbered(&s, i).status.success());
+    }
+    for output in ["pretty", "json"] {
+        let mut child = Command::new(BIN)
+            .args(["entry", "show", "--output", output, "--socket-path"])
+            .arg(s.socket())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Closed before the command has even reached the server.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{output}: {:?} {stderr}", out.status);
+        assert!(stderr.is_empty(), "{output}: {stderr}");
+    }
+}
+
 fn create_numbered(s: &Server, i: usize) -> Output {
     s.cli(&[
         "entry",

@@ -5,8 +5,8 @@
 //! histogram (a tower layer, so no handler can forget it). State gauges
 //! (entries, agents, CA expiry, SVIDs signed) are read when scraped.
 //!
-//! Also the one other piece of process plumbing both binaries share: the
-//! shutdown signal.
+//! Also the other process plumbing both binaries share: the shutdown
+//! signal, and how their commands write to stdout.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -243,6 +243,25 @@ fn answer(path: &str, source: &dyn MetricsSource) -> hyper::Response<Full<Bytes>
         resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
     }
     resp
+}
+
+/// Writes command output to stdout. When the reader has gone (`oxid-server
+/// entry show | head`), it has what it wanted: the process exits with 0
+/// instead of panicking, as `print!` does on a broken pipe. Any other write
+/// error is one line on stderr and exit 1.
+pub fn write_stdout(text: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(text).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        #[allow(clippy::print_stderr)]
+        {
+            eprintln!("error: cannot write the output: {e}");
+        }
+        std::process::exit(1);
+    }
 }
 
 /// A future that completes on SIGINT or SIGTERM, for the server's and the

@@ -1,7 +1,7 @@
 //! What each command does.
 
-// A command line prints its results; that is its job.
-#![allow(clippy::print_stdout, clippy::print_stderr)]
+// A command line reports failures on stderr; results go through `out!`.
+#![allow(clippy::print_stderr)]
 
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
@@ -15,7 +15,9 @@ use oxid_proto::admin as pb;
 use rustls_pki_types::CertificateDer;
 use serde_json::json;
 
-use super::output::{agent_json, agent_pretty, entry_json, entry_pretty, print_list, println};
+use super::output::{
+    agent_json, agent_pretty, entry_json, entry_pretty, out, outln, print_list, println,
+};
 use super::{
     AgentCommand, BundleCommand, BundleFormat, CaCommand, Cli, Command, Common, EntryCommand,
     EntryFields, JwtCommand, Output, RunArgs, TokenCommand, X509Command, client,
@@ -106,7 +108,7 @@ fn init_logging(level: &str, format: &str) {
 
 fn validate(config: Option<&Path>) -> CliResult {
     let c = Config::load(config, Overrides::default()).map_err(|e| e.to_string())?;
-    println!(
+    outln!(
         "configuration is valid: trust domain {}, data in {}, admin socket {}",
         c.trust_domain,
         c.data_dir.display(),
@@ -134,7 +136,7 @@ async fn operator(command: Command) -> CliResult {
             }
             match common.output {
                 Output::Json => println(&json!({"ready": true, "revision": h.revision})),
-                Output::Pretty => println!("server is healthy"),
+                Output::Pretty => outln!("server is healthy"),
             }
             Ok(())
         }
@@ -158,7 +160,7 @@ async fn operator(command: Command) -> CliResult {
                 Output::Json => {
                     println(&json!({"token": t.token, "id": t.id, "expires_at": t.expires_at}))
                 }
-                Output::Pretty => println!("{}", t.token),
+                Output::Pretty => outln!("{}", t.token),
             }
             Ok(())
         }
@@ -188,7 +190,7 @@ async fn operator(command: Command) -> CliResult {
                 .into_inner();
             match common.output {
                 Output::Json => println(&json!({"token": r.token, "expires_at": r.expires_at})),
-                Output::Pretty => println!("{}", r.token),
+                Output::Pretty => outln!("{}", r.token),
             }
             Ok(())
         }
@@ -289,7 +291,7 @@ fn report_results(output: Output, results: &[pb::EntryResult], verb: &str) -> Cl
         Output::Pretty => {
             for r in results {
                 match (&r.entry, r.error.is_empty()) {
-                    (Some(e), true) => print!("{verb} entry\n{}\n", entry_pretty(e)),
+                    (Some(e), true) => out!("{verb} entry\n{}\n", entry_pretty(e)),
                     // A lone failure is the command's error line; only batches
                     // list failures one by one.
                     _ if results.len() > 1 => {
@@ -347,7 +349,7 @@ async fn entry(cmd: EntryCommand) -> CliResult {
                 .into_inner();
             match common.output {
                 Output::Json => println(&entry_json(&e)),
-                Output::Pretty => print!("Updated entry\n{}", entry_pretty(&e)),
+                Output::Pretty => out!("Updated entry\n{}", entry_pretty(&e)),
             }
             Ok(())
         }
@@ -409,7 +411,7 @@ async fn entry(cmd: EntryCommand) -> CliResult {
                 .len();
             match common.output {
                 Output::Json => println(&json!({"count": n})),
-                Output::Pretty => println!("{n} registration entries"),
+                Output::Pretty => outln!("{n} registration entries"),
             }
             Ok(())
         }
@@ -447,7 +449,7 @@ async fn agent(cmd: AgentCommand) -> CliResult {
                 .len();
             match common.output {
                 Output::Json => println(&json!({"count": n})),
-                Output::Pretty => println!("{n} attested agents"),
+                Output::Pretty => outln!("{n} attested agents"),
             }
             Ok(())
         }
@@ -487,7 +489,7 @@ async fn agent(cmd: AgentCommand) -> CliResult {
 fn print_one_agent(output: Output, a: &pb::Agent, title: &str) {
     match output {
         Output::Json => println(&agent_json(a)),
-        Output::Pretty => print!("{title}{}", agent_pretty(a)),
+        Output::Pretty => out!("{title}{}", agent_pretty(a)),
     }
 }
 
@@ -501,8 +503,8 @@ async fn bundle(cmd: BundleCommand) -> CliResult {
                 .map_err(status_line)?
                 .into_inner();
             match format {
-                BundleFormat::Pem => print!("{}", b.pem),
-                BundleFormat::Spiffe => println!("{}", b.spiffe_json),
+                BundleFormat::Pem => out!("{}", b.pem),
+                BundleFormat::Spiffe => outln!("{}", b.spiffe_json),
             }
             Ok(())
         }
@@ -519,7 +521,7 @@ async fn bundle(cmd: BundleCommand) -> CliResult {
                 .into_inner();
             match common.output {
                 Output::Json => println(&json!({"trust_domain": b.trust_domain})),
-                Output::Pretty => println!("bundle set for {}", b.trust_domain),
+                Output::Pretty => outln!("bundle set for {}", b.trust_domain),
             }
             Ok(())
         }
@@ -537,9 +539,9 @@ async fn bundle(cmd: BundleCommand) -> CliResult {
                     "bundle": serde_json::from_str::<serde_json::Value>(&b.spiffe_json).unwrap_or_default(),
                 })).collect::<Vec<_>>()})),
                 Output::Pretty => {
-                    println!("Found {} federated bundles", list.len());
+                    outln!("Found {} federated bundles", list.len());
                     for b in &list {
-                        println!("{}", b.trust_domain);
+                        outln!("{}", b.trust_domain);
                     }
                 }
             }
@@ -554,7 +556,7 @@ async fn bundle(cmd: BundleCommand) -> CliResult {
             .map_err(status_line)?;
             match common.output {
                 Output::Json => println(&json!({"deleted": id})),
-                Output::Pretty => println!("bundle of {id} deleted"),
+                Output::Pretty => outln!("bundle of {id} deleted"),
             }
             Ok(())
         }
@@ -597,7 +599,7 @@ async fn x509_mint(
             key.store(&dir.join("key.pem")).map_err(|e| e.to_string())?;
             match common.output {
                 Output::Json => println(&json!({"written": dir, "expires_at": r.expires_at})),
-                Output::Pretty => println!(
+                Output::Pretty => outln!(
                     "wrote svid.pem, key.pem (0600) and bundle.pem to {}",
                     dir.display()
                 ),
@@ -610,7 +612,7 @@ async fn x509_mint(
                 "bundle": bundle_pem,
                 "expires_at": r.expires_at,
             })),
-            Output::Pretty => print!("{svid_pem}{}{bundle_pem}", key.to_pkcs8_pem().as_str()),
+            Output::Pretty => out!("{svid_pem}{}{bundle_pem}", key.to_pkcs8_pem().as_str()),
         },
     }
     Ok(())
@@ -659,7 +661,7 @@ async fn ca(cmd: CaCommand) -> CliResult {
         ),
         Output::Pretty => {
             for a in &status.authorities {
-                println!(
+                outln!(
                     "authority {}: {}{} not_before={} not_after={} jwt_kid={}{}",
                     a.sequence,
                     a.state,

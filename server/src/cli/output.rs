@@ -1,12 +1,26 @@
 //! How operator commands print results: pretty text or one JSON document.
 
-// A command line prints its results; that is its job.
-#![allow(clippy::print_stdout)]
-
 use oxid_proto::admin as pb;
 use serde_json::{Value, json};
 
 use super::Output;
+
+/// `print!` for command output: a reader that goes away (`oxid-server entry
+/// show | head`) ends the command quietly ([`oxid_telemetry::write_stdout`]).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        oxid_telemetry::write_stdout(format_args!($($arg)*))
+    };
+}
+
+/// `println!` for command output; see [`out!`].
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        oxid_telemetry::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+pub(crate) use {out, outln};
 
 pub(crate) fn entry_json(e: &pb::Entry) -> Value {
     json!({
@@ -102,11 +116,11 @@ pub(crate) fn print_list<T>(
                 text.push('\n');
                 text += &to_pretty(item);
             }
-            print!("{text}");
+            out!("{text}");
         }
     }
 }
 
 pub(crate) fn println(v: &Value) {
-    println!("{v}");
+    outln!("{v}");
 }
