@@ -141,14 +141,8 @@ impl MetricsSource for ServerMetrics {
         out
     }
 
-    /// Ready: an active CA that can sign, and a datastore that takes writes.
     fn ready(&self) -> bool {
-        self.store.write_failure().is_none()
-            && self
-                .ca
-                .authorities()
-                .iter()
-                .any(|a| a.state == crate::ca::AuthorityState::Active && a.can_sign)
+        crate::admin::not_ready(self.store.as_ref(), &self.ca).is_none()
     }
 }
 

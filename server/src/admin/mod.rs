@@ -16,7 +16,7 @@ use crate::ca::CaError;
 use crate::datastore::DataStoreError;
 
 pub use self::convert::{EntryPolicy, agent_to_pb, entry_to_pb};
-pub use self::service::{AdminService, DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL};
+pub use self::service::{AdminService, DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, not_ready};
 
 /// Why an admin call failed. Mapped to a gRPC status in one place.
 #[derive(Debug, thiserror::Error)]

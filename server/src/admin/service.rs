@@ -534,24 +534,28 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::HealthResponse>, Status> {
         guarded!(self, req, "Health", {
             let _ = req;
-            let can_sign = self
-                .ca
-                .authorities()
-                .iter()
-                .any(|a| a.state == AuthorityState::Active && a.can_sign);
-            // The same two conditions as `/ready`.
-            let reason = match self.store.write_failure() {
-                Some(failure) => format!("datastore unavailable: {failure}"),
-                None if !can_sign => "no active CA can sign".to_owned(),
-                None => String::new(),
-            };
+            let reason = not_ready(self.store.as_ref(), &self.ca);
             Ok(pb::HealthResponse {
-                ready: reason.is_empty(),
+                ready: reason.is_none(),
                 revision: *self.store.revision().borrow(),
-                reason,
+                reason: reason.unwrap_or_default(),
             })
         })
     }
+}
+
+/// Why the server is not ready, if it is not: it needs an active CA that
+/// can sign and a datastore that takes writes. Both the admin `Health` call
+/// (`oxid-server healthcheck`) and `/ready` answer from this.
+pub fn not_ready(store: &dyn DataStore, ca: &CaManager) -> Option<String> {
+    if let Some(failure) = store.write_failure() {
+        return Some(format!("datastore unavailable: {failure}"));
+    }
+    let can_sign = ca
+        .authorities()
+        .iter()
+        .any(|a| a.state == AuthorityState::Active && a.can_sign);
+    (!can_sign).then(|| "no active CA can sign".to_owned())
 }
 
 fn ca_status(ca: &CaManager) -> pb::GetCaStatusResponse {
