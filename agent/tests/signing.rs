@@ -7,18 +7,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Harness, WAIT, admin};
+use common::{Harness, WAIT, admin, http_get};
 use oxid_proto::admin as admin_pb;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 async fn svids_cached(metrics: std::net::SocketAddr) -> Option<u64> {
-    let mut tcp = tokio::net::TcpStream::connect(metrics).await.ok()?;
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+    http_get(metrics, "/metrics")
         .await
-        .ok()?;
-    let mut text = String::new();
-    tcp.read_to_string(&mut text).await.ok()?;
-    text.lines()
+        .ok()?
+        .lines()
         .find_map(|l| l.strip_prefix("oxid_agent_svids_cached "))
         .and_then(|v| v.trim().parse().ok())
 }

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::SystemTime;
 
-use common::{Harness, eventually, my_uid};
+use common::{Harness, eventually, http_get, my_uid};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_spiffe_crate_gets_svids_bundles_and_jwts() {
@@ -221,7 +221,6 @@ async fn health_and_reflection_share_the_socket() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn agent_metrics_and_health_endpoints() {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut h = Harness::start().await;
     // Restart the agent with a metrics listener (its identity is saved).
     h.stop_agent().await;
@@ -247,20 +246,7 @@ async fn agent_metrics_and_health_endpoints() {
     }
     let again = client.fetch_jwt_svid(&["e"], None).await.unwrap();
     assert_eq!(again.token(), last);
-    let get = |path: &'static str| async move {
-        let mut tcp = tokio::net::TcpStream::connect(metrics_addr)
-            .await
-            .map_err(|e| e.to_string())?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n");
-        tcp.write_all(req.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut text = String::new();
-        tcp.read_to_string(&mut text)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok::<_, String>(text)
-    };
+    let get = |path: &'static str| http_get(metrics_addr, path);
     let text = eventually(|| get("/metrics")).await;
     for needle in [
         "oxid_rpc_requests_total{api=\"workload\",method=\"FetchX509SVID\",code=\"0\"}",

@@ -123,10 +123,7 @@ impl WorkloadApi {
     /// A stream slot for the caller's uid.
     #[allow(clippy::result_large_err)]
     fn stream_permit<T>(&self, req: &Request<T>) -> Result<StreamPermit, Status> {
-        let uid = peer(req)?
-            .cred()
-            .map(|c| c.uid)
-            .ok_or_else(|| Status::permission_denied("cannot identify the calling process"))?;
+        let uid = peer(req)?.cred().ok_or_else(unidentified)?.uid;
         self.streams.acquire(uid)
     }
 }
@@ -134,9 +131,11 @@ impl WorkloadApi {
 /// The process that made the caller's connection, pinned at accept.
 #[allow(clippy::result_large_err)]
 fn peer<T>(req: &Request<T>) -> Result<&Peer, Status> {
-    req.extensions()
-        .get::<Peer>()
-        .ok_or_else(|| Status::permission_denied("cannot identify the calling process"))
+    req.extensions().get::<Peer>().ok_or_else(unidentified)
+}
+
+fn unidentified() -> Status {
+    Status::permission_denied("cannot identify the calling process")
 }
 
 /// The caller's selectors, from its socket credentials.

@@ -308,6 +308,23 @@ impl Drop for Harness {
     }
 }
 
+/// `GET path` on the agent's metrics listener: the whole HTTP answer.
+pub async fn http_get(address: std::net::SocketAddr, path: &str) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(address)
+        .await
+        .map_err(|e| e.to_string())?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n");
+    tcp.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    tcp.read_to_string(&mut text)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(text)
+}
+
 /// An X509-SVID leaf's serial number and expiry.
 pub fn serial_and_expiry(svid: &spiffe::X509Svid) -> (Vec<u8>, std::time::SystemTime) {
     let (_, cert) = x509_parser::parse_x509_certificate(svid.leaf().as_bytes()).unwrap();
