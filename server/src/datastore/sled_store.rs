@@ -12,9 +12,11 @@
 //! but not the metadata that finds it (block allocation, file size): on
 //! ext4, writes acknowledged in the last few seconds were lost when the
 //! file system went read-only under the server, as a power cut would lose
-//! them. So each flush also `fdatasync`s sled's log file. Multi-key writes run as
-//! one sled transaction across all trees, including the revision counter and
-//! the change-feed record, so a crash leaves either all of a write or none.
+//! them. So each flush also `fdatasync`s sled's log file.
+//!
+//! Multi-key writes run as one sled transaction across all trees, including
+//! the revision counter and the change-feed record, so a crash leaves either
+//! all of a write or none.
 
 use std::path::Path;
 
