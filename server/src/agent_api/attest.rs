@@ -93,26 +93,41 @@ pub(crate) fn x509pop_begin(
             chain.len()
         )));
     }
-    let anchors: Vec<_> = roots
+    // Each anchor kept beside the root it came from, so the root that
+    // verification used is found by position, never by a name the node sent.
+    let (anchor_roots, anchors): (Vec<_>, Vec<_>) = roots
         .iter()
-        .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok())
-        .collect();
+        .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok().map(|a| (r, a)))
+        .unzip();
     let leaf_der = &chain[0];
     let leaf = webpki::EndEntityCert::try_from(leaf_der)
         .map_err(|e| AgentApiError::InvalidArgument(format!("x509pop: node certificate: {e:?}")))?;
     let secs = now
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_err(|_| bad("clock before 1970".into()))?;
-    leaf.verify_for_usage(
-        oxid_pki::policy::X509_SIGNATURE_ALGORITHMS,
-        &anchors,
-        &chain[1..],
-        UnixTime::since_unix_epoch(secs),
-        webpki::KeyUsage::client_auth(),
-        None,
-        None,
-    )
-    .map_err(|e| bad(format!("node certificate is not trusted: {e:?}")))?;
+    let path = leaf
+        .verify_for_usage(
+            oxid_pki::policy::X509_SIGNATURE_ALGORITHMS,
+            &anchors,
+            &chain[1..],
+            UnixTime::since_unix_epoch(secs),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| bad(format!("node certificate is not trusted: {e:?}")))?;
+    // Only the CAs on the path that verified vouch for this node: anything
+    // else the node appended is unchecked and could be anyone's certificate.
+    let used_root = anchors
+        .iter()
+        .position(|a| std::ptr::eq(a, path.anchor()))
+        .map(|i| anchor_roots[i])
+        .ok_or_else(|| AgentApiError::Internal("x509pop: verified anchor not found".into()))?;
+    let path_cas: Vec<CertificateDer<'_>> = path
+        .intermediate_certificates()
+        .map(|c| c.der())
+        .chain(std::iter::once(used_root.clone()))
+        .collect();
 
     let parsed = x509_parser::parse_x509_certificate(leaf_der)
         .map_err(|e| AgentApiError::InvalidArgument(format!("x509pop: {e}")))?
@@ -146,17 +161,9 @@ pub(crate) fn x509pop_begin(
             }
         }
     }
-    // Fingerprints of the CAs above the leaf: its intermediates and the
-    // configured root that issued the top of the chain.
-    let top_issuer = x509_parser::parse_x509_certificate(&chain[chain.len() - 1])
-        .map(|(_, c)| c.issuer().as_raw().to_vec())
-        .unwrap_or_default();
-    let issuing_roots = roots.iter().filter(|r| {
-        x509_parser::parse_x509_certificate(r)
-            .map(|(_, c)| c.subject().as_raw() == top_issuer.as_slice())
-            .unwrap_or(false)
-    });
-    for ca in chain[1..].iter().chain(issuing_roots) {
+    // Fingerprints of the CAs on the verified path: its intermediates and
+    // the configured root it ends at.
+    for ca in &path_cas {
         add(
             "x509pop",
             format!(
