@@ -1,10 +1,21 @@
-//! Local Unix sockets, bound safely: the directory must belong to this
-//! process's user and not be writable by group or others (anyone who can
-//! write there could replace the socket and impersonate the service).
+//! Local Unix sockets and private directories, set up safely.
+//!
+//! Anyone who can change any component of a socket's path (a directory on
+//! the way, a symbolic link, the socket's own directory) could swap in their
+//! own socket and receive the calls meant for the service, so every
+//! component is checked, not only the last directory: each must be owned by
+//! root or this process's user, and no directory may be writable by group or
+//! others, except a sticky one such as `/tmp` on the way (its children can
+//! be replaced only by their owners, who are checked next). A symbolic link
+//! is followed only if it and everything it leads to pass the same checks.
+//! Data directories get the same checks.
 
-use std::path::Path;
+use std::path::{Component, Path, PathBuf};
 
 use tokio::net::UnixListener;
+
+/// Most symbolic links followed in one path (the kernel's own limit).
+const MAX_SYMLINKS: usize = 40;
 
 /// The effective uid of this process, read from `/proc/self` (owned by it),
 /// which spares an `unsafe` call to `geteuid`.
@@ -13,16 +24,25 @@ pub fn current_uid() -> std::io::Result<u32> {
     Ok(std::fs::metadata("/proc/self")?.uid())
 }
 
-/// Why a socket could not be set up.
+/// Why a socket or a directory could not be set up.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SocketError {
-    /// The directory is unsafe: owned by another user or writable by others.
+    /// A component of the socket's path is unsafe: owned by another user,
+    /// or a directory others can write.
     #[error("refusing to use socket directory {dir}: {reason}")]
     UnsafeDirectory {
         /// The directory.
         dir: String,
-        /// What is wrong.
+        /// Which component is wrong, and how.
+        reason: String,
+    },
+    /// A component of a data directory's path is unsafe.
+    #[error("refusing to use data directory {dir}: {reason}")]
+    UnsafeDataDirectory {
+        /// The directory.
+        dir: String,
+        /// Which component is wrong, and how.
         reason: String,
     },
     /// Creating, cleaning or binding failed.
@@ -35,47 +55,205 @@ pub enum SocketError {
     },
 }
 
-/// Binds a Unix socket at `path` after checking its directory: created
-/// 0755 if missing; refused if owned by another user or writable by group
-/// or others (anyone who can write there could swap the socket). A stale
-/// socket file is replaced; any other file there is an error.
-pub fn bind_unix_socket(path: &Path, mode: u32) -> Result<UnixListener, SocketError> {
-    use std::os::unix::fs::{
-        DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, PermissionsExt as _,
+/// Checks every component of the path to the directory `dir`, which must
+/// exist; `Err` says which component is wrong and how.
+pub fn check_dir_path(dir: &Path) -> Result<(), String> {
+    check_path(dir, false)
+}
+
+/// As [`check_dir_path`]; `sticky_last` lets the last directory be a
+/// writable sticky one (to create a child in, which is checked after).
+fn check_path(dir: &Path, sticky_last: bool) -> Result<(), String> {
+    let me = current_uid().map_err(|e| format!("cannot read /proc/self: {e}"))?;
+    let absolute = std::path::absolute(dir)
+        .map_err(|e| format!("cannot make {} absolute: {e}", dir.display()))?;
+    let mut walk = Walk { me, links: 0 };
+    let resolved = walk.resolve(PathBuf::from("/"), &absolute)?;
+    let meta = lstat(&resolved)?;
+    if !meta.is_dir() {
+        return Err(format!("{} is not a directory", resolved.display()));
+    }
+    // The last directory holds the socket or the data itself: no one else
+    // may create files there, sticky or not.
+    if mode(&meta) & 0o022 != 0 && !(sticky_last && mode(&meta) & 0o1000 != 0) {
+        return Err(format!(
+            "{} has mode {:04o}, which lets group or others write; use chmod go-w",
+            resolved.display(),
+            mode(&meta)
+        ));
+    }
+    Ok(())
+}
+
+/// Creates `dir` with `mode` if missing (checking the part of its path that
+/// exists first, so nothing is created through an unsafe component), then
+/// checks every component of its path.
+fn prepare_dir(dir: &Path, mode: u32) -> Result<(), PrepareError> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    if std::fs::symlink_metadata(dir).is_err() {
+        if let Some(existing) = dir.ancestors().skip(1).find(|a| a.exists()) {
+            check_path(existing, true).map_err(PrepareError::Unsafe)?;
+        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(mode)
+            .create(dir)
+            .map_err(PrepareError::Io)?;
+    }
+    check_dir_path(dir).map_err(PrepareError::Unsafe)
+}
+
+enum PrepareError {
+    Unsafe(String),
+    Io(std::io::Error),
+}
+
+/// Checks the directory a socket at `path` will live in, creating it 0755
+/// if missing: what [`bind_unix_socket`] does first, for a caller that must
+/// know before spending something (e.g. an agent's join token).
+pub fn prepare_socket_dir(path: &Path) -> Result<(), SocketError> {
+    let dir = socket_dir(path);
+    prepare_dir(dir, 0o755).map_err(|e| match e {
+        PrepareError::Unsafe(reason) => SocketError::UnsafeDirectory {
+            dir: dir.display().to_string(),
+            reason,
+        },
+        PrepareError::Io(source) => SocketError::Io {
+            path: path.display().to_string(),
+            source,
+        },
+    })
+}
+
+/// Prepares a private data directory: created with `mode` if missing, every
+/// component of its path checked, and its mode then set to `mode` even if it
+/// existed before (an older or hand-made directory may be readable by
+/// others). One that others can write is refused, not tightened: they may
+/// have put files in it already.
+pub fn prepare_private_dir(dir: &Path, mode: u32) -> Result<(), SocketError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let io = |source| SocketError::Io {
+        path: dir.display().to_string(),
+        source,
     };
+    prepare_dir(dir, mode).map_err(|e| match e {
+        PrepareError::Unsafe(reason) => SocketError::UnsafeDataDirectory {
+            dir: dir.display().to_string(),
+            reason,
+        },
+        PrepareError::Io(source) => io(source),
+    })?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(io)
+}
+
+/// The directory a socket at `path` lives in.
+fn socket_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// One walk along a path, counting the symbolic links followed.
+struct Walk {
+    me: u32,
+    links: usize,
+}
+
+impl Walk {
+    /// Follows `path` from `base` (a checked, link-free directory), checking
+    /// each component; returns the link-free path it leads to.
+    fn resolve(&mut self, base: PathBuf, path: &Path) -> Result<PathBuf, String> {
+        let mut current = base;
+        for component in path.components() {
+            match component {
+                Component::RootDir => {
+                    current = PathBuf::from("/");
+                    self.check_dir(&current, &lstat(&current)?)?;
+                }
+                Component::CurDir | Component::Prefix(_) => {}
+                // `current` holds no link, so its parent is the real one,
+                // and was checked on the way here.
+                Component::ParentDir => {
+                    current.pop();
+                }
+                Component::Normal(name) => {
+                    let next = current.join(name);
+                    let meta = lstat(&next)?;
+                    if meta.file_type().is_symlink() {
+                        self.check_owner(&next, &meta, "symbolic link")?;
+                        self.links += 1;
+                        if self.links > MAX_SYMLINKS {
+                            return Err(format!(
+                                "more than {MAX_SYMLINKS} symbolic links at {}",
+                                next.display()
+                            ));
+                        }
+                        let target = std::fs::read_link(&next)
+                            .map_err(|e| format!("{}: {e}", next.display()))?;
+                        current = self.resolve(current, &target)?;
+                    } else if meta.is_dir() {
+                        self.check_dir(&next, &meta)?;
+                        current = next;
+                    } else {
+                        return Err(format!("{} is not a directory", next.display()));
+                    }
+                }
+            }
+        }
+        Ok(current)
+    }
+
+    fn check_owner(&self, path: &Path, meta: &std::fs::Metadata, what: &str) -> Result<(), String> {
+        use std::os::unix::fs::MetadataExt as _;
+        let owner = meta.uid();
+        if owner != 0 && owner != self.me {
+            return Err(format!(
+                "{what} {} is owned by uid {owner}; each component of the path must be \
+                 owned by root or by this process's user (uid {})",
+                path.display(),
+                self.me
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_dir(&self, path: &Path, meta: &std::fs::Metadata) -> Result<(), String> {
+        self.check_owner(path, meta, "directory")?;
+        let mode = mode(meta);
+        // A sticky directory is safe to pass through: its children can be
+        // renamed or removed only by their owners, and the child on this
+        // path is checked next.
+        if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+            return Err(format!(
+                "directory {} has mode {mode:04o}, which lets group or others replace what \
+                 is inside; use chmod go-w (or chmod +t)",
+                path.display()
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn lstat(path: &Path) -> Result<std::fs::Metadata, String> {
+    std::fs::symlink_metadata(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn mode(meta: &std::fs::Metadata) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    meta.permissions().mode() & 0o7777
+}
+
+/// Binds a Unix socket at `path` after checking every component of its
+/// path (see the module documentation); its directory is created 0755 if
+/// missing. A stale socket file is replaced; any other file there is an
+/// error.
+pub fn bind_unix_socket(path: &Path, mode: u32) -> Result<UnixListener, SocketError> {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
     let io = |source| SocketError::Io {
         path: path.display().to_string(),
         source,
     };
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)
-            .map_err(io)?;
-    }
-    let meta = std::fs::metadata(dir).map_err(io)?;
-    let unsafe_dir = |reason: String| SocketError::UnsafeDirectory {
-        dir: dir.display().to_string(),
-        reason,
-    };
-    let me = current_uid().map_err(io)?;
-    if meta.uid() != me {
-        return Err(unsafe_dir(format!(
-            "owned by uid {}, not by this process (uid {me})",
-            meta.uid()
-        )));
-    }
-    if meta.mode() & 0o022 != 0 {
-        return Err(unsafe_dir(format!(
-            "mode {:04o} lets group or others write; use chmod go-w",
-            meta.mode() & 0o7777
-        )));
-    }
+    prepare_socket_dir(path)?;
     match std::fs::symlink_metadata(path) {
         // A stale socket is replaced by the rename below.
         Ok(m) if m.file_type().is_socket() => {}
