@@ -29,6 +29,15 @@ pub enum SelectorError {
     /// Longer than [`MAX_SELECTOR_LEN`].
     #[error("selector is {0} bytes; at most {MAX_SELECTOR_LEN} are allowed")]
     TooLong(usize),
+    /// Well formed, but no node or workload can ever carry it (e.g.
+    /// `unix:uid:-1`): an entry holding it would silently never match.
+    #[error("selector {selector:?} can never match: {reason}")]
+    Impossible {
+        /// The selector.
+        selector: String,
+        /// Why no caller can have it, and what it should look like.
+        reason: &'static str,
+    },
 }
 
 /// A parsed selector. Ordered by type, then value, so sets of selectors
@@ -53,6 +62,124 @@ impl Selector {
     /// The value, e.g. `uid:1000`.
     pub fn value(&self) -> &str {
         &self.value
+    }
+}
+
+/// What the values of one `unix:` or `x509pop:` key look like, as oxid's
+/// attestors write them.
+#[derive(Clone, Copy)]
+enum ValueShape {
+    /// A uid or gid: decimal, no sign or leading zero, below 2^32 - 1 (which
+    /// the kernel reserves for "no id").
+    Id,
+    /// A user or group name: no `:` or whitespace.
+    Name,
+    /// An absolute, normalised path, as `/proc/<pid>/exe` reads.
+    AbsolutePath,
+    /// A SHA-256 as 64 lowercase hex digits.
+    Sha256,
+    /// Any non-empty text.
+    Text,
+}
+
+/// The keys oxid's own attestors emit: for these types, any other key can
+/// never match and is refused at create time.
+const KNOWN_KEYS: &[(&str, &[(&str, ValueShape)])] = &[
+    (
+        "unix",
+        &[
+            ("uid", ValueShape::Id),
+            ("gid", ValueShape::Id),
+            ("user", ValueShape::Name),
+            ("group", ValueShape::Name),
+            ("supplementary_gid", ValueShape::Id),
+            ("supplementary_group", ValueShape::Name),
+            ("path", ValueShape::AbsolutePath),
+            ("sha256", ValueShape::Sha256),
+        ],
+    ),
+    (
+        "x509pop",
+        &[
+            ("subject:cn", ValueShape::Text),
+            ("san:dns", ValueShape::Text),
+            ("ca:fingerprint", ValueShape::Sha256),
+        ],
+    ),
+];
+
+impl ValueShape {
+    /// Why `v` cannot be a value of this shape, if it cannot.
+    fn refuse(self, v: &str) -> Option<&'static str> {
+        match self {
+            _ if v.is_empty() => Some("the value after the key is empty"),
+            Self::Id => {
+                let canonical =
+                    v.bytes().all(|b| b.is_ascii_digit()) && (v == "0" || !v.starts_with('0'));
+                match v.parse::<u32>() {
+                    Ok(id) if canonical && id != u32::MAX => None,
+                    _ => Some("an id is a decimal number from 0 to 4294967294"),
+                }
+            }
+            Self::Name => (v.contains(':') || v.chars().any(char::is_whitespace))
+                .then_some("a user or group name has no ':' or spaces"),
+            Self::AbsolutePath => {
+                let normalised = v.starts_with('/')
+                    && (v == "/"
+                        || (!v.ends_with('/')
+                            && v[1..].split('/').all(|c| !matches!(c, "" | "." | ".."))));
+                (!normalised).then_some(
+                    "a path is absolute and normalised (no '.', '..', '//' or trailing '/'), \
+                     as /proc/<pid>/exe shows it",
+                )
+            }
+            Self::Sha256 => (v.len() != 64
+                || !v
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+            .then_some("a SHA-256 is 64 lowercase hex digits"),
+            Self::Text => None,
+        }
+    }
+}
+
+impl Selector {
+    /// Refuses a selector of a type oxid attests (`unix`, `x509pop`) whose
+    /// key is unknown or whose value no caller can have: an entry should be
+    /// refused at once rather than stored and never matched. Other types
+    /// pass unchecked.
+    pub fn check_possible(&self) -> Result<(), SelectorError> {
+        let Some((_, keys)) = KNOWN_KEYS.iter().find(|(kind, _)| *kind == &*self.kind) else {
+            return Ok(());
+        };
+        let impossible = |reason| SelectorError::Impossible {
+            selector: self.to_string(),
+            reason,
+        };
+        let (shape, value) = keys
+            .iter()
+            .find_map(|(key, shape)| {
+                self.value
+                    .strip_prefix(key)
+                    .and_then(|rest| rest.strip_prefix(':'))
+                    .map(|value| (*shape, value))
+            })
+            .ok_or_else(|| {
+                impossible(match &*self.kind {
+                    "unix" => {
+                        "unix keys are uid, gid, user, group, supplementary_gid, \
+                         supplementary_group, path and sha256, each followed by ':' and a value"
+                    }
+                    _ => {
+                        "x509pop keys are subject:cn, san:dns and ca:fingerprint, each \
+                         followed by ':' and a value"
+                    }
+                })
+            })?;
+        match shape.refuse(value) {
+            Some(reason) => Err(impossible(reason)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -148,6 +275,73 @@ mod tests {
             long.parse::<Selector>(),
             Err(SelectorError::TooLong(_))
         ));
+    }
+
+    #[test]
+    fn impossible_values_of_known_types_are_refused() {
+        let hash = "ab".repeat(32);
+        for ok in [
+            "unix:uid:0".to_owned(),
+            "unix:uid:4294967294".to_owned(),
+            "unix:gid:1000".to_owned(),
+            "unix:user:www-data".to_owned(),
+            "unix:group:wheel".to_owned(),
+            "unix:supplementary_gid:27".to_owned(),
+            "unix:path:/usr/bin/app".to_owned(),
+            "unix:path:/".to_owned(),
+            format!("unix:sha256:{hash}"),
+            format!("x509pop:ca:fingerprint:{hash}"),
+            "x509pop:subject:cn:web-1".to_owned(),
+            "x509pop:san:dns:web-1.example".to_owned(),
+            "k8s:ns:anything goes".to_owned(),
+        ] {
+            let s: Selector = ok.parse().unwrap();
+            assert_eq!(s.check_possible(), Ok(()), "{ok}");
+        }
+        for bad in [
+            "unix:uid:-1".to_owned(),
+            "unix:uid:".to_owned(),
+            "unix:uid".to_owned(),
+            "unix:uid:abc".to_owned(),
+            "unix:uid:+1".to_owned(),
+            "unix:uid:01".to_owned(),
+            "unix:uid:4294967295".to_owned(),
+            "unix:uid:99999999999".to_owned(),
+            "unix:gid:1.5".to_owned(),
+            "unix:user:".to_owned(),
+            "unix:user:a b".to_owned(),
+            "unix:group:a:b".to_owned(),
+            "unix:path:usr/bin/app".to_owned(),
+            "unix:path:./app".to_owned(),
+            "unix:path:/usr/bin/../bin/app".to_owned(),
+            "unix:path:/usr//bin/app".to_owned(),
+            "unix:path:/usr/bin/".to_owned(),
+            "unix:sha256:abc".to_owned(),
+            format!("unix:sha256:{}", "AB".repeat(32)),
+            format!("unix:sha256:{hash}0"),
+            format!("unix:sha256:{}", "zz".repeat(32)),
+            "unix:pid:1".to_owned(),
+            "unix:uidx:1".to_owned(),
+            "x509pop:ca:fingerprint:00".to_owned(),
+            "x509pop:subject:cn:".to_owned(),
+            "x509pop:san:uri:x".to_owned(),
+        ] {
+            let s: Selector = bad.parse().unwrap();
+            assert!(
+                matches!(s.check_possible(), Err(SelectorError::Impossible { .. })),
+                "{bad}"
+            );
+        }
+        let e = "unix:uid:-1"
+            .parse::<Selector>()
+            .unwrap()
+            .check_possible()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("\"unix:uid:-1\" can never match") && e.contains("decimal"),
+            "{e}"
+        );
     }
 
     #[test]
