@@ -122,11 +122,12 @@ impl EntryIndex {
     }
 
     /// The IDs whose entries are authorised for `agent`, given `authorized`
-    /// (from [`EntryIndex::authorized`]): its identities, the SPIFFE IDs of
-    /// those entries, and the server's ID (node aliases). A change to an
-    /// entry hanging from none of these cannot change what the agent gets.
-    pub fn closure(&self, agent: &Agent, authorized: &[&Entry]) -> HashSet<SpiffeId> {
-        let mut ids: HashSet<SpiffeId> = self.identities(agent).into_iter().collect();
+    /// (from [`EntryIndex::authorized`] at `now`): its identities, the
+    /// SPIFFE IDs of those entries, and the server's ID (node aliases). A
+    /// change to an entry hanging from none of these cannot change what the
+    /// agent gets.
+    pub fn closure(&self, agent: &Agent, authorized: &[&Entry], now: u64) -> HashSet<SpiffeId> {
+        let mut ids: HashSet<SpiffeId> = self.identities(agent, now).into_iter().collect();
         ids.extend(authorized.iter().map(|e| e.spiffe_id.clone()));
         ids.insert(self.server_id.clone());
         ids
@@ -192,19 +193,37 @@ impl EntryIndex {
         self.entries.get(id)
     }
 
-    /// The IDs an agent is known by: its own, its token aliases, and the
-    /// node aliases its selectors satisfy.
-    pub fn identities(&self, agent: &Agent) -> BTreeSet<SpiffeId> {
+    /// The IDs an agent is known by at unix second `now`: its own, its
+    /// token aliases, and the unexpired node aliases its selectors satisfy.
+    pub fn identities(&self, agent: &Agent, now: u64) -> BTreeSet<SpiffeId> {
         let mut ids: BTreeSet<SpiffeId> = agent.aliases.iter().cloned().collect();
         ids.insert(agent.spiffe_id.clone());
-        for id in self.by_parent.get(&self.server_id).into_iter().flatten() {
-            if let Some(alias) = self.entries.get(id) {
-                if alias.selectors.is_subset(&agent.selectors) {
-                    ids.insert(alias.spiffe_id.clone());
-                }
-            }
-        }
+        ids.extend(self.node_aliases(agent, now).map(|a| a.spiffe_id.clone()));
         ids
+    }
+
+    /// The unexpired node-alias entries whose selectors `agent` satisfies.
+    fn node_aliases<'a>(&'a self, agent: &'a Agent, now: u64) -> impl Iterator<Item = &'a Entry> {
+        self.by_parent
+            .get(&self.server_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.entries.get(id))
+            .filter(move |a| a.expires_at.is_none_or(|t| t > now))
+            .filter(|a| a.selectors.is_subset(&agent.selectors))
+    }
+
+    /// The first unix second after `now` at which what `agent` gets changes
+    /// by expiry alone: the earliest `expires_at` among `authorized` (from
+    /// [`EntryIndex::authorized`] at `now`) and its node aliases.
+    pub fn next_expiry(&self, agent: &Agent, authorized: &[&Entry], now: u64) -> Option<u64> {
+        authorized
+            .iter()
+            .copied()
+            .chain(self.node_aliases(agent, now))
+            .filter_map(|e| e.expires_at)
+            .filter(|t| *t > now)
+            .min()
     }
 
     /// Entries authorised for `agent` at unix second `now` (expired entries
@@ -212,7 +231,7 @@ impl EntryIndex {
     pub fn authorized(&self, agent: &Agent, now: u64) -> Vec<&Entry> {
         let mut seen_ids: HashSet<SpiffeId> = HashSet::new();
         let mut queue: VecDeque<SpiffeId> = VecDeque::new();
-        for id in self.identities(agent) {
+        for id in self.identities(agent, now) {
             if seen_ids.insert(id.clone()) {
                 queue.push_back(id);
             }
@@ -246,7 +265,7 @@ impl EntryIndex {
         let Some(entry) = self.entries.get(entry).filter(live) else {
             return false;
         };
-        let identities = self.identities(agent);
+        let identities = self.identities(agent, now);
         // Parent IDs already followed: entries may form cycles.
         let mut followed: HashSet<&SpiffeId> = HashSet::new();
         let mut parents = vec![&entry.parent_id];
@@ -314,6 +333,7 @@ mod tests {
             aliases: aliases.iter().map(|a| id(a)).collect(),
             serial: "1".into(),
             previous_serial: None,
+            pending_key: None,
             expires_at: 0,
             banned: false,
             created_at: 0,
@@ -507,7 +527,7 @@ mod tests {
             ),
             entry("db", "/db", "/oxid/agent/join_token/b", &["unix:uid:1"], 2),
         ]);
-        let closure = idx.closure(&a, &idx.authorized(&a, 0));
+        let closure = idx.closure(&a, &idx.authorized(&a, 0), 0);
         let concerns = |idx: &EntryIndex, since| idx.may_concern(since, &a.spiffe_id, &closure);
         assert!(!concerns(&idx, 1), "nothing applied since");
 

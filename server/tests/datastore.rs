@@ -54,6 +54,7 @@ fn agent(spiffe_id: &str) -> Agent {
         aliases: BTreeSet::new(),
         serial: "01".into(),
         previous_serial: None,
+        pending_key: None,
         expires_at: 2_000_000_000,
         banned: false,
         created_at: 1,
@@ -273,7 +274,7 @@ async fn everything_survives_a_reopen() {
         )
         .await
         .unwrap();
-        let a = store.put_agent(agent(AGENT)).await.unwrap();
+        let a = store.put_agent(None, agent(AGENT)).await.unwrap();
         store.put_ca_journal(b"journal-v1".to_vec()).await.unwrap();
         store
             .put_bundle(StoredBundle {
@@ -441,9 +442,19 @@ async fn a_join_token_is_consumed_once_under_concurrency() {
 async fn agents_and_bundles_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
-    let mut a = store.put_agent(agent(AGENT)).await.unwrap();
+    let created = store.put_agent(None, agent(AGENT)).await.unwrap();
+    let mut a = created.clone();
     a.banned = true;
-    store.put_agent(a.clone()).await.unwrap();
+    store.put_agent(Some(&created), a.clone()).await.unwrap();
+    // A write from a stale copy (or a create over a record) is refused.
+    let mut stale = created.clone();
+    stale.serial = "02".into();
+    for expected in [Some(&created), None] {
+        assert!(matches!(
+            store.put_agent(expected, stale.clone()).await,
+            Err(DataStoreError::Conflict(_))
+        ));
+    }
     assert!(store.get_agent(&id(AGENT)).await.unwrap().banned);
     assert_eq!(store.list_agents().await.unwrap(), [a.clone()]);
     assert_eq!(store.delete_agent(&id(AGENT)).await.unwrap(), a);
@@ -455,6 +466,12 @@ async fn agents_and_bundles_round_trip() {
         store.delete_agent(&id(AGENT)).await,
         Err(DataStoreError::NotFound(_))
     ));
+    // An evicted agent is not re-created by a write that read it before.
+    assert!(matches!(
+        store.put_agent(Some(&a), stale).await,
+        Err(DataStoreError::Conflict(_))
+    ));
+    assert!(store.list_agents().await.unwrap().is_empty());
 
     let td = TrustDomain::new("partner.example").unwrap();
     let bundle = StoredBundle {
@@ -552,9 +569,12 @@ async fn concurrent_writers_all_finish_and_persist() {
             tokio::spawn(async move {
                 for i in 0..20 {
                     store
-                        .put_agent(agent(&format!(
-                            "spiffe://example.org/oxid/agent/join_token/w{w}-{i}"
-                        )))
+                        .put_agent(
+                            None,
+                            agent(&format!(
+                                "spiffe://example.org/oxid/agent/join_token/w{w}-{i}"
+                            )),
+                        )
                         .await
                         .unwrap();
                 }

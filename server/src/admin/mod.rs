@@ -56,7 +56,9 @@ impl From<DataStoreError> for AdminError {
         match e {
             DataStoreError::NotFound(_) => Self::NotFound(e.to_string()),
             DataStoreError::AlreadyExists(_) => Self::AlreadyExists(e.to_string()),
-            DataStoreError::Backend(_) => Self::Unavailable(e.to_string()),
+            DataStoreError::Backend(_) | DataStoreError::Conflict(_) => {
+                Self::Unavailable(e.to_string())
+            }
             _ => Self::Internal(e.to_string()),
         }
     }

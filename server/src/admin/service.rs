@@ -15,13 +15,16 @@ use super::convert::{EntryPolicy, agent_to_pb, entry_to_pb};
 use super::{AdminAccess, AdminError};
 use crate::ca::{AuthorityState, CaManager};
 use crate::clock::{Clock, unix_secs};
-use crate::datastore::{DataStore, EntryFilter, EntryId, JoinToken, StoredBundle};
+use crate::datastore::{DataStore, DataStoreError, EntryFilter, EntryId, JoinToken, StoredBundle};
 
 /// Default join token lifetime.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(600);
 
 /// Longest join token lifetime accepted.
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 86_400);
+
+/// Compare-and-swap attempts of a ban racing the agent's own calls.
+const BAN_ATTEMPTS: usize = 64;
 
 /// The admin API implementation.
 pub struct AdminService {
@@ -325,9 +328,18 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::Agent>, Status> {
         guarded!(self, req, "BanAgent", {
             let id = self.policy.member_id("spiffe_id", &req.spiffe_id)?;
-            let mut agent = self.store.get_agent(&id).await?;
-            agent.banned = true;
-            Ok(agent_to_pb(&self.store.put_agent(agent).await?))
+            // A compare-and-swap, retried: a renewal racing the ban must
+            // neither undo it nor be lost under a stale copy.
+            let mut attempts = 0;
+            loop {
+                let seen = self.store.get_agent(&id).await?;
+                let mut banned = seen.clone();
+                banned.banned = true;
+                match self.store.put_agent(Some(&seen), banned).await {
+                    Err(DataStoreError::Conflict(_)) if attempts < BAN_ATTEMPTS => attempts += 1,
+                    other => break Ok(agent_to_pb(&other?)),
+                }
+            }
         })
     }
 

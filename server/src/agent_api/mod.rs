@@ -8,6 +8,7 @@
 
 pub(crate) mod attest;
 mod conn;
+mod identity;
 mod index;
 mod rate;
 mod service;

@@ -12,7 +12,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::attest::{self, Attested};
-use super::conn::PeerInfo;
 use super::index::IndexHandle;
 use super::rate::RateLimiter;
 use super::{AgentApiConfig, sync};
@@ -139,7 +138,7 @@ impl Inner {
 
     /// Milliseconds from now until `expires_at` (Unix seconds): what the
     /// agent counts down on its monotonic clock.
-    fn valid_for_ms(&self, expires_at: u64) -> u64 {
+    pub(crate) fn valid_for_ms(&self, expires_at: u64) -> u64 {
         let now_ms = self
             .clock
             .now()
@@ -148,44 +147,28 @@ impl Inner {
         expires_at.saturating_mul(1000).saturating_sub(now_ms)
     }
 
-    /// The calling agent, checked against its record. Marks a renewed SVID
-    /// as used (which retires the previous one).
-    pub(crate) async fn authenticate<T>(&self, req: &Request<T>) -> Result<Agent, AgentApiError> {
-        let chain = req
-            .extensions()
-            .get::<PeerInfo>()
-            .and_then(|p| p.chain.clone())
-            .ok_or_else(|| {
-                AgentApiError::Unauthenticated("this call needs the agent's SVID".into())
-            })?;
-        let (id, serial) = oxid_tls::peer_identity(&chain)
-            .ok_or_else(|| AgentApiError::Unauthenticated("unreadable agent SVID".into()))?;
-        let agent = self.index.read().agent(&id).cloned();
-        let agent = match agent {
-            Some(a) => a,
-            // The index may trail the store by a moment right after attestation.
-            None => self.store.get_agent(&id).await.map_err(|_| {
-                AgentApiError::PermissionDenied(format!(
-                    "agent {id} is not attested (evicted?); it must attest again"
-                ))
-            })?,
+    /// `ttl` cut so that an SVID issued now for `entry` ends no later than
+    /// the entry: its `expires_at` bounds what it grants.
+    fn bounded_by(
+        &self,
+        entry: &crate::datastore::Entry,
+        ttl: Duration,
+    ) -> Result<Duration, AgentApiError> {
+        let Some(expires_at) = entry.expires_at else {
+            return Ok(ttl);
         };
-        check_agent(&agent, &serial)?;
-        if !self.requests.allow(id.as_str()) {
-            return Err(AgentApiError::ResourceExhausted(format!(
-                "agent {id} is over {} calls a second (agent_requests_per_second); retry later",
-                self.config.requests_per_second
+        let end = std::time::UNIX_EPOCH + Duration::from_secs(expires_at);
+        let left = end.duration_since(self.clock.now()).unwrap_or_default();
+        if left.is_zero() {
+            return Err(AgentApiError::PermissionDenied(format!(
+                "entry {} has expired",
+                entry.id
             )));
         }
-        if agent.serial == serial && agent.previous_serial.is_some() {
-            let mut updated = agent.clone();
-            updated.previous_serial = None;
-            return Ok(self.store.put_agent(updated).await?);
-        }
-        Ok(agent)
+        Ok(ttl.min(left))
     }
 
-    async fn sign_agent_svid(
+    pub(crate) async fn sign_agent_svid(
         &self,
         agent_id: &SpiffeId,
         csr: &Csr,
@@ -265,27 +248,25 @@ impl Inner {
             Err(DataStoreError::NotFound(_)) => None,
             Err(e) => return Err(e.into()),
         };
-        if existing.as_ref().is_some_and(|a| a.banned) {
-            return Err(AgentApiError::PermissionDenied(format!(
-                "agent {} is banned; evict it to allow it to attest again",
-                attested.spiffe_id
-            )));
-        }
+        refuse_banned(existing.as_ref())?;
         let (chain, serial, expires_at) = self.sign_agent_svid(&attested.spiffe_id, &csr).await?;
         let now_ms = self.now_secs() * 1000;
-        self.store
-            .put_agent(Agent {
+        self.record_attestation(existing, |existing| {
+            refuse_banned(existing)?;
+            Ok(Agent {
                 spiffe_id: attested.spiffe_id.clone(),
                 attestation_type: attested.attestation_type.into(),
-                selectors: attested.selectors,
-                aliases: attested.aliases,
-                serial,
+                selectors: attested.selectors.clone(),
+                aliases: attested.aliases.clone(),
+                serial: serial.clone(),
                 previous_serial: None,
+                pending_key: None,
                 expires_at,
                 banned: false,
                 created_at: existing.map_or(now_ms, |a| a.created_at),
             })
-            .await?;
+        })
+        .await?;
         tracing::info!(agent = %attested.spiffe_id, kind = attested.attestation_type, "agent attested");
         Ok(pb::AttestResult {
             spiffe_id: attested.spiffe_id.to_string(),
@@ -296,24 +277,19 @@ impl Inner {
     }
 }
 
-/// Refuses banned agents and unknown SVID serials.
-fn parse_csr(der: &[u8]) -> Result<Csr, AgentApiError> {
-    Csr::parse(der).map_err(|e| AgentApiError::InvalidArgument(format!("csr: {e}")))
+/// Refuses to attest a banned agent again.
+fn refuse_banned(existing: Option<&Agent>) -> Result<(), AgentApiError> {
+    match existing {
+        Some(a) if a.banned => Err(AgentApiError::PermissionDenied(format!(
+            "agent {} is banned; evict it to allow it to attest again",
+            a.spiffe_id
+        ))),
+        _ => Ok(()),
+    }
 }
 
-pub(crate) fn check_agent(agent: &Agent, serial: &str) -> Result<(), AgentApiError> {
-    if agent.banned {
-        return Err(AgentApiError::PermissionDenied(format!(
-            "agent {} is banned",
-            agent.spiffe_id
-        )));
-    }
-    if agent.serial != serial && agent.previous_serial.as_deref() != Some(serial) {
-        return Err(AgentApiError::PermissionDenied(
-            "this agent SVID has been replaced by a renewed one".into(),
-        ));
-    }
-    Ok(())
+pub(crate) fn parse_csr(der: &[u8]) -> Result<Csr, AgentApiError> {
+    Csr::parse(der).map_err(|e| AgentApiError::InvalidArgument(format!("csr: {e}")))
 }
 
 async fn next(
@@ -369,22 +345,7 @@ impl pb::agent_api_server::AgentApi for AgentApiService {
         &self,
         req: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::RenewResponse>, Status> {
-        let inner = &self.0;
-        let mut agent = inner.authenticate(&req).await?;
-        let (chain, serial, expires_at) = inner
-            .sign_agent_svid(&agent.spiffe_id, &parse_csr(&req.get_ref().csr)?)
-            .await?;
-        agent.previous_serial = Some(std::mem::replace(&mut agent.serial, serial));
-        agent.expires_at = expires_at;
-        inner
-            .store
-            .put_agent(agent)
-            .await
-            .map_err(AgentApiError::from)?;
-        Ok(Response::new(pb::RenewResponse {
-            svid_chain: chain,
-            valid_for_ms: inner.valid_for_ms(expires_at),
-        }))
+        Ok(Response::new(self.0.renew(&req).await?))
     }
 
     async fn sign_x509_svids(
@@ -392,7 +353,7 @@ impl pb::agent_api_server::AgentApi for AgentApiService {
         req: Request<pb::SignX509SvidsRequest>,
     ) -> Result<Response<pb::SignX509SvidsResponse>, Status> {
         let inner = &self.0;
-        let agent = inner.authenticate(&req).await?;
+        let (agent, _) = inner.authenticate(&req).await?;
         let requests = req.into_inner().requests;
         if requests.len() > inner.config.max_batch {
             return Err(AgentApiError::InvalidArgument(format!(
@@ -431,14 +392,17 @@ impl pb::agent_api_server::AgentApi for AgentApiService {
         req: Request<pb::MintJwtSvidRequest>,
     ) -> Result<Response<pb::MintJwtSvidResponse>, Status> {
         let inner = &self.0;
-        let agent = inner.authenticate(&req).await?;
+        let (agent, _) = inner.authenticate(&req).await?;
         let r = req.into_inner();
         let entry = authorized_entry(inner, &agent, &r.entry_id, inner.now_secs())?;
         oxid_pki::jwt::check_audiences(&r.audience)
             .map_err(|e| AgentApiError::InvalidArgument(e.to_string()))?;
-        let ttl = entry
-            .jwt_svid_ttl
-            .map_or(inner.config.default_jwt_ttl, Duration::from_secs);
+        let ttl = inner.bounded_by(
+            &entry,
+            entry
+                .jwt_svid_ttl
+                .map_or(inner.config.default_jwt_ttl, Duration::from_secs),
+        )?;
         let svid = inner
             .ca
             .mint_jwt_svid(&entry.spiffe_id, &r.audience, ttl)
@@ -455,9 +419,9 @@ impl pb::agent_api_server::AgentApi for AgentApiService {
         &self,
         req: Request<pb::SyncRequest>,
     ) -> Result<Response<Self::SyncStream>, Status> {
-        let agent = self.0.authenticate(&req).await?;
+        let (agent, caller) = self.0.authenticate(&req).await?;
         let r = req.into_inner();
-        let rx = sync::start(self.0.clone(), agent, r.revision, r.known_entry_ids);
+        let rx = sync::start(self.0.clone(), agent, caller, r.revision, r.known_entry_ids);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -493,9 +457,12 @@ fn sign_one(
     let entry = authorized_entry(inner, agent, &r.entry_id, now)?;
     let csr =
         Csr::parse(&r.csr).map_err(|e| AgentApiError::InvalidArgument(format!("csr: {e}")))?;
-    let ttl = entry
-        .x509_svid_ttl
-        .map_or(inner.config.default_x509_ttl, Duration::from_secs);
+    let ttl = inner.bounded_by(
+        &entry,
+        entry
+            .x509_svid_ttl
+            .map_or(inner.config.default_x509_ttl, Duration::from_secs),
+    )?;
     let svid = inner.ca.sign_x509_svid(&SvidParams {
         spiffe_id: &entry.spiffe_id,
         public_key: csr.public_key(),

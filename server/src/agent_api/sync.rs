@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use oxid_pki::{SpiffeId, TrustDomain};
 use oxid_proto::agent as pb;
@@ -15,11 +15,15 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 use tonic::Status;
 
+use super::identity::{Caller, check_agent};
 use super::service::Inner;
 use crate::datastore::{Agent, Entry, EntryId};
 
-/// How often a stream recomputes without a change (entries expire).
+/// How often a stream recomputes without a change.
 const RECHECK: Duration = Duration::from_secs(60);
+
+/// Past an expiry the stream wakes for: timers may fire a moment early.
+const EXPIRY_MARGIN: Duration = Duration::from_millis(10);
 
 /// Page size bound: DESIGN.md caps sync pages at 1 MiB.
 const MAX_PAGE_BYTES: usize = 1024 * 1024;
@@ -75,11 +79,14 @@ fn resume_point(inner: &Inner, revision: u64, known: Vec<String>) -> Option<Sent
     })
 }
 
-/// Starts the stream for `agent`: a snapshot, or, for an agent that says
-/// which revision and entries it holds, a delta from there.
+/// Starts the stream for `agent`, called by `caller`: a snapshot, or, for
+/// an agent that says which revision and entries it holds, a delta from
+/// there. It ends when the caller's SVID expires or is retired (the
+/// renewed one was used), when the agent is banned or evicted.
 pub(crate) fn start(
     inner: Arc<Inner>,
     agent: Agent,
+    caller: Caller,
     revision: u64,
     known: Vec<String>,
 ) -> mpsc::Receiver<Result<pb::SyncResponse, Status>> {
@@ -113,13 +120,20 @@ pub(crate) fn start(
                     return;
                 }
             };
-            let (delta, revision, closure) = match compute(&inner, &current, &mut sent).await {
-                Ok(d) => d,
-                Err(status) => {
-                    let _ = tx.send(Err(status)).await;
-                    return;
-                }
-            };
+            let still = check_agent(&current, &caller.serial)
+                .and_then(|()| caller.check_expiry(inner.clock.now()));
+            if let Err(e) = still {
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+            let (delta, revision, closure, expiry) =
+                match compute(&inner, &current, &mut sent).await {
+                    Ok(d) => d,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
             if first || !delta.is_empty() {
                 for page in paginate(delta, revision, snapshot) {
                     if tx.send(Ok(page)).await.is_err() {
@@ -129,10 +143,11 @@ pub(crate) fn start(
                 snapshot = false;
                 first = false;
             }
-            // Wait for a change that may concern this agent; entries can
-            // also expire without any change, so look again after a while.
+            // Wait for a change that may concern this agent, or for the
+            // next expiry (an entry, a node alias, the caller's SVID), which
+            // changes what it gets without any change to wake it.
             let mut seen = revision;
-            let recheck = tokio::time::sleep(RECHECK);
+            let recheck = tokio::time::sleep(wake_after(&inner, &caller, expiry));
             tokio::pin!(recheck);
             loop {
                 tokio::select! {
@@ -185,21 +200,35 @@ fn to_pb(e: &Entry, inner: &Inner) -> pb::Entry {
     }
 }
 
-/// The delta since `sent`, the revision it brings the agent to, and the
+/// How long a stream may wait before what it sent can be out of date by
+/// expiry alone: until the next entry or node-alias expiry (unix second
+/// `expiry`) or the caller's notAfter, at most [`RECHECK`].
+fn wake_after(inner: &Inner, caller: &Caller, expiry: Option<u64>) -> Duration {
+    let now = inner.clock.now();
+    let until = |t: SystemTime| t.duration_since(now).unwrap_or_default() + EXPIRY_MARGIN;
+    let mut wait = RECHECK.min(until(caller.not_after));
+    if let Some(t) = expiry {
+        wait = wait.min(until(UNIX_EPOCH + Duration::from_secs(t)));
+    }
+    wait
+}
+
+/// The delta since `sent`, the revision it brings the agent to, the
 /// agent's [`EntryIndex::closure`](crate::authz::EntryIndex::closure) at
-/// that revision.
+/// that revision, and the next expiry that changes what it gets.
 async fn compute(
     inner: &Inner,
     agent: &Agent,
     sent: &mut Sent,
-) -> Result<(Delta, u64, HashSet<SpiffeId>), Status> {
+) -> Result<(Delta, u64, HashSet<SpiffeId>, Option<u64>), Status> {
     let now = inner.now_secs();
-    let (entries, revision, closure) = {
+    let (entries, revision, closure, expiry) = {
         let index = inner.index.read();
         let authorized = index.authorized(agent, now);
-        let closure = index.closure(agent, &authorized);
+        let closure = index.closure(agent, &authorized, now);
+        let expiry = index.next_expiry(agent, &authorized, now);
         let entries: Vec<Entry> = authorized.into_iter().cloned().collect();
-        (entries, index.revision(), closure)
+        (entries, index.revision(), closure, expiry)
     };
     let mut delta = Delta {
         upserts: vec![],
@@ -253,7 +282,7 @@ async fn compute(
         .map(ToString::to_string)
         .collect();
     sent.bundles = bundles;
-    Ok((delta, revision, closure))
+    Ok((delta, revision, closure, expiry))
 }
 
 /// Splits a delta into pages under [`MAX_PAGE_BYTES`]; all but the last say

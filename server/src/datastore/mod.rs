@@ -39,6 +39,10 @@ pub enum DataStoreError {
         /// The oldest revision still readable.
         oldest: u64,
     },
+    /// The record changed since the caller read it (compare-and-swap
+    /// lost): read it again and decide again.
+    #[error("{0} changed concurrently")]
+    Conflict(String),
     /// A join token was used after it expired.
     #[error("join token has expired")]
     TokenExpired,
@@ -112,8 +116,16 @@ pub trait DataStore: Send + Sync + 'static {
     /// Entries passing `filter`, ordered by creation time, then ID.
     async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<Entry>, DataStoreError>;
 
-    /// Creates or replaces an agent record.
-    async fn put_agent(&self, agent: Agent) -> Result<Agent, DataStoreError>;
+    /// Replaces the agent record `expected` (`None`: there must be none)
+    /// with `agent`, atomically; `Conflict` if the stored record is no
+    /// longer `expected`. Every agent-record change is such a swap, so a
+    /// ban or an eviction landing between a caller's read and its write is
+    /// never undone (nor an evicted agent re-created).
+    async fn put_agent(
+        &self,
+        expected: Option<&Agent>,
+        agent: Agent,
+    ) -> Result<Agent, DataStoreError>;
 
     /// One agent.
     async fn get_agent(&self, id: &SpiffeId) -> Result<Agent, DataStoreError>;

@@ -421,8 +421,22 @@ impl DataStore for SledStore {
         Ok(entries)
     }
 
-    async fn put_agent(&self, agent: Agent) -> Result<Agent, DataStoreError> {
+    async fn put_agent(
+        &self,
+        expected: Option<&Agent>,
+        agent: Agent,
+    ) -> Result<Agent, DataStoreError> {
         self.write(|tx| {
+            let stored: Option<Agent> = match tx.agents.get(agent.spiffe_id.as_str())? {
+                Some(v) => Some(decode(&v).map_err(abort)?),
+                None => None,
+            };
+            if stored.as_ref() != expected {
+                return Err(abort(DataStoreError::Conflict(format!(
+                    "agent {}",
+                    agent.spiffe_id
+                ))));
+            }
             tx.agents
                 .insert(agent.spiffe_id.as_str(), encode(&agent).map_err(abort)?)?;
             tx.record(ChangeEvent::AgentUpserted {

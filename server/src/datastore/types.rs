@@ -134,6 +134,13 @@ pub struct Agent {
     pub serial: String,
     /// Serial of the previous SVID, accepted until the current one is used.
     pub previous_serial: Option<String>,
+    /// While the current SVID is pending (`previous_serial` set), the
+    /// SHA-256 (hex) of its public key: a Renew on the previous serial is
+    /// accepted only for a CSR holding this key, that is from the agent
+    /// retrying a renewal whose answer it lost. Left out when `None`, so
+    /// records without one read as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_key: Option<String>,
     /// Unix seconds at which the current SVID expires.
     pub expires_at: u64,
     /// Refused on every call and may not re-attest.

@@ -5,6 +5,8 @@
 // Each test crate that includes this module uses a different part of it.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub(crate) mod inproc;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
