@@ -31,6 +31,15 @@ pub async fn run(
         .mode(0o700)
         .create(&dir)
         .map_err(|e| AgentError::State(format!("{}: {e}", dir.display())))?;
+    // Before anything is spent (a join token): without it, every Workload
+    // API caller would be refused.
+    crate::workload::holder::self_test().map_err(|e| {
+        AgentError::Config(format!(
+            "cannot tell which process holds a Workload API connection ({e}): the agent \
+             needs the kernel's Unix sock_diag over AF_NETLINK (under systemd, \
+             RestrictAddressFamilies must include AF_NETLINK)"
+        ))
+    })?;
     let td = config.trust_domain.clone();
     let bundle = match state::load_bundle(&dir, &td) {
         Some(b) => b,

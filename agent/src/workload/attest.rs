@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use oxid_pki::Selector;
 
-use super::peer::{Cred, Peer};
+use super::peer::{Cred, Exe, Peer};
 
 /// Largest executable hashed for `unix:sha256` (bigger ones get no hash
 /// selector rather than stalling the call).
@@ -28,6 +28,20 @@ pub enum AttestError {
     /// The process went away during attestation (its PID may be reused).
     #[error("the calling process exited during attestation")]
     ProcessExited,
+    /// The process runs another program than it did when its connection
+    /// was accepted: the connection is not that program's.
+    #[error(
+        "the calling process has executed another program since it connected; \
+         connect again from the program itself"
+    )]
+    Executed,
+    /// The process no longer holds its end of the connection: it was handed
+    /// to another process, which is not the one attested.
+    #[error(
+        "the calling process no longer holds its connection (it was handed to \
+         another process); connect from the process that makes the calls"
+    )]
+    HandedOff,
     /// `/proc` could not be read for the caller.
     #[error("cannot inspect the calling process: {0}")]
     Proc(String),
@@ -128,9 +142,11 @@ impl NameFile {
 }
 
 impl UnixAttestor {
-    /// Selectors of the process `peer` pinned. Refused if that process has
-    /// exited by the time they are read: its PID may belong to another
-    /// process by then.
+    /// Selectors of the process `peer` pinned, as it was pinned: its path
+    /// and hash are those of the executable it ran then. Refused if that
+    /// process has exited by the time they are read (its PID may belong to
+    /// another process by then), runs another executable, or no longer holds
+    /// its connection ([`Peer::check`]).
     pub fn attest(&self, peer: &Peer) -> Result<BTreeSet<Selector>, AttestError> {
         let Some(Cred {
             pid: Some(pid),
@@ -142,23 +158,26 @@ impl UnixAttestor {
                 "the kernel did not name the calling process".into(),
             ));
         };
-        let selectors = self.inspect(pid, uid, gid).map_err(|e| {
+        let exe = peer.exe()?;
+        let selectors = self.inspect(pid, uid, gid, exe).map_err(|e| {
             // `/proc/<pid>` gone: say why, rather than what failed to open.
-            if peer.pin.still_running(pid) {
+            if peer.still_running(pid) {
                 e
             } else {
                 AttestError::ProcessExited
             }
         })?;
-        // Checked after reading, which is enough: a process still running at
-        // the end was running throughout, so `pid` named it for every read.
-        if !peer.pin.still_running(pid) {
-            return Err(AttestError::ProcessExited);
-        }
+        peer.check()?;
         Ok(selectors)
     }
 
-    fn inspect(&self, pid: i32, uid: u32, gid: u32) -> Result<BTreeSet<Selector>, AttestError> {
+    fn inspect(
+        &self,
+        pid: i32,
+        uid: u32,
+        gid: u32,
+        exe: &Exe,
+    ) -> Result<BTreeSet<Selector>, AttestError> {
         let mut out = BTreeSet::new();
         let mut add = |kind: &str, value: String| {
             if let Ok(s) = Selector::new(kind, &value) {
@@ -180,28 +199,31 @@ impl UnixAttestor {
                 add("unix", format!("supplementary_group:{name}"));
             }
         }
-        let exe = PathBuf::from(format!("/proc/{pid}/exe"));
-        let path = std::fs::read_link(&exe)
-            .map_err(|e| AttestError::Proc(format!("{}: {e}", exe.display())))?;
-        let shown = path.display().to_string();
+        let shown = exe.path.display().to_string();
         // A deleted or replaced executable shows " (deleted)": no path then.
         if !shown.ends_with(" (deleted)") {
             add("unix", format!("path:{shown}"));
         }
-        if let Some(hash) = self.hash(&exe)? {
+        if let Some(hash) = self.hash(pid, exe)? {
             add("unix", format!("sha256:{hash}"));
         }
         Ok(out)
     }
 
-    /// SHA-256 of the executable, read through `/proc/<pid>/exe` (the file the
+    /// SHA-256 of `exe`, read through `/proc/<pid>/exe` (the file the
     /// process runs, even if the path now names another), cached by identity.
-    fn hash(&self, exe: &std::path::Path) -> Result<Option<String>, AttestError> {
-        let mut file = std::fs::File::open(exe)
-            .map_err(|e| AttestError::Proc(format!("{}: {e}", exe.display())))?;
+    /// The file opened must be `exe` itself: a process that has executed
+    /// another program since it was pinned gets no hash of that program.
+    fn hash(&self, pid: i32, exe: &Exe) -> Result<Option<String>, AttestError> {
+        let link = PathBuf::from(format!("/proc/{pid}/exe"));
+        let mut file = std::fs::File::open(&link)
+            .map_err(|e| AttestError::Proc(format!("{}: {e}", link.display())))?;
         let meta = file
             .metadata()
             .map_err(|e| AttestError::Proc(e.to_string()))?;
+        if !exe.is(&meta) {
+            return Err(AttestError::Executed);
+        }
         if meta.size() > MAX_HASH_BYTES {
             return Ok(None);
         }

@@ -5,6 +5,7 @@
 
 pub mod attest;
 pub mod h2_authority;
+pub(crate) mod holder;
 pub mod jwt_cache;
 pub mod limits;
 pub mod peer;
@@ -23,7 +24,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use self::attest::UnixAttestor;
+use self::attest::{AttestError, UnixAttestor};
 use self::jwt_cache::JwtCache;
 use self::limits::{StreamLimits, StreamPermit};
 use self::peer::Peer;
@@ -103,6 +104,7 @@ impl WorkloadApi {
     fn open_stream<T, F>(
         &self,
         permit: StreamPermit,
+        peer: &Peer,
         compute: F,
     ) -> Result<Response<WatchStream<T>>, Status>
     where
@@ -115,6 +117,7 @@ impl WorkloadApi {
             self.cache.clone(),
             self.stopping.clone(),
             permit,
+            peer.clone(),
             compute,
             (snapshot, first),
         )))
@@ -139,26 +142,32 @@ fn unidentified() -> Status {
 }
 
 /// The caller's selectors, from its socket credentials.
+#[allow(clippy::result_large_err)]
 fn caller_selectors<T>(
     attestor: &UnixAttestor,
     cache: &Cache,
     req: &Request<T>,
 ) -> Result<BTreeSet<Selector>, Status> {
     let peer = peer(req)?;
-    attestor.attest(peer).map_err(|e| {
-        cache
-            .counters
-            .attestation_failures
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let cred = peer.cred();
-        tracing::warn!(
-            pid = cred.and_then(|c| c.pid),
-            uid = cred.map(|c| c.uid),
-            error = %e,
-            "workload attestation refused"
-        );
-        Status::permission_denied(format!("workload attestation failed: {e}"))
-    })
+    attestor
+        .attest(peer)
+        .map_err(|e| attestation_refused(cache, peer, &e))
+}
+
+/// Counts and logs a refused attestation; the caller's status.
+fn attestation_refused(cache: &Cache, peer: &Peer, e: &AttestError) -> Status {
+    cache
+        .counters
+        .attestation_failures
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let cred = peer.cred();
+    tracing::warn!(
+        pid = cred.and_then(|c| c.pid),
+        uid = cred.map(|c| c.uid),
+        error = %e,
+        "workload attestation refused"
+    );
+    Status::permission_denied(format!("workload attestation failed: {e}"))
 }
 
 /// `Unavailable` before the first sync, `PermissionDenied` after.
@@ -256,13 +265,17 @@ const RECHECK: Duration = Duration::from_secs(30);
 /// `None` means nothing valid to send yet: it is waited for (at most
 /// [`FIRST_MESSAGE_WAIT`] before the first message), and it ends the stream
 /// with `Unavailable` once something was sent (the SVIDs expired unrenewed).
-/// An error, or `stopping` turning true, ends the stream.
+/// An error, or `stopping` turning true, ends the stream. Before each
+/// message, `peer` is checked again: a process that has exited, executed
+/// another program or handed its connection away gets `PermissionDenied`
+/// rather than the next rotated key.
 /// `first` is what `compute` gave for a snapshot already, so the first
 /// message is not computed twice.
 fn watch_stream<T, F>(
     cache: Arc<Cache>,
     mut stopping: tokio::sync::watch::Receiver<bool>,
     permit: StreamPermit,
+    peer: Peer,
     compute: F,
     first: (Arc<Snapshot>, Option<T>),
 ) -> WatchStream<T>
@@ -296,13 +309,16 @@ where
                          (waiting for the server); retry",
                     ))
                 }
-                Ok(Some(msg)) if last.as_ref() != Some(&msg) => {
-                    if tx.send(Ok(msg.clone())).await.is_err() {
-                        return;
+                Ok(Some(msg)) if last.as_ref() != Some(&msg) => match peer.check() {
+                    Err(e) => Some(attestation_refused(&cache, &peer, &e)),
+                    Ok(()) => {
+                        if tx.send(Ok(msg.clone())).await.is_err() {
+                            return;
+                        }
+                        last = Some(msg);
+                        None
                     }
-                    last = Some(msg);
-                    None
-                }
+                },
                 Ok(_) => None,
             };
             if let Some(status) = end {
@@ -363,7 +379,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             );
             x509_response(s, &own, &selectors)
         };
-        self.open_stream(permit, compute)
+        self.open_stream(permit, peer(&req)?, compute)
     }
 
     async fn fetch_x509_bundles(
@@ -388,7 +404,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
                 bundles,
             }))
         };
-        self.open_stream(permit, compute)
+        self.open_stream(permit, peer(&req)?, compute)
     }
 
     async fn fetch_jwt_bundles(
@@ -409,7 +425,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
                 .collect();
             Ok((!bundles.is_empty()).then_some(pb::JwtBundlesResponse { bundles }))
         };
-        self.open_stream(permit, compute)
+        self.open_stream(permit, peer(&req)?, compute)
     }
 
     async fn fetch_jwtsvid(
