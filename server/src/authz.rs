@@ -430,6 +430,30 @@ mod tests {
     }
 
     #[test]
+    fn expired_node_aliases_grant_nothing_and_their_expiry_is_the_next() {
+        let a = agent("/oxid/agent/x509pop/aa", &["x509pop:subject:cn:n1"], &[]);
+        let mut alias = entry(
+            "alias",
+            "/nodes/n",
+            "/oxid/server",
+            &["x509pop:subject:cn:n1"],
+            1,
+        );
+        alias.expires_at = Some(100);
+        let mut app = entry("app", "/app", "/nodes/n", &["unix:uid:1"], 2);
+        app.expires_at = Some(200);
+        let idx = index(vec![alias, app]);
+        let app_id: EntryId = "app".parse().unwrap();
+        assert_eq!(ids(idx.authorized(&a, 99)), ["app"]);
+        assert!(idx.is_authorized(&a, &app_id, 99));
+        assert_eq!(idx.next_expiry(&a, &idx.authorized(&a, 99), 99), Some(100));
+        assert!(idx.authorized(&a, 100).is_empty());
+        assert!(!idx.is_authorized(&a, &app_id, 100));
+        assert!(!idx.identities(&a, 100).contains(&id("/nodes/n")));
+        assert_eq!(idx.next_expiry(&a, &[], 100), None);
+    }
+
+    #[test]
     fn changes_move_entries_in_and_out() {
         let a = agent("/oxid/agent/join_token/t1", &[], &[]);
         let mut idx = index(vec![]);
