@@ -79,16 +79,19 @@ wait_for "$WORK/agent.log" "serving the Workload API" "the agent"
 echo "agent attested as $AGENT_ID"
 export SPIFFE_ENDPOINT_SOCKET="unix://$WORK/agent-run/api.sock"
 
-say "Registering the two workloads by executable"
+say "Registering the two workloads by executable and uid"
+# An executable alone would match that program run by any user (and code
+# injected into it); the uid ties each entry to this user's processes.
+ME="unix:uid:$(id -u)"
 SERVER_BIN="$BIN/mtls-server"
 CLIENT_BIN="$BIN/mtls-client"
 CLIENT_SHA=$(sha256sum "$CLIENT_BIN" | cut -d' ' -f1)
 "$BIN/oxid-server" entry create "${ADMIN[@]}" --spiffe-id spiffe://example.org/demo/server \
-    --parent-id "$AGENT_ID" --selector "unix:path:$SERVER_BIN" > /dev/null
-echo "spiffe://example.org/demo/server  <-  unix:path:$SERVER_BIN"
+    --parent-id "$AGENT_ID" --selector "unix:path:$SERVER_BIN" --selector "$ME" > /dev/null
+echo "spiffe://example.org/demo/server  <-  unix:path:$SERVER_BIN + $ME"
 "$BIN/oxid-server" entry create "${ADMIN[@]}" --spiffe-id spiffe://example.org/demo/client \
-    --parent-id "$AGENT_ID" --selector "unix:sha256:$CLIENT_SHA" > /dev/null
-echo "spiffe://example.org/demo/client  <-  unix:sha256:$CLIENT_SHA"
+    --parent-id "$AGENT_ID" --selector "unix:sha256:$CLIENT_SHA" --selector "$ME" > /dev/null
+echo "spiffe://example.org/demo/client  <-  unix:sha256:$CLIENT_SHA + $ME"
 
 say "Starting the mTLS server (it accepts only spiffe://example.org/demo/client)"
 "$SERVER_BIN" --listen 127.0.0.1:0 --allow spiffe://example.org/demo/client \
@@ -112,9 +115,9 @@ tail -n 5 "$WORK/mtls-server.log"
 
 say "JWT-SVIDs: an HTTP service checks bearer tokens offline"
 "$BIN/oxid-server" entry create "${ADMIN[@]}" --spiffe-id spiffe://example.org/demo/api \
-    --parent-id "$AGENT_ID" --selector "unix:path:$BIN/jwt-server" > /dev/null
+    --parent-id "$AGENT_ID" --selector "unix:path:$BIN/jwt-server" --selector "$ME" > /dev/null
 "$BIN/oxid-server" entry create "${ADMIN[@]}" --spiffe-id spiffe://example.org/demo/caller \
-    --parent-id "$AGENT_ID" --selector "unix:path:$BIN/jwt-client" > /dev/null
+    --parent-id "$AGENT_ID" --selector "unix:path:$BIN/jwt-client" --selector "$ME" > /dev/null
 "$BIN/jwt-server" --listen 127.0.0.1:0 --audience spiffe://example.org/demo/api \
     --allow spiffe://example.org/demo/caller > "$WORK/jwt-server.log" 2>&1 &
 PIDS+=($!)

@@ -30,6 +30,12 @@ fn path_selector(program: &std::path::Path) -> String {
     format!("unix:path:{}", program.display())
 }
 
+/// This test's uid as a selector: entries also name the uid their program
+/// runs as (an executable alone would match it under any uid).
+fn uid_selector() -> String {
+    format!("unix:uid:{}", rustix::process::getuid().as_raw())
+}
+
 /// Lowercase hex SHA-256 of a file, as `unix:sha256:` wants it.
 fn sha256_selector(program: &std::path::Path) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, &std::fs::read(program).unwrap());
@@ -62,7 +68,16 @@ async fn serving_this_test(dir: &std::path::Path) -> (Server, Agent, String, Wor
     let (token, agent_id) = server.join_token().await;
     let agent = Agent::start(dir, &server, &token).await;
     server
-        .create_entry(TEST_ID, &agent_id, &["--selector", &path_selector(&me())])
+        .create_entry(
+            TEST_ID,
+            &agent_id,
+            &[
+                "--selector",
+                &path_selector(&me()),
+                "--selector",
+                &uid_selector(),
+            ],
+        )
         .await;
     let client = WorkloadApiClient::connect_to(agent.endpoint())
         .await
@@ -123,7 +138,8 @@ async fn operator_cli_to_mtls_between_workloads_with_live_rotation() {
         ),
         (TEST_ID, path_selector(&me())),
     ] {
-        let mut args = vec!["--selector", &selector];
+        let uid = uid_selector();
+        let mut args = vec!["--selector", &selector, "--selector", &uid];
         args.extend(ttl);
         server.create_entry(id, &agent_id, &args).await;
     }
@@ -238,7 +254,11 @@ async fn jwt_svids_between_the_example_programs() {
     for (id, program) in [(API, "jwt-server"), (CALLER, "jwt-client")] {
         let selector = path_selector(&bin(program));
         server
-            .create_entry(id, &agent_id, &["--selector", &selector])
+            .create_entry(
+                id,
+                &agent_id,
+                &["--selector", &selector, "--selector", &uid_selector()],
+            )
             .await;
     }
     let mut cmd = agent.workload(&bin("jwt-server"));
@@ -287,7 +307,12 @@ async fn restarts_keep_identities_and_streams() {
         .create_entry(
             "spiffe://example.org/e2e/second",
             &agent_id,
-            &["--selector", &path_selector(&me())],
+            &[
+                "--selector",
+                &path_selector(&me()),
+                "--selector",
+                &uid_selector(),
+            ],
         )
         .await;
     let next = tokio::time::timeout(WAIT, stream.next())
@@ -332,7 +357,14 @@ async fn a_banned_agent_stops_getting_new_svids() {
         .create_entry(
             TEST_ID,
             &agent_id,
-            &["--selector", &selector, "--x509-svid-ttl", "6s"],
+            &[
+                "--selector",
+                &selector,
+                "--selector",
+                &uid_selector(),
+                "--x509-svid-ttl",
+                "6s",
+            ],
         )
         .await;
     let client = WorkloadApiClient::connect_to(agent.endpoint())
@@ -405,7 +437,12 @@ async fn py_spiffe_against_the_agent_binary() {
         .create_entry(
             "spiffe://example.org/python",
             &agent_id,
-            &["--selector", &path_selector(&interpreter)],
+            &[
+                "--selector",
+                &path_selector(&interpreter),
+                "--selector",
+                &uid_selector(),
+            ],
         )
         .await;
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("py/workload_check.py");
@@ -503,7 +540,12 @@ async fn a_backup_restored_on_another_host_serves_the_same_identities() {
         .create_entry(
             "spiffe://example.org/e2e/after-restore",
             &agent_id,
-            &["--selector", &path_selector(&me())],
+            &[
+                "--selector",
+                &path_selector(&me()),
+                "--selector",
+                &uid_selector(),
+            ],
         )
         .await;
     let deadline = tokio::time::Instant::now() + WAIT;

@@ -19,7 +19,7 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::sync::Mutex;
 
-use common::{Harness, eventually};
+use common::{Harness, eventually, my_uid};
 use hyper_util::rt::TokioIo;
 use oxid_agent::workload::with_header;
 use oxid_proto::workload as pb;
@@ -110,13 +110,16 @@ async fn channel_over(fd: OwnedFd) -> tonic::transport::Channel {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reused_pid_does_not_inherit_a_dead_callers_connection() {
     let h = Harness::start().await;
-    // The victim: a program with an entry by executable only.
+    // The victim: a program with an entry by executable (and uid).
     let scratch = tempfile::tempdir().unwrap();
     let victim = scratch.path().canonicalize().unwrap().join("victim");
     std::fs::copy("/bin/sleep", &victim).unwrap();
     h.create_entry(
         "spiffe://example.org/victim",
-        &[&format!("unix:path:{}", victim.display())],
+        &[
+            &format!("unix:path:{}", victim.display()),
+            &format!("unix:uid:{}", my_uid()),
+        ],
     )
     .await;
     // Wait until the agent serves: a first well-formed caller is answered

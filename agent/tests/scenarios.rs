@@ -129,11 +129,15 @@ async fn executables_and_uids_get_their_own_identities() {
     let me = std::env::current_exe().unwrap();
     h.create_entry(
         "spiffe://example.org/tests",
-        &[&format!("unix:path:{}", me.display())],
+        &[
+            &format!("unix:path:{}", me.display()),
+            &format!("unix:uid:{}", my_uid()),
+        ],
     )
     .await;
+    // By executable alone, so it also matches under uid 65534 below.
     let agent_sha = agent_sha256();
-    h.create_entry(
+    h.create_exe_only_entry(
         "spiffe://example.org/cli",
         &[&format!("unix:sha256:{agent_sha}")],
     )
@@ -206,8 +210,12 @@ async fn executables_and_uids_get_their_own_identities() {
 async fn the_api_cli_works_against_the_agent() {
     let h = Harness::start().await;
     let sha = agent_sha256();
-    h.create_entry("spiffe://example.org/cli", &[&format!("unix:sha256:{sha}")])
-        .await;
+    let uid = format!("unix:uid:{}", my_uid());
+    h.create_entry(
+        "spiffe://example.org/cli",
+        &[&format!("unix:sha256:{sha}"), &uid],
+    )
+    .await;
     eventually(|| async {
         let out = agent_cli(&h, &["healthcheck"]);
         if out.status.success() {
@@ -450,8 +458,12 @@ async fn api_watch_prints_updates() {
     use tokio::io::AsyncBufReadExt as _;
     let h = Harness::start().await;
     let sha = agent_sha256();
-    h.create_entry("spiffe://example.org/cli", &[&format!("unix:sha256:{sha}")])
-        .await;
+    let uid = format!("unix:uid:{}", my_uid());
+    h.create_entry(
+        "spiffe://example.org/cli",
+        &[&format!("unix:sha256:{sha}"), &uid],
+    )
+    .await;
     eventually(|| async {
         let out = agent_cli(&h, &["api", "fetch", "x509"]);
         if out.status.success() {
@@ -478,7 +490,7 @@ async fn api_watch_prints_updates() {
     // A second entry for the same executable: the watch prints the new state.
     h.create_entry(
         "spiffe://example.org/cli2",
-        &[&format!("unix:sha256:{sha}")],
+        &[&format!("unix:sha256:{sha}"), &uid],
     )
     .await;
     loop {

@@ -31,7 +31,10 @@ async fn create(h: &Harness, ids: impl Iterator<Item = usize>) {
         .collect();
     let r = admin(&h.admin_socket())
         .await
-        .create_entries(admin_pb::CreateEntriesRequest { entries })
+        .create_entries(admin_pb::CreateEntriesRequest {
+            entries,
+            allow_exe_only: false,
+        })
         .await
         .unwrap()
         .into_inner();

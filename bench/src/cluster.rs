@@ -84,6 +84,7 @@ impl Cluster {
                 .admin
                 .create_entries(admin_pb::CreateEntriesRequest {
                     entries: chunk.to_vec(),
+                    allow_exe_only: false,
                 })
                 .await?
                 .into_inner()

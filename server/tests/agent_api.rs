@@ -170,6 +170,7 @@ impl Server {
                     selectors: vec![selector.into()],
                     ..Default::default()
                 }],
+                allow_exe_only: false,
             })
             .await
             .unwrap()
@@ -1008,7 +1009,10 @@ async fn oversized_batches_are_refused_whole_and_change_nothing() {
     let err = s
         .admin()
         .await
-        .create_entries(admin_pb::CreateEntriesRequest { entries })
+        .create_entries(admin_pb::CreateEntriesRequest {
+            entries,
+            allow_exe_only: false,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -1116,6 +1120,7 @@ async fn lowered_limits_from_the_config_refuse_whole_and_change_nothing() {
                 ..Default::default()
             })
             .collect(),
+        allow_exe_only: false,
     };
     let mut admin = s.admin().await;
     let err = admin.create_entries(entries(3, "")).await.unwrap_err();

@@ -329,6 +329,102 @@ fn batches_from_a_file_and_from_stdin() {
 }
 
 #[test]
+fn impossible_and_exe_only_selectors_are_refused_unless_allowed() {
+    let s = Server::start("");
+    let hash = format!("unix:sha256:{}", "ab".repeat(32));
+    for (selector, needle) in [
+        ("unix:uid:-1", "decimal number"),
+        ("unix:uid:", "empty"),
+        ("unix:gid:wheel", "decimal number"),
+        ("unix:uid:01000", "decimal number"),
+        ("unix:sha256:abc", "64 lowercase hex"),
+        ("unix:path:usr/bin/web", "absolute"),
+        ("unix:pid:7", "unix keys are"),
+    ] {
+        let mut args = create_args("spiffe://example.org/x", selector);
+        args.push("--allow-exe-only");
+        let err = s.fails(&args);
+        assert!(
+            err.contains("can never match") && err.contains(needle),
+            "{selector}: {err}"
+        );
+    }
+    // Exe-only: refused with the reason and the flag, then accepted with it.
+    for selector in ["unix:path:/usr/bin/web", hash.as_str()] {
+        let err = s.fails(&create_args("spiffe://example.org/exe", selector));
+        assert!(
+            err.contains("--allow-exe-only") && err.contains("any user's process"),
+            "{err}"
+        );
+    }
+    assert_eq!(s.entry_count(), 0, "nothing stored");
+    let mut args = create_args("spiffe://example.org/exe", "unix:path:/usr/bin/web");
+    args.push("--allow-exe-only");
+    let created = s.json(&args);
+    let id = created["results"][0]["entry"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Update follows the same rule.
+    let update = |extra: &[&str]| {
+        let mut a = vec![
+            "entry",
+            "update",
+            "--entry-id",
+            &id,
+            "--spiffe-id",
+            "spiffe://example.org/exe",
+            "--parent-id",
+            AGENT,
+            "--selector",
+            &hash,
+        ];
+        a.extend_from_slice(extra);
+        a.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let args = update(&[]);
+    let err = s.fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(err.contains("--allow-exe-only"), "{err}");
+    let args = update(&["--allow-exe-only"]);
+    s.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let args = update(&["--selector", "unix:uid:1000"]);
+    s.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    // A batch: refused entry by entry, or all accepted with the flag.
+    let batch = serde_json::json!({"entries": [
+        {"spiffe_id": "spiffe://example.org/b1", "parent_id": AGENT, "selectors": [hash]},
+        {"spiffe_id": "spiffe://example.org/b2", "parent_id": AGENT,
+         "selectors": [hash, "unix:uid:1"]},
+        {"spiffe_id": "spiffe://example.org/b3", "parent_id": AGENT, "selectors": ["unix:uid:-1"]},
+    ]});
+    let file = s.dir.path().join("batch.json");
+    std::fs::write(&file, batch.to_string()).unwrap();
+    let out = s.cli(&["entry", "create", "--data", file.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("2 of 3 entries failed"),
+        "{err}"
+    );
+    assert!(
+        err.contains("--allow-exe-only") && err.contains("can never match"),
+        "{err}"
+    );
+    assert_eq!(s.entry_count(), 2);
+    let out = s.cli(&[
+        "entry",
+        "create",
+        "--allow-exe-only",
+        "--data",
+        file.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("2 of 3 entries failed"),
+        "b2 exists, b3 is impossible: {err}"
+    );
+    assert_eq!(s.entry_count(), 3);
+}
+
+#[test]
 fn bad_input_is_one_error_line_and_changes_nothing() {
     let s = Server::start("");
     s.ok(&create_args("spiffe://example.org/web", "unix:uid:1000"));

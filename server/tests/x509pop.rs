@@ -148,6 +148,7 @@ impl Server {
                     selectors: vec![selector.into()],
                     ..Default::default()
                 }],
+                allow_exe_only: false,
             })
             .await
             .unwrap()
@@ -369,9 +370,7 @@ async fn a_sibling_intermediate_appended_to_the_chain_grants_nothing() {
 
     // A real node of B is in group B (the alias works when it should).
     let (leaf_b, leaf_b_key) = node_cert(&b, "db-1");
-    let node_b = attest(&s, &[&leaf_b, b.cert()], &leaf_b_key)
-        .await
-        .unwrap();
+    let node_b = attest(&s, &[&leaf_b, b.cert()], &leaf_b_key).await.unwrap();
     assert_eq!(
         fingerprints(&s.agent_selectors(&node_b).await),
         set([b.cert(), root.cert()])

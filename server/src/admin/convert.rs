@@ -81,8 +81,15 @@ impl EntryPolicy {
         Ok(Some(secs))
     }
 
-    /// Parses and checks an entry; `created_at` is the server's clock.
-    pub fn entry(&self, e: pb::Entry, created_at: u64) -> Result<Entry, AdminError> {
+    /// Parses and checks an entry; `created_at` is the server's clock. An
+    /// entry whose only process selectors name an executable is refused
+    /// unless `allow_exe_only` (see [`check_exe_only`]).
+    pub fn entry(
+        &self,
+        e: pb::Entry,
+        created_at: u64,
+        allow_exe_only: bool,
+    ) -> Result<Entry, AdminError> {
         let id = if e.id.is_empty() {
             EntryId::random().map_err(|_| AdminError::Internal("random generator failed".into()))?
         } else {
@@ -102,8 +109,13 @@ impl EntryPolicy {
             ));
         }
         let selectors = parse_list(&e.selectors, "selector", |s| {
-            s.parse::<Selector>().map_err(|err| err.to_string())
+            let selector = s.parse::<Selector>().map_err(|err| err.to_string())?;
+            selector.check_possible().map_err(|err| err.to_string())?;
+            Ok(selector)
         })?;
+        if !allow_exe_only {
+            check_exe_only(&selectors)?;
+        }
         let dns_names = parse_list(&e.dns_names, "DNS name", |s| {
             rustls_pki_types::DnsName::try_from(s.as_str())
                 .map(|_| s.clone())
@@ -136,6 +148,32 @@ impl EntryPolicy {
             revision: 0,
         })
     }
+}
+
+/// `unix:` keys that tie a process to a user or group.
+const PROCESS_OWNER_KEYS: [&str; 4] = ["uid:", "gid:", "user:", "group:"];
+
+/// `unix:` keys that name only the executable.
+const EXECUTABLE_KEYS: [&str; 2] = ["path:", "sha256:"];
+
+/// Refuses selectors whose only process selectors are `unix:path` or
+/// `unix:sha256`: any process of any user that runs (or injects code into,
+/// e.g. with `LD_PRELOAD`) that executable would match, so the entry must
+/// also name a uid, gid, user or group, or the operator must say they accept
+/// that (`--allow-exe-only`).
+fn check_exe_only(selectors: &BTreeSet<Selector>) -> Result<(), AdminError> {
+    let unix = || selectors.iter().filter(|s| s.kind() == "unix");
+    let has = |keys: &[&str]| unix().any(|s| keys.iter().any(|k| s.value().starts_with(k)));
+    if has(&EXECUTABLE_KEYS) && !has(&PROCESS_OWNER_KEYS) {
+        return Err(AdminError::invalid(
+            "an entry whose only process selectors are unix:path or unix:sha256 matches any \
+             user's process running that executable (or code injected into it); add \
+             unix:uid, unix:gid, unix:user or unix:group, or pass --allow-exe-only \
+             (allow_exe_only in the admin API) to accept that"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Parses every item of a list, refusing duplicates and long lists.
@@ -213,7 +251,7 @@ mod tests {
     fn refused(edit: impl FnOnce(&mut pb::Entry)) -> String {
         let mut e = good();
         edit(&mut e);
-        match policy().entry(e, 1) {
+        match policy().entry(e, 1, false) {
             Err(AdminError::InvalidArgument(m)) => m,
             other => panic!("expected InvalidArgument, got {other:?}"),
         }
@@ -221,7 +259,7 @@ mod tests {
 
     #[test]
     fn a_good_entry_parses() {
-        let e = policy().entry(good(), 7).unwrap();
+        let e = policy().entry(good(), 7, false).unwrap();
         assert_eq!(e.created_at, 7);
         assert_eq!(e.id.as_str().len(), 32);
     }
@@ -268,6 +306,55 @@ mod tests {
         e.parent_id = policy().server_id().to_string();
         e.selectors = vec!["x509pop:subject:cn:web-1".into()];
         e.spiffe_id = "spiffe://example.org/nodes/web".into();
-        policy().entry(e, 1).unwrap();
+        policy().entry(e, 1, false).unwrap();
+    }
+
+    #[test]
+    fn impossible_selectors_are_refused() {
+        for bad in [
+            "unix:uid:-1",
+            "unix:uid:",
+            "unix:gid:x",
+            "unix:path:bin/app",
+        ] {
+            let m = refused(|e| e.selectors = vec![bad.into()]);
+            assert!(m.contains("can never match"), "{bad}: {m}");
+        }
+        let m = refused(|e| e.selectors = vec![format!("unix:sha256:{}", "a".repeat(63))]);
+        assert!(m.contains("64 lowercase hex"), "{m}");
+    }
+
+    #[test]
+    fn exe_only_entries_need_the_flag() {
+        let hash = format!("unix:sha256:{}", "ab".repeat(32));
+        for only in [
+            vec!["unix:path:/usr/bin/app".to_owned()],
+            vec![hash.clone()],
+            vec![
+                hash.clone(),
+                "unix:path:/usr/bin/app".into(),
+                "unix:supplementary_gid:5".into(),
+                "k8s:ns:a".into(),
+            ],
+        ] {
+            let m = refused(|e| e.selectors = only.clone());
+            assert!(
+                m.contains("--allow-exe-only") && m.contains("any user's process"),
+                "{m}"
+            );
+            let mut e = good();
+            e.selectors = only;
+            policy().entry(e, 1, true).unwrap();
+        }
+        for owner in [
+            "unix:uid:1000",
+            "unix:gid:1000",
+            "unix:user:app",
+            "unix:group:app",
+        ] {
+            let mut e = good();
+            e.selectors = vec![hash.clone(), owner.into()];
+            policy().entry(e, 1, false).unwrap();
+        }
     }
 }

@@ -154,12 +154,13 @@ impl pb::admin_server::Admin for AdminService {
         guarded!(self, req, "CreateEntries", {
             check_batch(req.entries.len(), self.max_batch)?;
             let created_at = self.now_ms();
+            let allow_exe_only = req.allow_exe_only;
             let parsed: Vec<_> = req
                 .entries
                 .into_iter()
                 .map(|e| {
                     let id = e.id.clone();
-                    (id, self.policy.entry(e, created_at))
+                    (id, self.policy.entry(e, created_at, allow_exe_only))
                 })
                 .collect();
             let valid: Vec<_> = parsed
@@ -204,13 +205,14 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::UpdateEntryRequest>,
     ) -> Result<Response<pb::Entry>, Status> {
         guarded!(self, req, "UpdateEntry", {
+            let allow_exe_only = req.allow_exe_only;
             let entry = req
                 .entry
                 .ok_or_else(|| AdminError::invalid("entry is required".into()))?;
             if entry.id.is_empty() {
                 return Err(AdminError::invalid("entry id is required to update".into()));
             }
-            let entry = self.policy.entry(entry, self.now_ms())?;
+            let entry = self.policy.entry(entry, self.now_ms(), allow_exe_only)?;
             Ok(entry_to_pb(&self.store.update_entry(entry).await?))
         })
     }

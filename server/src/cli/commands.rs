@@ -322,13 +322,17 @@ async fn entry(cmd: EntryCommand) -> CliResult {
             data,
             common,
         } => {
+            let allow_exe_only = fields.allow_exe_only;
             let entries = match data {
                 Some(path) => batch_entries(&read_input(&path)?)?,
                 None => vec![fields_to_entry(entry_id.unwrap_or_default(), fields)],
             };
             let mut c = client::connect(&common.socket_path).await?;
             let r = c
-                .create_entries(pb::CreateEntriesRequest { entries })
+                .create_entries(pb::CreateEntriesRequest {
+                    entries,
+                    allow_exe_only,
+                })
                 .await
                 .map_err(status_line)?
                 .into_inner();
@@ -340,9 +344,11 @@ async fn entry(cmd: EntryCommand) -> CliResult {
             common,
         } => {
             let mut c = client::connect(&common.socket_path).await?;
+            let allow_exe_only = fields.allow_exe_only;
             let e = c
                 .update_entry(pb::UpdateEntryRequest {
                     entry: Some(fields_to_entry(entry_id, fields)),
+                    allow_exe_only,
                 })
                 .await
                 .map_err(status_line)?

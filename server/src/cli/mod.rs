@@ -133,6 +133,11 @@ pub struct EntryFields {
     /// Unix seconds after which the entry no longer applies.
     #[arg(long)]
     pub expires_at: Option<u64>,
+    /// Accept an entry whose only process selectors are unix:path or
+    /// unix:sha256: any user's process running that executable (or with code
+    /// injected into it) then matches. Add a unix:uid selector instead.
+    #[arg(long)]
+    pub allow_exe_only: bool,
 }
 
 /// Entry commands.
