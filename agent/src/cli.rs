@@ -144,6 +144,16 @@ pub struct RunArgs {
     /// JWT-SVIDs kept for reuse (default 1000).
     #[arg(long)]
     pub jwt_svid_cache_size: Option<usize>,
+    /// Of those, the most one uid's requests may fill (default 100).
+    #[arg(long)]
+    pub jwt_svid_cache_per_uid: Option<usize>,
+    /// JWT-SVIDs minted at the server a second for all workloads (default
+    /// 250; keep it below the server's agent_requests_per_second).
+    #[arg(long)]
+    pub jwt_mints_per_second: Option<u32>,
+    /// JWT-SVIDs minted at the server a second for one uid (default 50).
+    #[arg(long)]
+    pub jwt_mints_per_second_per_uid: Option<u32>,
     /// Workload API streams one uid may hold open at once (default 2048).
     #[arg(long)]
     pub max_streams_per_uid: Option<usize>,
@@ -187,6 +197,9 @@ pub fn main() -> ExitCode {
         metrics_address: args.metrics_address,
         max_presigned_svids: args.max_presigned_svids,
         jwt_svid_cache_size: args.jwt_svid_cache_size,
+        jwt_svid_cache_per_uid: args.jwt_svid_cache_per_uid,
+        jwt_mints_per_second: args.jwt_mints_per_second,
+        jwt_mints_per_second_per_uid: args.jwt_mints_per_second_per_uid,
         max_streams_per_uid: args.max_streams_per_uid,
         max_request_kib: args.max_request_kib,
         log_level: None,

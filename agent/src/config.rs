@@ -19,6 +19,22 @@ pub const DEFAULT_SOCKET_PATH: &str = "/run/oxid-agent/public/api.sock";
 /// Default bound on cached JWT-SVIDs.
 pub const DEFAULT_JWT_SVID_CACHE_SIZE: usize = 1000;
 
+/// Default bound on the cached JWT-SVIDs one uid's requests minted.
+pub const DEFAULT_JWT_SVID_CACHE_PER_UID: usize = 100;
+
+/// Default JWT-SVID mints a second the agent asks of the server for all
+/// workloads together: half the server's default `agent_requests_per_second`
+/// (500), so the agent's own calls (Sync, Renew, SignX509Svids) keep the
+/// other half however hard workloads push.
+pub const DEFAULT_JWT_MINTS_PER_SECOND: u32 = 250;
+
+/// Default JWT-SVID mints a second for one uid: five busy uids are needed
+/// to use up [`DEFAULT_JWT_MINTS_PER_SECOND`].
+pub const DEFAULT_JWT_MINTS_PER_SECOND_PER_UID: u32 = 50;
+
+/// Largest accepted mint rate; more than any server signs.
+const MAX_JWT_MINTS_PER_SECOND: u32 = 100_000;
+
 /// Default bound on Workload API streams open at once by one uid.
 pub const DEFAULT_MAX_STREAMS_PER_UID: usize = 2048;
 
@@ -55,6 +71,17 @@ pub struct AgentFile {
     /// JWT-SVIDs kept for reuse (default 1000); bounds the memory a
     /// workload can make the agent spend by asking for many audiences.
     pub jwt_svid_cache_size: Option<usize>,
+    /// Of those, the most that one uid's requests may fill (default 100, at
+    /// most `jwt_svid_cache_size`): one workload asking for many audiences
+    /// evicts its own tokens, not everyone's.
+    pub jwt_svid_cache_per_uid: Option<usize>,
+    /// JWT-SVIDs the agent mints at the server a second for all workloads
+    /// together, bursts of twice that (default 250; keep it below the
+    /// server's `agent_requests_per_second`); cache hits are free.
+    pub jwt_mints_per_second: Option<u32>,
+    /// JWT-SVIDs minted a second for one uid, bursts of twice that
+    /// (default 50, at most `jwt_mints_per_second`).
+    pub jwt_mints_per_second_per_uid: Option<u32>,
     /// Workload API streams one uid may hold open at once (default 2048);
     /// bounds what one user's processes can make the agent hold.
     pub max_streams_per_uid: Option<usize>,
@@ -88,6 +115,12 @@ pub struct AgentConfig {
     pub max_presigned_svids: usize,
     /// JWT-SVIDs kept for reuse.
     pub jwt_svid_cache_size: usize,
+    /// Cached JWT-SVIDs one uid's requests may fill.
+    pub jwt_svid_cache_per_uid: usize,
+    /// JWT-SVID mints a second for all workloads together.
+    pub jwt_mints_per_second: u32,
+    /// JWT-SVID mints a second for one uid.
+    pub jwt_mints_per_second_per_uid: u32,
     /// Workload API streams one uid may hold open at once.
     pub max_streams_per_uid: usize,
     /// Largest Workload API request decoded, bytes.
@@ -124,6 +157,7 @@ impl AgentConfig {
     }
 
     fn resolve(file: AgentFile, flags: AgentFile) -> Result<Self, AgentError> {
+        let jwt = JwtLimits::resolve(&file, &flags)?;
         let pick = |f: Option<String>, d: Option<String>| f.or(d);
         let td_name =
             pick(flags.trust_domain, file.trust_domain).unwrap_or_else(|| "example.org".into());
@@ -178,6 +212,10 @@ impl AgentConfig {
             ));
         }
         Ok(Self {
+            jwt_svid_cache_size: jwt.cache_size,
+            jwt_svid_cache_per_uid: jwt.cache_per_uid,
+            jwt_mints_per_second: jwt.mints_per_second,
+            jwt_mints_per_second_per_uid: jwt.mints_per_second_per_uid,
             metrics_address,
             max_request_bytes: max_request_kib * 1024,
             max_streams_per_uid,
@@ -185,10 +223,6 @@ impl AgentConfig {
                 .max_presigned_svids
                 .or(file.max_presigned_svids)
                 .unwrap_or(1000),
-            jwt_svid_cache_size: flags
-                .jwt_svid_cache_size
-                .or(file.jwt_svid_cache_size)
-                .unwrap_or(DEFAULT_JWT_SVID_CACHE_SIZE),
             server_address: pick(flags.server_address, file.server_address)
                 .unwrap_or_else(|| DEFAULT_SERVER_ADDRESS.into()),
             trust_domain,
@@ -205,6 +239,71 @@ impl AgentConfig {
             log_level: pick(flags.log_level, file.log_level).unwrap_or_else(|| "info".into()),
             log_format,
             clock: crate::clock::WallClock::default(),
+        })
+    }
+}
+
+/// The JWT-SVID cache bounds and mint budgets, checked against each other.
+struct JwtLimits {
+    cache_size: usize,
+    cache_per_uid: usize,
+    mints_per_second: u32,
+    mints_per_second_per_uid: u32,
+}
+
+impl JwtLimits {
+    fn resolve(file: &AgentFile, flags: &AgentFile) -> Result<Self, AgentError> {
+        let bad = |m: String| Err(AgentError::Config(m));
+        let cache_size = flags
+            .jwt_svid_cache_size
+            .or(file.jwt_svid_cache_size)
+            .unwrap_or(DEFAULT_JWT_SVID_CACHE_SIZE);
+        let cache_per_uid = match flags.jwt_svid_cache_per_uid.or(file.jwt_svid_cache_per_uid) {
+            // Unset: the default, but never more than the whole cache.
+            None => DEFAULT_JWT_SVID_CACHE_PER_UID.min(cache_size),
+            Some(n) if n > cache_size => {
+                return bad(format!(
+                    "jwt_svid_cache_per_uid {n} must not exceed jwt_svid_cache_size {cache_size}"
+                ));
+            }
+            Some(0) if cache_size > 0 => {
+                return bad(
+                    "jwt_svid_cache_per_uid 0 would cache nothing; set jwt_svid_cache_size = 0 \
+                     to turn the cache off"
+                        .into(),
+                );
+            }
+            Some(n) => n,
+        };
+        let rate = |name: &str, v: Option<u32>, default: u32| match v.unwrap_or(default) {
+            r @ 1..=MAX_JWT_MINTS_PER_SECOND => Ok(r),
+            r => Err(AgentError::Config(format!(
+                "{name} {r} must be between 1 and {MAX_JWT_MINTS_PER_SECOND}"
+            ))),
+        };
+        let mints_per_second = rate(
+            "jwt_mints_per_second",
+            flags.jwt_mints_per_second.or(file.jwt_mints_per_second),
+            DEFAULT_JWT_MINTS_PER_SECOND,
+        )?;
+        let mints_per_second_per_uid = rate(
+            "jwt_mints_per_second_per_uid",
+            flags
+                .jwt_mints_per_second_per_uid
+                .or(file.jwt_mints_per_second_per_uid),
+            DEFAULT_JWT_MINTS_PER_SECOND_PER_UID.min(mints_per_second),
+        )?;
+        if mints_per_second_per_uid > mints_per_second {
+            return bad(format!(
+                "jwt_mints_per_second_per_uid {mints_per_second_per_uid} must not exceed \
+                 jwt_mints_per_second {mints_per_second}"
+            ));
+        }
+        Ok(Self {
+            cache_size,
+            cache_per_uid,
+            mints_per_second,
+            mints_per_second_per_uid,
         })
     }
 }
@@ -238,5 +337,51 @@ mod tests {
         assert_eq!(c.jwt_svid_cache_size, 7);
         std::fs::write(&f, "sever_address = \"x\"\n").unwrap();
         assert!(AgentConfig::load(Some(&f), AgentFile::default()).is_err());
+    }
+
+    #[test]
+    fn jwt_budgets_and_cache_shares_are_checked() {
+        let c = AgentConfig::load(None, AgentFile::default()).unwrap();
+        assert_eq!(c.jwt_svid_cache_per_uid, DEFAULT_JWT_SVID_CACHE_PER_UID);
+        assert_eq!(c.jwt_mints_per_second, DEFAULT_JWT_MINTS_PER_SECOND);
+        assert_eq!(
+            c.jwt_mints_per_second_per_uid,
+            DEFAULT_JWT_MINTS_PER_SECOND_PER_UID
+        );
+        let load = |toml: &str| AgentConfig::from_toml(toml, AgentFile::default());
+        // A small cache or agent budget lowers the unset per-uid defaults.
+        let c = load("jwt_svid_cache_size = 7\njwt_mints_per_second = 3\n").unwrap();
+        assert_eq!(c.jwt_svid_cache_per_uid, 7);
+        assert_eq!(c.jwt_mints_per_second_per_uid, 3);
+        for (toml, names) in [
+            (
+                "jwt_svid_cache_size = 7\njwt_svid_cache_per_uid = 8\n",
+                "jwt_svid_cache_per_uid",
+            ),
+            ("jwt_svid_cache_per_uid = 0\n", "jwt_svid_cache_per_uid 0"),
+            ("jwt_mints_per_second = 0\n", "jwt_mints_per_second 0"),
+            (
+                "jwt_mints_per_second_per_uid = 0\n",
+                "jwt_mints_per_second_per_uid 0",
+            ),
+            (
+                "jwt_mints_per_second = 1000000\n",
+                "jwt_mints_per_second 1000000",
+            ),
+            (
+                "jwt_mints_per_second = 10\njwt_mints_per_second_per_uid = 11\n",
+                "must not exceed jwt_mints_per_second 10",
+            ),
+        ] {
+            let e = load(toml).unwrap_err().to_string();
+            assert!(e.contains(names), "{toml}: {e}");
+        }
+        assert_eq!(
+            load("jwt_svid_cache_size = 0\njwt_svid_cache_per_uid = 0\n")
+                .unwrap()
+                .jwt_svid_cache_per_uid,
+            0,
+            "no cache at all"
+        );
     }
 }

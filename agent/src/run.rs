@@ -114,7 +114,14 @@ pub async fn run(
     let listener = oxid_tls::socket::bind_unix_socket(&config.socket_path, 0o777)
         .map_err(|e| AgentError::Config(e.to_string()))?;
     let rpc = Arc::new(oxid_telemetry::RpcMetrics::default());
-    let jwts = Arc::new(Mutex::new(JwtCache::new(config.jwt_svid_cache_size)));
+    let jwts = Arc::new(Mutex::new(JwtCache::new(
+        config.jwt_svid_cache_size,
+        config.jwt_svid_cache_per_uid,
+    )));
+    let mint_budget = Arc::new(crate::workload::budget::MintBudget::new(
+        config.jwt_mints_per_second,
+        config.jwt_mints_per_second_per_uid,
+    ));
     let metrics_task = match config.metrics_address {
         Some(address) => {
             let l = tokio::net::TcpListener::bind(address)
@@ -128,6 +135,7 @@ pub async fn run(
                 rpc: rpc.clone(),
                 cache: cache.clone(),
                 jwts: jwts.clone(),
+                mints: mint_budget.clone(),
             });
             Some(tokio::spawn(oxid_telemetry::serve(
                 l,
@@ -146,7 +154,8 @@ pub async fn run(
         stopping.clone(),
         crate::workload::limits::StreamLimits::new(config.max_streams_per_uid),
         config.clock.clone(),
-    );
+    )
+    .with_mint_budget(mint_budget);
     // gRPC health and reflection share the socket; neither needs the
     // Workload API's security header. Health turns SERVING at first sync.
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -298,6 +307,7 @@ struct AgentMetrics {
     rpc: Arc<oxid_telemetry::RpcMetrics>,
     cache: Arc<Cache>,
     jwts: Arc<Mutex<JwtCache>>,
+    mints: Arc<crate::workload::budget::MintBudget>,
 }
 
 impl oxid_telemetry::MetricsSource for AgentMetrics {
@@ -362,6 +372,24 @@ impl oxid_telemetry::MetricsSource for AgentMetrics {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+        let refused = &self.mints.refused;
+        let _ = writeln!(
+            out,
+            "# HELP oxid_agent_jwt_mints_refused_total JWT-SVID mints refused, by the \
+             budget that refused them.\n\
+             # TYPE oxid_agent_jwt_mints_refused_total counter"
+        );
+        for (reason, n) in [
+            ("uid", &refused.uid),
+            ("agent", &refused.agent),
+            ("server", &refused.server),
+        ] {
+            let _ = writeln!(
+                out,
+                "oxid_agent_jwt_mints_refused_total{{reason=\"{reason}\"}} {}",
+                n.load(Relaxed)
             );
         }
         out

@@ -2,8 +2,8 @@
 //! `spiffe://<td>/oxid/server` (verified against the live bundle), node
 //! attestation, and renewal of the agent SVID.
 
-use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
 
 use hyper_util::rt::TokioIo;
 use oxid_pki::x509::{Csr, leaf_identity};
@@ -103,6 +103,9 @@ pub struct ServerClient {
     channel: RwLock<Channel>,
     /// For lifetimes from a server that does not count them itself.
     wall: WallClock,
+    /// Until when workload-driven calls step aside because the server
+    /// refused one of this agent's calls as over its rate.
+    busy_until: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl std::fmt::Debug for ServerClient {
@@ -130,6 +133,7 @@ impl ServerClient {
             certs,
             channel: RwLock::new(channel),
             wall: WallClock::default(),
+            busy_until: Mutex::new(None),
         })
     }
 
@@ -148,6 +152,26 @@ impl ServerClient {
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
         )
+    }
+
+    /// Notes a refusal `status` from the server: if it says the agent is
+    /// over its rate (`agent_requests_per_second`), workload-driven calls
+    /// step aside for [`BUSY_PUSHBACK`] so the agent's own calls, which
+    /// retry, get the server's next tokens.
+    pub fn note_refusal(&self, status: &tonic::Status) {
+        if status.code() == tonic::Code::ResourceExhausted {
+            let until = tokio::time::Instant::now() + BUSY_PUSHBACK;
+            *self.busy_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(until);
+        }
+    }
+
+    /// Whether workload-driven calls are to step aside now (see
+    /// [`Self::note_refusal`]).
+    pub fn busy(&self) -> bool {
+        self.busy_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|t| tokio::time::Instant::now() < t)
     }
 
     /// Replaces the channel so new calls present the current SVID (an
@@ -251,17 +275,35 @@ impl ServerClient {
         }
     }
 
-    /// Renews the agent SVID with a new key.
+    /// Renews the agent SVID with a new key. A server that says the agent
+    /// is over its rate is asked again with backoff (the refusal comes
+    /// before the server changes anything, so the same CSR is safe to
+    /// resend), and meanwhile workload-driven calls step aside.
     pub async fn renew(&self, current: &Identity) -> Result<Identity, AgentError> {
         let key = KeyPair::generate(KeyAlgorithm::EcdsaP256)
             .map_err(|e| AgentError::Internal(e.to_string()))?;
         let csr = Csr::create(&key).map_err(|e| AgentError::Internal(e.to_string()))?;
-        let resp = self
-            .api()
-            .renew(pb::RenewRequest { csr })
-            .await
-            .map_err(AgentError::from_status)?
-            .into_inner();
+        let mut backoff = BUSY_BACKOFF_MIN;
+        let mut tries = 1;
+        let resp = loop {
+            match self
+                .api()
+                .renew(pb::RenewRequest { csr: csr.clone() })
+                .await
+            {
+                Ok(resp) => break resp.into_inner(),
+                Err(s) => {
+                    self.note_refusal(&s);
+                    if s.code() != tonic::Code::ResourceExhausted || tries >= BUSY_TRIES {
+                        return Err(AgentError::from_status(s));
+                    }
+                    tracing::info!(error = %s.message(), "the server is busy; renewing again shortly");
+                    tokio::time::sleep(crate::sync::jittered(backoff)).await;
+                    backoff = (backoff * 2).min(BUSY_BACKOFF_MAX);
+                    tries += 1;
+                }
+            }
+        };
         let chain = resp
             .svid_chain
             .into_iter()
@@ -276,6 +318,17 @@ impl ServerClient {
         )
     }
 }
+
+/// How long workload-driven calls step aside after the server said the
+/// agent is over its rate: longer than the agent's own first retries.
+pub const BUSY_PUSHBACK: Duration = Duration::from_secs(2);
+/// The agent's own calls refused as over the server's rate are retried
+/// after this, doubling up to [`BUSY_BACKOFF_MAX`] (each ±50 %)...
+const BUSY_BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BUSY_BACKOFF_MAX: Duration = Duration::from_secs(4);
+/// ...for this many tries in all (about 12 s), before the caller's own
+/// retry takes over.
+const BUSY_TRIES: u32 = 7;
 
 /// Keepalive ping interval on the connection to the server.
 const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(15);

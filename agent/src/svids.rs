@@ -218,13 +218,17 @@ async fn sign(
         .api()
         .sign_x509_svids(pb::SignX509SvidsRequest { requests })
         .await
-        .map_err(|s| match s.code() {
-            // Over max_request_kib, or over max_csrs_per_call.
-            tonic::Code::OutOfRange => SignError::BatchTooLarge(s.message().to_owned()),
-            tonic::Code::InvalidArgument if s.message().contains("max_csrs_per_call") => {
-                SignError::BatchTooLarge(s.message().to_owned())
+        .map_err(|s| {
+            // Over the server's rate: workload mints step aside meanwhile.
+            server.note_refusal(&s);
+            match s.code() {
+                // Over max_request_kib, or over max_csrs_per_call.
+                tonic::Code::OutOfRange => SignError::BatchTooLarge(s.message().to_owned()),
+                tonic::Code::InvalidArgument if s.message().contains("max_csrs_per_call") => {
+                    SignError::BatchTooLarge(s.message().to_owned())
+                }
+                _ => SignError::Failed(s.message().to_owned()),
             }
-            _ => SignError::Failed(s.message().to_owned()),
         })?
         .into_inner();
     let mut out = Vec::with_capacity(keys.len());

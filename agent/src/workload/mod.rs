@@ -4,6 +4,7 @@
 //! every change, never an empty field.
 
 pub mod attest;
+pub mod budget;
 pub mod h2_authority;
 pub(crate) mod holder;
 pub mod jwt_cache;
@@ -25,6 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use self::attest::{AttestError, UnixAttestor};
+use self::budget::MintBudget;
 use self::jwt_cache::JwtCache;
 use self::limits::{StreamLimits, StreamPermit};
 use self::peer::Peer;
@@ -72,6 +74,8 @@ pub struct WorkloadApi {
     streams: Arc<StreamLimits>,
     /// For the `exp` of tokens to validate; see [`crate::clock`].
     wall: WallClock,
+    /// What workloads may make the agent mint at the server.
+    budget: Arc<MintBudget>,
 }
 
 impl WorkloadApi {
@@ -95,7 +99,18 @@ impl WorkloadApi {
             stopping,
             streams,
             wall,
+            budget: Arc::new(MintBudget::new(
+                crate::config::DEFAULT_JWT_MINTS_PER_SECOND,
+                crate::config::DEFAULT_JWT_MINTS_PER_SECOND_PER_UID,
+            )),
         }
+    }
+
+    /// This API, holding JWT-SVID mints for workloads to `budget`.
+    #[must_use]
+    pub fn with_mint_budget(mut self, budget: Arc<MintBudget>) -> Self {
+        self.budget = budget;
+        self
     }
 
     /// A stream of what `compute` makes of each snapshot, or its error on
@@ -433,6 +448,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         req: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
         let selectors = caller_selectors(&self.attestor, &self.cache, &req)?;
+        let uid = peer(&req)?.cred().ok_or_else(unidentified)?.uid;
         let r = req.into_inner();
         let wanted = check_jwt_request(&r)?;
         let snapshot = self.cache.current();
@@ -448,7 +464,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         for e in &entries {
             svids.push(pb::Jwtsvid {
                 spiffe_id: e.spiffe_id.to_string(),
-                svid: self.jwt_for(e, &r.audience).await?,
+                svid: self.jwt_for(uid, e, &r.audience).await?,
                 hint: e.hint.clone(),
             });
         }
@@ -506,8 +522,15 @@ pub(crate) fn validate_jwt(
 }
 
 impl WorkloadApi {
-    /// A JWT-SVID for `entry` and `audiences`: cached until half its life.
-    async fn jwt_for(&self, entry: &Entry, audiences: &[String]) -> Result<String, Status> {
+    /// A JWT-SVID for `entry` and `audiences`, asked for by `uid`: cached
+    /// until half its life; a new one is minted within `uid`'s budget (see
+    /// [`budget`]) and not while the server is refusing this agent's calls.
+    async fn jwt_for(
+        &self,
+        uid: u32,
+        entry: &Entry,
+        audiences: &[String],
+    ) -> Result<String, Status> {
         let key = (entry.id.clone(), audiences.to_vec());
         let now = Instant::now();
         if let Some(token) = self
@@ -518,6 +541,14 @@ impl WorkloadApi {
         {
             return Ok(token);
         }
+        if self.server.busy() {
+            self.budget
+                .refused
+                .server
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(server_busy());
+        }
+        self.budget.take(uid)?;
         let minted = self
             .server
             .api()
@@ -529,6 +560,10 @@ impl WorkloadApi {
             .map_err(|s| match s.code() {
                 tonic::Code::InvalidArgument => s,
                 tonic::Code::PermissionDenied => Status::permission_denied(NO_IDENTITY),
+                tonic::Code::ResourceExhausted => {
+                    self.server.note_refusal(&s);
+                    server_busy()
+                }
                 _ => Status::unavailable(format!("cannot reach the server: {}", s.message())),
             })?
             .into_inner();
@@ -539,9 +574,18 @@ impl WorkloadApi {
             minted.token.clone(),
             refresh_at,
             now,
+            uid,
         );
         Ok(minted.token)
     }
+}
+
+/// The status while the server refuses this agent's calls as over its rate.
+fn server_busy() -> Status {
+    Status::resource_exhausted(
+        "the server is refusing this agent's calls as over its agent_requests_per_second; \
+         new JWT-SVIDs wait while the agent's own calls go first; retry in a few seconds",
+    )
 }
 
 fn to_struct(map: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {

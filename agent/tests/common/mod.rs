@@ -45,6 +45,8 @@ pub struct Harness {
     pub node_credentials: Option<(PathBuf, PathBuf)>,
     /// The wall clock of the next agent start (tests jump it).
     pub clock: oxid_agent::clock::WallClock,
+    /// Any other settings of the next agent start (the fields above win).
+    pub agent_extra: AgentFile,
 }
 
 /// A gRPC channel over the Unix socket at `socket`.
@@ -106,6 +108,7 @@ impl Harness {
             agent_server_addr: None,
             node_credentials: None,
             clock: oxid_agent::clock::WallClock::default(),
+            agent_extra: AgentFile::default(),
         };
         h.spawn_server(listener);
         let deadline = tokio::time::Instant::now() + WAIT;
@@ -203,7 +206,7 @@ impl Harness {
                 node_key: self.node_credentials.as_ref().map(|c| c.1.clone()),
                 data_dir: Some(self.dir.path().join("agent-data")),
                 socket_path: Some(self.workload_socket()),
-                ..Default::default()
+                ..self.agent_extra.clone()
             },
         )
         .unwrap();
@@ -279,17 +282,6 @@ impl Harness {
     }
 
     pub async fn create_entry(&self, spiffe_id: &str, selectors: &[&str]) {
-        self.create_entry_with(spiffe_id, selectors, false).await;
-    }
-
-    /// As `create_entry`, for a test about entries matched by executable
-    /// only (`unix:path`/`unix:sha256`, no uid), which the server refuses
-    /// without `allow_exe_only`.
-    pub async fn create_exe_only_entry(&self, spiffe_id: &str, selectors: &[&str]) {
-        self.create_entry_with(spiffe_id, selectors, true).await;
-    }
-
-    async fn create_entry_with(&self, spiffe_id: &str, selectors: &[&str], allow_exe_only: bool) {
         let r = admin(&self.admin_socket())
             .await
             .create_entries(admin_pb::CreateEntriesRequest {
@@ -300,7 +292,6 @@ impl Harness {
                     hint: "primary".into(),
                     ..Default::default()
                 }],
-                allow_exe_only,
             })
             .await
             .unwrap()
