@@ -282,6 +282,17 @@ impl Harness {
     }
 
     pub async fn create_entry(&self, spiffe_id: &str, selectors: &[&str]) {
+        self.create_entry_with(spiffe_id, selectors, false).await;
+    }
+
+    /// As `create_entry`, for a test about entries matched by executable
+    /// only (`unix:path`/`unix:sha256`, no uid), which the server refuses
+    /// without `allow_exe_only`.
+    pub async fn create_exe_only_entry(&self, spiffe_id: &str, selectors: &[&str]) {
+        self.create_entry_with(spiffe_id, selectors, true).await;
+    }
+
+    async fn create_entry_with(&self, spiffe_id: &str, selectors: &[&str], allow_exe_only: bool) {
         let r = admin(&self.admin_socket())
             .await
             .create_entries(admin_pb::CreateEntriesRequest {
@@ -292,6 +303,7 @@ impl Harness {
                     hint: "primary".into(),
                     ..Default::default()
                 }],
+                allow_exe_only,
             })
             .await
             .unwrap()
