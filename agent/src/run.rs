@@ -24,13 +24,14 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    use std::os::unix::fs::DirBuilderExt as _;
     let dir = config.data_dir.clone();
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|e| AgentError::State(format!("{}: {e}", dir.display())))?;
+    // Before anything is spent (a join token): the data and socket
+    // directories must be ones no other user can redirect, or a refusal
+    // at bind would come after the token was used up.
+    oxid_tls::socket::prepare_private_dir(&dir, 0o700)
+        .map_err(|e| AgentError::State(e.to_string()))?;
+    oxid_tls::socket::prepare_socket_dir(&config.socket_path)
+        .map_err(|e| AgentError::Config(e.to_string()))?;
     // Before anything is spent (a join token): without it, every Workload
     // API caller would be refused.
     crate::workload::holder::self_test().map_err(|e| {
