@@ -70,9 +70,31 @@ fn fetch_jwt_as(h: &Harness, uid: u32, audience: &str) -> Result<String, String>
 #[derive(Debug, Default)]
 struct FloodOutcome {
     minted: usize,
-    over_budget: usize,
-    /// Any other answer, with its message.
+    /// `ResourceExhausted` answers, by the setting their message names.
+    exhausted: std::collections::BTreeMap<&'static str, usize>,
+    /// Any other answer, with its message (the first few).
     other: Vec<String>,
+}
+
+/// The settings a `ResourceExhausted` may name, most specific first.
+const SETTINGS: [&str; 3] = [
+    "jwt_mints_per_second_per_uid",
+    "jwt_mints_per_second)",
+    "agent_requests_per_second",
+];
+
+impl FloodOutcome {
+    fn add(&mut self, other: Self) {
+        self.minted += other.minted;
+        for (k, n) in other.exhausted {
+            *self.exhausted.entry(k).or_default() += n;
+        }
+        self.other.extend(other.other);
+    }
+
+    fn exhausted_naming(&self, setting: &str) -> usize {
+        self.exhausted.get(setting).copied().unwrap_or(0)
+    }
 }
 
 /// One flooder: a fresh audience on every call, until `stop`.
@@ -90,17 +112,15 @@ async fn flood(h: &Harness, n: usize, stop: Arc<AtomicBool>) -> FloodOutcome {
             .await;
         match r {
             Ok(_) => out.minted += 1,
-            Err(s)
-                if s.code() == tonic::Code::ResourceExhausted
-                    && s.message().contains("jwt_mints_per_second_per_uid") =>
-            {
-                out.over_budget += 1;
-            }
-            Err(s) => {
-                if out.other.len() < 5 {
+            Err(s) => match SETTINGS.iter().find(|name| s.message().contains(*name)) {
+                Some(name) if s.code() == tonic::Code::ResourceExhausted => {
+                    *out.exhausted.entry(name).or_default() += 1;
+                }
+                _ if out.other.len() < 5 => {
                     out.other.push(format!("{:?}: {}", s.code(), s.message()));
                 }
-            }
+                _ => {}
+            },
         }
         // A short pause keeps 2 cores usable: 6 flooders still ask the
         // agent for over 1,000 fresh tokens a second.
@@ -117,47 +137,27 @@ fn cached_jwts(metrics: &str) -> usize {
         .expect("the JWT cache gauge")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_workload_flooding_jwt_fetches_stays_within_its_budget() {
-    assert_eq!(
-        my_uid(),
-        0,
-        "this test runs workloads as other uids and must run as root (CI does)"
-    );
-    let mut h = Harness::start_with(SERVER_TOML).await;
-    h.stop_agent().await;
-    // Workloads together may mint 8 a second (of the server's 20), one uid
-    // 4; the cache holds 8 tokens, at most 5 from one uid's requests.
-    h.jwt_cache_size = Some(8);
-    h.agent_extra = AgentFile {
-        jwt_svid_cache_per_uid: Some(5),
-        jwt_mints_per_second: Some(8),
-        jwt_mints_per_second_per_uid: Some(4),
-        ..Default::default()
-    };
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let metrics = probe.local_addr().unwrap();
-    drop(probe);
-    h.start_agent_with_metrics(metrics);
-    h.create_entry("spiffe://example.org/flooder", &["unix:uid:0"])
-        .await;
-    h.create_entry(
-        "spiffe://example.org/victim",
-        &[&format!("unix:uid:{VICTIM_UID}")],
-    )
-    .await;
-    h.create_entry(
-        "spiffe://example.org/bystander",
-        &[&format!("unix:uid:{BYSTANDER_UID}")],
-    )
-    .await;
-    let client = h.client().await;
-    eventually(|| client.fetch_x509_svid()).await;
-    let kept = eventually(|| async { fetch_jwt_as(&h, BYSTANDER_UID, "bystander") }).await;
-    eventually(|| async { fetch_jwt_as(&h, VICTIM_UID, "victim-warm-up") }).await;
-    let agent_svid = h.dir.path().join("agent-data/agent-svid.pem");
+/// What happened while [`FLOODERS`] flooded for [`FLOOD`].
+#[derive(Debug, Default)]
+struct Observed {
+    flooded: FloodOutcome,
+    /// The victim's fresh-audience fetches, if it ran.
+    victim_ok: usize,
+    victim_failures: Vec<String>,
+    /// Distinct X509-SVID serials this uid saw (rotation), and failures.
+    x509_serials: HashSet<Vec<u8>>,
+    x509_failures: Vec<String>,
+    /// Distinct agent SVIDs stored (renewal).
+    agent_svids: HashSet<Vec<u8>>,
+    elapsed: f64,
+}
 
-    let h = Arc::new(h);
+/// Floods from this test's uid while watching, every 300 ms, this uid's
+/// X509-SVID, the agent's stored SVID and (if `victim`) a fresh-audience
+/// fetch by [`VICTIM_UID`].
+async fn observe_flood(h: &Arc<Harness>, victim: bool) -> Observed {
+    let client = h.client().await;
+    let agent_svid = h.dir.path().join("agent-data/agent-svid.pem");
     let stop = Arc::new(AtomicBool::new(false));
     let flooders: Vec<_> = (0..FLOODERS)
         .map(|n| {
@@ -165,67 +165,127 @@ async fn a_workload_flooding_jwt_fetches_stays_within_its_budget() {
             tokio::spawn(async move { flood(&h, n, stop).await })
         })
         .collect();
-
-    // During the flood: the victim keeps minting fresh tokens, and the
-    // agent keeps renewing its own SVID and rotating X509-SVIDs.
     let started = tokio::time::Instant::now();
-    let mut victim_failures = Vec::new();
-    let mut victim_ok = 0;
-    let mut x509_serials = HashSet::new();
-    let mut x509_failures = Vec::new();
-    let mut agent_svids = HashSet::new();
-    agent_svids.insert(std::fs::read(&agent_svid).unwrap());
+    let mut seen = Observed::default();
+    seen.agent_svids.insert(std::fs::read(&agent_svid).unwrap());
     let mut i = 0;
     while started.elapsed() < FLOOD {
         i += 1;
-        let victim = {
+        let fetch = victim.then(|| {
             let h = h.clone();
             tokio::task::spawn_blocking(move || fetch_jwt_as(&h, VICTIM_UID, &format!("v-{i}")))
-        };
+        });
         match tokio::time::timeout(Duration::from_secs(3), client.fetch_x509_svid()).await {
             Ok(Ok(svid)) => {
-                x509_serials.insert(common::serial_and_expiry(&svid).0);
+                seen.x509_serials.insert(common::serial_and_expiry(&svid).0);
             }
-            Ok(Err(e)) => x509_failures.push(e.to_string()),
-            Err(_) => x509_failures.push("no X509-SVID within 3 s".into()),
+            Ok(Err(e)) => seen.x509_failures.push(e.to_string()),
+            Err(_) => seen.x509_failures.push("no X509-SVID within 3 s".into()),
         }
-        match victim.await.unwrap() {
-            Ok(_) => victim_ok += 1,
-            Err(e) => victim_failures.push(e),
+        if let Some(fetch) = fetch {
+            match fetch.await.unwrap() {
+                Ok(_) => seen.victim_ok += 1,
+                Err(e) => seen.victim_failures.push(e),
+            }
         }
         if let Ok(pem) = std::fs::read(&agent_svid) {
-            agent_svids.insert(pem);
+            seen.agent_svids.insert(pem);
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     stop.store(true, Ordering::Relaxed);
-    let mut flooded = FloodOutcome::default();
     for f in flooders {
-        let o = tokio::time::timeout(WAIT, f).await.unwrap().unwrap();
-        flooded.minted += o.minted;
-        flooded.over_budget += o.over_budget;
-        flooded.other.extend(o.other);
+        seen.flooded
+            .add(tokio::time::timeout(WAIT, f).await.unwrap().unwrap());
     }
-    let elapsed = started.elapsed().as_secs_f64();
+    seen.elapsed = started.elapsed().as_secs_f64();
+    seen
+}
+
+/// What the agent owes itself during a flood: X509-SVIDs (4 s TTL) rotated
+/// and its own SVID (6 s TTL) renewed; broken promises into `broken`.
+fn check_own_calls(seen: &Observed, broken: &mut Vec<String>) {
+    let elapsed = seen.elapsed;
+    if !seen.x509_failures.is_empty() || seen.x509_serials.len() < 3 {
+        broken.push(format!(
+            "X509-SVIDs (4 s TTL) were rotated {} times in {elapsed:.1} s; failures: {:?}",
+            seen.x509_serials.len().saturating_sub(1),
+            seen.x509_failures
+        ));
+    }
+    if seen.agent_svids.len() < 2 {
+        broken.push(format!(
+            "the agent did not renew its own SVID (6 s TTL) in {elapsed:.1} s"
+        ));
+    }
+}
+
+/// A harness on [`SERVER_TOML`] whose agent runs with `agent_extra`, a
+/// metrics listener, and entries for this uid, the victim and the
+/// bystander, once this uid has its X509-SVID.
+async fn flood_harness(
+    jwt_cache_size: Option<usize>,
+    agent_extra: AgentFile,
+) -> (Harness, std::net::SocketAddr) {
+    assert_eq!(
+        my_uid(),
+        0,
+        "this test runs workloads as other uids and must run as root (CI does)"
+    );
+    let mut h = Harness::start_with(SERVER_TOML).await;
+    h.stop_agent().await;
+    h.jwt_cache_size = jwt_cache_size;
+    h.agent_extra = agent_extra;
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics = probe.local_addr().unwrap();
+    drop(probe);
+    h.start_agent_with_metrics(metrics);
+    h.create_entry("spiffe://example.org/flooder", &["unix:uid:0"])
+        .await;
+    for (name, uid) in [("victim", VICTIM_UID), ("bystander", BYSTANDER_UID)] {
+        h.create_entry(
+            &format!("spiffe://example.org/{name}"),
+            &[&format!("unix:uid:{uid}")],
+        )
+        .await;
+    }
+    let client = h.client().await;
+    eventually(|| client.fetch_x509_svid()).await;
+    (h, metrics)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_workload_flooding_jwt_fetches_stays_within_its_budget() {
+    // Workloads together may mint 8 a second (of the server's 20), one uid
+    // 4; the cache holds 8 tokens, at most 5 from one uid's requests.
+    let (h, metrics) = flood_harness(
+        Some(8),
+        AgentFile {
+            jwt_svid_cache_per_uid: Some(5),
+            jwt_mints_per_second: Some(8),
+            jwt_mints_per_second_per_uid: Some(4),
+            ..Default::default()
+        },
+    )
+    .await;
+    let kept = eventually(|| async { fetch_jwt_as(&h, BYSTANDER_UID, "bystander") }).await;
+    eventually(|| async { fetch_jwt_as(&h, VICTIM_UID, "victim-warm-up") }).await;
+    let h = Arc::new(h);
+    let seen = observe_flood(&h, true).await;
+    let (flooded, elapsed) = (&seen.flooded, seen.elapsed);
 
     // Every broken promise is listed, not only the first.
     let mut broken = Vec::new();
-    if !victim_failures.is_empty() || victim_ok < 5 {
+    if !seen.victim_failures.is_empty() || seen.victim_ok < 5 {
         broken.push(format!(
-            "uid {VICTIM_UID}'s fresh JWT fetches failed during the flood ({victim_ok} \
-             worked): {victim_failures:?}"
+            "uid {VICTIM_UID}'s fresh JWT fetches failed during the flood ({} worked): {:?}",
+            seen.victim_ok, seen.victim_failures
         ));
     }
-    if !flooded.other.is_empty() {
+    let over_budget = flooded.exhausted_naming("jwt_mints_per_second_per_uid");
+    if !flooded.other.is_empty() || over_budget < 100 || flooded.exhausted.len() > 1 {
         broken.push(format!(
-            "the flooder got answers other than tokens and ResourceExhausted naming \
-             jwt_mints_per_second_per_uid: {:?}",
-            flooded.other
-        ));
-    }
-    if flooded.over_budget < 100 {
-        broken.push(format!(
-            "the flooder was not held to its budget: {flooded:?}"
+            "the flooder was not held to jwt_mints_per_second_per_uid alone: {flooded:?}"
         ));
     }
     // A burst of 8, then 4 a second (plus slack for timing).
@@ -236,18 +296,7 @@ async fn a_workload_flooding_jwt_fetches_stays_within_its_budget() {
             flooded.minted
         ));
     }
-    if !x509_failures.is_empty() || x509_serials.len() < 3 {
-        broken.push(format!(
-            "X509-SVIDs (4 s TTL) were rotated {} times in {elapsed:.1} s; failures: \
-             {x509_failures:?}",
-            x509_serials.len().saturating_sub(1)
-        ));
-    }
-    if agent_svids.len() < 2 {
-        broken.push(format!(
-            "the agent did not renew its own SVID (6 s TTL) in {elapsed:.1} s"
-        ));
-    }
+    check_own_calls(&seen, &mut broken);
     // The flood evicted neither the bystander's token nor more than its
     // own share: the bystander's fetch is still a cache hit.
     match fetch_jwt_as(&h, BYSTANDER_UID, "bystander") {
@@ -263,7 +312,27 @@ async fn a_workload_flooding_jwt_fetches_stays_within_its_budget() {
         .find_map(|l| l.strip_prefix("oxid_agent_jwt_mints_refused_total{reason=\"uid\"} "))
         .and_then(|v| v.trim().parse::<usize>().ok())
         .expect("the refusal counter");
-    assert!(refused >= flooded.over_budget, "{text}");
+    assert!(refused >= over_budget, "{text}");
+}
+
+/// An agent whose workload budget is set above the server's rate (here the
+/// defaults, 250 and 50 a second, against a server taking 20): the server's
+/// refusals make workload mints step aside, and the agent's own renewal
+/// retries with backoff until it gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn own_calls_get_through_when_the_server_refuses_the_agent() {
+    let (h, _) = flood_harness(None, AgentFile::default()).await;
+    let h = Arc::new(h);
+    let seen = observe_flood(&h, false).await;
+    let mut broken = Vec::new();
+    let flooded = &seen.flooded;
+    if !flooded.other.is_empty() || flooded.exhausted_naming("agent_requests_per_second") == 0 {
+        broken.push(format!(
+            "the flooder was not told the server is refusing the agent: {flooded:?}"
+        ));
+    }
+    check_own_calls(&seen, &mut broken);
+    assert!(broken.is_empty(), "{broken:#?}");
 }
 
 /// `FetchJWTSVID` for `audience` as this test's uid: the token.
