@@ -106,6 +106,11 @@ pub struct ServerClient {
     /// Until when workload-driven calls step aside because the server
     /// refused one of this agent's calls as over its rate.
     busy_until: Mutex<Option<tokio::time::Instant>>,
+    /// The key of a renewal still without an answer: the next try uses it
+    /// again, since the server lets the previous SVID renew again only for
+    /// the pending SVID's key (a lost answer stays recoverable, a copied
+    /// old SVID cannot renew).
+    renewal_key: Mutex<Option<KeyPair>>,
 }
 
 impl std::fmt::Debug for ServerClient {
@@ -134,6 +139,7 @@ impl ServerClient {
             channel: RwLock::new(channel),
             wall: WallClock::default(),
             busy_until: Mutex::new(None),
+            renewal_key: Mutex::new(None),
         })
     }
 
@@ -192,6 +198,8 @@ impl ServerClient {
 
     /// Node attestation; returns the agent's new identity and the bundle.
     pub async fn attest(&self, how: &Attestation) -> Result<(Identity, String), AgentError> {
+        // A new identity renews with keys of its own.
+        *self.renewal_key.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let key = KeyPair::generate(KeyAlgorithm::EcdsaP256)
             .map_err(|e| AgentError::Internal(e.to_string()))?;
         let csr = Csr::create(&key).map_err(|e| AgentError::Internal(e.to_string()))?;
@@ -280,8 +288,7 @@ impl ServerClient {
     /// before the server changes anything, so the same CSR is safe to
     /// resend), and meanwhile workload-driven calls step aside.
     pub async fn renew(&self, current: &Identity) -> Result<Identity, AgentError> {
-        let key = KeyPair::generate(KeyAlgorithm::EcdsaP256)
-            .map_err(|e| AgentError::Internal(e.to_string()))?;
+        let key = self.renewal_key()?;
         let csr = Csr::create(&key).map_err(|e| AgentError::Internal(e.to_string()))?;
         let mut backoff = BUSY_BACKOFF_MIN;
         let mut tries = 1;
@@ -309,13 +316,29 @@ impl ServerClient {
             .into_iter()
             .map(CertificateDer::from)
             .collect();
-        Identity::from_chain(
+        let renewed = Identity::from_chain(
             key,
             chain,
             Some(&current.spiffe_id),
             resp.valid_for_ms,
             &self.wall,
-        )
+        )?;
+        *self.renewal_key.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        Ok(renewed)
+    }
+
+    /// The key for this renewal: that of a renewal without an answer, else
+    /// a new one, kept until a renewal answers.
+    fn renewal_key(&self) -> Result<KeyPair, AgentError> {
+        let internal = |e: oxid_pki::KeyError| AgentError::Internal(e.to_string());
+        let mut kept = self.renewal_key.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(key) = kept.as_ref() {
+            return KeyPair::from_pkcs8_der(key.pkcs8_der()).map_err(internal);
+        }
+        let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).map_err(internal)?;
+        let copy = KeyPair::from_pkcs8_der(key.pkcs8_der()).map_err(internal)?;
+        *kept = Some(key);
+        Ok(copy)
     }
 }
 
