@@ -66,7 +66,11 @@ async fn an_unsafe_socket_directory_is_refused_before_the_token_is_spent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unsafe_data_directory_is_refused_before_the_token_is_spent() {
-    assert_eq!(my_uid(), 0, "this test chowns and must run as root (CI does)");
+    assert_eq!(
+        my_uid(),
+        0,
+        "this test chowns and must run as root (CI does)"
+    );
     let mut h = fresh_agent_needed().await;
     let data = h.dir.path().join("agent-data");
     std::fs::create_dir(&data).unwrap();

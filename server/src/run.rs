@@ -187,16 +187,10 @@ pub async fn run_with(
         metrics: metrics_listener,
     } = listeners;
     let rpc = Arc::new(RpcMetrics::default());
-    use std::os::unix::fs::DirBuilderExt as _;
     let data_dir = &config.data_dir;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(data_dir)
-        .map_err(|source| RunError::DataDir {
-            path: data_dir.display().to_string(),
-            source,
-        })?;
+    // It holds the store and the CA keys: refused if another user could
+    // redirect its path, and 0700 even if it existed with a wider mode.
+    admin::prepare_private_dir(data_dir, 0o700)?;
     let store: Arc<dyn DataStore> = Arc::new(SledStore::open(
         &data_dir.join("datastore"),
         config.datastore_cache_bytes,

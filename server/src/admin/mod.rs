@@ -107,7 +107,7 @@ impl AdminAccess {
     }
 }
 
-pub use oxid_tls::socket::{SocketError, bind_unix_socket, current_uid};
+pub use oxid_tls::socket::{SocketError, bind_unix_socket, current_uid, prepare_private_dir};
 
 /// Serves the admin API on `listener` until `shutdown` completes; calls are
 /// recorded in `rpc`, and requests over `max_request_bytes` are refused with

@@ -120,6 +120,26 @@ fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, DataStoreError> {
     }
 }
 
+/// Sets every file under `dir` to 0600 and every directory to 0700 (sled
+/// makes them with the process umask). Links are left alone: sled makes none.
+fn make_private(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let mode = if kind.is_dir() {
+            make_private(&entry.path())?;
+            0o700
+        } else if kind.is_file() {
+            0o600
+        } else {
+            continue;
+        };
+        std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
+}
+
 /// The last revision committed to `meta` (0 for a new store).
 fn read_revision(meta: &sled::Tree) -> Result<u64, DataStoreError> {
     match meta.get(REVISION_KEY).map_err(backend)? {
@@ -169,7 +189,13 @@ impl SledStore {
     /// Opens (or creates) the store in `dir`. `cache_bytes` bounds sled's
     /// page cache, which otherwise grows with the database.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, DataStoreError> {
+        // The store holds join-token hashes, agent records and the CA
+        // journal: 0700 even if the directory existed with a wider mode, and
+        // after sled has opened (creating files with the umask's mode) every
+        // file in it 0600.
+        oxid_tls::socket::prepare_private_dir(dir, 0o700).map_err(backend)?;
         let db = open_db(dir, cache_bytes)?;
+        make_private(dir).map_err(backend)?;
         let tree = |name: &str| db.open_tree(name).map_err(backend);
         let meta = tree("meta")?;
         let revision = read_revision(&meta)?;
