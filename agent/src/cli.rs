@@ -160,6 +160,19 @@ pub struct RunArgs {
     /// Largest Workload API request decoded, KiB (default 4096).
     #[arg(long)]
     pub max_request_kib: Option<usize>,
+    /// Workload API connections open at once, all uids (default 4096,
+    /// lowered to fit the open-file limit).
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Workload API connections one uid may hold open at once (default 256).
+    #[arg(long)]
+    pub max_connections_per_uid: Option<usize>,
+    /// Seconds a new connection has to send the HTTP/2 preface (default 10).
+    #[arg(long)]
+    pub connection_preface_timeout_secs: Option<u64>,
+    /// Seconds a connection may stay open with no call in flight (default 120).
+    #[arg(long)]
+    pub connection_idle_timeout_secs: Option<u64>,
     /// Log format.
     #[arg(long, value_parser = ["human", "json"])]
     pub log_format: Option<String>,
@@ -202,6 +215,10 @@ pub fn main() -> ExitCode {
         jwt_mints_per_second_per_uid: args.jwt_mints_per_second_per_uid,
         max_streams_per_uid: args.max_streams_per_uid,
         max_request_kib: args.max_request_kib,
+        max_connections: args.max_connections,
+        max_connections_per_uid: args.max_connections_per_uid,
+        connection_preface_timeout_secs: args.connection_preface_timeout_secs,
+        connection_idle_timeout_secs: args.connection_idle_timeout_secs,
         log_level: None,
         log_format: args.log_format,
     };

@@ -38,6 +38,23 @@ const MAX_JWT_MINTS_PER_SECOND: u32 = 100_000;
 /// Default bound on Workload API streams open at once by one uid.
 pub const DEFAULT_MAX_STREAMS_PER_UID: usize = 2048;
 
+/// Default bound on Workload API connections open at once, all uids
+/// together (lowered to fit the open-file limit, see `limits`).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+
+/// Default bound on Workload API connections open at once by one uid.
+pub const DEFAULT_MAX_CONNECTIONS_PER_UID: usize = 256;
+
+/// Default seconds a new connection has to send the HTTP/2 preface.
+pub const DEFAULT_PREFACE_TIMEOUT_SECS: u64 = 10;
+
+/// Default seconds a connection may stay open with no call in flight (an
+/// open stream is a call in flight).
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 120;
+
+/// Longest accepted timeout: a day.
+const MAX_TIMEOUT_SECS: u64 = 86_400;
+
 /// Default bound on one Workload API request, KiB (tonic's own default).
 /// Well-formed requests are a few KiB at most: a token to validate is capped
 /// at 64 KiB and 32 audiences at 1 KiB each.
@@ -88,6 +105,18 @@ pub struct AgentFile {
     /// Largest Workload API request decoded, KiB (default 4096, 64 to
     /// 65536); larger ones get `OutOfRange` unread.
     pub max_request_kib: Option<usize>,
+    /// Workload API connections open at once, all uids together (default
+    /// 4096, lowered to fit the open-file limit with 512 descriptors kept
+    /// for the agent's own files).
+    pub max_connections: Option<usize>,
+    /// Workload API connections one uid may hold open at once (default
+    /// 256, at most `max_connections`).
+    pub max_connections_per_uid: Option<usize>,
+    /// Seconds a new connection has to send the HTTP/2 preface (default 10).
+    pub connection_preface_timeout_secs: Option<u64>,
+    /// Seconds a connection may stay open with no call in flight (default
+    /// 120); an open stream is a call in flight and is never timed out.
+    pub connection_idle_timeout_secs: Option<u64>,
     /// Log level.
     pub log_level: Option<String>,
     /// `human` or `json`.
@@ -125,6 +154,8 @@ pub struct AgentConfig {
     pub max_streams_per_uid: usize,
     /// Largest Workload API request decoded, bytes.
     pub max_request_bytes: usize,
+    /// Connection caps and timeouts of the Workload API socket.
+    pub connections: crate::workload::limits::ConnSettings,
     /// Log level.
     pub log_level: String,
     /// Log format.
@@ -158,6 +189,7 @@ impl AgentConfig {
 
     fn resolve(file: AgentFile, flags: AgentFile) -> Result<Self, AgentError> {
         let jwt = JwtLimits::resolve(&file, &flags)?;
+        let connections = conn_settings(&file, &flags)?;
         let pick = |f: Option<String>, d: Option<String>| f.or(d);
         let td_name =
             pick(flags.trust_domain, file.trust_domain).unwrap_or_else(|| "example.org".into());
@@ -212,6 +244,7 @@ impl AgentConfig {
             ));
         }
         Ok(Self {
+            connections,
             jwt_svid_cache_size: jwt.cache_size,
             jwt_svid_cache_per_uid: jwt.cache_per_uid,
             jwt_mints_per_second: jwt.mints_per_second,
@@ -241,6 +274,59 @@ impl AgentConfig {
             clock: crate::clock::WallClock::default(),
         })
     }
+}
+
+/// The Workload API socket's connection caps and timeouts.
+fn conn_settings(
+    file: &AgentFile,
+    flags: &AgentFile,
+) -> Result<crate::workload::limits::ConnSettings, AgentError> {
+    let bad = |m: String| Err(AgentError::Config(m));
+    let max = flags
+        .max_connections
+        .or(file.max_connections)
+        .unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    let per_uid = match flags
+        .max_connections_per_uid
+        .or(file.max_connections_per_uid)
+    {
+        None => DEFAULT_MAX_CONNECTIONS_PER_UID.min(max),
+        Some(n) => n,
+    };
+    if max == 0 || per_uid == 0 {
+        return bad("max_connections and max_connections_per_uid must be at least 1".into());
+    }
+    if per_uid > max {
+        return bad(format!(
+            "max_connections_per_uid {per_uid} must not exceed max_connections {max}"
+        ));
+    }
+    let secs = |name: &str, v: Option<u64>, default: u64| match v.unwrap_or(default) {
+        s @ 1..=MAX_TIMEOUT_SECS => Ok(std::time::Duration::from_secs(s)),
+        s => Err(AgentError::Config(format!(
+            "{name} {s} must be between 1 and {MAX_TIMEOUT_SECS}"
+        ))),
+    };
+    Ok(crate::workload::limits::ConnSettings {
+        max,
+        per_uid,
+        timeouts: oxid_telemetry::conn::Timeouts {
+            preface: secs(
+                "connection_preface_timeout_secs",
+                flags
+                    .connection_preface_timeout_secs
+                    .or(file.connection_preface_timeout_secs),
+                DEFAULT_PREFACE_TIMEOUT_SECS,
+            )?,
+            idle: secs(
+                "connection_idle_timeout_secs",
+                flags
+                    .connection_idle_timeout_secs
+                    .or(file.connection_idle_timeout_secs),
+                DEFAULT_IDLE_TIMEOUT_SECS,
+            )?,
+        },
+    })
 }
 
 /// The JWT-SVID cache bounds and mint budgets, checked against each other.
@@ -337,6 +423,40 @@ mod tests {
         assert_eq!(c.jwt_svid_cache_size, 7);
         std::fs::write(&f, "sever_address = \"x\"\n").unwrap();
         assert!(AgentConfig::load(Some(&f), AgentFile::default()).is_err());
+    }
+
+    #[test]
+    fn connection_limits_have_defaults_and_are_checked() {
+        let c = AgentConfig::load(None, AgentFile::default()).unwrap();
+        assert_eq!(c.connections.max, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(c.connections.per_uid, DEFAULT_MAX_CONNECTIONS_PER_UID);
+        assert_eq!(c.connections.timeouts.preface.as_secs(), 10);
+        assert_eq!(c.connections.timeouts.idle.as_secs(), 120);
+        let load = |toml: &str| AgentConfig::from_toml(toml, AgentFile::default());
+        // A small global cap lowers the unset per-uid default.
+        assert_eq!(
+            load("max_connections = 20\n").unwrap().connections.per_uid,
+            20
+        );
+        for (toml, names) in [
+            ("max_connections = 0\n", "at least 1"),
+            ("max_connections_per_uid = 0\n", "at least 1"),
+            (
+                "max_connections = 10\nmax_connections_per_uid = 11\n",
+                "must not exceed max_connections 10",
+            ),
+            (
+                "connection_preface_timeout_secs = 0\n",
+                "connection_preface_timeout_secs 0",
+            ),
+            (
+                "connection_idle_timeout_secs = 90000\n",
+                "connection_idle_timeout_secs 90000",
+            ),
+        ] {
+            let e = load(toml).unwrap_err().to_string();
+            assert!(e.contains(names), "{toml}: {e}");
+        }
     }
 
     #[test]

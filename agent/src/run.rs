@@ -11,7 +11,7 @@ use oxid_tls::{SharedBundle, SvidResolver};
 use crate::cache::Cache;
 use crate::config::AgentConfig;
 use crate::server::{Attestation, Identity, ServerClient};
-use crate::workload::h2_authority::RewrittenStream;
+use crate::workload::h2_authority::WorkloadConn;
 use crate::workload::jwt_cache::JwtCache;
 use crate::workload::{WorkloadApi, attest::UnixAttestor, check_header};
 use crate::{AgentError, state, svids, sync};
@@ -24,6 +24,12 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    // Before anything is spent: connection caps that leave no descriptors
+    // for the agent's own files are a setup error.
+    let connections = config
+        .connections
+        .fitted(oxid_telemetry::conn::raise_nofile_limit())
+        .map_err(AgentError::Config)?;
     let dir = config.data_dir.clone();
     // Before anything is spent (a join token): the data and socket
     // directories must be ones no other user can redirect, or a refusal
@@ -171,7 +177,10 @@ pub async fn run(
         tracing::info!("oxid-agent stopping");
         let _ = stop.send(true);
     };
+    // Capped and timed out at accept and on every read; see limits.
+    let (incoming, accept_task) = crate::workload::limits::accept(listener, connections);
     let serve = tonic::transport::Server::builder()
+        .layer(oxid_telemetry::conn::ActivityLayer::<WorkloadConn>::new())
         .layer(oxid_telemetry::RpcLayer::new("workload", rpc))
         .add_service(health_service)
         .add_service(reflection)
@@ -180,14 +189,9 @@ pub async fn run(
                 .max_decoding_message_size(config.max_request_bytes),
             check_header,
         ))
-        .serve_with_incoming_shutdown(
-            // Lets gRPC C-core and Java clients in: see h2_authority.
-            tokio_stream::StreamExt::map(
-                tokio_stream::wrappers::UnixListenerStream::new(listener),
-                |conn| conn.map(RewrittenStream::new),
-            ),
-            signal,
-        );
+        // Each connection goes through h2_authority's rewriter, which lets
+        // gRPC C-core and Java clients in.
+        .serve_with_incoming_shutdown(incoming, signal);
     // Workload API streams end at once on shutdown; a connection that still
     // holds on (a health Watch, a client ignoring GOAWAY) is dropped after
     // DRAIN_GRACE so a stop never hangs.
@@ -199,7 +203,7 @@ pub async fn run(
             tokio::time::sleep(DRAIN_GRACE).await;
         } => Ok(()),
     };
-    for task in [renewer, syncer, signer, health_task]
+    for task in [renewer, syncer, signer, health_task, accept_task]
         .into_iter()
         .chain(metrics_task)
     {

@@ -6,7 +6,10 @@
 //! (entries, agents, CA expiry, SVIDs signed) are read when scraped.
 //!
 //! Also the other process plumbing both binaries share: the shutdown
-//! signal, and how their commands write to stdout.
+//! signal, how their commands write to stdout, and the bounds on the
+//! connections their listeners hold ([`conn`]).
+
+pub mod conn;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;

@@ -1,12 +1,22 @@
-//! How many Workload API streams each uid holds open. A stream costs the
-//! agent a task and a channel for as long as the client keeps it, so one
-//! user's processes must not be able to hold an unbounded number; other
-//! users are unaffected by one that hits its limit.
+//! How many Workload API connections and streams each uid holds open. A
+//! stream costs the agent a task and a channel for as long as the client
+//! keeps it, a connection two file descriptors (the socket and the caller's
+//! pidfd) and its buffers, so one user's processes must not be able to hold
+//! an unbounded number of either; other users are unaffected by one that
+//! hits its limit. The connection caps are enforced here, at accept, before
+//! the caller is pinned (which costs the pidfd).
 
 use std::collections::HashMap;
+use std::io;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use oxid_telemetry::conn::{ConnLimits, Refused, Timeouts};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
+
+use super::h2_authority::RewrittenStream;
 
 /// Open streams by uid, under a per-uid limit.
 #[derive(Debug)]
@@ -68,6 +78,136 @@ impl Drop for StreamPermit {
             }
         }
     }
+}
+
+/// Descriptors one connection may cost: its socket, the caller's pidfd,
+/// and one more held briefly while a call is attested (`/proc` reads).
+pub const FDS_PER_CONNECTION: usize = 3;
+
+/// Descriptors always kept for the agent's own files (state, bundle and
+/// SVID writes, its connections to the server, metrics scrapes): the
+/// connection caps are fitted under the open-file limit minus these.
+pub const FD_RESERVE: usize = 512;
+
+/// Fewer connections than this under the open-file limit is a setup error.
+pub const MIN_CONNECTIONS: usize = 16;
+
+/// The Workload API listener's connection settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnSettings {
+    /// Connections open at once, all uids together.
+    pub max: usize,
+    /// Connections open at once by one uid.
+    pub per_uid: usize,
+    /// Preface and idle timeouts.
+    pub timeouts: Timeouts,
+}
+
+impl ConnSettings {
+    /// These settings fitted under the open-file limit `fd_limit`: `max`
+    /// lowered (with a warning) if it would leave less than [`FD_RESERVE`]
+    /// descriptors for the agent's own files, `per_uid` never above `max`.
+    pub fn fitted(self, fd_limit: Option<u64>) -> Result<Self, String> {
+        let (max, warning) = oxid_telemetry::conn::fit_to_fd_limit(
+            self.max,
+            fd_limit,
+            FDS_PER_CONNECTION,
+            FD_RESERVE,
+            MIN_CONNECTIONS,
+        )?;
+        if let Some(warning) = warning {
+            tracing::warn!("{warning}");
+        }
+        Ok(Self {
+            max,
+            per_uid: self.per_uid.min(max),
+            ..self
+        })
+    }
+}
+
+/// Accepts Workload API connections under `settings`' caps and yields them
+/// wrapped; a connection over a cap is answered with an HTTP/2 GOAWAY that
+/// says which, and closed. The task ends when the stream is dropped.
+pub fn accept(
+    listener: UnixListener,
+    settings: ConnSettings,
+) -> (
+    ReceiverStream<io::Result<RewrittenStream>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let limits = ConnLimits::new(settings.max, settings.per_uid);
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let task = tokio::spawn(async move {
+        let mut last_warning: Option<tokio::time::Instant> = None;
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                () = tx.closed() => return,
+            };
+            let stream = match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // EMFILE and the like: do not spin; what is open keeps
+                    // being served.
+                    tracing::warn!(error = %e, "Workload API accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            // An unreadable uid is counted as one unknown caller.
+            let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
+            match limits.acquire(uid) {
+                Ok(permit) => {
+                    let conn = RewrittenStream::new(stream, permit, settings.timeouts);
+                    if tx.send(Ok(conn)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(refused) => {
+                    let message = refusal(uid, refused);
+                    // One line per 10 s at most: a flood must not fill the log.
+                    if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        tracing::warn!("refusing Workload API connections: {message}");
+                        last_warning = Some(tokio::time::Instant::now());
+                    }
+                    refuse(&stream, &message);
+                }
+            }
+        }
+    });
+    (ReceiverStream::new(rx), task)
+}
+
+fn refusal(uid: u32, refused: Refused) -> String {
+    match refused {
+        Refused::Global(n) => format!(
+            "the agent holds {n} Workload API connections, its limit (max_connections); \
+             retry later"
+        ),
+        Refused::PerSource(n) => format!(
+            "uid {uid} holds {n} Workload API connections, the limit \
+             (max_connections_per_uid); close some and retry"
+        ),
+    }
+}
+
+/// Tells a refused client why, as an HTTP/2 server would: its SETTINGS,
+/// then GOAWAY (ENHANCE_YOUR_CALM) with `message` as debug data. Written
+/// without waiting (a fresh socket's buffer is empty); the caller drops the
+/// socket at once.
+fn refuse(stream: &UnixStream, message: &str) {
+    const SETTINGS: u8 = 0x4;
+    const GOAWAY: u8 = 0x7;
+    const ENHANCE_YOUR_CALM: u32 = 0xb;
+    let mut out = Vec::with_capacity(9 + 9 + 8 + message.len());
+    out.extend_from_slice(&[0, 0, 0, SETTINGS, 0, 0, 0, 0, 0]);
+    let len = u32::try_from(8 + message.len()).unwrap_or(8).to_be_bytes();
+    out.extend_from_slice(&[len[1], len[2], len[3], GOAWAY, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(&0u32.to_be_bytes());
+    out.extend_from_slice(&ENHANCE_YOUR_CALM.to_be_bytes());
+    out.extend_from_slice(message.as_bytes());
+    let _ = stream.try_write(&out);
 }
 
 #[cfg(test)]

@@ -19,17 +19,10 @@
 
 pub mod hpack;
 mod huffman;
-
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll, ready};
-
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::UnixStream;
-use tonic::transport::server::Connected;
+mod stream;
 
 use self::hpack::{Decoder, Field, HpackError};
-use super::peer::Peer;
+pub use self::stream::{RewrittenStream, WorkloadConn};
 
 /// The client connection preface (RFC 9113 §3.4).
 pub(crate) const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -319,112 +312,6 @@ fn frame_header(len: usize, frame_type: u8, flags: u8, stream: u32, out: &mut Ve
     out.extend_from_slice(&len[1..]);
     out.extend_from_slice(&[frame_type, flags]);
     out.extend_from_slice(&stream.to_be_bytes());
-}
-
-/// A Workload API connection whose client bytes go through an
-/// [`AuthorityRewriter`]; the peer credentials are the socket's.
-#[derive(Debug)]
-pub struct RewrittenStream {
-    inner: UnixStream,
-    /// The connecting process, pinned at accept (see [`Peer`]).
-    peer: Peer,
-    rewriter: AuthorityRewriter,
-    /// Client bytes not yet forming a complete unit.
-    input: Vec<u8>,
-    /// Rewritten bytes not yet read by the server, from `output_at`.
-    output: Vec<u8>,
-    output_at: usize,
-    eof: bool,
-}
-
-impl RewrittenStream {
-    /// Wraps an accepted connection.
-    pub fn new(inner: UnixStream) -> Self {
-        Self {
-            peer: Peer::of(&inner),
-            inner,
-            rewriter: AuthorityRewriter::default(),
-            input: Vec::new(),
-            output: Vec::new(),
-            output_at: 0,
-            eof: false,
-        }
-    }
-}
-
-impl Connected for RewrittenStream {
-    type ConnectInfo = Peer;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.peer.clone()
-    }
-}
-
-impl AsyncRead for RewrittenStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        loop {
-            if this.output_at < this.output.len() {
-                let n = buf.remaining().min(this.output.len() - this.output_at);
-                buf.put_slice(&this.output[this.output_at..this.output_at + n]);
-                this.output_at += n;
-                if this.output_at == this.output.len() {
-                    this.output.clear();
-                    this.output_at = 0;
-                }
-                return Poll::Ready(Ok(()));
-            }
-            if this.eof {
-                return Poll::Ready(Ok(()));
-            }
-            let mut chunk = [0u8; 8192];
-            let mut read = ReadBuf::new(&mut chunk);
-            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
-            if read.filled().is_empty() {
-                this.eof = true;
-                continue;
-            }
-            this.input.extend_from_slice(read.filled());
-            if let Err(e) = this.rewriter.rewrite(&mut this.input, &mut this.output) {
-                tracing::debug!(error = %e, "closing a Workload API connection");
-                return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
-            }
-        }
-    }
-}
-
-impl AsyncWrite for RewrittenStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
 }
 
 #[cfg(test)]
