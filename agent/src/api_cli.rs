@@ -32,6 +32,13 @@ fn socket_path(args: &ApiArgs) -> PathBuf {
 async fn channel(args: &ApiArgs) -> Result<Channel, AgentError> {
     let path = socket_path(args);
     let shown = path.display().to_string();
+    // What a workload sends or receives here (keys, SVIDs) must not go
+    // through a link or directory another user could redirect.
+    if let Err(e) = oxid_tls::socket::check_socket_to_connect(&path) {
+        if std::fs::metadata(&path).is_ok() {
+            return Err(AgentError::WorkloadApi(e.to_string()));
+        }
+    }
     Endpoint::try_from("http://workload-api.invalid")
         .map_err(|e| AgentError::Internal(e.to_string()))?
         .connect_with_connector(tower::service_fn(move |_: Uri| {

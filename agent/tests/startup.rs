@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::os::unix::fs::{PermissionsExt as _, chown};
+use std::os::unix::fs::{PermissionsExt as _, chown, lchown, symlink};
 use std::path::Path;
 
 use common::{Harness, admin, my_uid};
@@ -85,4 +85,37 @@ async fn an_unsafe_data_directory_is_refused_before_the_token_is_spent() {
     let _ = h.client().await;
     assert_eq!(mode_of(&data), 0o700);
     h.stop_agent().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_cli_refuses_a_socket_reached_through_another_users_link() {
+    let h = Harness::start().await;
+    let _ = h.client().await;
+    let sticky = h.dir.path().join("tmp");
+    std::fs::create_dir(&sticky).unwrap();
+    set_mode(&sticky, 0o1777);
+    let link = sticky.join("agent");
+    symlink(h.workload_socket().parent().unwrap(), &link).unwrap();
+    lchown(&link, Some(65534), None).unwrap();
+    let health = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_oxid-agent"))
+            .args(["healthcheck", "--socket-path"])
+            .arg(link.join("api.sock"))
+            .output()
+            .unwrap()
+    };
+    let out = health();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "sent through uid 65534's link");
+    assert!(err.contains("owned by uid 65534"), "{err}");
+    // Root's own link is followed; the agent answers (once synced).
+    lchown(&link, Some(0), None).unwrap();
+    common::eventually(|| async {
+        let out = health();
+        match out.status.success() {
+            true => Ok(()),
+            false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+        }
+    })
+    .await;
 }

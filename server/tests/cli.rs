@@ -897,6 +897,45 @@ fn an_unsafe_socket_directory_is_refused() {
     let _ = Path::new("");
 }
 
+#[test]
+fn the_cli_refuses_a_socket_reached_through_another_users_link() {
+    use std::os::unix::fs::{lchown, symlink};
+    let s = Server::start("");
+    // A sticky, world-writable directory (like /tmp) with a link of uid
+    // 65534's to the server's socket directory: today it leads to the real
+    // server; its owner may point it at their own socket at any time.
+    let sticky = s.dir.path().join("tmp");
+    std::fs::create_dir(&sticky).unwrap();
+    std::fs::set_permissions(&sticky, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let link = sticky.join("oxid");
+    symlink(s.socket().parent().unwrap(), &link).unwrap();
+    lchown(&link, Some(65534), None).unwrap();
+    let via_link = link.join("admin.sock");
+    let out = Command::new(BIN)
+        .args(["entry", "count", "--socket-path"])
+        .arg(&via_link)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "sent through uid 65534's link");
+    assert!(
+        err.contains("refusing to use socket directory") && err.contains("owned by uid 65534"),
+        "{err}"
+    );
+    // Root's own link to the same place is fine.
+    lchown(&link, Some(0), None).unwrap();
+    let out = Command::new(BIN)
+        .args(["entry", "count", "--socket-path"])
+        .arg(&via_link)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A small tmpfs mounted for the length of a test.
 struct Tmpfs(PathBuf);
 

@@ -146,6 +146,67 @@ pub fn prepare_private_dir(dir: &Path, mode: u32) -> Result<(), SocketError> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(io)
 }
 
+/// Checks the path of a socket a client is about to send to, so that a
+/// user who owns a link or a directory on the way cannot put their own
+/// socket there and receive the calls. As for a server binding, except that
+/// the socket's own directory, and the socket, may also belong to one other
+/// user (a service running under its own account, whose uid the client does
+/// not know): that directory must still not be writable by group or others,
+/// and the socket must belong to root, this user or that directory's owner.
+pub fn check_socket_to_connect(path: &Path) -> Result<(), SocketError> {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    let refuse = |reason| SocketError::UnsafeDirectory {
+        dir: socket_dir(path).display().to_string(),
+        reason,
+    };
+    let me = current_uid().map_err(|e| refuse(format!("cannot read /proc/self: {e}")))?;
+    let absolute = std::path::absolute(path)
+        .map_err(|e| refuse(format!("cannot make {} absolute: {e}", path.display())))?;
+    let (Some(dir), Some(name)) = (absolute.parent(), absolute.file_name()) else {
+        return Err(refuse(format!("{} names no socket", path.display())));
+    };
+    let mut walk = Walk { me, links: 0 };
+    let resolved = match (dir.parent(), dir.file_name()) {
+        (Some(above), Some(last)) => {
+            let above = walk.resolve(PathBuf::from("/"), above).map_err(refuse)?;
+            let candidate = above.join(last);
+            let meta = lstat(&candidate).map_err(refuse)?;
+            if meta.file_type().is_symlink() {
+                walk.resolve(above, Path::new(last)).map_err(refuse)?
+            } else if meta.is_dir() {
+                candidate
+            } else {
+                return Err(refuse(format!(
+                    "{} is not a directory",
+                    candidate.display()
+                )));
+            }
+        }
+        _ => walk.resolve(PathBuf::from("/"), dir).map_err(refuse)?,
+    };
+    let dir_meta = lstat(&resolved).map_err(refuse)?;
+    if mode(&dir_meta) & 0o022 != 0 {
+        return Err(refuse(format!(
+            "{} has mode {:04o}, which lets group or others replace the socket",
+            resolved.display(),
+            mode(&dir_meta)
+        )));
+    }
+    let socket = resolved.join(name);
+    let meta = lstat(&socket).map_err(refuse)?;
+    if !meta.file_type().is_socket() {
+        return Err(refuse(format!("{} is not a socket", socket.display())));
+    }
+    if ![0, me, dir_meta.uid()].contains(&meta.uid()) {
+        return Err(refuse(format!(
+            "socket {} is owned by uid {}, neither root, this user nor its directory's owner",
+            socket.display(),
+            meta.uid()
+        )));
+    }
+    Ok(())
+}
+
 /// The directory a socket at `path` lives in.
 fn socket_dir(path: &Path) -> &Path {
     path.parent()

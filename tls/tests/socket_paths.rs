@@ -9,7 +9,9 @@
 use std::os::unix::fs::{PermissionsExt as _, chown, lchown, symlink};
 use std::path::{Path, PathBuf};
 
-use oxid_tls::socket::{SocketError, bind_unix_socket, current_uid, prepare_private_dir};
+use oxid_tls::socket::{
+    SocketError, bind_unix_socket, check_socket_to_connect, current_uid, prepare_private_dir,
+};
 
 const NOBODY: u32 = 65534;
 
@@ -198,4 +200,46 @@ fn data_directories_get_the_same_checks_and_lose_group_and_other_access() {
     link(&sticky.join("data"), &data, NOBODY);
     let err = prepare_private_dir(&sticky.join("data"), 0o700).unwrap_err();
     assert!(err.to_string().contains("symbolic link"), "{err}");
+}
+
+/// A listening socket at `path`, made by hand (as another user's service
+/// would), owned by `owner`.
+fn foreign_socket(path: &Path, owner: u32) -> std::os::unix::net::UnixListener {
+    let l = std::os::unix::net::UnixListener::bind(path).unwrap();
+    chown(path, Some(owner), None).unwrap();
+    l
+}
+
+#[tokio::test]
+async fn clients_refuse_a_socket_reached_through_another_users_link_or_directory() {
+    let Some(t) = scratch() else { return };
+    // A service running as uid 65534 in its own directory: fine to call.
+    let service = dir(&t.path().join("run/service"), 0o755, NOBODY);
+    let _l = foreign_socket(&service.join("api.sock"), NOBODY);
+    check_socket_to_connect(&service.join("api.sock")).unwrap();
+    // Root's own socket in root's directory, through a root link: fine.
+    let root_dir = dir(&t.path().join("root"), 0o755, 0);
+    let _r = bind_unix_socket(&root_dir.join("api.sock"), 0o777).unwrap();
+    link(&t.path().join("root-link"), &root_dir, 0);
+    check_socket_to_connect(&t.path().join("root-link/api.sock")).unwrap();
+
+    // Through a link of theirs in a sticky directory, to root's socket
+    // today and to theirs whenever they like: refused.
+    let sticky = dir(&t.path().join("tmp"), 0o1777, 0);
+    link(&sticky.join("run"), &root_dir, NOBODY);
+    let err = check_socket_to_connect(&sticky.join("run/api.sock")).unwrap_err();
+    assert!(err.to_string().contains("owned by uid 65534"), "{err}");
+    // Under a parent directory of theirs: refused.
+    let theirs = dir(&t.path().join("theirs"), 0o755, NOBODY);
+    let below = dir(&theirs.join("run"), 0o755, 0);
+    let _s = foreign_socket(&below.join("api.sock"), 0);
+    let err = check_socket_to_connect(&below.join("api.sock")).unwrap_err();
+    assert!(err.to_string().contains("owned by uid 65534"), "{err}");
+    // A socket directory others can write, or a socket of a third user's.
+    let open = dir(&t.path().join("open"), 0o777, 0);
+    let _o = foreign_socket(&open.join("api.sock"), 0);
+    assert!(check_socket_to_connect(&open.join("api.sock")).is_err());
+    let _x = foreign_socket(&root_dir.join("other.sock"), NOBODY);
+    let err = check_socket_to_connect(&root_dir.join("other.sock")).unwrap_err();
+    assert!(err.to_string().contains("owned by uid 65534"), "{err}");
 }
