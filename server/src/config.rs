@@ -24,6 +24,14 @@ pub const DEFAULT_MAX_CSRS_PER_CALL: usize = 1000;
 pub const DEFAULT_MAX_ADMIN_BATCH: usize = 1000;
 /// Default for `max_request_kib`: tonic's own default of 4 MiB.
 pub const DEFAULT_MAX_REQUEST_KIB: usize = 4096;
+/// Default for `max_connections` (lowered to fit the open-file limit).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 8192;
+/// Default for `max_connections_per_address`.
+pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
+/// Default for `connection_preface_timeout`.
+pub const DEFAULT_PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default for `connection_idle_timeout`.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Batches above this would let one call hold the server for minutes.
 const BATCH_CEILING: usize = 100_000;
 /// A request must fit a 16 KiB CSR with an 8-certificate node chain.
@@ -201,6 +209,18 @@ pub struct ConfigFile {
     /// Largest gRPC request message on the agent and admin APIs, in KiB
     /// (default 4096).
     pub max_request_kib: Option<usize>,
+    /// Agent-API connections open at once (default 8192, lowered to fit the
+    /// open-file limit with 512 descriptors kept for the server's files).
+    pub max_connections: Option<usize>,
+    /// Agent-API connections open at once from one address that have not
+    /// presented an agent SVID (default 64); agents with an SVID are not
+    /// counted, so many behind one NAT address still connect.
+    pub max_connections_per_address: Option<usize>,
+    /// Time after the TLS handshake for the HTTP/2 preface (default `10s`).
+    pub connection_preface_timeout: Option<HumanDuration>,
+    /// Time a connection may stay open with no call in flight (default
+    /// `2m`); an open Sync stream is a call in flight.
+    pub connection_idle_timeout: Option<HumanDuration>,
     /// The CA.
     pub ca: Option<CaFile>,
 }
@@ -255,6 +275,9 @@ pub struct Config {
     pub max_admin_batch: usize,
     /// Largest request message on the agent and admin APIs, bytes.
     pub max_request_bytes: usize,
+    /// Agent-API connection caps and timeouts (before fitting them to the
+    /// open-file limit).
+    pub connections: crate::agent_api::ConnSettings,
     /// CA key type.
     pub ca_key_type: KeyAlgorithm,
     /// CA lifetime.
@@ -298,6 +321,7 @@ impl Config {
     }
 
     fn resolve(file: ConfigFile, o: Overrides) -> Result<Self, ConfigError> {
+        let connections = conn_settings(&file)?;
         let td_name = o
             .trust_domain
             .or(file.trust_domain)
@@ -368,6 +392,7 @@ impl Config {
             None => None,
         };
         Ok(Self {
+            connections,
             trust_domain,
             bind_address,
             metrics_address,
@@ -421,6 +446,49 @@ impl Config {
     }
 }
 
+/// The agent API's connection caps and timeouts.
+fn conn_settings(file: &ConfigFile) -> Result<crate::agent_api::ConnSettings, ConfigError> {
+    let max = within(
+        "max_connections",
+        file.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        1,
+        10_000_000,
+    )?;
+    let per_address = within(
+        "max_connections_per_address",
+        file.max_connections_per_address
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_ADDRESS.min(max)),
+        1,
+        max,
+    )?;
+    let timeout = |name: &str, value: Option<HumanDuration>, default: Duration| {
+        let d = value.map_or(default, |d| d.0);
+        if d.is_zero() || d > Duration::from_secs(86_400) {
+            return Err(ConfigError::Invalid(format!(
+                "{name} {} must be between 1s and 1d",
+                HumanDuration(d)
+            )));
+        }
+        Ok(d)
+    };
+    Ok(crate::agent_api::ConnSettings {
+        max,
+        per_address,
+        timeouts: oxid_telemetry::conn::Timeouts {
+            preface: timeout(
+                "connection_preface_timeout",
+                file.connection_preface_timeout,
+                DEFAULT_PREFACE_TIMEOUT,
+            )?,
+            idle: timeout(
+                "connection_idle_timeout",
+                file.connection_idle_timeout,
+                DEFAULT_IDLE_TIMEOUT,
+            )?,
+        },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -448,6 +516,36 @@ mod tests {
         assert_eq!(c.max_csrs_per_call, 1000);
         assert_eq!(c.max_admin_batch, 1000);
         assert_eq!(c.max_request_bytes, 4 * 1024 * 1024);
+        assert_eq!(c.connections.max, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(c.connections.per_address, 64);
+        assert_eq!(c.connections.timeouts.preface, Duration::from_secs(10));
+        assert_eq!(c.connections.timeouts.idle, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn connection_limits_are_checked() {
+        let c = parse("max_connections = 100\nconnection_idle_timeout = \"5s\"").unwrap();
+        assert_eq!(c.connections.max, 100);
+        assert_eq!(c.connections.per_address, 64);
+        assert_eq!(c.connections.timeouts.idle, Duration::from_secs(5));
+        for (text, key) in [
+            ("max_connections = 0", "max_connections"),
+            (
+                "max_connections = 10\nmax_connections_per_address = 11",
+                "max_connections_per_address",
+            ),
+            (
+                "connection_preface_timeout = \"0s\"",
+                "connection_preface_timeout",
+            ),
+            (
+                "connection_idle_timeout = \"2d\"",
+                "connection_idle_timeout",
+            ),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
     }
 
     #[test]

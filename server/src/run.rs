@@ -186,6 +186,12 @@ pub async fn run_with(
         agent_api: agent_listener,
         metrics: metrics_listener,
     } = listeners;
+    // Before the store opens: caps that leave no descriptors for the
+    // server's own files are a setup error.
+    let connections = config
+        .connections
+        .fitted(oxid_telemetry::conn::raise_nofile_limit())
+        .map_err(RunError::AgentApi)?;
     let rpc = Arc::new(RpcMetrics::default());
     let data_dir = &config.data_dir;
     // It holds the store and the CA keys: refused if another user could
@@ -305,6 +311,7 @@ pub async fn run_with(
             attestations_per_minute: config.attestations_per_minute,
             x509pop_roots,
             rpc_metrics: rpc.clone(),
+            connections,
         },
         stopped(stop_rx.clone()),
     );

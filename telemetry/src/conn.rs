@@ -413,6 +413,25 @@ impl<K: Hash + Eq + Clone> Drop for ConnPermit<K> {
     }
 }
 
+/// What an HTTP/2 server sends a client it refuses: its SETTINGS, then a
+/// GOAWAY (ENHANCE_YOUR_CALM, no stream processed) with `message` as the
+/// debug data, which gRPC clients show in their error.
+pub fn goaway_frames(message: &str) -> Vec<u8> {
+    const SETTINGS: u8 = 0x4;
+    const GOAWAY: u8 = 0x7;
+    const ENHANCE_YOUR_CALM: u32 = 0xb;
+    // Far below the 16 KiB frame size every peer accepts.
+    let message = &message.as_bytes()[..message.len().min(1024)];
+    let mut out = Vec::with_capacity(9 + 9 + 8 + message.len());
+    out.extend_from_slice(&[0, 0, 0, SETTINGS, 0, 0, 0, 0, 0]);
+    let len = u32::try_from(8 + message.len()).unwrap_or(8).to_be_bytes();
+    out.extend_from_slice(&[len[1], len[2], len[3], GOAWAY, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(&0u32.to_be_bytes());
+    out.extend_from_slice(&ENHANCE_YOUR_CALM.to_be_bytes());
+    out.extend_from_slice(message);
+    out
+}
+
 /// Raises the soft open-file limit to the hard one (a service's soft
 /// limit is often 1024 while its hard limit is far higher) and returns the
 /// soft limit now in force; `None` if it is unlimited or unknown.

@@ -192,22 +192,11 @@ fn refusal(uid: u32, refused: Refused) -> String {
     }
 }
 
-/// Tells a refused client why, as an HTTP/2 server would: its SETTINGS,
-/// then GOAWAY (ENHANCE_YOUR_CALM) with `message` as debug data. Written
-/// without waiting (a fresh socket's buffer is empty); the caller drops the
-/// socket at once.
+/// Tells a refused client why, as an HTTP/2 server would (a GOAWAY).
+/// Written without waiting (a fresh socket's buffer is empty); the caller
+/// drops the socket at once.
 fn refuse(stream: &UnixStream, message: &str) {
-    const SETTINGS: u8 = 0x4;
-    const GOAWAY: u8 = 0x7;
-    const ENHANCE_YOUR_CALM: u32 = 0xb;
-    let mut out = Vec::with_capacity(9 + 9 + 8 + message.len());
-    out.extend_from_slice(&[0, 0, 0, SETTINGS, 0, 0, 0, 0, 0]);
-    let len = u32::try_from(8 + message.len()).unwrap_or(8).to_be_bytes();
-    out.extend_from_slice(&[len[1], len[2], len[3], GOAWAY, 0, 0, 0, 0, 0]);
-    out.extend_from_slice(&0u32.to_be_bytes());
-    out.extend_from_slice(&ENHANCE_YOUR_CALM.to_be_bytes());
-    out.extend_from_slice(message.as_bytes());
-    let _ = stream.try_write(&out);
+    let _ = stream.try_write(&oxid_telemetry::conn::goaway_frames(message));
 }
 
 #[cfg(test)]

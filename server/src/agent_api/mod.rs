@@ -26,7 +26,7 @@ use crate::ca::CaManager;
 use crate::clock::Clock;
 use crate::datastore::DataStore;
 
-pub use self::conn::PeerInfo;
+pub use self::conn::{ConnSettings, PeerInfo};
 pub use self::index::IndexHandle;
 pub use self::service::AgentApiService;
 
@@ -58,6 +58,8 @@ pub struct AgentApiConfig {
     pub x509pop_roots: Option<Vec<rustls_pki_types::CertificateDer<'static>>>,
     /// Where calls are counted.
     pub rpc_metrics: Arc<crate::metrics::RpcMetrics>,
+    /// Connection caps and timeouts, already fitted to the open-file limit.
+    pub connections: ConnSettings,
 }
 
 /// The server's trust bundle as the TLS layer reads it: the CA's, live.
@@ -150,6 +152,7 @@ pub async fn serve(
     let tls = oxid_tls::server_config(resolver, verifier).map_err(|e| e.to_string())?;
     let rpc_layer = crate::metrics::RpcLayer::new("agent", config.rpc_metrics.clone());
     let max_request_bytes = config.max_request_bytes;
+    let connections = config.connections;
     // Long-lived streams (sync) must end when the server stops, or a
     // graceful shutdown would wait for agents forever.
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
@@ -158,12 +161,13 @@ pub async fn serve(
         let _ = stopping_tx.send(true);
     };
     let service = AgentApiService::new(ca, store, index, clock, config, server_id, stopping)?;
-    let (incoming, accept_task) = conn::incoming(listener, Arc::new(tls));
+    let (incoming, accept_task) = conn::incoming(listener, Arc::new(tls), connections);
     let result = tonic::transport::Server::builder()
         // An agent that vanished without closing (host gone, NAT state
         // dropped) is noticed and its Sync stream freed.
         .http2_keepalive_interval(Some(KEEPALIVE))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .layer(oxid_telemetry::conn::ActivityLayer::<PeerInfo>::new())
         .layer(rpc_layer)
         .add_service(
             oxid_proto::agent::agent_api_server::AgentApiServer::new(service)
