@@ -132,18 +132,24 @@ pub fn prepare_socket_dir(path: &Path) -> Result<(), SocketError> {
 /// have put files in it already.
 pub fn prepare_private_dir(dir: &Path, mode: u32) -> Result<(), SocketError> {
     use std::os::unix::fs::PermissionsExt as _;
-    let io = |source| SocketError::Io {
-        path: dir.display().to_string(),
-        source,
+    let refuse = |reason| SocketError::UnsafeDataDirectory {
+        dir: dir.display().to_string(),
+        reason,
     };
     prepare_dir(dir, mode).map_err(|e| match e {
-        PrepareError::Unsafe(reason) => SocketError::UnsafeDataDirectory {
-            dir: dir.display().to_string(),
-            reason,
-        },
-        PrepareError::Io(source) => io(source),
+        PrepareError::Unsafe(reason) => refuse(reason),
+        PrepareError::Io(e) => refuse(format!("cannot create it: {e}")),
     })?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(io)
+    let current = std::fs::metadata(dir)
+        .map_err(|e| refuse(e.to_string()))?
+        .permissions()
+        .mode()
+        & 0o7777;
+    if current != mode {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| refuse(format!("cannot set its mode to {mode:04o}: {e}")))?;
+    }
+    Ok(())
 }
 
 /// Checks the path of a socket a client is about to send to, so that a
