@@ -5,7 +5,7 @@
 //! the server's push sync, keeps an X509-SVID for every authorised entry
 //! (keys generated here, never sent), and serves the SPIFFE Workload API on
 //! a Unix socket to the processes it can attest. Any SPIFFE client works
-//! unchanged: the wire contract is DESIGN.md's, not ours.
+//! unchanged: the wire contract is the SPIFFE spec's, not ours (ARCHITECTURE.md).
 
 mod api_cli;
 pub mod cache;

@@ -1,5 +1,5 @@
 //! Bundles: SPIFFE bundle JSON, the Workload API's plain JWKS, PEM/DER, and
-//! strict decoding (DESIGN.md item 7).
+//! strict decoding (README, "What `oxid-pki` guarantees").
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 

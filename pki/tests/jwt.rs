@@ -1,5 +1,5 @@
 //! JWT-SVID minting and verification: the token shape of the wire contract
-//! (DESIGN.md item 6) and one test per rejection.
+//! (README, "What `oxid-pki` guarantees") and one test per rejection.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;

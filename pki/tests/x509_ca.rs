@@ -1,5 +1,5 @@
 //! X.509 CA and X509-SVID issuance, against every leaf and CA rule of the
-//! wire contract (DESIGN.md item 5).
+//! wire contract (README, "What `oxid-pki` guarantees").
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;

@@ -1,5 +1,5 @@
 //! The SPIFFE Workload API on a Unix socket, exactly as the wire contract in
-//! DESIGN.md says: the `workload.spiffe.io: true` header, `PermissionDenied
+//! the SPIFFE spec (README, Workload API): the `workload.spiffe.io: true` header, `PermissionDenied
 //! "no identity issued"`, `Unavailable` until the first sync, full state on
 //! every change, never an empty field.
 

@@ -2,7 +2,7 @@
 //!
 //! Two levels: what every X509-SVID must satisfy to be *accepted* (the SPIFFE
 //! X509-SVID spec, used when verifying anyone's SVID), and the stricter profile
-//! oxid *issues* (the wire contract in DESIGN.md, checked on our own output).
+//! oxid *issues* (README, "What `oxid-pki` guarantees"), checked on our own output.
 
 use std::time::SystemTime;
 

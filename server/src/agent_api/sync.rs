@@ -25,7 +25,7 @@ const RECHECK: Duration = Duration::from_secs(60);
 /// Past an expiry the stream wakes for: timers may fire a moment early.
 const EXPIRY_MARGIN: Duration = Duration::from_millis(10);
 
-/// Page size bound: DESIGN.md caps sync pages at 1 MiB.
+/// Page size bound: the sync contract (ARCHITECTURE.md) caps pages at 1 MiB.
 const MAX_PAGE_BYTES: usize = 1024 * 1024;
 
 /// What one recomputation found.
