@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 
 mod agent_scale;
 mod cluster;
+mod flood;
 mod issuance;
 mod propagation;
 mod raw;
@@ -53,10 +54,22 @@ enum Command {
     Scale,
     /// One agent with 10,000 SVIDs: memory, rotation CPU, restart.
     Agent,
+    /// Connection floods at the default caps: Workload API latency while
+    /// another uid holds its maximum, admin latency while unauthenticated
+    /// TLS peers hold the server's, and RSS before, during and after.
+    Flood,
 }
 
 #[tokio::main]
 async fn main() {
+    // This binary again, as the flooding uid of `flood`.
+    if let Ok(socket) = std::env::var(flood::HOLD_SOCKET) {
+        if let Err(e) = flood::hold(&socket).await {
+            eprintln!("oxid-bench hold: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let cli = Cli::parse();
     if let Err(e) = run(cli).await {
         eprintln!("oxid-bench: {e}");
@@ -83,6 +96,9 @@ async fn run(cli: Cli) -> BenchResult<()> {
     }
     if all || cli.command == Command::Agent {
         agent_scale::run().await?;
+    }
+    if all || cli.command == Command::Flood {
+        flood::run().await?;
     }
     eprintln!("oxid-bench: done in {:.0} s", start.elapsed().as_secs_f64());
     Ok(())
