@@ -143,12 +143,7 @@ impl Inner {
         let caller = Caller::of(req)?;
         caller.check_expiry(self.clock.now())?;
         let id = &caller.id;
-        let agent = self.index.read().agent(id).cloned();
-        let agent = match agent {
-            Some(a) => a,
-            // The index may trail the store by a moment right after attestation.
-            None => self.store.get_agent(id).await.map_err(|_| evicted(id))?,
-        };
+        let agent = self.current_agent(id).await?.ok_or_else(|| evicted(id))?;
         check_agent(&agent, &caller.serial)?;
         if !self.requests.allow(id.as_str()) {
             return Err(AgentApiError::ResourceExhausted(format!(
@@ -172,6 +167,35 @@ impl Inner {
             })
             .await?;
         Ok((agent, caller))
+    }
+
+    /// The record of agent `id` as of every write the store has answered
+    /// (`None`: no such agent), so a ban or an eviction holds for every call
+    /// that arrives after the admin call that made it has answered.
+    ///
+    /// The index alone would not do: it follows the store a moment behind
+    /// (longer on a busy server), and a call served from a copy without the
+    /// ban would get SVIDs. The store publishes a write's revision before
+    /// it answers; while the index has reached that revision its copy is
+    /// current and no read is needed (the common case); only while it
+    /// trails is the record read from the store. This was chosen over
+    /// making BanAgent and EvictAgent wait for the index: that would
+    /// refuse a ban already in force in the store whenever the follower is
+    /// slow, and cover only the admin calls that wait: a renewed SVID used
+    /// at once would still be checked against the copy with the old serial.
+    pub(crate) async fn current_agent(
+        &self,
+        id: &SpiffeId,
+    ) -> Result<Option<Agent>, AgentApiError> {
+        let answered = *self.store.revision().borrow();
+        if let Some(agent) = self.index.agent_at(id, answered) {
+            return Ok(agent);
+        }
+        match self.store.get_agent(id).await {
+            Ok(a) => Ok(Some(a)),
+            Err(DataStoreError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Applies `change` to an agent's record as a compare-and-swap from

@@ -7,7 +7,7 @@ use oxid_pki::SpiffeId;
 use tokio::sync::watch;
 
 use crate::authz::EntryIndex;
-use crate::datastore::{DataStore, DataStoreError, EntryFilter};
+use crate::datastore::{Agent, DataStore, DataStoreError, EntryFilter};
 
 /// Changes read per feed request.
 const PAGE: usize = 4096;
@@ -39,6 +39,14 @@ impl IndexHandle {
         // The index is only mutated by `apply`/`load`, which cannot leave it
         // half-updated on panic (plain map operations).
         self.index.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The record of agent `id` as the index holds it, if the index has
+    /// reached store revision `revision` (`Some(None)`: there is no such
+    /// agent); `None` while the index trails it.
+    pub(crate) fn agent_at(&self, id: &SpiffeId, revision: u64) -> Option<Option<Agent>> {
+        let index = self.read();
+        (index.revision() >= revision).then(|| index.agent(id).cloned())
     }
 
     /// Wakes when the index reaches a new revision.

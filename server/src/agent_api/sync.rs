@@ -102,7 +102,15 @@ pub(crate) fn start(
         let mut stopping = inner.stopping.clone();
         loop {
             changes.borrow_and_update();
-            let current = inner.index.read().agent(&agent.spiffe_id).cloned();
+            // From the store while the index trails it: nothing is sent
+            // once a ban or an eviction has answered.
+            let current = match inner.current_agent(&agent.spiffe_id).await {
+                Ok(current) => current,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            };
             let current = match current {
                 Some(a) if !a.banned => a,
                 Some(_) => {
