@@ -4,7 +4,8 @@
 //! open Sync stream ends with PermissionDenied. The agent API checks the
 //! agent against an in-memory index that follows the datastore a moment
 //! behind; a flood of admin writes keeps that follower busy, as a busy
-//! server would, so a check that trusts the index alone is caught.
+//! server would, so a check that trusts the index alone is caught. The
+//! same window once made a renewed SVID used at once look "replaced".
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -19,7 +20,7 @@ use oxid_proto::agent::agent_api_client::AgentApiClient;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use support::inproc::{Server, WAIT, next, sign_on};
+use support::inproc::{Server, WAIT, next, renew_with, sign_on};
 
 /// Agents banned, and as many evicted, one after another.
 const ROUNDS: usize = 50;
@@ -198,6 +199,42 @@ async fn no_call_is_served_once_an_eviction_has_answered() {
         "{} of {} calls after the eviction were not refused:\n{}",
         wrong.len(),
         2 * ROUNDS,
+        wrong.join("\n")
+    );
+}
+
+/// The same window the other way: an SVID renewed under the flood is
+/// served at once, not refused as "replaced" by a copy without its serial.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_svid_is_served_at_once() {
+    let s = Server::start("").await;
+    let mut agent = s.agent().await;
+    let entry = s
+        .create_entry(
+            "spiffe://example.org/renewed",
+            agent.id.as_str(),
+            "unix:uid:1000",
+            0,
+        )
+        .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooding = flood(&s, stop.clone()).await;
+    let mut wrong = Vec::new();
+    for round in 0..ROUNDS {
+        let key = oxid_pki::KeyPair::generate(oxid_pki::KeyAlgorithm::EcdsaP256).unwrap();
+        let mut old = s.client(Some(agent.certs.clone())).await;
+        agent = renew_with(&mut old, &agent, &key).await.unwrap();
+        let mut new = s.client(Some(agent.certs.clone())).await;
+        if let Err(e) = sign_on(&mut new, &entry).await {
+            wrong.push(format!("round {round}: {e:?}"));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    flooding.await.unwrap();
+    assert!(
+        wrong.is_empty(),
+        "{} of {ROUNDS} renewed SVIDs were refused at once:\n{}",
+        wrong.len(),
         wrong.join("\n")
     );
 }
