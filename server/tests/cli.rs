@@ -740,6 +740,7 @@ fn a_restart_keeps_entries_and_the_ca() {
 fn kill_9_loses_no_acknowledged_entry() {
     let mut s = Server::start("");
     let socket = s.socket();
+    let (acks, acked) = std::sync::mpsc::channel();
     let writer = std::thread::spawn(move || {
         let mut acknowledged = Vec::new();
         for i in 0..10_000 {
@@ -764,13 +765,17 @@ fn kill_9_loses_no_acknowledged_entry() {
             }
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
             acknowledged.push(v["results"][0]["entry"]["id"].as_str().unwrap().to_owned());
+            let _ = acks.send(());
         }
         acknowledged
     });
-    // Kill once a burst is under way (observed through the store, not a timer).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while s.entry_count() < 20 {
-        assert!(Instant::now() < deadline);
+    // Kill once 20 writes are acknowledged, counted as the writer sees its
+    // answers: counting stored entries killed the server before the 20th
+    // answer under load.
+    for _ in 0..20 {
+        acked
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the burst of writes started");
     }
     s.kill9();
     let acknowledged = writer.join().unwrap();
