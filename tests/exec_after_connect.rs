@@ -200,7 +200,9 @@ fn receive_fd(from: &UnixStream) -> OwnedFd {
 }
 
 /// A Workload API client over an already connected socket.
-async fn client_over(fd: OwnedFd) -> pb::spiffe_workload_api_client::SpiffeWorkloadApiClient<Channel> {
+async fn client_over(
+    fd: OwnedFd,
+) -> pb::spiffe_workload_api_client::SpiffeWorkloadApiClient<Channel> {
     let stream = std::os::unix::net::UnixStream::from(fd);
     stream.set_nonblocking(true).unwrap();
     let once = Mutex::new(Some(stream));

@@ -170,7 +170,10 @@ mod tests {
         let me = i32::try_from(std::process::id()).unwrap();
         let hint = AtomicI32::new(-1);
         assert!(holds(me, their_ino, &hint).unwrap());
-        assert!(hint.load(Ordering::Relaxed) >= 0, "the descriptor is remembered");
+        assert!(
+            hint.load(Ordering::Relaxed) >= 0,
+            "the descriptor is remembered"
+        );
         drop(theirs);
         assert!(!holds(me, their_ino, &hint).unwrap());
         // The peer is gone: the kernel says so, or names no peer.

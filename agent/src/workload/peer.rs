@@ -200,7 +200,10 @@ impl Peer {
 
     /// The executable the process ran when it was pinned.
     pub(crate) fn exe(&self) -> Result<&Exe, AttestError> {
-        self.pin.exe.as_ref().map_err(|e| AttestError::Proc(e.clone()))
+        self.pin
+            .exe
+            .as_ref()
+            .map_err(|e| AttestError::Proc(e.clone()))
     }
 
     /// Whether the pinned process is still the one running as `pid`.
@@ -213,10 +216,9 @@ impl Peer {
     /// connection. Called after every attestation and before every push on
     /// a stream.
     pub(crate) fn check(&self) -> Result<(), AttestError> {
-        let pid = self
-            .cred
-            .and_then(|c| c.pid)
-            .ok_or_else(|| AttestError::Proc("the kernel did not name the calling process".into()))?;
+        let pid = self.cred.and_then(|c| c.pid).ok_or_else(|| {
+            AttestError::Proc("the kernel did not name the calling process".into())
+        })?;
         let exe = self.exe()?;
         let outcome = self.check_exe_and_socket(pid, exe);
         // Checked last: a process still running now was running throughout,
@@ -229,7 +231,8 @@ impl Peer {
 
     fn check_exe_and_socket(&self, pid: i32, exe: &Exe) -> Result<(), AttestError> {
         let link = format!("/proc/{pid}/exe");
-        let now = std::fs::metadata(&link).map_err(|e| AttestError::Proc(format!("{link}: {e}")))?;
+        let now =
+            std::fs::metadata(&link).map_err(|e| AttestError::Proc(format!("{link}: {e}")))?;
         if !exe.is(&now) {
             return Err(AttestError::Executed);
         }
