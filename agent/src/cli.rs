@@ -164,7 +164,7 @@ pub struct RunArgs {
     /// lowered to fit the open-file limit).
     #[arg(long)]
     pub max_connections: Option<usize>,
-    /// Workload API connections one uid may hold open at once (default 256).
+    /// Workload API connections one uid may hold open at once (default 1024).
     #[arg(long)]
     pub max_connections_per_uid: Option<usize>,
     /// Seconds a new connection has to send the HTTP/2 preface (default 10).

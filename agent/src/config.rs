@@ -43,7 +43,7 @@ pub const DEFAULT_MAX_STREAMS_PER_UID: usize = 2048;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 
 /// Default bound on Workload API connections open at once by one uid.
-pub const DEFAULT_MAX_CONNECTIONS_PER_UID: usize = 256;
+pub const DEFAULT_MAX_CONNECTIONS_PER_UID: usize = 1024;
 
 /// Default seconds a new connection has to send the HTTP/2 preface.
 pub const DEFAULT_PREFACE_TIMEOUT_SECS: u64 = 10;
@@ -110,7 +110,8 @@ pub struct AgentFile {
     /// for the agent's own files).
     pub max_connections: Option<usize>,
     /// Workload API connections one uid may hold open at once (default
-    /// 256, at most `max_connections`).
+    /// 1024, at most `max_connections`): enough for a dense node whose
+    /// workloads all run as one uid (root in most containers).
     pub max_connections_per_uid: Option<usize>,
     /// Seconds a new connection has to send the HTTP/2 preface (default 10).
     pub connection_preface_timeout_secs: Option<u64>,

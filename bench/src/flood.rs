@@ -29,10 +29,10 @@ use crate::cluster::{
 };
 use crate::stats::{Dist, ms};
 
-/// Connections the flooding uid asks the agent for (its cap is 256).
-const AGENT_FLOOD: usize = 1000;
+/// Connections the flooding uid asks the agent for (its cap is 1024).
+const AGENT_FLOOD: usize = 2000;
 /// The agent's default per-uid cap, for the report.
-const AGENT_PER_UID: usize = 256;
+const AGENT_PER_UID: usize = 1024;
 /// Loopback source addresses of the server flood.
 const SOURCES: usize = 128;
 /// Connections each source asks for (the per-address cap is 64).
