@@ -387,20 +387,8 @@ impl<K: Hash + Eq + Clone> ConnLimits<K> {
 #[derive(Debug)]
 pub struct ConnPermit<K: Hash + Eq + Clone> {
     limits: Arc<ConnLimits<K>>,
-    /// `None` once the connection no longer counts against its source.
+    /// Taken when the permit is dropped.
     source: Option<K>,
-}
-
-impl<K: Hash + Eq + Clone> ConnPermit<K> {
-    /// Keeps the global slot but frees the per-source one (the server does
-    /// this once a peer presents an agent SVID, so agents behind one NAT
-    /// address are not capped as one source).
-    pub fn release_source(&mut self) {
-        if let Some(source) = self.source.take() {
-            let mut open = self.limits.lock();
-            self.limits.release_source(&mut open, &source);
-        }
-    }
 }
 
 impl<K: Hash + Eq + Clone> Drop for ConnPermit<K> {
@@ -497,21 +485,16 @@ mod tests {
     fn permits_count_globally_and_per_source() {
         let limits = ConnLimits::new(3, 2);
         let a = limits.acquire(1).ok();
-        let mut b = limits.acquire(1).ok();
+        let b = limits.acquire(1).ok();
         assert!(a.is_some() && b.is_some());
         assert_eq!(limits.acquire(1).err(), Some(Refused::PerSource(2)));
         let c = limits.acquire(2).ok();
         assert!(c.is_some());
         assert_eq!(limits.acquire(3).err(), Some(Refused::Global(3)));
-        // Freeing the per-source slot lets the source connect again, still
-        // under the global cap.
-        if let Some(b) = b.as_mut() {
-            b.release_source();
-        }
-        assert_eq!(limits.open(&1), (3, 1));
-        drop(c);
+        assert_eq!(limits.open(&1), (3, 2));
+        drop(b);
         assert!(limits.acquire(1).is_ok());
-        drop((a, b));
+        drop((a, c));
         assert_eq!(limits.open(&1), (0, 0));
     }
 
