@@ -9,8 +9,10 @@
 //! is the client's end of the connection (`sock_diag`, `UNIX_DIAG_PEER`) and
 //! looks for that socket among the caller's descriptors (`/proc/<pid>/fd`).
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{LazyLock, Mutex};
 
 use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketFlags, SocketType};
 
@@ -107,30 +109,73 @@ fn parse_answer(b: &[u8], own: u32) -> io::Result<Option<u64>> {
     Ok(None)
 }
 
+/// Socket inode → descriptor for each process, from the last full scan of
+/// its descriptors. A client that opens a pool of connections before using
+/// them (a load generator, a gRPC channel pool) then has all of them found by
+/// one scan instead of one scan per connection: with 1,000 connections from
+/// one process, a scan each made the first calls cost seconds of agent CPU.
+/// Only hints: every hit is checked again with a `readlink`, so an entry
+/// left by an exited process (whose PID was reused) only costs that check.
+static SCANS: LazyLock<Mutex<HashMap<i32, HashMap<u64, i32>>>> = LazyLock::new(Mutex::default);
+
+/// Bounds on [`SCANS`]: processes remembered, sockets per process.
+const SCANNED_PROCESSES: usize = 1024;
+const SOCKETS_PER_SCAN: usize = 1 << 16;
+
 /// Whether process `pid` holds the socket with inode `socket` among its
 /// descriptors. `hint` is the descriptor where it was found last time, which
 /// is looked at first (a workload may hold thousands of descriptors, and a
-/// call should cost one `readlink`).
+/// call should cost one `readlink`); then the last scan of `pid`; then a
+/// new scan.
 pub(crate) fn holds(pid: i32, socket: u64, hint: &AtomicI32) -> io::Result<bool> {
-    let wanted = format!("socket:[{socket}]");
-    let is_it = |fd: i32| {
-        std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
-            .is_ok_and(|target| target.as_os_str() == wanted.as_str())
-    };
+    let is_it = |fd: i32| socket_at(pid, fd) == Some(socket);
     let last = hint.load(Ordering::Relaxed);
     if last >= 0 && is_it(last) {
         return Ok(true);
     }
+    let scanned = lock(&SCANS).get(&pid).and_then(|s| s.get(&socket).copied());
+    if let Some(fd) = scanned.filter(|&fd| fd != last && is_it(fd)) {
+        hint.store(fd, Ordering::Relaxed);
+        return Ok(true);
+    }
+    let mut sockets = HashMap::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
         let Some(fd) = entry?.file_name().to_str().and_then(|n| n.parse().ok()) else {
             continue;
         };
-        if fd != last && is_it(fd) {
-            hint.store(fd, Ordering::Relaxed);
-            return Ok(true);
+        if let Some(inode) = socket_at(pid, fd) {
+            if sockets.len() < SOCKETS_PER_SCAN || inode == socket {
+                sockets.insert(inode, fd);
+            }
         }
     }
-    Ok(false)
+    let found = sockets.get(&socket).copied();
+    let mut scans = lock(&SCANS);
+    if scans.len() >= SCANNED_PROCESSES {
+        scans.clear();
+    }
+    scans.insert(pid, sockets);
+    drop(scans);
+    if let Some(fd) = found {
+        hint.store(fd, Ordering::Relaxed);
+    }
+    Ok(found.is_some())
+}
+
+/// The inode of the socket that descriptor `fd` of `pid` is, if it is one.
+fn socket_at(pid: i32, fd: i32) -> Option<u64> {
+    let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
+    target
+        .to_str()?
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding it leaves only hints behind.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Checks, once at start, that this kernel and sandbox let the agent find a
@@ -187,6 +232,24 @@ mod tests {
         assert!(!holds(pid, own_ino, &AtomicI32::new(-1)).unwrap());
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    #[test]
+    fn one_scan_finds_every_socket_of_a_pool() {
+        let pairs: Vec<_> = (0..64)
+            .map(|_| std::os::unix::net::UnixStream::pair().unwrap())
+            .collect();
+        let me = i32::try_from(std::process::id()).unwrap();
+        let inode = |s: &std::os::unix::net::UnixStream| rustix::fs::fstat(s).unwrap().st_ino;
+        for (_, theirs) in &pairs {
+            let hint = AtomicI32::new(-1);
+            assert!(holds(me, inode(theirs), &hint).unwrap());
+            // The descriptor found is that very socket.
+            let fd = hint.load(Ordering::Relaxed);
+            assert_eq!(socket_at(me, fd), Some(inode(theirs)));
+        }
+        let remembered = lock(&SCANS).get(&me).map_or(0, HashMap::len);
+        assert!(remembered >= 64, "{remembered}");
     }
 
     #[test]
