@@ -328,6 +328,8 @@ pub struct ConnLimits<K: Hash + Eq> {
 #[derive(Debug)]
 struct Counts<K> {
     total: usize,
+    /// The most open at once since the last heap trim (see `crate::heap`).
+    peak: usize,
     by_source: HashMap<K, usize>,
 }
 
@@ -339,6 +341,7 @@ impl<K: Hash + Eq + Clone> ConnLimits<K> {
             per_source,
             open: Mutex::new(Counts {
                 total: 0,
+                peak: 0,
                 by_source: HashMap::new(),
             }),
         })
@@ -357,6 +360,7 @@ impl<K: Hash + Eq + Clone> ConnLimits<K> {
         }
         *count += 1;
         open.total += 1;
+        open.peak = open.peak.max(open.total);
         Ok(ConnPermit {
             limits: self.clone(),
             source: Some(source),
@@ -367,6 +371,33 @@ impl<K: Hash + Eq + Clone> ConnLimits<K> {
     pub fn open(&self, source: &K) -> (usize, usize) {
         let open = self.lock();
         (open.total, open.by_source.get(source).copied().unwrap_or(0))
+    }
+
+    /// Has glibc return freed heap memory once the open count has fallen
+    /// well below its peak and stayed there, i.e. after a flood (see
+    /// `crate::heap` for when, and why not periodically). Call it for the
+    /// one limiter that counts all of a listener's connections; it needs a
+    /// tokio runtime, and its task ends when the limits are dropped. Does
+    /// nothing where the allocator is not glibc's.
+    pub fn trim_heap_after_floods(self: &Arc<Self>)
+    where
+        K: Send + 'static,
+    {
+        if crate::sys::CAN_TRIM {
+            tokio::spawn(crate::heap::watch(Arc::downgrade(self)));
+        }
+    }
+
+    /// The most connections open at once since the last reset, and now.
+    pub(crate) fn peak_and_open(&self) -> (usize, usize) {
+        let open = self.lock();
+        (open.peak, open.total)
+    }
+
+    /// Starts the peak again from the connections open now.
+    pub(crate) fn reset_peak(&self) {
+        let mut open = self.lock();
+        open.peak = open.total;
     }
 
     fn release_source(&self, open: &mut Counts<K>, source: &K) {

@@ -10,6 +10,11 @@
 //! connections their listeners hold ([`conn`]).
 
 pub mod conn;
+mod heap;
+// The workspace's one exception to `forbid(unsafe_code)`: a small module
+// for a libc call, with a SAFETY comment (see its docs).
+#[allow(unsafe_code)]
+mod sys;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;

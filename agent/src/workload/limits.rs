@@ -137,6 +137,8 @@ pub fn accept(
     tokio::task::JoinHandle<()>,
 ) {
     let limits = ConnLimits::new(settings.max, settings.per_uid);
+    // A flood's freed buffers otherwise stay in the agent's RSS for good.
+    limits.trim_heap_after_floods();
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let task = tokio::spawn(async move {
         let mut last_warning: Option<tokio::time::Instant> = None;

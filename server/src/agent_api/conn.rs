@@ -200,6 +200,9 @@ pub(crate) fn incoming(
         handshaking: ConnLimits::new(usize::MAX, settings.per_address),
         unauthenticated: ConnLimits::new(usize::MAX, settings.per_address),
     });
+    // `all` counts every connection: after a flood its fall says when the
+    // freed buffers can go back to the kernel.
+    limits.all.trim_heap_after_floods();
     let warned = Arc::new(std::sync::Mutex::new(None));
     let task = tokio::spawn(async move {
         loop {
