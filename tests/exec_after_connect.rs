@@ -344,7 +344,18 @@ async fn a_socket_inherited_before_accept_gets_only_its_own_uids_entries() {
     attacker.exec(&stage.trusted).await;
     stage.signal_agent(rustix::process::Signal::CONT);
     let mut client = client_over(fd).await;
-    assert_eq!(fetch(&mut client).await.unwrap(), [nobody_id]);
+    // Until the agent has both entries, the answer is "no identity issued".
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let served = loop {
+        match fetch(&mut client).await {
+            Err(s) if s.message() == "no identity issued" => {
+                assert!(tokio::time::Instant::now() < deadline, "never served");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => break other.unwrap(),
+        }
+    };
+    assert_eq!(served, [nobody_id]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -363,19 +374,28 @@ async fn open_streams_end_when_their_process_execs_or_exits() {
             .entry(&format!("spiffe://example.org/python-{how}"), &selectors)
             .await;
         let mut client = client_over(fd).await;
-        let mut stream = client
-            .fetch_x509svid(with_header(pb::X509svidRequest {}))
-            .await
-            .unwrap()
-            .into_inner();
-        // Served, with its entry (the first round's entries match this
-        // Python too, and may come first).
+        // Served, with its entry, once the agent has it (the first round's
+        // entries match this Python too, and may come first).
         let mine = format!("spiffe://example.org/python-{how}");
-        tokio::time::timeout(WAIT, async {
+        let mut stream = tokio::time::timeout(WAIT, async {
             loop {
-                let m = stream.message().await.unwrap().unwrap();
-                if m.svids.iter().any(|s| s.spiffe_id == mine) {
-                    break;
+                let opened = client
+                    .fetch_x509svid(with_header(pb::X509svidRequest {}))
+                    .await;
+                let mut stream = match opened {
+                    Ok(s) => s.into_inner(),
+                    // Not synced to the agent yet.
+                    Err(s) if s.message() == "no identity issued" => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                    Err(s) => panic!("{s:?}"),
+                };
+                loop {
+                    let m = stream.message().await.unwrap().unwrap();
+                    if m.svids.iter().any(|s| s.spiffe_id == mine) {
+                        return stream;
+                    }
                 }
             }
         })
