@@ -16,7 +16,9 @@ mkdir -p "$WORK"
 chmod 700 "$WORK"
 PIDS=()
 
-say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+# Bold headings on a terminal only: a log file or CI gets plain text.
+if [ -t 1 ]; then BOLD=$'\033[1m'; PLAIN=$'\033[0m'; else BOLD=; PLAIN=; fi
+say() { printf '\n%s==> %s%s\n' "$BOLD" "$*" "$PLAIN"; }
 fail() { printf '\nquickstart FAILED: %s\n(logs in %s)\n' "$*" "$WORK" >&2; exit 1; }
 cleanup() {
     for pid in "${PIDS[@]:-}"; do
@@ -40,8 +42,11 @@ wait_for() {
 # CI runs the demo on the debug build it already has (OXID_QUICKSTART_PROFILE=dev).
 PROFILE="${OXID_QUICKSTART_PROFILE:-release}"
 say "Building oxid ($PROFILE)"
+if [ "$PROFILE" = release ]; then
+    echo "A first release build takes several minutes on two cores (later runs reuse it)."
+fi
 start=$(date +%s)
-cargo build --profile "$PROFILE" --quiet --manifest-path "$ROOT/Cargo.toml" \
+cargo build --profile "$PROFILE" --manifest-path "$ROOT/Cargo.toml" \
     -p oxid-server -p oxid-agent -p oxid-examples
 echo "built in $(( $(date +%s) - start ))s"
 if [ "$PROFILE" = dev ]; then BIN="$ROOT/target/debug"; else BIN="$ROOT/target/$PROFILE"; fi
@@ -125,12 +130,14 @@ wait_for "$WORK/jwt-server.log" "listening on" "the JWT service"
 JWT_ADDR=$(grep -o 'listening on [0-9.:]*' "$WORK/jwt-server.log" | head -1 | cut -d' ' -f3)
 "$BIN/jwt-client" --url "http://$JWT_ADDR/" --audience spiffe://example.org/demo/api \
     || fail "the JWT-SVID call was refused"
+echo "Next, a token minted for another audience: the service must refuse it (expected)."
 if "$BIN/jwt-client" --url "http://$JWT_ADDR/" --audience spiffe://example.org/someone-else; then
     fail "a token for another audience was accepted"
 fi
 tail -n 2 "$WORK/jwt-server.log"
 
 say "A third program with no entry asks for an identity"
+echo "It has no entry, so the agent must refuse it (expected):"
 if "$BIN/whoami"; then
     fail "a process without an entry got an identity"
 fi
