@@ -8,7 +8,6 @@
 pub mod admin;
 pub mod agent_api;
 pub mod attest;
-pub mod authz;
 pub mod ca;
 pub mod cli;
 pub mod clock;
@@ -17,5 +16,6 @@ pub mod datastore;
 /// Fuzz oracles: only for `fuzz/` (feature `fuzzing`) and this crate's tests.
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+pub mod index;
 pub use oxid_telemetry as metrics;
 pub mod run;

@@ -9,7 +9,6 @@
 pub(crate) mod attest;
 mod conn;
 mod identity;
-mod index;
 mod rate;
 mod service;
 mod sync;
@@ -27,8 +26,8 @@ use crate::clock::Clock;
 use crate::datastore::DataStore;
 
 pub use self::conn::{ConnSettings, PeerInfo};
-pub use self::index::IndexHandle;
 pub use self::service::AgentApiService;
+pub use crate::index::IndexHandle;
 
 /// How often each side pings an idle agent-API connection, and how long it
 /// waits for the answer before dropping the connection.

@@ -12,12 +12,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::attest::{self, Attested};
-use super::index::IndexHandle;
 use super::rate::RateLimiter;
 use super::{AgentApiConfig, sync};
 use crate::ca::{CaError, CaManager};
 use crate::clock::{Clock, unix_secs};
 use crate::datastore::{Agent, DataStore, DataStoreError, EntryId};
+use crate::index::IndexHandle;
 
 /// Longest time an attestation may take, challenge rounds included.
 const ATTEST_TIMEOUT: Duration = Duration::from_secs(30);

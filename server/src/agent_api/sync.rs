@@ -222,7 +222,7 @@ fn wake_after(inner: &Inner, caller: &Caller, expiry: Option<u64>) -> Duration {
 }
 
 /// The delta since `sent`, the revision it brings the agent to, the
-/// agent's [`EntryIndex::closure`](crate::authz::EntryIndex::closure) at
+/// agent's [`EntryIndex::closure`](crate::index::EntryIndex::closure) at
 /// that revision, and the next expiry that changes what it gets.
 async fn compute(
     inner: &Inner,

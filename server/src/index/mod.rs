@@ -1,12 +1,15 @@
 //! The entry index, followed from the store's change feed and shared by
-//! every agent API call and sync stream.
+//! every agent API call and sync stream: [`IndexHandle`] follows the store,
+//! [`authz::EntryIndex`] answers which entries an agent may have.
+
+pub mod authz;
 
 use std::sync::{Arc, RwLock};
 
 use oxid_pki::SpiffeId;
 use tokio::sync::watch;
 
-use crate::authz::EntryIndex;
+pub use self::authz::EntryIndex;
 use crate::datastore::{Agent, DataStore, DataStoreError, EntryFilter};
 
 /// Changes read per feed request.
