@@ -17,9 +17,6 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use crate::AgentError;
 use crate::clock::{self, WallClock};
 
-/// Context string signed with the x509pop nonce (must match the server).
-const X509POP_CONTEXT: &[u8] = b"oxid x509pop v1\0";
-
 /// The agent's own identity.
 #[derive(Debug)]
 pub struct Identity {
@@ -219,8 +216,8 @@ impl ServerClient {
                 let node_key = KeyPair::load(key).map_err(|e| AgentError::Config(e.to_string()))?;
                 (
                     pb::AttestationData {
-                        r#type: "x509pop".into(),
-                        payload: oxid_pki::x509::concat_der(&chain),
+                        r#type: oxid_pki::x509pop::ATTESTATION_TYPE.into(),
+                        payload: oxid_pki::x509pop::payload(&chain),
                     },
                     Some(node_key),
                 )
@@ -266,11 +263,8 @@ impl ServerClient {
             let node_key = node_key
                 .as_ref()
                 .ok_or_else(|| AgentError::Server("unexpected attestation challenge".into()))?;
-            let mut message = X509POP_CONTEXT.to_vec();
-            message.extend_from_slice(&msg.challenge);
-            let signature = node_key
-                .sign_x509(&message)
-                .map_err(|e| AgentError::Internal(e.to_string()))?;
+            let signature = oxid_pki::x509pop::respond(node_key, &msg.challenge)
+                .map_err(|e| AgentError::Server(e.to_string()))?;
             tx.take()
                 .ok_or_else(|| AgentError::Server("a second attestation challenge".into()))?
                 .send(pb::AttestRequest {

@@ -4,7 +4,8 @@
 //! SPIFFE ID syntax ([`SpiffeId`], [`TrustDomain`]), selectors ([`Selector`]),
 //! key pairs ([`KeyPair`]),
 //! the X.509 CA and X509-SVID issuance and verification ([`x509`]),
-//! JWT-SVIDs ([`jwt`]) and trust bundles ([`bundle`]).
+//! JWT-SVIDs ([`jwt`]), trust bundles ([`bundle`]) and both halves of x509pop
+//! node attestation ([`x509pop`]).
 //!
 //! Invariants:
 //! - It does no I/O beyond reading and writing key files, and never uses tokio:
@@ -24,6 +25,7 @@ pub mod key;
 pub mod policy;
 pub mod selector;
 pub mod x509;
+pub mod x509pop;
 
 /// Invariant checks for the fuzz targets; compiled only for them (feature
 /// `fuzzing`) and for this crate's tests, never into what oxid ships.

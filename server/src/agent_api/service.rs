@@ -220,7 +220,7 @@ impl Inner {
                     self.clock.now(),
                 )?;
                 let ask = pb::AttestResponse {
-                    challenge: challenge.nonce.to_vec(),
+                    challenge: challenge.nonce().to_vec(),
                     result: None,
                 };
                 outbound
