@@ -223,7 +223,7 @@ pub fn main() -> ExitCode {
         log_format: args.log_format,
     };
     let result = AgentConfig::load(args.config.as_deref(), flags).and_then(|config| {
-        init_logging(&config.log_level, &config.log_format);
+        init_logging(&config.log_level, &config.log_format)?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -263,17 +263,7 @@ fn block_on<F: std::future::Future<Output = Result<(), crate::AgentError>>>(
         .block_on(f)
 }
 
-fn init_logging(level: &str, format: &str) {
-    use std::io::IsTerminal as _;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+fn init_logging(level: &str, format: &str) -> Result<(), crate::AgentError> {
+    let config = |e: oxid_telemetry::logging::LogError| crate::AgentError::Config(e.to_string());
+    oxid_telemetry::logging::init(level, format.parse().map_err(config)?).map_err(config)
 }

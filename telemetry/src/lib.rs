@@ -11,6 +11,7 @@
 
 pub mod conn;
 mod heap;
+pub mod logging;
 // The workspace's one exception to `forbid(unsafe_code)`: a small module
 // for a libc call, with a SAFETY comment (see its docs).
 #[allow(unsafe_code)]

@@ -63,7 +63,7 @@ fn run(args: RunArgs) -> CliResult {
         },
     )
     .map_err(|e| e.to_string())?;
-    init_logging(&config.log_level, &config.log_format);
+    init_logging(&config.log_level, &config.log_format)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -91,19 +91,9 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
-fn init_logging(level: &str, format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    use std::io::IsTerminal as _;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+fn init_logging(level: &str, format: &str) -> CliResult {
+    oxid_telemetry::logging::init(level, format.parse().map_err(|e| format!("{e}"))?)
+        .map_err(|e| e.to_string())
 }
 
 fn validate(config: Option<&Path>) -> CliResult {
