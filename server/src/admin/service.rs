@@ -379,7 +379,7 @@ impl pb::admin_server::Admin for AdminService {
             ring::rand::SystemRandom::new()
                 .fill(&mut secret)
                 .map_err(|_| AdminError::Internal("random generator failed".into()))?;
-            let token = crate::attest::hex(&secret);
+            let token = oxid_pki::hex(&secret);
             let hash = crate::attest::token_hash(&token);
             let expires_at = unix_secs(self.clock.now() + ttl);
             let stored = JoinToken {

@@ -4,16 +4,7 @@
 //! SHA-256 is stored; the non-secret ID in the agent's SPIFFE ID is a prefix
 //! of that hash, never the secret.
 
-/// Lowercase hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-}
+use oxid_pki::hex;
 
 /// The stored form of a join token: hex SHA-256 of the secret.
 pub fn token_hash(token: &str) -> String {
