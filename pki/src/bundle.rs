@@ -6,6 +6,7 @@
 //! of JWT keys that the Workload API serves. Decoding is strict: a document
 //! that parses but means something odd is refused with the reason.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
@@ -284,21 +285,26 @@ impl BundleSource for Bundle {
     }
 }
 
-impl BundleSource for HashMap<TrustDomain, Bundle> {
+// Maps and lists of `Bundle` or of shared `Arc<Bundle>` alike, so a holder
+// of shared snapshots (the agent's synced bundles) verifies against them as
+// they are, without copying a bundle per check.
+impl<B: Borrow<Bundle>> BundleSource for HashMap<TrustDomain, B> {
     fn bundle_for(&self, trust_domain: &TrustDomain) -> Option<&Bundle> {
-        self.get(trust_domain)
+        self.get(trust_domain).map(Borrow::borrow)
     }
 }
 
-impl BundleSource for BTreeMap<TrustDomain, Bundle> {
+impl<B: Borrow<Bundle>> BundleSource for BTreeMap<TrustDomain, B> {
     fn bundle_for(&self, trust_domain: &TrustDomain) -> Option<&Bundle> {
-        self.get(trust_domain)
+        self.get(trust_domain).map(Borrow::borrow)
     }
 }
 
-impl BundleSource for [Bundle] {
+impl<B: Borrow<Bundle>> BundleSource for [B] {
     fn bundle_for(&self, trust_domain: &TrustDomain) -> Option<&Bundle> {
-        self.iter().find(|b| &b.trust_domain == trust_domain)
+        self.iter()
+            .map(Borrow::borrow)
+            .find(|b: &&Bundle| &b.trust_domain == trust_domain)
     }
 }
 

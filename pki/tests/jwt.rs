@@ -683,3 +683,26 @@ fn a_signer_mints_only_for_its_trust_domain() {
         Err(JwtError::InvalidClaim { claim: "sub", .. })
     ));
 }
+
+#[test]
+fn shared_bundles_are_verified_in_place() {
+    // The agent keeps its synced bundles as `Arc<Bundle>` snapshots; they
+    // are a bundle source as they are, with no copy per validation.
+    use oxid_pki::bundle::BundleSource as _;
+    let fx = fixture();
+    let shared = std::sync::Arc::new(fx.bundle.clone());
+    let by_td = std::collections::BTreeMap::from([(td("example.org"), shared.clone())]);
+    let found = by_td.bundle_for(&td("example.org")).unwrap();
+    assert!(std::ptr::eq(found, shared.as_ref()));
+    assert!(by_td.bundle_for(&td("other.org")).is_none());
+    let token = mint(&fx, &[AUD]);
+    assert!(verify_jwt_svid(&token, &by_td, AUD, now()).is_ok());
+    let hashed = std::collections::HashMap::from([(td("example.org"), shared.clone())]);
+    assert!(verify_jwt_svid(&token, &hashed, AUD, now()).is_ok());
+    assert!(verify_jwt_svid(&token, &[shared][..], AUD, now()).is_ok());
+    let elsewhere = std::collections::BTreeMap::from([(
+        td("other.org"),
+        std::sync::Arc::new(Bundle::new(td("other.org"))),
+    )]);
+    assert!(verify_jwt_svid(&token, &elsewhere, AUD, now()).is_err());
+}

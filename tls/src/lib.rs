@@ -49,9 +49,11 @@ fn verification_algorithms() -> WebPkiSupportedAlgorithms {
     rustls::crypto::ring::default_provider().signature_verification_algorithms
 }
 
-/// Where a verifier reads the bundle it trusts *now*. The server reads its
-/// CA's bundle; an agent, the bundle it last synced.
-pub trait BundleSource: Send + Sync + fmt::Debug {
+/// Where a verifier reads the bundle it trusts *now*: a live handle that
+/// hands out the current snapshot (cheap: an `Arc`), which is then checked
+/// through `oxid_pki`'s `BundleSource`. The server reads its CA's bundle; an
+/// agent, the bundle it last synced.
+pub trait LiveBundle: Send + Sync + fmt::Debug {
     /// The current bundle of the trust domain the peer must belong to.
     fn current_bundle(&self) -> Arc<Bundle>;
 }
@@ -72,7 +74,7 @@ impl SharedBundle {
     }
 }
 
-impl BundleSource for SharedBundle {
+impl LiveBundle for SharedBundle {
     fn current_bundle(&self) -> Arc<Bundle> {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -85,7 +87,7 @@ fn unix_to_system(now: UnixTime) -> SystemTime {
 fn verify_peer(
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
-    bundles: &dyn BundleSource,
+    bundles: &dyn LiveBundle,
     usage: ExtendedKeyUsage,
     now: UnixTime,
 ) -> Result<SpiffeId, Error> {
@@ -103,12 +105,12 @@ fn verify_peer(
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {
     expected: SpiffeId,
-    bundles: Arc<dyn BundleSource>,
+    bundles: Arc<dyn LiveBundle>,
 }
 
 impl SpiffeServerVerifier {
     /// Accepts only `expected`, verified against `bundles`.
-    pub fn new(expected: SpiffeId, bundles: Arc<dyn BundleSource>) -> Self {
+    pub fn new(expected: SpiffeId, bundles: Arc<dyn LiveBundle>) -> Self {
         Self { expected, bundles }
     }
 }
@@ -167,7 +169,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 /// attest without one); when present it must chain to the live bundle and its
 /// SPIFFE ID must pass `accept`.
 pub struct SpiffeClientVerifier {
-    bundles: Arc<dyn BundleSource>,
+    bundles: Arc<dyn LiveBundle>,
     accept: Box<dyn Fn(&SpiffeId) -> bool + Send + Sync>,
 }
 
@@ -182,7 +184,7 @@ impl SpiffeClientVerifier {
     /// Verifies optional client certificates against `bundles`, accepting
     /// IDs for which `accept` is true.
     pub fn new(
-        bundles: Arc<dyn BundleSource>,
+        bundles: Arc<dyn LiveBundle>,
         accept: impl Fn(&SpiffeId) -> bool + Send + Sync + 'static,
     ) -> Self {
         Self {

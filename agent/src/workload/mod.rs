@@ -16,7 +16,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use oxid_pki::bundle::Bundle;
+use oxid_pki::bundle::{Bundle, BundleSource};
 use oxid_pki::{Selector, SpiffeId, TrustDomain};
 use oxid_proto::agent as agent_pb;
 use oxid_proto::workload as pb;
@@ -476,12 +476,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         req: Request<pb::ValidateJwtsvidRequest>,
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
         let snapshot = self.cache.current();
-        let bundles: BTreeMap<TrustDomain, Bundle> = snapshot
-            .bundles
-            .iter()
-            .map(|(td, b)| (td.clone(), b.as_ref().clone()))
-            .collect();
-        validate_jwt(&req.into_inner(), &bundles, self.wall.now()).map(Response::new)
+        validate_jwt(&req.into_inner(), &snapshot.bundles, self.wall.now()).map(Response::new)
     }
 }
 
@@ -504,7 +499,7 @@ pub(crate) fn check_jwt_request(r: &pb::JwtsvidRequest) -> Result<Option<SpiffeI
 #[allow(clippy::result_large_err)]
 pub(crate) fn validate_jwt(
     r: &pb::ValidateJwtsvidRequest,
-    bundles: &BTreeMap<TrustDomain, Bundle>,
+    bundles: &(impl BundleSource + ?Sized),
     now: SystemTime,
 ) -> Result<pb::ValidateJwtsvidResponse, Status> {
     if r.audience.is_empty() {

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use oxid_pki::bundle::Bundle;
 use oxid_pki::{KeyAlgorithm, KeyPair, SpiffeId};
-use oxid_tls::{BundleSource, SpiffeClientVerifier, SvidResolver};
+use oxid_tls::{LiveBundle, SpiffeClientVerifier, SvidResolver};
 use tokio::net::TcpListener;
 
 use crate::ca::CaManager;
@@ -70,7 +70,7 @@ impl std::fmt::Debug for CaBundle {
     }
 }
 
-impl BundleSource for CaBundle {
+impl LiveBundle for CaBundle {
     fn current_bundle(&self) -> Arc<Bundle> {
         Arc::new(self.0.bundle())
     }
