@@ -46,6 +46,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod limit;
+
 /// The SPIFFE Workload API, generated from `spiffe/workload.proto`.
 ///
 /// The proto has no `package`, so prost writes it to `_.rs`. Prost turns the
