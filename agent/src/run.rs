@@ -11,7 +11,7 @@ use oxid_tls::{SharedBundle, SvidResolver};
 use crate::cache::Cache;
 use crate::config::AgentConfig;
 use crate::server::{Attestation, Identity, ServerClient};
-use crate::workload::h2_authority::WorkloadConn;
+use crate::workload::conn::WorkloadConn;
 use crate::workload::jwt_cache::JwtCache;
 use crate::workload::{WorkloadApi, attest::UnixAttestor, check_header};
 use crate::{AgentError, state, svids, sync};
@@ -189,7 +189,7 @@ pub async fn run(
                 .max_decoding_message_size(config.max_request_bytes),
             check_header,
         ))
-        // Each connection goes through h2_authority's rewriter, which lets
+        // Each connection goes through oxid_h2_authority's rewriter, which lets
         // gRPC C-core and Java clients in.
         .serve_with_incoming_shutdown(incoming, signal);
     // Workload API streams end at once on shutdown; a connection that still

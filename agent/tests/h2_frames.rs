@@ -11,7 +11,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Harness, eventually, my_uid};
-use oxid_agent::workload::h2_authority::hpack::{Decoder, Field, encode_literals};
+use oxid_h2_authority::hpack::{Decoder, Field, encode_literals};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 

@@ -1,4 +1,4 @@
-//! Fuzz target: the `h2_rewrite` invariants of `oxid_agent::fuzzing`.
+//! Fuzz target: the `h2_rewrite` invariants of `oxid_h2_authority::fuzzing`.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| oxid_agent::fuzzing::h2_rewrite(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| oxid_h2_authority::fuzzing::h2_rewrite(data));

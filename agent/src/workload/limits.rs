@@ -16,7 +16,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use super::h2_authority::RewrittenStream;
+use super::conn::RewrittenStream;
 
 /// Open streams by uid, under a per-uid limit.
 #[derive(Debug)]

@@ -5,7 +5,7 @@
 
 pub mod attest;
 pub mod budget;
-pub mod h2_authority;
+pub mod conn;
 pub(crate) mod holder;
 pub mod jwt_cache;
 pub mod limits;

@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 
-use super::huffman;
+use crate::huffman;
 
 /// Why a header block could not be decoded. Any of these is a connection
 /// error (COMPRESSION_ERROR) in HTTP/2: the tables are out of step.
@@ -318,7 +318,7 @@ fn encode_integer(mut value: usize, n: u32, flags: u8, out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workload::h2_authority::tests::unhex;
+    use crate::tests::unhex;
 
     fn pairs(fields: &[Field]) -> Vec<(String, String)> {
         fields

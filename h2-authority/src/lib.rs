@@ -1,5 +1,5 @@
-//! Makes the HTTP/2 `:authority` of Workload API requests acceptable to our
-//! HTTP/2 server.
+//! oxid-h2-authority: makes the HTTP/2 `:authority` of Workload API requests
+//! acceptable to the agent's HTTP/2 server.
 //!
 //! gRPC C-core (≥ 1.57, so py-spiffe) and grpc-java send the percent-encoded
 //! socket path as `:authority` on a Unix socket (`%2Frun%2F...`). That is not
@@ -16,16 +16,26 @@
 //! its table stays empty. Frames other than HEADERS and CONTINUATION stream
 //! through as they arrive. Anything malformed closes the connection, which is
 //! what the server would do with it (a connection error) anyway.
+//!
+//! The crate is sans I/O ([`AuthorityRewriter`]: bytes in, bytes out); the
+//! agent wraps it around each accepted socket. It has its own HPACK decoder
+//! and Huffman code because no maintained HPACK crate bounds what a header
+//! block may decode to, and it stays until the `h2` server accepts such an
+//! authority itself.
 
 pub mod hpack;
 mod huffman;
-mod stream;
+
+/// Invariant checks for the `h2_rewrite` fuzz target; compiled only for it
+/// (feature `fuzzing`) and for this crate's tests.
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 
 use self::hpack::{Decoder, Field, HpackError};
-pub use self::stream::{RewrittenStream, WorkloadConn};
 
 /// The client connection preface (RFC 9113 §3.4).
-pub(crate) const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_HEADER_LEN: usize = 9;
 const HEADERS: u8 = 0x1;
 const PUSH_PROMISE: u8 = 0x5;
@@ -38,7 +48,7 @@ const PRIORITY: u8 = 0x20;
 /// The server's SETTINGS_MAX_FRAME_SIZE and SETTINGS_HEADER_TABLE_SIZE: the
 /// HTTP/2 defaults, which tonic's server keeps. A client may not exceed them,
 /// and our output never does.
-pub(crate) const MAX_FRAME_SIZE: usize = 16_384;
+pub const MAX_FRAME_SIZE: usize = 16_384;
 const HEADER_TABLE_SIZE: usize = 4_096;
 /// Largest header block (encoded, or decoded as HPACK counts it) we rewrite;
 /// four times what the server accepts (16 KiB), so no request it would

@@ -7,7 +7,7 @@
 //! strictness is (EOS in the data and padding longer than 7 bits or not all
 //! ones are errors, RFC 7541 §5.2).
 
-use super::hpack::HpackError;
+use crate::hpack::HpackError;
 
 /// Code length of each symbol 0..=255 and of EOS (256), RFC 7541 Appendix B.
 const CODE_LENGTHS: [u8; 257] = [
@@ -128,7 +128,7 @@ mod tests {
             ("6402", "302"),
         ];
         for (hex, text) in cases {
-            let bytes = super::super::tests::unhex(hex);
+            let bytes = crate::tests::unhex(hex);
             assert_eq!(
                 decode(&bytes).ok().as_deref(),
                 Some(text.as_bytes()),

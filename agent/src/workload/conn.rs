@@ -7,12 +7,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
+use oxid_h2_authority::AuthorityRewriter;
 use oxid_telemetry::conn::{Activity, ConnPermit, ConnTimer, Expired, Timeouts, Tracked};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 use tonic::transport::server::Connected;
 
-use super::AuthorityRewriter;
 use crate::workload::peer::Peer;
 
 /// What each request on a connection carries: the pinned caller, and the
