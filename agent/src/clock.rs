@@ -46,18 +46,52 @@ impl WallClock {
     }
 }
 
-/// How long something the server just issued stays valid, counted from when
-/// the agent asked for it: the server's own `valid_for_ms`, or, from a
-/// server that does not send it (0), `expires_at` (Unix seconds) against the
-/// agent's wall clock.
-pub(crate) fn valid_for(valid_for_ms: u64, expires_at: u64, wall: &WallClock) -> Duration {
-    if valid_for_ms > 0 {
-        return Duration::from_millis(valid_for_ms);
-    }
-    (SystemTime::UNIX_EPOCH + Duration::from_secs(expires_at))
-        .duration_since(wall.now())
-        .unwrap_or_default()
+/// The life of something the server just issued, as typed values: the agent
+/// API carries it as `valid_for_ms` (milliseconds) and `expires_at` (Unix
+/// seconds), and this is the one place those units are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Issued {
+    /// The server's own count of the remaining life; `None` from a server
+    /// that does not send one.
+    valid_for: Option<Duration>,
+    /// When it expires (its certificate's or token's own expiry).
+    expires_at: SystemTime,
 }
+
+impl Issued {
+    /// `valid_for_ms` as the server sent it (0: not sent), and the expiry.
+    pub(crate) fn new(valid_for_ms: u64, expires_at: SystemTime) -> Self {
+        Self {
+            valid_for: (valid_for_ms > 0).then(|| Duration::from_millis(valid_for_ms)),
+            expires_at,
+        }
+    }
+
+    /// From the agent API's two fields. An `expires_at` past what the
+    /// system clock can hold (a broken server) reads as far in the future
+    /// rather than crashing the agent.
+    pub(crate) fn from_wire(valid_for_ms: u64, expires_at_secs: u64) -> Self {
+        let expires_at = SystemTime::UNIX_EPOCH
+            .checked_add(Duration::from_secs(expires_at_secs))
+            .unwrap_or_else(|| SystemTime::UNIX_EPOCH + FAR_FUTURE);
+        Self::new(valid_for_ms, expires_at)
+    }
+
+    /// How long it stays valid, counted from when the agent asked for it:
+    /// the server's own count, or else `expires_at` against the agent's
+    /// wall clock.
+    pub(crate) fn life(&self, wall: &WallClock) -> Duration {
+        self.valid_for.unwrap_or_else(|| {
+            self.expires_at
+                .duration_since(wall.now())
+                .unwrap_or_default()
+        })
+    }
+}
+
+/// A century after 1970: what an expiry the system clock cannot hold is
+/// taken as (only a broken server sends one).
+const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 /// `start + d`, saturating far in the future rather than overflowing on an
 /// absurd lifetime.
@@ -93,14 +127,32 @@ mod tests {
             + 3600;
         // The server says an hour: a day-ahead wall clock does not matter.
         assert_eq!(
-            valid_for(3_600_000, expires_at, &clock),
+            Issued::from_wire(3_600_000, expires_at).life(&clock),
             Duration::from_secs(3600)
         );
         // An older server: the wall clock is all there is (already expired).
-        assert_eq!(valid_for(0, expires_at, &clock), Duration::ZERO);
+        assert_eq!(
+            Issued::from_wire(0, expires_at).life(&clock),
+            Duration::ZERO
+        );
         clock.jump(-86_400);
-        let left = valid_for(0, expires_at, &clock);
+        let left = Issued::from_wire(0, expires_at).life(&clock);
         assert!(left > Duration::from_secs(3590) && left <= Duration::from_secs(3600));
+        // The units: milliseconds of life, seconds of expiry.
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(expires_at);
+        assert_eq!(Issued::from_wire(1500, expires_at), Issued::new(1500, at));
+        assert_eq!(
+            Issued::new(1500, at).life(&clock),
+            Duration::from_millis(1500)
+        );
+    }
+
+    #[test]
+    fn an_expiry_past_the_clocks_range_does_not_crash() {
+        let clock = WallClock::default();
+        let life = Issued::from_wire(0, u64::MAX).life(&clock);
+        assert!(life > Duration::from_secs(10 * 365 * 86_400), "{life:?}");
+        assert!(after(Instant::now(), life) > Instant::now());
     }
 
     #[test]

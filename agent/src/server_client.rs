@@ -63,10 +63,7 @@ impl Identity {
                     )
             })
             .map_err(|e| AgentError::Server(e.to_string()))?;
-        let expires_at = not_after
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let life = clock::valid_for(valid_for_ms, expires_at, wall);
+        let life = clock::Issued::new(valid_for_ms, not_after).life(wall);
         Ok(Self {
             spiffe_id,
             key,

@@ -239,7 +239,7 @@ async fn sign(
             continue;
         }
         let chain_der = signed.cert_chain.concat();
-        let life = clock::valid_for(signed.valid_for_ms, signed.expires_at, wall);
+        let life = clock::Issued::from_wire(signed.valid_for_ms, signed.expires_at).life(wall);
         out.push((
             id,
             HeldSvid {
