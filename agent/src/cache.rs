@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use oxid_pki::bundle::Bundle;
 use oxid_pki::{Pkcs8Key, Selector, SpiffeId, TrustDomain};
@@ -20,16 +21,17 @@ pub struct Entry {
     pub spiffe_id: SpiffeId,
     /// All must be among the workload's selectors.
     pub selectors: BTreeSet<Selector>,
-    /// X509-SVID TTL, seconds.
-    pub x509_svid_ttl: u64,
-    /// JWT-SVID TTL, seconds.
-    pub jwt_svid_ttl: u64,
+    /// X509-SVID TTL.
+    pub x509_svid_ttl: Duration,
+    /// JWT-SVID TTL.
+    pub jwt_svid_ttl: Duration,
     /// Federated trust domains whose bundles the workload gets.
     pub federates_with: BTreeSet<TrustDomain>,
     /// Hint for the workload.
     pub hint: String,
-    /// Creation time, ms: first key of the SVID order.
-    pub created_at: u64,
+    /// Creation time (the server's, to the millisecond): first key of the
+    /// SVID order.
+    pub created_at: SystemTime,
     /// Server revision of the entry.
     pub revision: u64,
 }
@@ -46,15 +48,17 @@ impl Entry {
                     .iter()
                     .map(|s| s.parse().map_err(|err| format!("{err}")))
                     .collect::<Result<_, _>>()?,
-                x509_svid_ttl: e.x509_svid_ttl,
-                jwt_svid_ttl: e.jwt_svid_ttl,
+                x509_svid_ttl: Duration::from_secs(e.x509_svid_ttl),
+                jwt_svid_ttl: Duration::from_secs(e.jwt_svid_ttl),
                 federates_with: e
                     .federates_with
                     .iter()
                     .map(|t| TrustDomain::new(t).map_err(|err| format!("{err}")))
                     .collect::<Result<_, _>>()?,
                 hint: e.hint.clone(),
-                created_at: e.created_at,
+                created_at: SystemTime::UNIX_EPOCH
+                    .checked_add(Duration::from_millis(e.created_at))
+                    .ok_or("created_at out of range")?,
                 revision: e.revision,
             })
         })();
@@ -240,5 +244,43 @@ impl Snapshot {
             .iter()
             .map(|e| e.as_ref())
             .filter(move |e| e.selectors.is_subset(&selectors))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn entry(id: &str, created_at_ms: u64) -> Arc<Entry> {
+        Arc::new(
+            Entry::from_pb(&pb::Entry {
+                id: id.into(),
+                spiffe_id: format!("spiffe://example.org/{id}"),
+                selectors: vec!["unix:uid:1".into()],
+                x509_svid_ttl: 3600,
+                jwt_svid_ttl: 300,
+                created_at: created_at_ms,
+                revision: 1,
+                ..Default::default()
+            })
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn synced_times_are_typed_in_their_wire_units() {
+        let e = entry("a", 1_700_000_000_123);
+        assert_eq!(e.x509_svid_ttl, Duration::from_secs(3600));
+        assert_eq!(e.jwt_svid_ttl, Duration::from_secs(300));
+        assert_eq!(
+            e.created_at,
+            SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123)
+        );
+        // SVID order: by creation time to the millisecond, then by ID.
+        let entries = Entries::new(vec![entry("b", 1001), entry("c", 1000), entry("a", 1001)]);
+        let order: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(order, ["c", "a", "b"]);
     }
 }
