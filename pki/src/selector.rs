@@ -38,7 +38,21 @@ pub enum SelectorError {
         /// Why no caller can have it, and what it should look like.
         reason: &'static str,
     },
+    /// A type no oxid attestor produces (see [`KNOWN_TYPES`]), so no node
+    /// or workload carries it today; accepted only when the operator says
+    /// it is for a future attestor.
+    #[error(
+        "selector {0:?} is of a type no oxid attestor produces (known types: unix, x509pop); \
+         no caller carries it, so an entry holding it would never match \
+         (pass --allow-unknown-selector-type if it is for a future attestor)"
+    )]
+    UnknownType(String),
 }
+
+/// The selector types oxid's attestors produce: `unix` (workloads, from the
+/// kernel) and `x509pop` (nodes, from the verified certificate path).
+/// join_token agents carry no selectors.
+pub const KNOWN_TYPES: &[&str] = &["unix", "x509pop"];
 
 /// A parsed selector. Ordered by type, then value, so sets of selectors
 /// have one canonical order (stored, compared and printed the same way).
@@ -144,6 +158,15 @@ impl ValueShape {
 }
 
 impl Selector {
+    /// [`Self::check_possible`], and refuses a type no oxid attestor
+    /// produces unless `allow_unknown_type`.
+    pub fn check_known(&self, allow_unknown_type: bool) -> Result<(), SelectorError> {
+        if !allow_unknown_type && !KNOWN_TYPES.contains(&self.kind()) {
+            return Err(SelectorError::UnknownType(self.to_string()));
+        }
+        self.check_possible()
+    }
+
     /// Refuses a selector of a type oxid attests (`unix`, `x509pop`) whose
     /// key is unknown or whose value no caller can have: an entry should be
     /// refused at once rather than stored and never matched. Other types
@@ -342,6 +365,31 @@ mod tests {
             e.contains("\"unix:uid:-1\" can never match") && e.contains("decimal"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn unknown_types_need_the_flag() {
+        let s: Selector = "k8s:ns:default".parse().unwrap();
+        let e = s.check_known(false).unwrap_err();
+        assert_eq!(e, SelectorError::UnknownType("k8s:ns:default".into()));
+        let m = e.to_string();
+        assert!(
+            m.contains("unix, x509pop") && m.contains("--allow-unknown-selector-type"),
+            "{m}"
+        );
+        assert_eq!(s.check_known(true), Ok(()));
+        for known in ["unix:uid:1", "x509pop:subject:cn:web"] {
+            assert_eq!(
+                known.parse::<Selector>().unwrap().check_known(false),
+                Ok(())
+            );
+        }
+        // The flag does not let an impossible value of a known type through.
+        let bad: Selector = "unix:uid:x".parse().unwrap();
+        assert!(matches!(
+            bad.check_known(true),
+            Err(SelectorError::Impossible { .. })
+        ));
     }
 
     #[test]

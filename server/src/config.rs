@@ -238,6 +238,8 @@ pub struct Overrides {
     pub socket_path: Option<PathBuf>,
     /// `--log-format`.
     pub log_format: Option<String>,
+    /// `--metrics-address`.
+    pub metrics_address: Option<String>,
 }
 
 /// The resolved configuration.
@@ -385,7 +387,7 @@ impl Config {
                 "bind_address {bind:?}: expected ip:port, e.g. 0.0.0.0:8081"
             ))
         })?;
-        let metrics_address = match file.metrics_address {
+        let metrics_address = match o.metrics_address.or(file.metrics_address) {
             Some(a) => Some(a.parse().map_err(|_| {
                 ConfigError::Invalid(format!("metrics_address {a:?}: expected ip:port"))
             })?),
@@ -599,6 +601,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.trust_domain.as_str(), "flag.org");
+        let file: ConfigFile = toml::from_str("metrics_address = \"127.0.0.1:9000\"").unwrap();
+        let flag = |a: &str| Overrides {
+            metrics_address: Some(a.into()),
+            ..Default::default()
+        };
+        let c = Config::resolve(file.clone(), flag("127.0.0.1:9100")).unwrap();
+        assert_eq!(c.metrics_address, Some("127.0.0.1:9100".parse().unwrap()));
+        assert!(Config::resolve(file, flag("nowhere")).is_err());
     }
 
     #[test]

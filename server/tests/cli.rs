@@ -429,7 +429,7 @@ fn bad_input_is_one_error_line_and_changes_nothing() {
     let s = Server::start("");
     s.ok(&create_args("spiffe://example.org/web", "unix:uid:1000"));
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (create_args("web", "unix:uid:1"), "spiffe_id"),
+        (create_args("web", "unix:uid:1"), "--spiffe-id"),
         (
             create_args("spiffe://example.org/oxid/agent/x", "unix:uid:1"),
             "reserved",

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use oxid_pki::{Selector, SpiffeId, TrustDomain};
+use oxid_pki::{Selector, SelectorError, SpiffeId, TrustDomain};
 use oxid_proto::admin as pb;
 
 use super::AdminError;
@@ -15,6 +15,20 @@ const MAX_HINT_LEN: usize = 1024;
 
 /// Most selectors, DNS names or federated domains on one entry.
 const MAX_LIST_LEN: usize = 64;
+
+/// How an admin API client (not the CLI) asks for unknown selector types;
+/// the CLI drops this from the messages it shows.
+pub const UNKNOWN_TYPE_IN_API: &str =
+    "(in the admin API: the request header oxid-allow-unknown-selector-type: true)";
+
+/// What a caller accepts beyond the default entry rules.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EntryOptions {
+    /// Accept selectors that name only the executable (see [`check_exe_only`]).
+    pub allow_exe_only: bool,
+    /// Accept selector types no oxid attestor produces (a future attestor's).
+    pub allow_unknown_selector_type: bool,
+}
 
 /// The rules entries must follow on this server.
 #[derive(Debug, Clone)]
@@ -81,14 +95,15 @@ impl EntryPolicy {
         Ok(Some(secs))
     }
 
-    /// Parses and checks an entry; `created_at` is the server's clock. An
-    /// entry whose only process selectors name an executable is refused
-    /// unless `allow_exe_only` (see [`check_exe_only`]).
+    /// Parses and checks an entry; `created_at` is the server's clock (Unix
+    /// milliseconds), and an `expires_at` not after it is refused. An entry
+    /// whose only process selectors name an executable, or with a selector
+    /// type no attestor produces, is refused unless `options` accept it.
     pub fn entry(
         &self,
         e: pb::Entry,
         created_at: u64,
-        allow_exe_only: bool,
+        options: EntryOptions,
     ) -> Result<Entry, AdminError> {
         let id = if e.id.is_empty() {
             EntryId::random().map_err(|_| AdminError::Internal("random generator failed".into()))?
@@ -110,10 +125,15 @@ impl EntryPolicy {
         }
         let selectors = parse_list(&e.selectors, "selector", |s| {
             let selector = s.parse::<Selector>().map_err(|err| err.to_string())?;
-            selector.check_possible().map_err(|err| err.to_string())?;
+            selector
+                .check_known(options.allow_unknown_selector_type)
+                .map_err(|err| match err {
+                    SelectorError::UnknownType(_) => format!("{err} {UNKNOWN_TYPE_IN_API}"),
+                    other => other.to_string(),
+                })?;
             Ok(selector)
         })?;
-        if !allow_exe_only {
+        if !options.allow_exe_only {
             check_exe_only(&selectors)?;
         }
         let dns_names = parse_list(&e.dns_names, "DNS name", |s| {
@@ -131,6 +151,14 @@ impl EntryPolicy {
         if e.hint.len() > MAX_HINT_LEN || e.hint.chars().any(char::is_control) {
             return Err(AdminError::invalid(format!(
                 "hint must be printable and at most {MAX_HINT_LEN} bytes"
+            )));
+        }
+        let now_secs = created_at / 1000;
+        if e.expires_at != 0 && e.expires_at <= now_secs {
+            return Err(AdminError::invalid(format!(
+                "expires_at {} is not in the future (the server's clock reads {now_secs}, \
+                 Unix seconds)",
+                e.expires_at
             )));
         }
         Ok(Entry {
@@ -251,15 +279,52 @@ mod tests {
     fn refused(edit: impl FnOnce(&mut pb::Entry)) -> String {
         let mut e = good();
         edit(&mut e);
-        match policy().entry(e, 1, false) {
+        match policy().entry(e, 1, EntryOptions::default()) {
             Err(AdminError::InvalidArgument(m)) => m,
             other => panic!("expected InvalidArgument, got {other:?}"),
         }
     }
 
+    fn exe_only() -> EntryOptions {
+        EntryOptions {
+            allow_exe_only: true,
+            ..EntryOptions::default()
+        }
+    }
+
+    #[test]
+    fn unknown_selector_types_need_the_option() {
+        let m = refused(|e| e.selectors = vec!["k8s:ns:default".into(), "unix:uid:1".into()]);
+        assert!(m.contains("known types: unix, x509pop"), "{m}");
+        let mut e = good();
+        e.selectors = vec!["k8s:ns:default".into(), "unix:uid:1".into()];
+        let options = EntryOptions {
+            allow_unknown_selector_type: true,
+            ..EntryOptions::default()
+        };
+        policy().entry(e, 1, options).unwrap();
+    }
+
+    #[test]
+    fn expiry_in_the_past_is_refused() {
+        let now_ms = 1_700_000_000_000;
+        for past in [1, 1_700_000_000] {
+            let mut e = good();
+            e.expires_at = past;
+            let m = policy()
+                .entry(e, now_ms, EntryOptions::default())
+                .unwrap_err()
+                .to_string();
+            assert!(m.contains("not in the future"), "{m}");
+        }
+        let mut e = good();
+        e.expires_at = 1_700_000_001;
+        policy().entry(e, now_ms, EntryOptions::default()).unwrap();
+    }
+
     #[test]
     fn a_good_entry_parses() {
-        let e = policy().entry(good(), 7, false).unwrap();
+        let e = policy().entry(good(), 7, EntryOptions::default()).unwrap();
         assert_eq!(e.created_at, 7);
         assert_eq!(e.id.as_str().len(), 32);
     }
@@ -306,7 +371,7 @@ mod tests {
         e.parent_id = policy().server_id().to_string();
         e.selectors = vec!["x509pop:subject:cn:web-1".into()];
         e.spiffe_id = "spiffe://example.org/nodes/web".into();
-        policy().entry(e, 1, false).unwrap();
+        policy().entry(e, 1, EntryOptions::default()).unwrap();
     }
 
     #[test]
@@ -334,7 +399,6 @@ mod tests {
                 hash.clone(),
                 "unix:path:/usr/bin/app".into(),
                 "unix:supplementary_gid:5".into(),
-                "k8s:ns:a".into(),
             ],
         ] {
             let m = refused(|e| e.selectors = only.clone());
@@ -344,7 +408,7 @@ mod tests {
             );
             let mut e = good();
             e.selectors = only;
-            policy().entry(e, 1, true).unwrap();
+            policy().entry(e, 1, exe_only()).unwrap();
         }
         for owner in [
             "unix:uid:1000",
@@ -354,7 +418,7 @@ mod tests {
         ] {
             let mut e = good();
             e.selectors = vec![hash.clone(), owner.into()];
-            policy().entry(e, 1, false).unwrap();
+            policy().entry(e, 1, EntryOptions::default()).unwrap();
         }
     }
 }

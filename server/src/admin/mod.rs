@@ -15,8 +15,10 @@ use tonic::Status;
 use crate::ca::CaError;
 use crate::datastore::DataStoreError;
 
-pub use self::convert::{EntryPolicy, agent_to_pb, entry_to_pb};
-pub use self::service::{AdminService, DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, not_ready};
+pub use self::convert::{EntryOptions, EntryPolicy, UNKNOWN_TYPE_IN_API, agent_to_pb, entry_to_pb};
+pub use self::service::{
+    ALLOW_UNKNOWN_SELECTOR_TYPE, AdminService, DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, not_ready,
+};
 
 /// Why an admin call failed. Mapped to a gRPC status in one place.
 #[derive(Debug, thiserror::Error)]

@@ -11,7 +11,7 @@ use ring::rand::SecureRandom as _;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
-use super::convert::{EntryPolicy, agent_to_pb, entry_to_pb};
+use super::convert::{EntryOptions, EntryPolicy, agent_to_pb, entry_to_pb};
 use super::{AdminAccess, AdminError};
 use crate::ca::{AuthorityState, CaManager};
 use crate::clock::{Clock, unix_secs};
@@ -25,6 +25,27 @@ pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 86_400);
 
 /// Compare-and-swap attempts of a ban racing the agent's own calls.
 const BAN_ATTEMPTS: usize = 64;
+
+/// Compare-and-swap attempts of a partial entry update racing other writes
+/// to the same entry.
+const UPDATE_ATTEMPTS: usize = 16;
+
+/// Request metadata that lets CreateEntries and UpdateEntry accept selector
+/// types no oxid attestor produces (a future attestor's).
+pub const ALLOW_UNKNOWN_SELECTOR_TYPE: &str = "oxid-allow-unknown-selector-type";
+
+/// The Entry fields a partial update may name.
+const UPDATABLE_FIELDS: [&str; 9] = [
+    "spiffe_id",
+    "parent_id",
+    "selectors",
+    "x509_svid_ttl",
+    "jwt_svid_ttl",
+    "dns_names",
+    "federates_with",
+    "hint",
+    "expires_at",
+];
 
 /// The admin API implementation.
 pub struct AdminService {
@@ -113,6 +134,52 @@ impl AdminService {
     }
 }
 
+/// Whether the request carries [`ALLOW_UNKNOWN_SELECTOR_TYPE`]: `true` or
+/// `false`, anything else refused.
+fn allows_unknown_type<T>(req: &Request<T>) -> Result<bool, AdminError> {
+    match req.metadata().get(ALLOW_UNKNOWN_SELECTOR_TYPE) {
+        None => Ok(false),
+        Some(v) => match v.to_str() {
+            Ok("true") => Ok(true),
+            Ok("false") => Ok(false),
+            _ => Err(AdminError::invalid(format!(
+                "metadata {ALLOW_UNKNOWN_SELECTOR_TYPE} must be true or false"
+            ))),
+        },
+    }
+}
+
+/// Copies the named fields of `from` onto `to` (a partial update).
+fn merge_fields(to: &mut pb::Entry, from: &pb::Entry, fields: &[String]) {
+    for field in fields {
+        match field.as_str() {
+            "spiffe_id" => to.spiffe_id.clone_from(&from.spiffe_id),
+            "parent_id" => to.parent_id.clone_from(&from.parent_id),
+            "selectors" => to.selectors.clone_from(&from.selectors),
+            "x509_svid_ttl" => to.x509_svid_ttl = from.x509_svid_ttl,
+            "jwt_svid_ttl" => to.jwt_svid_ttl = from.jwt_svid_ttl,
+            "dns_names" => to.dns_names.clone_from(&from.dns_names),
+            "federates_with" => to.federates_with.clone_from(&from.federates_with),
+            "hint" => to.hint.clone_from(&from.hint),
+            "expires_at" => to.expires_at = from.expires_at,
+            // Checked against UPDATABLE_FIELDS before any merge.
+            _ => {}
+        }
+    }
+}
+
+fn check_fields(fields: &[String]) -> Result<(), AdminError> {
+    for f in fields {
+        if !UPDATABLE_FIELDS.contains(&f.as_str()) {
+            return Err(AdminError::invalid(format!(
+                "fields: {f:?} cannot be updated; updatable fields are {}",
+                UPDATABLE_FIELDS.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn audit(caller: &Caller, method: &str, error: Option<&AdminError>) {
     let uid = caller.uid.map_or(-1, i64::from);
     let pid = caller.pid.unwrap_or(-1);
@@ -151,16 +218,20 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::CreateEntriesRequest>,
     ) -> Result<Response<pb::EntryResults>, Status> {
+        let allow_unknown = allows_unknown_type(&req);
         guarded!(self, req, "CreateEntries", {
             check_batch(req.entries.len(), self.max_batch)?;
             let created_at = self.now_ms();
-            let allow_exe_only = req.allow_exe_only;
+            let options = EntryOptions {
+                allow_exe_only: req.allow_exe_only,
+                allow_unknown_selector_type: allow_unknown?,
+            };
             let parsed: Vec<_> = req
                 .entries
                 .into_iter()
                 .map(|e| {
                     let id = e.id.clone();
-                    (id, self.policy.entry(e, created_at, allow_exe_only))
+                    (id, self.policy.entry(e, created_at, options))
                 })
                 .collect();
             let valid: Vec<_> = parsed
@@ -204,16 +275,43 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::UpdateEntryRequest>,
     ) -> Result<Response<pb::Entry>, Status> {
+        let allow_unknown = allows_unknown_type(&req);
         guarded!(self, req, "UpdateEntry", {
-            let allow_exe_only = req.allow_exe_only;
+            let options = EntryOptions {
+                allow_exe_only: req.allow_exe_only,
+                allow_unknown_selector_type: allow_unknown?,
+            };
             let entry = req
                 .entry
                 .ok_or_else(|| AdminError::invalid("entry is required".into()))?;
             if entry.id.is_empty() {
                 return Err(AdminError::invalid("entry id is required to update".into()));
             }
-            let entry = self.policy.entry(entry, self.now_ms(), allow_exe_only)?;
-            Ok(entry_to_pb(&self.store.update_entry(entry).await?))
+            if req.fields.is_empty() {
+                let entry = self.policy.entry(entry, self.now_ms(), options)?;
+                return Ok(entry_to_pb(&self.store.update_entry(entry).await?));
+            }
+            check_fields(&req.fields)?;
+            let id: EntryId = entry
+                .id
+                .parse()
+                .map_err(|e| AdminError::invalid(format!("{e}")))?;
+            // Read, merge, check, then write only if the entry is still at
+            // the revision read: a concurrent change makes us merge again
+            // on top of it instead of overwriting it.
+            let mut attempts = 0;
+            loop {
+                let stored = self.store.get_entry(&id).await?;
+                let mut merged = entry_to_pb(&stored);
+                merge_fields(&mut merged, &entry, &req.fields);
+                let checked = self.policy.entry(merged, self.now_ms(), options)?;
+                match self.store.update_entry_at(checked, stored.revision).await {
+                    Err(DataStoreError::Conflict(_)) if attempts < UPDATE_ATTEMPTS => {
+                        attempts += 1;
+                    }
+                    other => break Ok(entry_to_pb(&other?)),
+                }
+            }
         })
     }
 
@@ -388,11 +486,15 @@ impl pb::admin_server::Admin for AdminService {
                 expires_at,
                 alias,
             };
+            let agent_id =
+                crate::attest::join_token_agent_id(&self.policy.trust_domain, &stored.id)
+                    .map_err(|e| AdminError::Internal(format!("agent ID of token: {e}")))?;
             self.store.create_join_token(stored.clone()).await?;
             Ok(pb::CreateJoinTokenResponse {
                 token,
                 id: stored.id,
                 expires_at,
+                agent_id: agent_id.to_string(),
             })
         })
     }

@@ -11,6 +11,14 @@ pub fn token_hash(token: &str) -> String {
     hex(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref())
 }
 
+/// The SPIFFE ID of the agent that attests with the join token of ID `id`.
+pub fn join_token_agent_id(
+    trust_domain: &oxid_pki::TrustDomain,
+    id: &str,
+) -> Result<oxid_pki::SpiffeId, oxid_pki::IdError> {
+    trust_domain.spiffe_id(&format!("/oxid/agent/join_token/{id}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,18 +15,17 @@ use oxid_proto::admin as pb;
 use rustls_pki_types::CertificateDer;
 use serde_json::json;
 
-use super::output::{
-    agent_json, agent_pretty, entry_json, entry_pretty, out, outln, print_list, println,
-};
+use super::output::{agent_json, agent_pretty, out, outln, print_list, println};
+use super::time::rfc3339;
 use super::{
-    AgentCommand, BundleCommand, BundleFormat, CaCommand, Cli, Command, Common, EntryCommand,
-    EntryFields, JwtCommand, Output, RunArgs, TokenCommand, X509Command, client,
+    AgentCommand, BundleCommand, BundleFormat, CaCommand, Cli, Command, Common, JwtCommand, Output,
+    RunArgs, TokenCommand, X509Command, client,
 };
 use crate::clock::SystemClock;
 use crate::config::{Config, Overrides};
 
 /// A command failure: one line for the user.
-type CliResult = Result<(), String>;
+pub(crate) type CliResult = Result<(), String>;
 
 /// Entry point of the `oxid-server` binary.
 pub fn main() -> ExitCode {
@@ -60,6 +59,7 @@ fn run(args: RunArgs) -> CliResult {
             bind_address: args.bind_address,
             socket_path: args.socket_path,
             log_format: args.log_format,
+            metrics_address: args.metrics_address,
         },
     )
     .map_err(|e| e.to_string())?;
@@ -107,7 +107,7 @@ fn validate(config: Option<&Path>) -> CliResult {
     Ok(())
 }
 
-fn status_line(s: tonic::Status) -> String {
+pub(crate) fn status_line(s: tonic::Status) -> String {
     let code = format!("{:?}", s.code());
     format!("{} ({code})", s.message())
 }
@@ -130,7 +130,7 @@ async fn operator(command: Command) -> CliResult {
             }
             Ok(())
         }
-        Command::Entry(cmd) => entry(cmd).await,
+        Command::Entry(cmd) => super::entry::entry(cmd).await,
         Command::Agent(cmd) => agent(cmd).await,
         Command::Token(TokenCommand::Generate {
             ttl,
@@ -147,10 +147,23 @@ async fn operator(command: Command) -> CliResult {
                 .map_err(status_line)?
                 .into_inner();
             match common.output {
-                Output::Json => {
-                    println(&json!({"token": t.token, "id": t.id, "expires_at": t.expires_at}))
+                Output::Json => println(&json!({
+                    "token": t.token,
+                    "id": t.id,
+                    "agent_id": t.agent_id,
+                    "expires_at": rfc3339(t.expires_at),
+                })),
+                // The token alone on stdout, so `token generate > token` keeps
+                // working; what the operator needs next goes to the terminal.
+                Output::Pretty => {
+                    outln!("{}", t.token);
+                    eprintln!(
+                        "Token ID         : {}\nAgent SPIFFE ID  : {}\nExpires at       : {}",
+                        t.id,
+                        t.agent_id,
+                        rfc3339(t.expires_at)
+                    );
                 }
-                Output::Pretty => outln!("{}", t.token),
             }
             Ok(())
         }
@@ -179,7 +192,10 @@ async fn operator(command: Command) -> CliResult {
                 .map_err(status_line)?
                 .into_inner();
             match common.output {
-                Output::Json => println(&json!({"token": r.token, "expires_at": r.expires_at})),
+                Output::Json => println(&json!({
+                    "token": r.token,
+                    "expires_at": rfc3339(r.expires_at),
+                })),
                 Output::Pretty => outln!("{}", r.token),
             }
             Ok(())
@@ -189,25 +205,8 @@ async fn operator(command: Command) -> CliResult {
     }
 }
 
-fn fields_to_entry(id: String, f: EntryFields) -> pb::Entry {
-    pb::Entry {
-        id,
-        spiffe_id: f.spiffe_id.unwrap_or_default(),
-        parent_id: f.parent_id.unwrap_or_default(),
-        selectors: f.selectors,
-        x509_svid_ttl: f.x509_svid_ttl.map_or(0, |d| d.0.as_secs()),
-        jwt_svid_ttl: f.jwt_svid_ttl.map_or(0, |d| d.0.as_secs()),
-        dns_names: f.dns_names,
-        federates_with: f.federates_with,
-        hint: f.hint.unwrap_or_default(),
-        expires_at: f.expires_at.unwrap_or(0),
-        created_at: 0,
-        revision: 0,
-    }
-}
-
 /// Reads a file, or stdin for `-`.
-fn read_input(path: &Path) -> Result<String, String> {
+pub(crate) fn read_input(path: &Path) -> Result<String, String> {
     if path == Path::new("-") {
         let mut s = String::new();
         std::io::stdin()
@@ -216,201 +215,6 @@ fn read_input(path: &Path) -> Result<String, String> {
         Ok(s)
     } else {
         std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
-    }
-}
-
-/// Parses a batch file: `{"entries":[{...}]}` with the entry fields.
-fn batch_entries(text: &str) -> Result<Vec<pb::Entry>, String> {
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Batch {
-        entries: Vec<BatchEntry>,
-    }
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct BatchEntry {
-        #[serde(default)]
-        id: String,
-        spiffe_id: String,
-        parent_id: String,
-        selectors: Vec<String>,
-        #[serde(default)]
-        x509_svid_ttl: u64,
-        #[serde(default)]
-        jwt_svid_ttl: u64,
-        #[serde(default)]
-        dns_names: Vec<String>,
-        #[serde(default)]
-        federates_with: Vec<String>,
-        #[serde(default)]
-        hint: String,
-        #[serde(default)]
-        expires_at: u64,
-    }
-    let batch: Batch =
-        serde_json::from_str(text).map_err(|e| format!("invalid entries file: {e}"))?;
-    Ok(batch
-        .entries
-        .into_iter()
-        .map(|e| pb::Entry {
-            id: e.id,
-            spiffe_id: e.spiffe_id,
-            parent_id: e.parent_id,
-            selectors: e.selectors,
-            x509_svid_ttl: e.x509_svid_ttl,
-            jwt_svid_ttl: e.jwt_svid_ttl,
-            dns_names: e.dns_names,
-            federates_with: e.federates_with,
-            hint: e.hint,
-            expires_at: e.expires_at,
-            created_at: 0,
-            revision: 0,
-        })
-        .collect())
-}
-
-/// Prints batch results; fails if any item failed.
-fn report_results(output: Output, results: &[pb::EntryResult], verb: &str) -> CliResult {
-    let failed = results.iter().filter(|r| !r.error.is_empty()).count();
-    match output {
-        Output::Json => println(&json!({"results": results.iter().map(|r| json!({
-            "id": r.id,
-            "entry": r.entry.as_ref().map(entry_json),
-            "error": (!r.error.is_empty()).then_some(&r.error),
-        })).collect::<Vec<_>>()})),
-        Output::Pretty => {
-            for r in results {
-                match (&r.entry, r.error.is_empty()) {
-                    (Some(e), true) => out!("{verb} entry\n{}\n", entry_pretty(e)),
-                    // A lone failure is the command's error line; only batches
-                    // list failures one by one.
-                    _ if results.len() > 1 => {
-                        let who = if r.id.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" {}", r.id)
-                        };
-                        eprintln!("failed entry{who}: {}", r.error);
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
-    match (failed, results.len()) {
-        (0, _) => Ok(()),
-        (1, 1) => Err(results[0].error.clone()),
-        (n, total) => Err(format!("{n} of {total} entries failed")),
-    }
-}
-
-async fn entry(cmd: EntryCommand) -> CliResult {
-    match cmd {
-        EntryCommand::Create {
-            fields,
-            entry_id,
-            data,
-            common,
-        } => {
-            let allow_exe_only = fields.allow_exe_only;
-            let entries = match data {
-                Some(path) => batch_entries(&read_input(&path)?)?,
-                None => vec![fields_to_entry(entry_id.unwrap_or_default(), fields)],
-            };
-            let mut c = client::connect(&common.socket_path).await?;
-            let r = c
-                .create_entries(pb::CreateEntriesRequest {
-                    entries,
-                    allow_exe_only,
-                })
-                .await
-                .map_err(status_line)?
-                .into_inner();
-            report_results(common.output, &r.results, "Created")
-        }
-        EntryCommand::Update {
-            entry_id,
-            fields,
-            common,
-        } => {
-            let mut c = client::connect(&common.socket_path).await?;
-            let allow_exe_only = fields.allow_exe_only;
-            let e = c
-                .update_entry(pb::UpdateEntryRequest {
-                    entry: Some(fields_to_entry(entry_id, fields)),
-                    allow_exe_only,
-                })
-                .await
-                .map_err(status_line)?
-                .into_inner();
-            match common.output {
-                Output::Json => println(&entry_json(&e)),
-                Output::Pretty => out!("Updated entry\n{}", entry_pretty(&e)),
-            }
-            Ok(())
-        }
-        EntryCommand::Delete { entry_ids, common } => {
-            let mut c = client::connect(&common.socket_path).await?;
-            let r = c
-                .delete_entries(pb::DeleteEntriesRequest { ids: entry_ids })
-                .await
-                .map_err(status_line)?
-                .into_inner();
-            report_results(common.output, &r.results, "Deleted")
-        }
-        EntryCommand::Show {
-            entry_id,
-            spiffe_id,
-            parent_id,
-            selectors,
-            exact,
-            common,
-        } => {
-            let mut c = client::connect(&common.socket_path).await?;
-            let entries = match entry_id {
-                Some(id) => vec![
-                    c.get_entry(pb::GetEntryRequest { id })
-                        .await
-                        .map_err(status_line)?
-                        .into_inner(),
-                ],
-                None => {
-                    c.list_entries(pb::ListEntriesRequest {
-                        spiffe_id: spiffe_id.unwrap_or_default(),
-                        parent_id: parent_id.unwrap_or_default(),
-                        selectors,
-                        selectors_exact: exact,
-                    })
-                    .await
-                    .map_err(status_line)?
-                    .into_inner()
-                    .entries
-                }
-            };
-            print_list(
-                common.output,
-                ("entries", "entry"),
-                &entries,
-                entry_json,
-                entry_pretty,
-            );
-            Ok(())
-        }
-        EntryCommand::Count(common) => {
-            let mut c = client::connect(&common.socket_path).await?;
-            let n = c
-                .list_entries(pb::ListEntriesRequest::default())
-                .await
-                .map_err(status_line)?
-                .into_inner()
-                .entries
-                .len();
-            match common.output {
-                Output::Json => println(&json!({"count": n})),
-                Output::Pretty => outln!("{n} registration entries"),
-            }
-            Ok(())
-        }
     }
 }
 
@@ -466,7 +270,12 @@ async fn agent(cmd: AgentCommand) -> CliResult {
                 .await
                 .map_err(status_line)?
                 .into_inner();
-            print_one_agent(common.output, &a, "Banned agent\n");
+            let title = format!(
+                "Banned agent {}: every call it makes is refused, and it may not attest again \
+                 until evicted\n",
+                a.spiffe_id
+            );
+            print_one_agent(common.output, &a, &title);
             Ok(())
         }
         AgentCommand::Evict { spiffe_id, common } => {
@@ -476,7 +285,12 @@ async fn agent(cmd: AgentCommand) -> CliResult {
                 .await
                 .map_err(status_line)?
                 .into_inner();
-            print_one_agent(common.output, &a, "Evicted agent\n");
+            let title = format!(
+                "Evicted agent {}: its record is deleted; it must attest again (a join-token \
+                 agent needs a new token)\n",
+                a.spiffe_id
+            );
+            print_one_agent(common.output, &a, &title);
             Ok(())
         }
     }
@@ -498,9 +312,14 @@ async fn bundle(cmd: BundleCommand) -> CliResult {
                 .await
                 .map_err(status_line)?
                 .into_inner();
-            match format {
-                BundleFormat::Pem => out!("{}", b.pem),
-                BundleFormat::Spiffe => outln!("{}", b.spiffe_json),
+            match (common.output, format) {
+                (Output::Json, _) => {
+                    let bundle: serde_json::Value = serde_json::from_str(&b.spiffe_json)
+                        .map_err(|e| format!("the server sent a bundle that is not JSON: {e}"))?;
+                    println(&json!({"spiffe_bundle": bundle, "x509_authorities_pem": b.pem}));
+                }
+                (Output::Pretty, BundleFormat::Pem) => out!("{}", b.pem),
+                (Output::Pretty, BundleFormat::Spiffe) => outln!("{}", b.spiffe_json),
             }
             Ok(())
         }
@@ -517,7 +336,7 @@ async fn bundle(cmd: BundleCommand) -> CliResult {
                 .into_inner();
             match common.output {
                 Output::Json => println(&json!({"trust_domain": b.trust_domain})),
-                Output::Pretty => outln!("bundle set for {}", b.trust_domain),
+                Output::Pretty => outln!("Set the federated bundle of {}", b.trust_domain),
             }
             Ok(())
         }
@@ -552,7 +371,7 @@ async fn bundle(cmd: BundleCommand) -> CliResult {
             .map_err(status_line)?;
             match common.output {
                 Output::Json => println(&json!({"deleted": id})),
-                Output::Pretty => outln!("bundle of {id} deleted"),
+                Output::Pretty => outln!("Deleted the federated bundle of {id}"),
             }
             Ok(())
         }
@@ -594,7 +413,10 @@ async fn x509_mint(
             w("bundle.pem", &bundle_pem)?;
             key.store(&dir.join("key.pem")).map_err(|e| e.to_string())?;
             match common.output {
-                Output::Json => println(&json!({"written": dir, "expires_at": r.expires_at})),
+                Output::Json => println(&json!({
+                    "written": dir,
+                    "expires_at": rfc3339(r.expires_at),
+                })),
                 Output::Pretty => outln!(
                     "wrote svid.pem, key.pem (0600) and bundle.pem to {}",
                     dir.display()
@@ -606,7 +428,7 @@ async fn x509_mint(
                 "svid": svid_pem,
                 "key": key.to_pkcs8_pem().as_str(),
                 "bundle": bundle_pem,
-                "expires_at": r.expires_at,
+                "expires_at": rfc3339(r.expires_at),
             })),
             Output::Pretty => out!("{svid_pem}{}{bundle_pem}", key.to_pkcs8_pem().as_str()),
         },
@@ -614,15 +436,21 @@ async fn x509_mint(
     Ok(())
 }
 
+/// What `ca rotate --taint` does, in full, until taint and revocation are
+/// built: said in the output so nobody believes more happened.
+const TAINT_NOTE: &str = "the taint is recorded (ca show lists it) and nothing else happens: \
+    the authority stays in the trust bundle, agents and workloads keep trusting it, and the \
+    SVIDs it signed stay valid until they expire. Nothing is revoked or re-signed";
+
 async fn ca(cmd: CaCommand) -> CliResult {
-    let (status, common) = match cmd {
+    let (status, common, done) = match cmd {
         CaCommand::Show(common) => {
             let mut c = client::connect(&common.socket_path).await?;
             let s = c
                 .get_ca_status(pb::GetCaStatusRequest {})
                 .await
                 .map_err(status_line)?;
-            (s.into_inner(), common)
+            (s.into_inner(), common, None)
         }
         CaCommand::Rotate {
             prepare,
@@ -643,27 +471,38 @@ async fn ca(cmd: CaCommand) -> CliResult {
                     sequence,
                 })
                 .await
-                .map_err(status_line)?;
-            (s.into_inner(), common)
+                .map_err(status_line)?
+                .into_inner();
+            let done = rotation_done(step, sequence, &s);
+            (s, common, Some(done))
         }
     };
     match common.output {
-        Output::Json => println(
-            &json!({"authorities": status.authorities.iter().map(|a| json!({
-            "sequence": a.sequence, "state": a.state, "tainted": a.tainted,
-            "not_before": a.not_before, "not_after": a.not_after,
-            "jwt_key_id": a.jwt_key_id, "can_sign": a.can_sign,
-        })).collect::<Vec<_>>()}),
-        ),
+        Output::Json => {
+            let mut doc = json!({"authorities": status.authorities.iter().map(|a| json!({
+                "sequence": a.sequence, "state": a.state, "tainted": a.tainted,
+                "not_before": rfc3339(a.not_before), "not_after": rfc3339(a.not_after),
+                "jwt_key_id": a.jwt_key_id, "can_sign": a.can_sign,
+            })).collect::<Vec<_>>()});
+            if let (Some((step, sequence, message)), Some(map)) = (&done, doc.as_object_mut()) {
+                map.insert("step".into(), json!(step));
+                map.insert("sequence".into(), json!(sequence));
+                map.insert("result".into(), json!(message));
+            }
+            println(&doc);
+        }
         Output::Pretty => {
+            if let Some((_, _, message)) = &done {
+                outln!("{message}");
+            }
             for a in &status.authorities {
                 outln!(
                     "authority {}: {}{} not_before={} not_after={} jwt_kid={}{}",
                     a.sequence,
                     a.state,
                     if a.tainted { " (tainted)" } else { "" },
-                    a.not_before,
-                    a.not_after,
+                    rfc3339(a.not_before),
+                    rfc3339(a.not_after),
                     a.jwt_key_id,
                     if a.can_sign { "" } else { " (keys lost)" }
                 );
@@ -671,4 +510,44 @@ async fn ca(cmd: CaCommand) -> CliResult {
         }
     }
     Ok(())
+}
+
+/// The step applied, the authority it concerned, and one sentence saying
+/// what that did.
+fn rotation_done(
+    step: &'static str,
+    sequence: u64,
+    s: &pb::GetCaStatusResponse,
+) -> (&'static str, u64, String) {
+    let newest = |state: &str| {
+        s.authorities
+            .iter()
+            .filter(|a| a.state == state)
+            .map(|a| a.sequence)
+            .max()
+            .unwrap_or(0)
+    };
+    match step {
+        "prepare" => {
+            let seq = newest("prepared");
+            let m = format!(
+                "Prepared authority {seq}: it is in the bundle now and signs once activated \
+                 (ca rotate --activate, or on schedule)"
+            );
+            (step, seq, m)
+        }
+        "activate" => {
+            let seq = newest("active");
+            let m = format!(
+                "Activated authority {seq}: it signs every new SVID; the previous one stays \
+                 in the bundle until it expires"
+            );
+            (step, seq, m)
+        }
+        _ => (
+            step,
+            sequence,
+            format!("Tainted authority {sequence}: {TAINT_NOTE}"),
+        ),
+    }
 }

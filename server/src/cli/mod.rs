@@ -6,7 +6,9 @@
 
 mod client;
 mod commands;
+mod entry;
 mod output;
+mod time;
 
 use std::path::PathBuf;
 
@@ -101,6 +103,10 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, value_parser = ["human", "json"])]
     pub log_format: Option<String>,
+    /// Metrics and health listener (ip:port) for /metrics, /live, /ready;
+    /// overrides metrics_address in the file.
+    #[arg(long)]
+    pub metrics_address: Option<String>,
 }
 
 /// The fields of an entry, for create and update.
@@ -130,14 +136,20 @@ pub struct EntryFields {
     /// Hint passed to workloads.
     #[arg(long)]
     pub hint: Option<String>,
-    /// Unix seconds after which the entry no longer applies.
+    /// When the entry stops applying: RFC 3339 (2026-12-31T00:00:00Z) or
+    /// Unix seconds; must be in the future.
     #[arg(long)]
-    pub expires_at: Option<u64>,
+    pub expires_at: Option<String>,
     /// Accept an entry whose only process selectors are unix:path or
     /// unix:sha256: any user's process running that executable (or with code
     /// injected into it) then matches. Add a unix:uid selector instead.
     #[arg(long)]
     pub allow_exe_only: bool,
+    /// Accept selector types no oxid attestor produces (oxid's are unix and
+    /// x509pop), e.g. for a future attestor. No caller carries them today,
+    /// so such an entry matches nothing until one does.
+    #[arg(long)]
+    pub allow_unknown_selector_type: bool,
 }
 
 /// Entry commands.
@@ -151,14 +163,29 @@ pub enum EntryCommand {
         /// Entry ID (default: generated).
         #[arg(long)]
         entry_id: Option<String>,
-        /// JSON file of entries (`{"entries":[...]}`), or `-` for stdin.
+        /// JSON file of entries (`{"entries":[...]}`), or `-` for stdin. Each
+        /// entry takes the flags' names with `_` (`spiffe_id`, `parent_id`,
+        /// `selectors`, `x509_svid_ttl`, `jwt_svid_ttl`, `dns_names`,
+        /// `federates_with`, `hint`, `expires_at`, `id`); TTLs as "1h" or
+        /// seconds, `expires_at` as RFC 3339 or Unix seconds.
         #[arg(long, conflicts_with_all = ["spiffe_id", "parent_id", "selectors"])]
         data: Option<PathBuf>,
         /// Common options.
         #[command(flatten)]
         common: Common,
     },
-    /// Replace an entry (all fields are set from the flags).
+    /// Change an entry. With --spiffe-id, --parent-id and --selector all
+    /// given, the whole entry is replaced: every flag not given is back to
+    /// its default (no DNS names, hint or expiry; default TTLs). Otherwise
+    /// only the flags given change, and the rest is kept (e.g.
+    /// `entry update --entry-id ID --x509-svid-ttl 1h`); a concurrent change
+    /// to the entry is merged, never overwritten.
+    #[command(
+        after_help = "Whole replacement: --spiffe-id, --parent-id and --selector all given \
+                      (as spire-server entry update). Partial update: any other set of flags; \
+                      each list flag given (--selector, --dns-name, --federates-with) replaces \
+                      that list."
+    )]
     Update {
         /// The entry to replace.
         #[arg(long)]
@@ -243,7 +270,9 @@ pub enum AgentCommand {
 /// Join token commands.
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
-    /// Create a single-use join token and print it.
+    /// Create a single-use join token. The token alone goes to stdout; its
+    /// ID, the SPIFFE ID the agent using it gets, and its expiry go to
+    /// stderr (all of them in one document with --output json).
     Generate {
         /// Lifetime, e.g. 10m (default) or 1h.
         #[arg(long)]
@@ -360,7 +389,10 @@ pub enum CaCommand {
         /// Activate the prepared authority now.
         #[arg(long, group = "step")]
         activate: bool,
-        /// Taint a retired authority (by sequence).
+        /// Record a taint on an authority (by sequence), shown by `ca show`.
+        /// That is all it does for now: the authority stays in the bundle,
+        /// agents and workloads keep trusting it, and the SVIDs it signed
+        /// stay valid until they expire. Nothing is revoked or re-signed.
         #[arg(long, group = "step")]
         taint: Option<u64>,
         /// Common options.

@@ -4,6 +4,7 @@ use oxid_proto::admin as pb;
 use serde_json::{Value, json};
 
 use super::Output;
+use super::time::{rfc3339, rfc3339_ms};
 
 /// `print!` for command output: a reader that goes away (`oxid-server entry
 /// show | head`) ends the command quietly ([`oxid_telemetry::write_stdout`]).
@@ -33,8 +34,8 @@ pub(crate) fn entry_json(e: &pb::Entry) -> Value {
         "dns_names": e.dns_names,
         "federates_with": e.federates_with,
         "hint": e.hint,
-        "expires_at": e.expires_at,
-        "created_at": e.created_at,
+        "expires_at": (e.expires_at != 0).then(|| rfc3339(e.expires_at)),
+        "created_at": rfc3339_ms(e.created_at),
         "revision": e.revision,
     })
 }
@@ -66,8 +67,9 @@ pub(crate) fn entry_pretty(e: &pb::Entry) -> String {
         s += &format!("Hint             : {}\n", e.hint);
     }
     if e.expires_at != 0 {
-        s += &format!("Expires at       : {}\n", e.expires_at);
+        s += &format!("Expires at       : {}\n", rfc3339(e.expires_at));
     }
+    s += &format!("Created at       : {}\n", rfc3339_ms(e.created_at));
     s += &format!("Revision         : {}\n", e.revision);
     s
 }
@@ -79,15 +81,21 @@ pub(crate) fn agent_json(a: &pb::Agent) -> Value {
         "selectors": a.selectors,
         "aliases": a.aliases,
         "serial": a.serial,
-        "expires_at": a.expires_at,
+        "expires_at": rfc3339(a.expires_at),
         "banned": a.banned,
     })
 }
 
 pub(crate) fn agent_pretty(a: &pb::Agent) -> String {
+    // The same fields as agent_json, so neither form hides anything.
     let mut s = format!(
-        "SPIFFE ID        : {}\nAttestation type : {}\nExpires at       : {}\nBanned           : {}\n",
-        a.spiffe_id, a.attestation_type, a.expires_at, a.banned
+        "SPIFFE ID        : {}\nAttestation type : {}\nSerial           : {}\n\
+         Expires at       : {}\nBanned           : {}\n",
+        a.spiffe_id,
+        a.attestation_type,
+        a.serial,
+        rfc3339(a.expires_at),
+        a.banned
     );
     for sel in &a.selectors {
         s += &format!("Selector         : {sel}\n");

@@ -107,6 +107,11 @@ pub trait DataStore: Send + Sync + 'static {
     /// Replaces an existing entry (same ID).
     async fn update_entry(&self, entry: Entry) -> Result<Entry, DataStoreError>;
 
+    /// Replaces an existing entry only if it is still at `revision`, else
+    /// `Conflict`: the compare-and-swap of a read-modify-write (a partial
+    /// update), so a concurrent change is never overwritten unseen.
+    async fn update_entry_at(&self, entry: Entry, revision: u64) -> Result<Entry, DataStoreError>;
+
     /// Deletes an entry, returning it as it was.
     async fn delete_entry(&self, id: &EntryId) -> Result<Entry, DataStoreError>;
 

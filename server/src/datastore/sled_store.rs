@@ -370,6 +370,51 @@ fn insert_entry(tx: &Txn<'_>, entry: Entry) -> TxResult<Result<Entry, DataStoreE
     Ok(Ok(tx.store_entry(entry)?))
 }
 
+impl SledStore {
+    /// Replaces an existing entry; with `expected`, only if it is still at
+    /// that revision.
+    async fn replace_entry(
+        &self,
+        entry: Entry,
+        expected: Option<u64>,
+    ) -> Result<Entry, DataStoreError> {
+        self.write(|tx| {
+            let old: Entry = match tx.entries.get(entry.id.as_str())? {
+                Some(v) => decode(&v).map_err(abort)?,
+                None => {
+                    return Err(abort(DataStoreError::NotFound(format!(
+                        "entry {}",
+                        entry.id
+                    ))));
+                }
+            };
+            if expected.is_some_and(|revision| revision != old.revision) {
+                return Err(abort(DataStoreError::Conflict(format!(
+                    "entry {} changed meanwhile (now at revision {})",
+                    entry.id, old.revision
+                ))));
+            }
+            let old_key = entry_key(&old).map_err(abort)?;
+            let new_key = entry_key(&entry).map_err(abort)?;
+            if new_key != old_key {
+                if tx.entry_keys.get(&new_key)?.is_some() {
+                    return Err(abort(DataStoreError::AlreadyExists(format!(
+                        "an entry for {} with parent {} and these selectors",
+                        entry.spiffe_id, entry.parent_id
+                    ))));
+                }
+                tx.entry_keys.remove(old_key)?;
+                tx.entry_keys.insert(new_key, entry.id.as_str())?;
+            }
+            tx.store_entry(Entry {
+                created_at: old.created_at,
+                ..entry.clone()
+            })
+        })
+        .await
+    }
+}
+
 #[async_trait]
 impl DataStore for SledStore {
     async fn create_entries(&self, entries: Vec<Entry>) -> Vec<Result<Entry, DataStoreError>> {
@@ -389,34 +434,11 @@ impl DataStore for SledStore {
     }
 
     async fn update_entry(&self, entry: Entry) -> Result<Entry, DataStoreError> {
-        self.write(|tx| {
-            let old: Entry = match tx.entries.get(entry.id.as_str())? {
-                Some(v) => decode(&v).map_err(abort)?,
-                None => {
-                    return Err(abort(DataStoreError::NotFound(format!(
-                        "entry {}",
-                        entry.id
-                    ))));
-                }
-            };
-            let old_key = entry_key(&old).map_err(abort)?;
-            let new_key = entry_key(&entry).map_err(abort)?;
-            if new_key != old_key {
-                if tx.entry_keys.get(&new_key)?.is_some() {
-                    return Err(abort(DataStoreError::AlreadyExists(format!(
-                        "an entry for {} with parent {} and these selectors",
-                        entry.spiffe_id, entry.parent_id
-                    ))));
-                }
-                tx.entry_keys.remove(old_key)?;
-                tx.entry_keys.insert(new_key, entry.id.as_str())?;
-            }
-            tx.store_entry(Entry {
-                created_at: old.created_at,
-                ..entry.clone()
-            })
-        })
-        .await
+        self.replace_entry(entry, None).await
+    }
+
+    async fn update_entry_at(&self, entry: Entry, revision: u64) -> Result<Entry, DataStoreError> {
+        self.replace_entry(entry, Some(revision)).await
     }
 
     async fn delete_entry(&self, id: &EntryId) -> Result<Entry, DataStoreError> {
