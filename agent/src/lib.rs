@@ -15,6 +15,7 @@ pub mod config;
 /// Fuzz oracles: only for `fuzz/` (feature `fuzzing`) and this crate's tests.
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+mod metrics;
 pub mod run;
 pub mod server;
 pub mod state;

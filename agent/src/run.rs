@@ -138,12 +138,12 @@ pub async fn run(
             if let Ok(bound) = l.local_addr() {
                 tracing::info!(metrics_address = %bound, "oxid-agent serving metrics");
             }
-            let source = Arc::new(AgentMetrics {
-                rpc: rpc.clone(),
-                cache: cache.clone(),
-                jwts: jwts.clone(),
-                mints: mint_budget.clone(),
-            });
+            let source = Arc::new(crate::metrics::AgentMetrics::new(
+                &rpc,
+                cache.clone(),
+                jwts.clone(),
+                mint_budget.clone(),
+            ));
             Some(tokio::spawn(oxid_telemetry::serve(
                 l,
                 source,
@@ -304,105 +304,5 @@ async fn report_health(reporter: tonic_health::server::HealthReporter, cache: Ar
         if changes.changed().await.is_err() {
             return;
         }
-    }
-}
-
-/// What the agent's `/metrics` and `/ready` read.
-struct AgentMetrics {
-    rpc: Arc<oxid_telemetry::RpcMetrics>,
-    cache: Arc<Cache>,
-    jwts: Arc<Mutex<JwtCache>>,
-    mints: Arc<crate::workload::budget::MintBudget>,
-}
-
-impl oxid_telemetry::MetricsSource for AgentMetrics {
-    fn render(&self) -> String {
-        use std::fmt::Write as _;
-        use std::sync::atomic::Ordering::Relaxed;
-        let mut out = String::new();
-        self.rpc.render(&mut out);
-        let snapshot = self.cache.current();
-        let counters = &self.cache.counters;
-        let sync_age = counters
-            .last_sync
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .map_or(-1.0, |t| t.elapsed().as_secs_f64());
-        let jwts_cached = self.jwts.lock().unwrap_or_else(|e| e.into_inner()).len();
-        let families: [(&str, &str, &str, String); 7] = [
-            (
-                "oxid_agent_entries",
-                "gauge",
-                "Entries authorised for this agent.",
-                snapshot.entries.len().to_string(),
-            ),
-            (
-                "oxid_agent_svids_cached",
-                "gauge",
-                "X509-SVIDs held for workloads.",
-                snapshot.svids.len().to_string(),
-            ),
-            (
-                "oxid_agent_jwt_svids_cached",
-                "gauge",
-                "JWT-SVIDs held for reuse.",
-                jwts_cached.to_string(),
-            ),
-            (
-                "oxid_agent_svid_rotations_total",
-                "counter",
-                "X509-SVIDs replaced.",
-                counters.rotations.load(Relaxed).to_string(),
-            ),
-            (
-                "oxid_agent_attestation_failures_total",
-                "counter",
-                "Workload attestations refused.",
-                counters.attestation_failures.load(Relaxed).to_string(),
-            ),
-            (
-                "oxid_agent_server_connected",
-                "gauge",
-                "1 while the sync stream to the server is up.",
-                u8::from(counters.server_connected.load(Relaxed)).to_string(),
-            ),
-            (
-                "oxid_agent_sync_age_seconds",
-                "gauge",
-                "Seconds since the last sync update (-1: never).",
-                format!("{sync_age:.3}"),
-            ),
-        ];
-        for (name, kind, help, value) in families {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        }
-        let refused = &self.mints.refused;
-        let _ = writeln!(
-            out,
-            "# HELP oxid_agent_jwt_mints_refused_total JWT-SVID mints refused, by the \
-             budget that refused them.\n\
-             # TYPE oxid_agent_jwt_mints_refused_total counter"
-        );
-        for (reason, n) in [
-            ("uid", &refused.uid),
-            ("agent", &refused.agent),
-            ("server", &refused.server),
-        ] {
-            let _ = writeln!(
-                out,
-                "oxid_agent_jwt_mints_refused_total{{reason=\"{reason}\"}} {}",
-                n.load(Relaxed)
-            );
-        }
-        out
-    }
-
-    /// Ready: synced once, and connected to the server now.
-    fn ready(&self) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.cache.current().synced && self.cache.counters.server_connected.load(Relaxed)
     }
 }

@@ -51,7 +51,11 @@ pub(crate) async fn run(
     let mut view = View::default();
     loop {
         let outcome = follow(&server, &cache, &tls_bundle, &data_dir, &mut view).await;
-        cache.counters.server_connected.store(false, Relaxed);
+        // The view was current until a stream that was up ended: the sync
+        // age counts from here.
+        if cache.counters.server_connected.swap(false, Relaxed) && cache.current().synced {
+            mark_synced(&cache);
+        }
         match outcome {
             Ok(()) => backoff = BACKOFF_MIN,
             Err(status) => {
@@ -141,6 +145,15 @@ fn apply(view: &mut View, page: &pb::SyncResponse, own: &TrustDomain) {
     }
 }
 
+/// Records that the agent's view is current now (`oxid_agent_sync_age_seconds`).
+fn mark_synced(cache: &Cache) {
+    *cache
+        .counters
+        .last_sync
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+}
+
 fn publish(view: &View, cache: &Cache, tls_bundle: &SharedBundle, data_dir: &std::path::Path) {
     let entries = Arc::new(Entries::new(view.entries.values().cloned().collect()));
     if let Some(own) = view.bundles.get(&cache.trust_domain) {
@@ -161,6 +174,7 @@ fn publish(view: &View, cache: &Cache, tls_bundle: &SharedBundle, data_dir: &std
         next.svids.retain(|id, _| next.entries.contains(id));
         next
     });
+    mark_synced(cache);
     tracing::debug!(
         revision = view.revision,
         entries = view.entries.len(),

@@ -17,5 +17,5 @@ pub mod datastore;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod index;
-pub use oxid_telemetry as metrics;
+pub mod metrics;
 pub mod run;

@@ -11,7 +11,7 @@ use crate::ca::{CaConfig, CaError, CaManager, UpstreamConfig};
 use crate::clock::Clock;
 use crate::config::{Config, KeyStorage};
 use crate::datastore::{DataStore, DataStoreError, SledStore};
-use crate::metrics::{MetricsSource, RpcMetrics};
+use crate::metrics::{RpcMetrics, ServerMetrics};
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -94,56 +94,6 @@ pub struct Listeners {
     pub agent_api: tokio::net::TcpListener,
     /// `/metrics`, `/live`, `/ready`, if enabled.
     pub metrics: Option<tokio::net::TcpListener>,
-}
-
-/// What `/metrics` and `/ready` read.
-struct ServerMetrics {
-    rpc: Arc<RpcMetrics>,
-    ca: Arc<CaManager>,
-    index: Arc<IndexHandle>,
-    store: Arc<dyn DataStore>,
-}
-
-impl MetricsSource for ServerMetrics {
-    fn render(&self) -> String {
-        use std::fmt::Write as _;
-        let mut out = String::new();
-        self.rpc.render(&mut out);
-        let (x509, jwt) = self.ca.signed_counts();
-        out.push_str("# HELP oxid_svids_signed_total SVIDs signed since start.\n");
-        out.push_str("# TYPE oxid_svids_signed_total counter\n");
-        let _ = writeln!(out, "oxid_svids_signed_total{{kind=\"x509\"}} {x509}");
-        let _ = writeln!(out, "oxid_svids_signed_total{{kind=\"jwt\"}} {jwt}");
-        let (entries, agents) = {
-            let index = self.index.read();
-            (index.entry_count(), index.agent_count())
-        };
-        out.push_str("# HELP oxid_entries Registration entries.\n# TYPE oxid_entries gauge\n");
-        let _ = writeln!(out, "oxid_entries {entries}");
-        out.push_str("# HELP oxid_agents Attested agents.\n# TYPE oxid_agents gauge\n");
-        let _ = writeln!(out, "oxid_agents {agents}");
-        out.push_str("# HELP oxid_ca_not_after_seconds Expiry of each CA authority (unix time).\n");
-        out.push_str("# TYPE oxid_ca_not_after_seconds gauge\n");
-        for a in self.ca.authorities() {
-            let state = format!("{:?}", a.state).to_lowercase();
-            let _ = writeln!(
-                out,
-                "oxid_ca_not_after_seconds{{sequence=\"{}\",state=\"{state}\"}} {}",
-                a.sequence, a.not_after
-            );
-        }
-        out.push_str("# HELP oxid_store_revision Latest datastore revision.\n# TYPE oxid_store_revision gauge\n");
-        let _ = writeln!(
-            out,
-            "oxid_store_revision {}",
-            *self.store.revision().borrow()
-        );
-        out
-    }
-
-    fn ready(&self) -> bool {
-        crate::admin::not_ready(self.store.as_ref(), &self.ca).is_none()
-    }
 }
 
 /// Loads the x509pop node CAs; refuses a file holding one of oxid's own
@@ -270,12 +220,12 @@ pub async fn run_with(
         .map(|a| a.to_string())
         .unwrap_or_else(|| "off".into());
     let metrics_task = metrics_listener.map(|listener| {
-        let source = Arc::new(ServerMetrics {
-            rpc: rpc.clone(),
-            ca: ca.clone(),
-            index: index.clone(),
-            store: store.clone(),
-        });
+        let source = Arc::new(ServerMetrics::new(
+            &rpc,
+            ca.clone(),
+            index.clone(),
+            store.clone(),
+        ));
         (listener, source)
     });
     let follower = index.clone().follow(store.clone());

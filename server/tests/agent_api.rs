@@ -837,8 +837,8 @@ async fn metrics_and_health_endpoints() {
     let (status, body) = http_get(s.metrics_addr, "/metrics").await;
     assert!(status.contains("200"), "{status}");
     for needle in [
-        "oxid_rpc_requests_total{api=\"agent\",method=\"Attest\",code=\"0\"}",
-        "oxid_rpc_requests_total{api=\"admin\",method=\"CreateEntries\",code=\"0\"} 1",
+        "oxid_rpc_requests_total{api=\"agent\",method=\"Attest\",code=\"OK\"}",
+        "oxid_rpc_requests_total{api=\"admin\",method=\"CreateEntries\",code=\"OK\"} 1",
         "oxid_rpc_duration_seconds_bucket{api=\"admin\",method=\"CreateEntries\",le=\"+Inf\"} 1",
         "oxid_svids_signed_total{kind=\"x509\"}",
         "oxid_agents 1",

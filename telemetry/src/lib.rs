@@ -1,9 +1,12 @@
-//! oxid-telemetry: metrics in the Prometheus text format, and `/live` and
-//! `/ready`, on one optional HTTP listener. Shared by server and agent.
+//! oxid-telemetry: `/metrics`, `/live` and `/ready` on one optional HTTP
+//! listener, shared by server and agent. Metrics are `prometheus-client`
+//! registries: each component builds one in its own metrics module
+//! (`server/src/metrics.rs`, `agent/src/metrics.rs`) and this crate serves
+//! it in the format the scraper asks for.
 //!
-//! RPCs of both APIs are counted by method and gRPC status with a latency
-//! histogram (a tower layer, so no handler can forget it). State gauges
-//! (entries, agents, CA expiry, SVIDs signed) are read when scraped.
+//! RPCs of every API are counted by method and gRPC status name with a
+//! latency histogram ([`RpcLayer`], a tower layer, so no handler can forget
+//! it). State gauges (entries, agents, CA expiry, ...) are read when scraped.
 //!
 //! Also the other process plumbing both binaries share: the shutdown
 //! signal, how their commands write to stdout, and the bounds on the
@@ -12,198 +15,77 @@
 pub mod conn;
 mod heap;
 pub mod logging;
+mod rpc;
 // The workspace's one exception to `forbid(unsafe_code)`: a small module
 // for a libc call, with a SAFETY comment (see its docs).
 #[allow(unsafe_code)]
 mod sys;
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-use std::time::Instant;
+use std::sync::Arc;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
+pub use prometheus_client;
+use prometheus_client::registry::Registry;
 
-/// Latency buckets, seconds.
-const BUCKETS: [f64; 12] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
-];
+pub use crate::rpc::{RpcLayer, RpcMetrics, RpcService, code_name};
 
-#[derive(Default)]
-struct Histogram {
-    counts: [u64; BUCKETS.len()],
-    sum: f64,
-    count: u64,
-}
-
-/// RPC counters and latencies.
-#[derive(Default)]
-pub struct RpcMetrics {
-    /// (api, method, code) → count.
-    requests: Mutex<BTreeMap<(&'static str, String, String), u64>>,
-    /// (api, method) → latency histogram.
-    latency: Mutex<BTreeMap<(&'static str, String), Histogram>>,
-}
-
-impl std::fmt::Debug for RpcMetrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("RpcMetrics")
-    }
-}
-
-impl RpcMetrics {
-    fn record(&self, api: &'static str, method: &str, code: &str, seconds: f64) {
-        let mut requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-        *requests
-            .entry((api, method.to_owned(), code.to_owned()))
-            .or_default() += 1;
-        drop(requests);
-        let mut latency = self.latency.lock().unwrap_or_else(|e| e.into_inner());
-        let h = latency.entry((api, method.to_owned())).or_default();
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            if seconds <= *bound {
-                h.counts[i] += 1;
-            }
-        }
-        h.sum += seconds;
-        h.count += 1;
-    }
-
-    /// Appends the RPC families in text format.
-    pub fn render(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        out.push_str("# HELP oxid_rpc_requests_total gRPC calls by API, method and status code.\n");
-        out.push_str("# TYPE oxid_rpc_requests_total counter\n");
-        for ((api, method, code), n) in self
-            .requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "oxid_rpc_requests_total{{api=\"{api}\",method=\"{method}\",code=\"{code}\"}} {n}"
-            );
-        }
-        out.push_str("# HELP oxid_rpc_duration_seconds gRPC call latency to response headers.\n");
-        out.push_str("# TYPE oxid_rpc_duration_seconds histogram\n");
-        for ((api, method), h) in self
-            .latency
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            let labels = format!("api=\"{api}\",method=\"{method}\"");
-            for (i, bound) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "oxid_rpc_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {}",
-                    h.counts[i]
-                );
-            }
-            let _ = writeln!(
-                out,
-                "oxid_rpc_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
-                h.count
-            );
-            let _ = writeln!(out, "oxid_rpc_duration_seconds_sum{{{labels}}} {}", h.sum);
-            let _ = writeln!(
-                out,
-                "oxid_rpc_duration_seconds_count{{{labels}}} {}",
-                h.count
-            );
-        }
-    }
-}
-
-/// A tower layer that records every gRPC call of one API.
-#[derive(Clone)]
-pub struct RpcLayer {
-    api: &'static str,
-    metrics: Arc<RpcMetrics>,
-}
-
-impl RpcLayer {
-    /// Records calls of `api` into `metrics`.
-    pub fn new(api: &'static str, metrics: Arc<RpcMetrics>) -> Self {
-        Self { api, metrics }
-    }
-}
-
-impl<S> tower::Layer<S> for RpcLayer {
-    type Service = RpcService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        RpcService {
-            inner,
-            api: self.api,
-            metrics: self.metrics.clone(),
-        }
-    }
-}
-
-/// The service [`RpcLayer`] wraps around each API.
-#[derive(Clone)]
-pub struct RpcService<S> {
-    inner: S,
-    api: &'static str,
-    metrics: Arc<RpcMetrics>,
-}
-
-impl<S, B, RB> tower::Service<http::Request<B>> for RpcService<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<RB>> + Send,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        // The method name is the last path segment; anything unexpected is
-        // folded into one label so a client cannot grow the metric set.
-        let method = req
-            .uri()
-            .path()
-            .rsplit('/')
-            .next()
-            .filter(|m| m.len() <= 64 && m.bytes().all(|b| b.is_ascii_alphanumeric()))
-            .unwrap_or("other")
-            .to_owned();
-        let (api, metrics) = (self.api, self.metrics.clone());
-        let started = Instant::now();
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let result = fut.await;
-            let code = match &result {
-                Ok(resp) => resp
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("0")
-                    .to_owned(),
-                Err(_) => "transport".to_owned(),
-            };
-            metrics.record(api, &method, &code, started.elapsed().as_secs_f64());
-            result
-        })
-    }
-}
-
-/// Produces the full metrics page and the readiness answer.
+/// What `/metrics` and `/ready` read.
 pub trait MetricsSource: Send + Sync + 'static {
-    /// Prometheus text of every family.
-    fn render(&self) -> String;
-    /// True when the server can serve (active CA, store readable).
+    /// Every family of the component; scrape-time values are collectors.
+    fn registry(&self) -> &Registry;
+    /// True when the component can serve (the server: active CA and a
+    /// writable store; the agent: synced and connected).
     fn ready(&self) -> bool;
+}
+
+/// The text formats `/metrics` speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Format {
+    /// The Prometheus text format 0.0.4: what `promtool check metrics`
+    /// reads and what a scraper gets unless it asks for OpenMetrics.
+    Prometheus,
+    /// OpenMetrics 1.0 text, for a scraper whose `Accept` names it first.
+    OpenMetrics,
+}
+
+impl Format {
+    /// The format a request's `Accept` header asks for. Prometheus lists
+    /// OpenMetrics first; curl and promtool pipelines name neither.
+    pub fn negotiate(accept: Option<&str>) -> Self {
+        match accept {
+            Some(a) if a.contains("application/openmetrics-text") => Self::OpenMetrics,
+            _ => Self::Prometheus,
+        }
+    }
+
+    /// The response's `Content-Type`.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Prometheus => prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+            Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+/// Every family of `registry` in `format`.
+pub fn encode(registry: &Registry, format: Format) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail; a collector that fails leaves its
+    // family out, which the scraper sees, rather than a 500.
+    let result = match format {
+        Format::Prometheus => {
+            prometheus_client::encoding::prometheus_text::encode(&mut out, registry)
+        }
+        Format::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, registry),
+    };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "cannot encode the metrics");
+    }
+    out
 }
 
 /// Serves `/metrics`, `/live` and `/ready` on `listener` until `shutdown`.
@@ -226,7 +108,7 @@ pub async fn serve(
             let service =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let source = source.clone();
-                    async move { Ok::<_, Infallible>(answer(req.uri().path(), source.as_ref())) }
+                    async move { Ok::<_, Infallible>(answer(&req, source.as_ref())) }
                 });
             let io = hyper_util::rt::TokioIo::new(tcp);
             let conn = hyper::server::conn::http1::Builder::new()
@@ -238,9 +120,18 @@ pub async fn serve(
     }
 }
 
-fn answer(path: &str, source: &dyn MetricsSource) -> hyper::Response<Full<Bytes>> {
-    let (status, content_type, body) = match path {
-        "/metrics" => (200, "text/plain; version=0.0.4", source.render()),
+fn answer<B>(req: &hyper::Request<B>, source: &dyn MetricsSource) -> hyper::Response<Full<Bytes>> {
+    let format = Format::negotiate(
+        req.headers()
+            .get(hyper::header::ACCEPT)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let (status, content_type, body) = match req.uri().path() {
+        "/metrics" => (
+            200,
+            format.content_type(),
+            encode(source.registry(), format),
+        ),
         "/live" => (200, "text/plain", "live\n".to_owned()),
         "/ready" if source.ready() => (200, "text/plain", "ready\n".to_owned()),
         "/ready" => (503, "text/plain", "not ready\n".to_owned()),
@@ -295,24 +186,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rpc_metrics_render_counts_and_buckets() {
-        let m = RpcMetrics::default();
-        m.record("admin", "CreateEntries", "0", 0.002);
-        m.record("admin", "CreateEntries", "3", 0.0004);
-        let mut out = String::new();
-        m.render(&mut out);
-        assert!(out.contains(
-            "oxid_rpc_requests_total{api=\"admin\",method=\"CreateEntries\",code=\"0\"} 1"
-        ));
-        assert!(out.contains(
-            "oxid_rpc_requests_total{api=\"admin\",method=\"CreateEntries\",code=\"3\"} 1"
-        ));
-        assert!(out.contains("le=\"0.0005\"} 1"));
-        assert!(out.contains("le=\"0.0025\"} 2"));
-        assert!(
-            out.contains(
-                "oxid_rpc_duration_seconds_count{api=\"admin\",method=\"CreateEntries\"} 2"
-            )
+    fn prometheus_asks_for_openmetrics_and_others_get_prometheus_text() {
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+                          version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(Format::negotiate(Some(prometheus)), Format::OpenMetrics);
+        assert_eq!(Format::negotiate(Some("*/*")), Format::Prometheus);
+        assert_eq!(Format::negotiate(None), Format::Prometheus);
+        let mut registry = Registry::default();
+        registry.register(
+            "oxid_x",
+            "a counter",
+            prometheus_client::metrics::counter::Counter::<u64>::default(),
         );
+        let text = encode(&registry, Format::Prometheus);
+        assert!(
+            text.contains("# TYPE oxid_x_total counter\noxid_x_total 0\n"),
+            "{text}"
+        );
+        let om = encode(&registry, Format::OpenMetrics);
+        assert!(om.ends_with("# EOF\n"), "{om}");
     }
 }

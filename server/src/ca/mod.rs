@@ -263,9 +263,12 @@ impl CaManager {
         ttl: Duration,
     ) -> Result<JwtSvid, CaError> {
         let signers = self.active_signers()?;
-        Ok(signers
+        let svid = signers
             .jwt
-            .mint(spiffe_id, audiences, ttl, self.clock.now())?)
+            .mint(spiffe_id, audiences, ttl, self.clock.now())?;
+        self.jwt_signed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(svid)
     }
 
     /// The trust domain's bundle: every authority not yet expired.
