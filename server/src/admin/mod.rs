@@ -5,6 +5,7 @@
 //! log line: caller uid and pid, method, result.
 
 mod convert;
+mod entries;
 mod service;
 
 use std::collections::BTreeSet;
@@ -16,9 +17,8 @@ use crate::ca::CaError;
 use crate::datastore::DataStoreError;
 
 pub use self::convert::{EntryOptions, EntryPolicy, UNKNOWN_TYPE_IN_API, agent_to_pb, entry_to_pb};
-pub use self::service::{
-    ALLOW_UNKNOWN_SELECTOR_TYPE, AdminService, DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, not_ready,
-};
+pub use self::entries::ALLOW_UNKNOWN_SELECTOR_TYPE;
+pub use self::service::{AdminService, DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, not_ready};
 
 /// Why an admin call failed. Mapped to a gRPC status in one place.
 #[derive(Debug, thiserror::Error)]

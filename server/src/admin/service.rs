@@ -12,6 +12,7 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use super::convert::{EntryOptions, EntryPolicy, agent_to_pb, entry_to_pb};
+use super::entries::{allows_unknown_type, partial_update};
 use super::{AdminAccess, AdminError};
 use crate::ca::{AuthorityState, CaManager};
 use crate::clock::{Clock, unix_secs};
@@ -25,27 +26,6 @@ pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 86_400);
 
 /// Compare-and-swap attempts of a ban racing the agent's own calls.
 const BAN_ATTEMPTS: usize = 64;
-
-/// Compare-and-swap attempts of a partial entry update racing other writes
-/// to the same entry.
-const UPDATE_ATTEMPTS: usize = 16;
-
-/// Request metadata that lets CreateEntries and UpdateEntry accept selector
-/// types no oxid attestor produces (a future attestor's).
-pub const ALLOW_UNKNOWN_SELECTOR_TYPE: &str = "oxid-allow-unknown-selector-type";
-
-/// The Entry fields a partial update may name.
-const UPDATABLE_FIELDS: [&str; 9] = [
-    "spiffe_id",
-    "parent_id",
-    "selectors",
-    "x509_svid_ttl",
-    "jwt_svid_ttl",
-    "dns_names",
-    "federates_with",
-    "hint",
-    "expires_at",
-];
 
 /// The admin API implementation.
 pub struct AdminService {
@@ -108,7 +88,7 @@ impl AdminService {
         }
     }
 
-    fn now_ms(&self) -> u64 {
+    pub(super) fn now_ms(&self) -> u64 {
         let now = self.clock.now();
         now.duration_since(std::time::UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -132,52 +112,6 @@ impl AdminService {
         }
         Ok(td)
     }
-}
-
-/// Whether the request carries [`ALLOW_UNKNOWN_SELECTOR_TYPE`]: `true` or
-/// `false`, anything else refused.
-fn allows_unknown_type<T>(req: &Request<T>) -> Result<bool, AdminError> {
-    match req.metadata().get(ALLOW_UNKNOWN_SELECTOR_TYPE) {
-        None => Ok(false),
-        Some(v) => match v.to_str() {
-            Ok("true") => Ok(true),
-            Ok("false") => Ok(false),
-            _ => Err(AdminError::invalid(format!(
-                "metadata {ALLOW_UNKNOWN_SELECTOR_TYPE} must be true or false"
-            ))),
-        },
-    }
-}
-
-/// Copies the named fields of `from` onto `to` (a partial update).
-fn merge_fields(to: &mut pb::Entry, from: &pb::Entry, fields: &[String]) {
-    for field in fields {
-        match field.as_str() {
-            "spiffe_id" => to.spiffe_id.clone_from(&from.spiffe_id),
-            "parent_id" => to.parent_id.clone_from(&from.parent_id),
-            "selectors" => to.selectors.clone_from(&from.selectors),
-            "x509_svid_ttl" => to.x509_svid_ttl = from.x509_svid_ttl,
-            "jwt_svid_ttl" => to.jwt_svid_ttl = from.jwt_svid_ttl,
-            "dns_names" => to.dns_names.clone_from(&from.dns_names),
-            "federates_with" => to.federates_with.clone_from(&from.federates_with),
-            "hint" => to.hint.clone_from(&from.hint),
-            "expires_at" => to.expires_at = from.expires_at,
-            // Checked against UPDATABLE_FIELDS before any merge.
-            _ => {}
-        }
-    }
-}
-
-fn check_fields(fields: &[String]) -> Result<(), AdminError> {
-    for f in fields {
-        if !UPDATABLE_FIELDS.contains(&f.as_str()) {
-            return Err(AdminError::invalid(format!(
-                "fields: {f:?} cannot be updated; updatable fields are {}",
-                UPDATABLE_FIELDS.join(", ")
-            )));
-        }
-    }
-    Ok(())
 }
 
 fn audit(caller: &Caller, method: &str, error: Option<&AdminError>) {
@@ -291,27 +225,16 @@ impl pb::admin_server::Admin for AdminService {
                 let entry = self.policy.entry(entry, self.now_ms(), options)?;
                 return Ok(entry_to_pb(&self.store.update_entry(entry).await?));
             }
-            check_fields(&req.fields)?;
-            let id: EntryId = entry
-                .id
-                .parse()
-                .map_err(|e| AdminError::invalid(format!("{e}")))?;
-            // Read, merge, check, then write only if the entry is still at
-            // the revision read: a concurrent change makes us merge again
-            // on top of it instead of overwriting it.
-            let mut attempts = 0;
-            loop {
-                let stored = self.store.get_entry(&id).await?;
-                let mut merged = entry_to_pb(&stored);
-                merge_fields(&mut merged, &entry, &req.fields);
-                let checked = self.policy.entry(merged, self.now_ms(), options)?;
-                match self.store.update_entry_at(checked, stored.revision).await {
-                    Err(DataStoreError::Conflict(_)) if attempts < UPDATE_ATTEMPTS => {
-                        attempts += 1;
-                    }
-                    other => break Ok(entry_to_pb(&other?)),
-                }
-            }
+            let now_ms = || self.now_ms();
+            partial_update(
+                self.store.as_ref(),
+                &self.policy,
+                &entry,
+                &req.fields,
+                options,
+                now_ms,
+            )
+            .await
         })
     }
 
