@@ -36,7 +36,9 @@ pub async fn run(
     // at bind would come after the token was used up.
     oxid_tls::socket::prepare_private_dir(&dir, 0o700)
         .map_err(|e| AgentError::State(e.to_string()))?;
-    oxid_tls::socket::prepare_socket_dir(&config.socket_path)
+    // Held until the agent stops: a second agent on this path is refused
+    // here, before it spends anything, instead of taking the socket.
+    let mut socket = oxid_tls::socket::lock_socket(&config.socket_path)
         .map_err(|e| AgentError::Config(e.to_string()))?;
     // Before anything is spent (a join token): without it, every Workload
     // API caller would be refused.
@@ -118,7 +120,8 @@ pub async fn run(
         config.clock.clone(),
     ));
 
-    let listener = oxid_tls::socket::bind_unix_socket(&config.socket_path, 0o777)
+    let listener = socket
+        .bind(0o777)
         .map_err(|e| AgentError::Config(e.to_string()))?;
     let rpc = Arc::new(oxid_telemetry::RpcMetrics::default());
     let jwts = Arc::new(Mutex::new(JwtCache::new(
@@ -210,7 +213,8 @@ pub async fn run(
         task.abort();
         let _ = task.await;
     }
-    let _ = std::fs::remove_file(&config.socket_path);
+    // Removes the socket only if it is still the one bound here.
+    drop(socket);
     tracing::info!("oxid-agent stopped");
     result.map_err(|e| AgentError::Internal(e.to_string()))
 }

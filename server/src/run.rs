@@ -151,6 +151,9 @@ pub async fn run_with(
         &data_dir.join("datastore"),
         config.datastore_cache_bytes,
     )?);
+    // Held until the server stops: a second server on this path is refused
+    // here, before it touches the store, instead of taking the socket.
+    let mut socket = oxid_tls::socket::lock_socket(&config.socket_path)?;
     let ca = CaManager::start(
         CaConfig {
             trust_domain: config.trust_domain.clone(),
@@ -167,7 +170,7 @@ pub async fn run_with(
     )
     .await?;
 
-    let listener = admin::bind_unix_socket(&config.socket_path, 0o666)?;
+    let listener = socket.bind(0o666)?;
     let access = AdminAccess::new(config.admin_uids.iter().copied()).map_err(|source| {
         RunError::DataDir {
             path: "/proc/self".into(),
@@ -324,7 +327,8 @@ pub async fn run_with(
     if let Some(task) = metrics_server {
         let _ = task.await;
     }
-    let _ = std::fs::remove_file(&config.socket_path);
+    // Removes the socket only if it is still the one bound here.
+    drop(socket);
     tracing::info!("oxid-server stopped");
     admin_result?;
     agent_result.map_err(RunError::AgentApi)

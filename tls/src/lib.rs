@@ -10,6 +10,7 @@
 //! - Certificates rotate under running connections: resolvers hold the
 //!   current SVID and each new handshake picks it up.
 
+pub mod lock;
 pub mod socket;
 
 use std::fmt;

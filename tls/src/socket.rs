@@ -45,6 +45,30 @@ pub enum SocketError {
         /// Which component is wrong, and how.
         reason: String,
     },
+    /// Another process serves on this socket path (it holds the path's
+    /// lock file).
+    #[error(
+        "socket {path} is in use: {} holds {lock}; stop it first, or give this one \
+         another socket path",
+        crate::lock::holder(*pid)
+    )]
+    InUse {
+        /// The socket path.
+        path: String,
+        /// The lock file.
+        lock: String,
+        /// The holder's pid, if it had written it yet.
+        pid: Option<u32>,
+    },
+    /// A socket address (`--socket-path`, `SPIFFE_ENDPOINT_SOCKET`) that is
+    /// not a path or a `unix:` URI.
+    #[error("socket address {address:?}: {reason}")]
+    BadAddress {
+        /// What was given.
+        address: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Creating, cleaning or binding failed.
     #[error("socket {path}: {source}")]
     Io {
@@ -53,6 +77,55 @@ pub enum SocketError {
         /// The error.
         source: std::io::Error,
     },
+}
+
+/// The socket path named by `address`, which is a path or a URI as
+/// `SPIFFE_ENDPOINT_SOCKET` takes it: `unix:///run/api.sock` or
+/// `unix:/run/api.sock` (an absolute path, no host, query or fragment).
+/// Other schemes (`tcp:`) are refused: oxid serves on Unix sockets only.
+/// A relative path whose first component holds a `:` must start `./`.
+pub fn parse_socket_address(address: &str) -> Result<PathBuf, SocketError> {
+    let refuse = |reason: &str| SocketError::BadAddress {
+        address: address.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let scheme_len = address.find(':').filter(|&i| {
+        let scheme = &address[..i];
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+    });
+    let Some(i) = scheme_len else {
+        if address.is_empty() {
+            return Err(refuse("empty"));
+        }
+        return Ok(PathBuf::from(address));
+    };
+    if !address[..i].eq_ignore_ascii_case("unix") {
+        return Err(refuse(
+            "only unix: addresses are supported (unix:///path/to/socket, or the path itself)",
+        ));
+    }
+    let rest = &address[i + 1..];
+    let path = match rest.strip_prefix("//") {
+        Some(after) if after.starts_with('/') => after,
+        Some(_) => {
+            return Err(refuse(
+                "a unix: URI names no host; use unix:///absolute/path (three slashes)",
+            ));
+        }
+        None => rest,
+    };
+    if !path.starts_with('/') {
+        return Err(refuse("a unix: URI takes an absolute path"));
+    }
+    if path.contains(['?', '#', '%']) {
+        return Err(refuse(
+            "a query, fragment or percent-encoding is not supported; give the path itself",
+        ));
+    }
+    Ok(PathBuf::from(path))
 }
 
 /// Checks every component of the path to the directory `dir`, which must
@@ -310,46 +383,127 @@ fn mode(meta: &std::fs::Metadata) -> u32 {
     meta.permissions().mode() & 0o7777
 }
 
-/// Binds a Unix socket at `path` after checking every component of its
-/// path (see the module documentation); its directory is created 0755 if
-/// missing. A stale socket file is replaced; any other file there is an
-/// error.
-pub fn bind_unix_socket(path: &Path, mode: u32) -> Result<UnixListener, SocketError> {
-    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
-    let io = |source| SocketError::Io {
-        path: path.display().to_string(),
-        source,
-    };
+/// A socket path held by this process: the exclusive lock on
+/// `<socket>.lock` beside it, and the socket once bound. Dropping it removes
+/// the socket if the file at the path is still the one bound here, then the
+/// lock file, then releases the lock; so a second process started on the
+/// same path is refused instead of taking the socket from the first, and a
+/// stopping process never removes a socket it did not make.
+#[derive(Debug)]
+pub struct SocketLock {
+    path: PathBuf,
+    /// Device and inode of the socket file bound here.
+    bound: Option<(u64, u64)>,
+    // Dropped after `Drop::drop` has removed the socket: the socket is
+    // never removed by a process that no longer holds the lock.
+    _lock: crate::lock::LockFile,
+}
+
+/// Takes the socket path `path` for this process: checks (or creates 0755)
+/// its directory as [`prepare_socket_dir`] does, then takes the lock on
+/// `<path>.lock`, refusing with [`SocketError::InUse`] if another process
+/// holds it. Called before anything is spent, then [`SocketLock::bind`].
+pub fn lock_socket(path: &Path) -> Result<SocketLock, SocketError> {
     prepare_socket_dir(path)?;
-    match std::fs::symlink_metadata(path) {
-        // A stale socket is replaced by the rename below.
-        Ok(m) if m.file_type().is_socket() => {}
-        Ok(_) => {
-            return Err(io(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "a file that is not a socket is in the way",
-            )));
+    let Some(name) = path.file_name() else {
+        return Err(SocketError::Io {
+            path: path.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "names no socket file"),
+        });
+    };
+    let mut lock_name = name.to_os_string();
+    lock_name.push(".lock");
+    let lock_path = path.with_file_name(lock_name);
+    let lock = crate::lock::LockFile::acquire(&lock_path).map_err(|e| match e {
+        crate::lock::LockError::Held { pid, .. } => SocketError::InUse {
+            path: path.display().to_string(),
+            lock: lock_path.display().to_string(),
+            pid,
+        },
+        other => SocketError::Io {
+            path: path.display().to_string(),
+            source: std::io::Error::other(other.to_string()),
+        },
+    })?;
+    Ok(SocketLock {
+        path: path.to_path_buf(),
+        bound: None,
+        _lock: lock,
+    })
+}
+
+/// [`lock_socket`], then [`SocketLock::bind`]: the listener, and the guard
+/// to keep for as long as it serves.
+pub fn bind_unix_socket(path: &Path, mode: u32) -> Result<(UnixListener, SocketLock), SocketError> {
+    let mut lock = lock_socket(path)?;
+    let listener = lock.bind(mode)?;
+    Ok((listener, lock))
+}
+
+impl SocketLock {
+    /// Binds the socket, with `mode`. A socket file left at the path (by a
+    /// process that died: the lock is ours) is replaced; any other file
+    /// there is an error.
+    pub fn bind(&mut self, mode: u32) -> Result<UnixListener, SocketError> {
+        use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _};
+        let path = self.path.clone();
+        let io = |source| SocketError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        match std::fs::symlink_metadata(&path) {
+            // A stale socket is replaced by the rename below.
+            Ok(m) if m.file_type().is_socket() => {}
+            Ok(_) => {
+                return Err(io(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "a file that is not a socket is in the way",
+                )));
+            }
+            Err(_) => {}
         }
-        Err(_) => {}
-    }
-    // Bound and listening under a temporary name, given its mode, then
-    // renamed into place: a client that sees the path can connect at once
-    // (no window between bind and listen refusing it) and never finds it
-    // with the wrong mode.
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let staging = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    let _ = std::fs::remove_file(&staging);
-    let listener = UnixListener::bind(&staging).map_err(io)?;
-    let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))
-        .and_then(|()| std::fs::rename(&staging, path));
-    if let Err(e) = placed {
+        // Bound and listening under a temporary name, given its mode, then
+        // renamed into place: a client that sees the path can connect at
+        // once (no window between bind and listen refusing it) and never
+        // finds it with the wrong mode.
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let staging = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
         let _ = std::fs::remove_file(&staging);
-        return Err(io(e));
+        let listener = UnixListener::bind(&staging).map_err(io)?;
+        let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))
+            .and_then(|()| std::fs::symlink_metadata(&staging))
+            .and_then(|m| {
+                std::fs::rename(&staging, &path)?;
+                Ok(m)
+            });
+        match placed {
+            Ok(meta) => {
+                self.bound = Some((meta.dev(), meta.ino()));
+                Ok(listener)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&staging);
+                Err(io(e))
+            }
+        }
     }
-    Ok(listener)
+}
+
+impl Drop for SocketLock {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt as _;
+        let Some((dev, ino)) = self.bound else {
+            return;
+        };
+        let ours =
+            std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.dev() == dev && m.ino() == ino);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -378,27 +532,64 @@ mod tests {
             .as_nanos() as u64
     }
 
+    #[test]
+    fn socket_addresses_are_paths_or_unix_uris() {
+        for (given, path) in [
+            ("/run/oxid/api.sock", "/run/oxid/api.sock"),
+            ("run/api.sock", "run/api.sock"),
+            ("./a:b.sock", "./a:b.sock"),
+            ("unix:///run/oxid/api.sock", "/run/oxid/api.sock"),
+            ("unix:/run/oxid/api.sock", "/run/oxid/api.sock"),
+            ("UNIX:///x.sock", "/x.sock"),
+        ] {
+            assert_eq!(
+                parse_socket_address(given).unwrap(),
+                Path::new(path),
+                "{given}"
+            );
+        }
+        for (given, why) in [
+            ("tcp://127.0.0.1:8081", "only unix:"),
+            ("tcp:127.0.0.1:8081", "only unix:"),
+            ("http://localhost/x", "only unix:"),
+            ("unix://host/run/api.sock", "no host"),
+            ("unix:run/api.sock", "absolute"),
+            ("unix:///run/api.sock?x=1", "query"),
+            ("unix:///run/a%20b.sock", "percent"),
+            ("", "empty"),
+        ] {
+            let err = parse_socket_address(given).unwrap_err().to_string();
+            assert!(err.contains(why), "{given}: {err}");
+        }
+    }
+
     #[tokio::test]
     async fn the_socket_appears_listening_with_its_mode_and_replaces_a_stale_one() {
         let dir = scratch();
         let path = dir.join("api.sock");
-        let first = bind_unix_socket(&path, 0o777).unwrap();
+        // A socket left by a process that died (its listener gone, its lock
+        // released by the kernel) is replaced.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let (_listener, lock) = bind_unix_socket(&path, 0o770).unwrap();
         // Seen at its final path means connectable, with the final mode.
         tokio::net::UnixStream::connect(&path).await.unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o777);
-        drop(first);
-        // A stale socket (its listener gone) is replaced.
-        let _second = bind_unix_socket(&path, 0o770).unwrap();
-        tokio::net::UnixStream::connect(&path).await.unwrap();
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o770);
-        // No staging file is left behind.
-        let names: Vec<_> = std::fs::read_dir(&dir)
+        // No staging file is left behind; the lock file is 0600.
+        let mut names: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(names, ["api.sock"]);
+        names.sort();
+        assert_eq!(names, ["api.sock", "api.sock.lock"]);
+        let lock_mode = std::fs::metadata(dir.join("api.sock.lock"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(lock_mode & 0o777, 0o600);
+        // Released: both files go.
+        drop(lock);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
         // Any other file in the way is an error, and is left alone.
         let file = dir.join("not-a-socket");
         std::fs::write(&file, b"data").unwrap();

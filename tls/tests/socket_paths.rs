@@ -78,7 +78,7 @@ fn refused(socket: &Path, culprit: &Path, why: &str) {
 
 /// Binding `socket` works and a client reaches that listener.
 async fn bound(socket: &Path) {
-    let listener = bind_unix_socket(socket, 0o777).unwrap();
+    let (listener, _lock) = bind_unix_socket(socket, 0o777).unwrap();
     let (client, accepted) =
         tokio::join!(tokio::net::UnixStream::connect(socket), listener.accept());
     client.unwrap();
