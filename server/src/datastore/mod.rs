@@ -50,6 +50,9 @@ pub enum DataStoreError {
     /// read-only file system). Nothing was changed.
     #[error("datastore unavailable: {0}")]
     Backend(String),
+    /// Another process (another oxid-server) has the store open.
+    #[error("{0}")]
+    InUse(String),
     /// A stored record does not decode: the store is damaged.
     #[error("datastore record is corrupt: {0}")]
     Corrupt(String),

@@ -120,6 +120,35 @@ fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, DataStoreError> {
     }
 }
 
+/// Takes the store's lock file, so a second server on the same data
+/// directory is refused with a message saying so, not with sled's own lock
+/// error. Like sled's lock, it is waited for up to `LOCK_WAIT`: a store just
+/// closed in this process may still be held by a task letting go of it.
+fn lock_store(dir: &Path) -> Result<oxid_tls::lock::LockFile, DataStoreError> {
+    let path = dir.join("oxid-server.lock");
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match oxid_tls::lock::LockFile::acquire(&path) {
+            Ok(lock) => return Ok(lock),
+            Err(oxid_tls::lock::LockError::Held { pid, .. }) => {
+                if std::time::Instant::now() >= deadline {
+                    // The store lives in `<data_dir>/datastore`: the data
+                    // directory is what the operator configured.
+                    let data_dir = dir.parent().unwrap_or(dir);
+                    let by = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+                    return Err(DataStoreError::InUse(format!(
+                        "another oxid-server is using {}{by}; stop it first, or give this \
+                         one its own data_dir",
+                        data_dir.display()
+                    )));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(backend(e)),
+        }
+    }
+}
+
 /// Sets every file under `dir` to 0600 and every directory to 0700 (sled
 /// makes them with the process umask). Links are left alone: sled makes none.
 fn make_private(dir: &Path) -> std::io::Result<()> {
@@ -175,6 +204,9 @@ pub struct SledStore {
     commits: std::sync::atomic::AtomicU64,
     /// Held while a flush runs; what is known durable.
     flushed: tokio::sync::Mutex<Durable>,
+    /// `<dir>/oxid-server.lock`, held while the store is open. Last, so it
+    /// is released only after sled's handles are dropped.
+    _lock: oxid_tls::lock::LockFile,
 }
 
 /// What the last flush covered.
@@ -194,6 +226,7 @@ impl SledStore {
         // after sled has opened (creating files with the umask's mode) every
         // file in it 0600.
         oxid_tls::socket::prepare_private_dir(dir, 0o700).map_err(backend)?;
+        let lock = lock_store(dir)?;
         let db = open_db(dir, cache_bytes)?;
         make_private(dir).map_err(backend)?;
         let tree = |name: &str| db.open_tree(name).map_err(backend);
@@ -218,6 +251,7 @@ impl SledStore {
                 commits: 0,
                 revision,
             }),
+            _lock: lock,
         })
     }
 
