@@ -1,7 +1,7 @@
 //! `oxid-agent api ...` and `healthcheck`: the Workload API used from the
 //! command line, as any workload would (with the security header).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use hyper_util::rt::TokioIo;
 use oxid_proto::workload as pb;
@@ -19,18 +19,69 @@ pub(crate) fn say(line: &str) {
     oxid_telemetry::write_stdout(format_args!("{line}\n"));
 }
 
-fn socket_path(args: &ApiArgs) -> PathBuf {
+/// The socket to call: `--socket-path`, else `SPIFFE_ENDPOINT_SOCKET`, else
+/// the agent's default; either may be a path or a `unix:` URI.
+fn socket_path(args: &ApiArgs) -> Result<PathBuf, AgentError> {
+    let bad = |e: oxid_tls::socket::SocketError| AgentError::Config(e.to_string());
     if let Some(p) = &args.socket_path {
-        return p.clone();
+        // A path that is not UTF-8 cannot be a URI: it is taken as it is.
+        return match p.to_str() {
+            Some(s) => oxid_tls::socket::parse_socket_address(s)
+                .map_err(|e| AgentError::Config(format!("--socket-path: {e}"))),
+            None => Ok(p.clone()),
+        };
     }
     match std::env::var("SPIFFE_ENDPOINT_SOCKET") {
-        Ok(v) => PathBuf::from(v.strip_prefix("unix://").unwrap_or(&v)),
-        Err(_) => PathBuf::from(crate::config::DEFAULT_SOCKET_PATH),
+        Ok(v) => oxid_tls::socket::parse_socket_address(&v)
+            .map_err(|e| AgentError::Config(format!("SPIFFE_ENDPOINT_SOCKET: {e}"))),
+        Err(std::env::VarError::NotPresent) => {
+            Ok(PathBuf::from(crate::config::DEFAULT_SOCKET_PATH))
+        }
+        Err(e) => Err(bad(oxid_tls::socket::SocketError::BadAddress {
+            address: "SPIFFE_ENDPOINT_SOCKET".into(),
+            reason: e.to_string(),
+        })),
     }
 }
 
-async fn channel(args: &ApiArgs) -> Result<Channel, AgentError> {
-    let path = socket_path(args);
+/// A Workload API channel, and the socket it goes to (for messages).
+struct Api {
+    channel: Channel,
+    shown: String,
+}
+
+impl Api {
+    /// The error for a refused call. A socket that does not serve the
+    /// called service answers `Unimplemented` with no message at all, which
+    /// says nothing to an operator who gave the wrong socket.
+    fn status(&self, s: tonic::Status) -> AgentError {
+        if s.code() == tonic::Code::Unimplemented && s.message().is_empty() {
+            return AgentError::WorkloadApi(format!(
+                "{} does not serve the Workload API (is it an oxid-server admin socket?)",
+                self.shown
+            ));
+        }
+        AgentError::WorkloadApi(format!("{} ({:?})", s.message(), s.code()))
+    }
+}
+
+/// Whether connecting failed for want of permission (as opposed to no
+/// agent there).
+fn denied(e: &tonic::transport::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+async fn channel(args: &ApiArgs) -> Result<Api, AgentError> {
+    let path = socket_path(args)?;
     let shown = path.display().to_string();
     // What a workload sends or receives here (keys, SVIDs) must not go
     // through a link or directory another user could redirect.
@@ -39,7 +90,7 @@ async fn channel(args: &ApiArgs) -> Result<Channel, AgentError> {
             return Err(AgentError::WorkloadApi(e.to_string()));
         }
     }
-    Endpoint::try_from("http://workload-api.invalid")
+    let channel = Endpoint::try_from("http://workload-api.invalid")
         .map_err(|e| AgentError::Internal(e.to_string()))?
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
@@ -48,28 +99,32 @@ async fn channel(args: &ApiArgs) -> Result<Channel, AgentError> {
             }
         }))
         .await
-        .map_err(|_| {
+        .map_err(|e| {
+            if denied(&e) {
+                return AgentError::WorkloadApi(format!(
+                    "cannot connect to {shown}: permission denied (the socket or its directory \
+                     is not open to this user)"
+                ));
+            }
             AgentError::WorkloadApi(format!(
                 "cannot connect to {shown}: is the agent running? (set --socket-path \
                  or SPIFFE_ENDPOINT_SOCKET)"
             ))
-        })
-}
-
-fn status(s: tonic::Status) -> AgentError {
-    AgentError::WorkloadApi(format!("{} ({:?})", s.message(), s.code()))
+        })?;
+    Ok(Api { channel, shown })
 }
 
 /// `healthcheck`: the Workload API must be SERVING.
 pub(crate) async fn healthcheck(args: ApiArgs) -> Result<(), AgentError> {
     use tonic_health::pb::health_check_response::ServingStatus;
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel(&args).await?);
+    let api = channel(&args).await?;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(api.channel.clone());
     let s = health
         .check(tonic_health::pb::HealthCheckRequest {
             service: "SpiffeWorkloadAPI".into(),
         })
         .await
-        .map_err(status)?
+        .map_err(|s| api.status(s))?
         .into_inner()
         .status;
     if s != ServingStatus::Serving as i32 {
@@ -85,6 +140,7 @@ pub(crate) async fn healthcheck(args: ApiArgs) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// The leaf's expiry (RFC 3339, UTC) and serial (hex).
 fn describe(svid: &pb::X509svid) -> (String, String) {
     let chain = oxid_pki::x509::split_der_certs(&svid.x509_svid).unwrap_or_default();
     let (expiry, serial) = chain
@@ -92,12 +148,28 @@ fn describe(svid: &pb::X509svid) -> (String, String) {
         .and_then(|leaf| x509_parser::parse_x509_certificate(leaf).ok())
         .map(|(_, c)| {
             (
-                c.validity().not_after.to_datetime().to_string(),
+                rfc3339(&c.validity().not_after),
                 oxid_pki::hex(c.raw_serial()),
             )
         })
         .unwrap_or_default();
     (expiry, serial)
+}
+
+/// `2026-12-02T21:04:05Z`: RFC 3339 in UTC, to the second (X.509 times
+/// have no finer precision).
+fn rfc3339(t: &x509_parser::time::ASN1Time) -> String {
+    // X.509 times are UTC (RFC 5280 4.1.2.5), and so is this one.
+    let t = t.to_datetime();
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
 }
 
 fn print_x509(output: &str, resp: &pb::X509svidResponse) {
@@ -122,6 +194,35 @@ fn print_x509(output: &str, resp: &pb::X509svidResponse) {
     }
 }
 
+/// Refuses a `--write` directory that is missing or not a directory, before
+/// anything is fetched.
+fn check_write_dir(dir: &Path) -> Result<(), AgentError> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(AgentError::Output(format!(
+            "--write {}: not a directory",
+            dir.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(AgentError::Output(format!(
+            "--write {}: no such directory; create it first",
+            dir.display()
+        ))),
+        Err(e) => Err(AgentError::Output(format!(
+            "--write {}: {e}",
+            dir.display()
+        ))),
+    }
+}
+
+/// Writes one file of `--write` output, 0600.
+fn write_output(path: &Path, bytes: &[u8]) -> Result<(), AgentError> {
+    crate::state::write_private(path, bytes).map_err(|e| match e {
+        // Its message names the file; "data directory" would be wrong here.
+        AgentError::State(m) => AgentError::Output(format!("--write: {m}")),
+        other => other,
+    })
+}
+
 fn to_pem(der: &[u8]) -> Result<String, AgentError> {
     let certs: Vec<CertificateDer<'static>> =
         oxid_pki::x509::split_der_certs(der).map_err(|e| AgentError::WorkloadApi(e.to_string()))?;
@@ -132,32 +233,30 @@ fn to_pem(der: &[u8]) -> Result<String, AgentError> {
 pub(crate) async fn run(cmd: ApiCommand) -> Result<(), AgentError> {
     match cmd {
         ApiCommand::Fetch(FetchCommand::X509 { write, api }) => {
-            let mut c = SpiffeWorkloadApiClient::new(channel(&api).await?);
+            if let Some(dir) = &write {
+                check_write_dir(dir)?;
+            }
+            let ch = channel(&api).await?;
+            let mut c = SpiffeWorkloadApiClient::new(ch.channel.clone());
             let mut stream = c
                 .fetch_x509svid(with_header(pb::X509svidRequest {}))
                 .await
-                .map_err(status)?
+                .map_err(|s| ch.status(s))?
                 .into_inner();
             let resp = stream
                 .message()
                 .await
-                .map_err(status)?
+                .map_err(|s| ch.status(s))?
                 .ok_or_else(|| AgentError::WorkloadApi("the stream ended".into()))?;
             if let Some(dir) = write {
                 let first = resp
                     .svids
                     .first()
                     .ok_or_else(|| AgentError::WorkloadApi("no SVID".into()))?;
-                crate::state::write_private(
-                    &dir.join("svid.pem"),
-                    to_pem(&first.x509_svid)?.as_bytes(),
-                )?;
+                write_output(&dir.join("svid.pem"), to_pem(&first.x509_svid)?.as_bytes())?;
                 let key = oxid_pki::x509::pem_encode("PRIVATE KEY", &first.x509_svid_key);
-                crate::state::write_private(&dir.join("svid.key"), key.as_bytes())?;
-                crate::state::write_private(
-                    &dir.join("bundle.pem"),
-                    to_pem(&first.bundle)?.as_bytes(),
-                )?;
+                write_output(&dir.join("svid.key"), key.as_bytes())?;
+                write_output(&dir.join("bundle.pem"), to_pem(&first.bundle)?.as_bytes())?;
             }
             print_x509(&api.output, &resp);
             Ok(())
@@ -167,14 +266,15 @@ pub(crate) async fn run(cmd: ApiCommand) -> Result<(), AgentError> {
             spiffe_id,
             api,
         }) => {
-            let mut c = SpiffeWorkloadApiClient::new(channel(&api).await?);
+            let ch = channel(&api).await?;
+            let mut c = SpiffeWorkloadApiClient::new(ch.channel.clone());
             let resp = c
                 .fetch_jwtsvid(with_header(pb::JwtsvidRequest {
                     audience: audiences,
                     spiffe_id: spiffe_id.unwrap_or_default(),
                 }))
                 .await
-                .map_err(status)?
+                .map_err(|s| ch.status(s))?
                 .into_inner();
             for s in &resp.svids {
                 if api.output == "json" {
@@ -190,11 +290,12 @@ pub(crate) async fn run(cmd: ApiCommand) -> Result<(), AgentError> {
             svid,
             api,
         }) => {
-            let mut c = SpiffeWorkloadApiClient::new(channel(&api).await?);
+            let ch = channel(&api).await?;
+            let mut c = SpiffeWorkloadApiClient::new(ch.channel.clone());
             let resp = c
                 .validate_jwtsvid(with_header(pb::ValidateJwtsvidRequest { audience, svid }))
                 .await
-                .map_err(status)?
+                .map_err(|s| ch.status(s))?
                 .into_inner();
             if api.output == "json" {
                 say(&json!({"spiffe_id": resp.spiffe_id}).to_string());
@@ -204,13 +305,14 @@ pub(crate) async fn run(cmd: ApiCommand) -> Result<(), AgentError> {
             Ok(())
         }
         ApiCommand::Watch(api) => {
-            let mut c = SpiffeWorkloadApiClient::new(channel(&api).await?);
+            let ch = channel(&api).await?;
+            let mut c = SpiffeWorkloadApiClient::new(ch.channel.clone());
             let mut stream = c
                 .fetch_x509svid(with_header(pb::X509svidRequest {}))
                 .await
-                .map_err(status)?
+                .map_err(|s| ch.status(s))?
                 .into_inner();
-            while let Some(resp) = stream.message().await.map_err(status)? {
+            while let Some(resp) = stream.message().await.map_err(|s| ch.status(s))? {
                 print_x509(&api.output, &resp);
             }
             Ok(())

@@ -266,10 +266,7 @@ impl AgentConfig {
                 .data_dir
                 .or(file.data_dir)
                 .unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
-            socket_path: flags
-                .socket_path
-                .or(file.socket_path)
-                .unwrap_or_else(|| DEFAULT_SOCKET_PATH.into()),
+            socket_path: socket_path(flags.socket_path.or(file.socket_path))?,
             log_level: pick(flags.log_level, file.log_level).unwrap_or_else(|| "info".into()),
             log_format,
             clock: crate::clock::WallClock::default(),
@@ -392,6 +389,20 @@ impl JwtLimits {
             mints_per_second,
             mints_per_second_per_uid,
         })
+    }
+}
+
+/// `socket_path` as a path or a `unix:` URI, as `SPIFFE_ENDPOINT_SOCKET`
+/// names it, so the value a workload is given works here too.
+fn socket_path(given: Option<PathBuf>) -> Result<PathBuf, AgentError> {
+    let Some(path) = given else {
+        return Ok(DEFAULT_SOCKET_PATH.into());
+    };
+    // A path that is not UTF-8 cannot be a URI: it is taken as it is.
+    match path.to_str() {
+        Some(s) => oxid_tls::socket::parse_socket_address(s)
+            .map_err(|e| AgentError::Config(format!("socket_path: {e}"))),
+        None => Ok(path),
     }
 }
 

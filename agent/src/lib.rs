@@ -43,6 +43,10 @@ pub enum AgentError {
     /// not be reached or refused the call.
     #[error("Workload API: {0}")]
     WorkloadApi(String),
+    /// A command's output could not be written (`api fetch x509 --write`);
+    /// the message names the flag and the path.
+    #[error("{0}")]
+    Output(String),
     /// A bug.
     #[error("internal: {0}")]
     Internal(String),

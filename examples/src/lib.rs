@@ -31,14 +31,13 @@ pub async fn source() -> Result<X509Source, String> {
 }
 
 /// A gRPC channel to the Workload API socket named by
-/// `SPIFFE_ENDPOINT_SOCKET` (`unix:///abs/path`).
+/// `SPIFFE_ENDPOINT_SOCKET` (`unix:///abs/path`, `unix:/abs/path`, or the
+/// path itself).
 pub async fn workload_channel() -> Result<tonic::transport::Channel, String> {
     let endpoint = std::env::var("SPIFFE_ENDPOINT_SOCKET")
         .map_err(|_| "SPIFFE_ENDPOINT_SOCKET is not set".to_owned())?;
-    let path = endpoint
-        .strip_prefix("unix://")
-        .ok_or("SPIFFE_ENDPOINT_SOCKET must be unix:///abs/path")?
-        .to_owned();
+    let path = oxid_tls::socket::parse_socket_address(&endpoint)
+        .map_err(|e| format!("SPIFFE_ENDPOINT_SOCKET: {e}"))?;
     tonic::transport::Endpoint::try_from("http://workload-api.invalid")
         .map_err(|e| e.to_string())?
         .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {

@@ -37,9 +37,12 @@ pub enum RunError {
     /// The admin server failed.
     #[error("admin API: {0}")]
     Serve(#[from] tonic::transport::Error),
-    /// The agent API address could not be bound.
-    #[error("agent API address {address}: {source}")]
+    /// A listen address (`bind_address` or `metrics_address`) could not be
+    /// bound.
+    #[error("{setting} {address}: {source}")]
     Bind {
+        /// The setting that gave it.
+        setting: &'static str,
         /// The address.
         address: String,
         /// The error.
@@ -69,18 +72,19 @@ pub async fn run(
     clock: Arc<dyn Clock>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    let bind = |address: std::net::SocketAddr| async move {
+    let bind = |setting, address: std::net::SocketAddr| async move {
         tokio::net::TcpListener::bind(address)
             .await
             .map_err(|source| RunError::Bind {
+                setting,
                 address: address.to_string(),
                 source,
             })
     };
     let listeners = Listeners {
-        agent_api: bind(config.bind_address).await?,
+        agent_api: bind("bind_address (the agent API)", config.bind_address).await?,
         metrics: match config.metrics_address {
-            Some(a) => Some(bind(a).await?),
+            Some(a) => Some(bind("metrics_address", a).await?),
             None => None,
         },
     };
@@ -147,13 +151,13 @@ pub async fn run_with(
     // It holds the store and the CA keys: refused if another user could
     // redirect its path, and 0700 even if it existed with a wider mode.
     admin::prepare_private_dir(data_dir, 0o700)?;
+    // Held until the server stops: a second server on this path is refused
+    // here, before it touches the store, instead of taking the socket.
+    let mut socket = oxid_tls::socket::lock_socket(&config.socket_path)?;
     let store: Arc<dyn DataStore> = Arc::new(SledStore::open(
         &data_dir.join("datastore"),
         config.datastore_cache_bytes,
     )?);
-    // Held until the server stops: a second server on this path is refused
-    // here, before it touches the store, instead of taking the socket.
-    let mut socket = oxid_tls::socket::lock_socket(&config.socket_path)?;
     let ca = CaManager::start(
         CaConfig {
             trust_domain: config.trust_domain.clone(),
