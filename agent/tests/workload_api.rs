@@ -249,7 +249,7 @@ async fn agent_metrics_and_health_endpoints() {
     let get = |path: &'static str| http_get(metrics_addr, path);
     let text = eventually(|| get("/metrics")).await;
     for needle in [
-        "oxid_rpc_requests_total{api=\"workload\",method=\"FetchX509SVID\",code=\"OK\"}",
+        "oxid_rpc_requests_total{api=\"workload\",method=\"FetchJWTSVID\",code=\"OK\"}",
         "oxid_agent_svids_cached 1",
         "oxid_agent_entries 1",
         "oxid_agent_jwt_svids_cached 2",

@@ -30,7 +30,7 @@ use hyper::body::Bytes;
 pub use prometheus_client;
 use prometheus_client::registry::Registry;
 
-pub use crate::rpc::{RpcLayer, RpcMetrics, RpcService, code_name};
+pub use crate::rpc::{RpcBody, RpcLayer, RpcMetrics, RpcService, code_name};
 
 /// What `/metrics` and `/ready` read.
 pub trait MetricsSource: Send + Sync + 'static {

@@ -56,7 +56,7 @@ impl RpcMetrics {
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "oxid_rpc_requests",
-            "gRPC calls by API, method and status code (the code a stream started with)",
+            "gRPC calls by API, method and the status code they ended with (a stream when it ends)",
             self.requests.clone(),
         );
         registry.register(
@@ -66,8 +66,8 @@ impl RpcMetrics {
         );
     }
 
-    /// Records one call; `code` is from [`code_name`].
-    pub(crate) fn record(&self, api: &'static str, method: &str, code: &'static str, secs: f64) {
+    /// Counts one finished call; `code` is from [`code_name`].
+    pub(crate) fn count(&self, api: &'static str, method: &str, code: &'static str) {
         self.requests
             .get_or_create(&CallLabels {
                 api,
@@ -75,6 +75,10 @@ impl RpcMetrics {
                 code,
             })
             .inc();
+    }
+
+    /// Records the time one call took to its response headers.
+    pub(crate) fn observe(&self, api: &'static str, method: &str, secs: f64) {
         self.latency
             .get_or_create(&MethodLabels {
                 api,
@@ -148,8 +152,9 @@ impl<S, B, RB> tower::Service<http::Request<B>> for RpcService<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<RB>> + Send,
     S::Future: Send + 'static,
+    RB: Send + 'static,
 {
-    type Response = S::Response;
+    type Response = http::Response<RpcBody<RB>>;
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -173,19 +178,104 @@ where
         let fut = self.inner.call(req);
         Box::pin(async move {
             let result = fut.await;
-            // A refusal is a trailers-only response with the status in the
-            // headers; a success carries it in the trailers, hence OK.
-            let code = match &result {
-                Ok(resp) => resp
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .map_or("OK", code_name),
-                Err(_) => "transport",
+            metrics.observe(api, &method, started.elapsed().as_secs_f64());
+            let resp = match result {
+                Ok(resp) => resp,
+                Err(e) => {
+                    metrics.count(api, &method, "transport");
+                    return Err(e);
+                }
             };
-            metrics.record(api, &method, code, started.elapsed().as_secs_f64());
-            result
+            // A refusal is a trailers-only response, its status in the
+            // headers; any other call ends with the status in its trailers
+            // (a stream may start and then fail), counted when they come.
+            let pending = match status_of(resp.headers()) {
+                Some(code) => {
+                    metrics.count(api, &method, code);
+                    None
+                }
+                None => Some(Pending {
+                    metrics,
+                    api,
+                    method,
+                }),
+            };
+            Ok(resp.map(|inner| RpcBody {
+                inner: Box::pin(inner),
+                pending,
+            }))
         })
+    }
+}
+
+/// The code name of a `grpc-status` header, if there is one.
+fn status_of(headers: &http::HeaderMap) -> Option<&'static str> {
+    headers
+        .get("grpc-status")
+        .map(|v| v.to_str().map_or("Unknown", code_name))
+}
+
+/// A call not counted yet: it is when its trailers arrive.
+struct Pending {
+    metrics: Arc<RpcMetrics>,
+    api: &'static str,
+    method: String,
+}
+
+impl Pending {
+    fn finish(self, code: &'static str) {
+        self.metrics.count(self.api, &self.method, code);
+    }
+}
+
+/// A response body that counts its call with the status in its trailers.
+/// Dropped before them (the client went away, the server stopped), the
+/// call is counted as `Cancelled`, as a gRPC client would see it.
+pub struct RpcBody<B> {
+    inner: Pin<Box<B>>,
+    pending: Option<Pending>,
+}
+
+impl<B> Drop for RpcBody<B> {
+    fn drop(&mut self) {
+        if let Some(p) = self.pending.take() {
+            p.finish("Cancelled");
+        }
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for RpcBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = self.inner.as_mut().poll_frame(cx);
+        let code = match &polled {
+            Poll::Ready(Some(Ok(frame))) => frame
+                .trailers_ref()
+                .map(|t| status_of(t).unwrap_or("Unknown")),
+            Poll::Ready(Some(Err(_))) => Some("Unknown"),
+            // Ended without trailers: not a gRPC answer.
+            Poll::Ready(None) => Some("Unknown"),
+            Poll::Pending => None,
+        };
+        if let Some(code) = code {
+            if let Some(p) = self.pending.take() {
+                p.finish(code);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -198,8 +288,10 @@ mod tests {
         let m = RpcMetrics::default();
         let mut registry = Registry::default();
         m.register(&mut registry);
-        m.record("admin", "CreateEntries", code_name("0"), 0.002);
-        m.record("admin", "CreateEntries", code_name("7"), 0.0004);
+        m.count("admin", "CreateEntries", code_name("0"));
+        m.observe("admin", "CreateEntries", 0.002);
+        m.count("admin", "CreateEntries", code_name("7"));
+        m.observe("admin", "CreateEntries", 0.0004);
         let out = crate::encode(&registry, crate::Format::Prometheus);
         for line in [
             "oxid_rpc_requests_total{api=\"admin\",method=\"CreateEntries\",code=\"OK\"} 1",
@@ -209,6 +301,69 @@ mod tests {
             "oxid_rpc_duration_seconds_count{api=\"admin\",method=\"CreateEntries\"} 2",
         ] {
             assert!(out.contains(line), "{line} missing from\n{out}");
+        }
+    }
+
+    /// A stream: one message, then trailers with `grpc-status`.
+    struct Ends(Option<hyper::body::Bytes>, Option<http::HeaderMap>);
+
+    impl http_body::Body for Ends {
+        type Data = hyper::body::Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+            if let Some(message) = self.0.take() {
+                return Poll::Ready(Some(Ok(http_body::Frame::data(message))));
+            }
+            Poll::Ready(self.1.take().map(|t| Ok(http_body::Frame::trailers(t))))
+        }
+    }
+
+    async fn call(m: &Arc<RpcMetrics>, trailers: Option<&'static str>) {
+        use http_body_util::BodyExt as _;
+        use tower::{Layer as _, ServiceExt as _};
+        let service = RpcLayer::new("agent", m.clone()).layer(tower::service_fn(
+            move |_: http::Request<()>| {
+                let trailers = trailers.map(|code| {
+                    let mut t = http::HeaderMap::new();
+                    t.insert("grpc-status", http::HeaderValue::from_static(code));
+                    t
+                });
+                async move {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Ends(
+                        Some(hyper::body::Bytes::from_static(b"message")),
+                        trailers,
+                    )))
+                }
+            },
+        ));
+        let req = http::Request::builder()
+            .uri("/oxid.agent.v1.AgentApi/Sync")
+            .body(())
+            .unwrap_or_default();
+        let resp = service.oneshot(req).await.unwrap_or_else(|e| match e {});
+        let _ = resp.into_body().collect().await;
+    }
+
+    /// A stream that started fine and ended with PermissionDenied (an
+    /// agent banned mid-stream) is counted as PermissionDenied, not OK.
+    #[tokio::test]
+    async fn a_stream_is_counted_with_the_status_it_ends_with() {
+        let m = Arc::new(RpcMetrics::default());
+        let mut registry = Registry::default();
+        m.register(&mut registry);
+        call(&m, Some("7")).await;
+        call(&m, Some("0")).await;
+        call(&m, None).await;
+        let out = crate::encode(&registry, crate::Format::Prometheus);
+        for code in ["PermissionDenied", "OK", "Unknown"] {
+            let line = format!(
+                "oxid_rpc_requests_total{{api=\"agent\",method=\"Sync\",code=\"{code}\"}} 1"
+            );
+            assert!(out.contains(&line), "{line} missing from\n{out}");
         }
     }
 
