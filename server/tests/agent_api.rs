@@ -1103,6 +1103,15 @@ async fn lowered_limits_from_the_config_refuse_whole_and_change_nothing() {
     assert_eq!(at_limit.svids.len(), 2);
     let err = c.sign_x509_svids(batch(3, &csr)).await.unwrap_err();
     assert_refused(&err, Code::InvalidArgument, "at most 2 (max_csrs_per_call)");
+    // The typed refusal the agent halves its batches on, not the message.
+    assert_eq!(
+        oxid_proto::limit::LimitExceeded::from_status(&err),
+        Some(oxid_proto::limit::LimitExceeded {
+            limit: oxid_proto::limit::Limit::MaxCsrsPerCall,
+            max: 2,
+        }),
+        "{err:?}"
+    );
     // Two 40 KiB CSRs: over max_request_kib, refused before decoding.
     let err = c
         .sign_x509_svids(batch(2, &vec![0x30; 40 * 1024]))

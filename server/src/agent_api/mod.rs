@@ -8,24 +8,29 @@
 
 pub(crate) mod attest;
 mod conn;
+mod error;
 mod identity;
 mod rate;
+mod server_svid;
 mod service;
 mod sync;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use oxid_pki::SpiffeId;
 use oxid_pki::bundle::Bundle;
-use oxid_pki::{KeyAlgorithm, KeyPair, SpiffeId};
 use oxid_tls::{LiveBundle, SpiffeClientVerifier, SvidResolver};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
-use crate::ca::CaManager;
+use self::server_svid::ServerSvid;
+use crate::ca::{CaManager, CaSnapshot};
 use crate::clock::Clock;
 use crate::datastore::DataStore;
 
 pub use self::conn::{ConnSettings, PeerInfo};
+pub use self::error::AgentApiError;
 pub use self::service::AgentApiService;
 pub use crate::index::IndexHandle;
 
@@ -61,8 +66,9 @@ pub struct AgentApiConfig {
     pub connections: ConnSettings,
 }
 
-/// The server's trust bundle as the TLS layer reads it: the CA's, live.
-pub(crate) struct CaBundle(pub(crate) Arc<CaManager>);
+/// The server's trust bundle as the TLS layer reads it: the CA's latest
+/// published snapshot, so a handshake costs an `Arc` clone, not a rebuild.
+pub(crate) struct CaBundle(pub(crate) watch::Receiver<Arc<CaSnapshot>>);
 
 impl std::fmt::Debug for CaBundle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -72,37 +78,8 @@ impl std::fmt::Debug for CaBundle {
 
 impl LiveBundle for CaBundle {
     fn current_bundle(&self) -> Arc<Bundle> {
-        Arc::new(self.0.bundle())
+        self.0.borrow().bundle().clone()
     }
-}
-
-/// The server's own SVID (`spiffe://<td>/oxid/server`), issued by its CA
-/// with a key that never leaves memory, renewed at half-life.
-pub(crate) async fn issue_server_svid(
-    ca: &CaManager,
-    server_id: &SpiffeId,
-    ttl: Duration,
-    resolver: &SvidResolver,
-) -> Result<Duration, String> {
-    let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).map_err(|e| e.to_string())?;
-    let public_key = oxid_pki::x509::PublicKey::from_spki_der(key.public_key_spki())
-        .map_err(|e| e.to_string())?;
-    let svid = ca
-        .sign_x509_svid(&oxid_pki::x509::SvidParams {
-            spiffe_id: server_id,
-            public_key: &public_key,
-            ttl,
-            dns_names: &[],
-        })
-        .map_err(|e| e.to_string())?;
-    let lifetime = svid
-        .not_after()
-        .duration_since(std::time::SystemTime::now())
-        .unwrap_or_default();
-    resolver
-        .set(svid.into_cert_chain(), &key)
-        .map_err(|e| e.to_string())?;
-    Ok(lifetime)
 }
 
 /// Serves the agent API on `listener` until `shutdown` completes.
@@ -121,29 +98,20 @@ pub async fn serve(
         .spiffe_id("/oxid/server")
         .map_err(|e| e.to_string())?;
     let resolver = Arc::new(SvidResolver::default());
-    let svid_ttl = config.default_x509_ttl;
-    issue_server_svid(&ca, &server_id, svid_ttl, &resolver).await?;
-    let renewer = {
-        let (ca, resolver, server_id) = (ca.clone(), resolver.clone(), server_id.clone());
-        tokio::spawn(async move {
-            let mut wait = svid_ttl / 2;
-            loop {
-                tokio::time::sleep(wait).await;
-                wait = match issue_server_svid(&ca, &server_id, svid_ttl, &resolver).await {
-                    Ok(lifetime) => (lifetime / 2).max(Duration::from_secs(1)),
-                    Err(e) => {
-                        tracing::error!(error = %e, "renewing the server SVID failed; retrying");
-                        Duration::from_secs(5)
-                    }
-                };
-            }
-        })
+    let server_svid = ServerSvid {
+        ca: ca.clone(),
+        clock: clock.clone(),
+        server_id: server_id.clone(),
+        ttl: config.default_x509_ttl,
+        resolver: resolver.clone(),
     };
+    let renew_at = server_svid.issue()?;
+    let renewer = server_svid.spawn(renew_at);
     let agent_prefix = trust_domain
         .spiffe_id("/oxid/agent")
         .map_err(|e| e.to_string())?;
     let verifier = Arc::new(SpiffeClientVerifier::new(
-        Arc::new(CaBundle(ca.clone())),
+        Arc::new(CaBundle(ca.subscribe())),
         move |id: &SpiffeId| {
             id.is_member_of(agent_prefix.trust_domain()) && id.path_has_prefix(agent_prefix.path())
         },

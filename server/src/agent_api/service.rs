@@ -7,76 +7,22 @@ use std::time::Duration;
 use oxid_pki::SpiffeId;
 use oxid_pki::x509::{Csr, SvidParams};
 use oxid_proto::agent as pb;
+use oxid_proto::limit::{Limit, LimitExceeded};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::attest::{self, Attested};
+pub(crate) use super::error::AgentApiError;
 use super::rate::RateLimiter;
 use super::{AgentApiConfig, sync};
-use crate::ca::{CaError, CaManager};
+use crate::ca::CaManager;
 use crate::clock::{Clock, unix_secs};
 use crate::datastore::{Agent, DataStore, DataStoreError, EntryId};
 use crate::index::IndexHandle;
 
 /// Longest time an attestation may take, challenge rounds included.
 const ATTEST_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Why an agent API call failed. Mapped to a gRPC status in one place.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum AgentApiError {
-    /// Malformed request.
-    #[error("{0}")]
-    InvalidArgument(String),
-    /// No (valid) agent SVID on the connection.
-    #[error("{0}")]
-    Unauthenticated(String),
-    /// Known caller, refused.
-    #[error("{0}")]
-    PermissionDenied(String),
-    /// The server cannot serve right now.
-    #[error("{0}")]
-    Unavailable(String),
-    /// The caller is over its rate limit.
-    #[error("{0}")]
-    ResourceExhausted(String),
-    /// A bug or a damaged store.
-    #[error("{0}")]
-    Internal(String),
-}
-
-impl From<AgentApiError> for Status {
-    fn from(e: AgentApiError) -> Self {
-        match e {
-            AgentApiError::InvalidArgument(m) => Status::invalid_argument(m),
-            AgentApiError::Unauthenticated(m) => Status::unauthenticated(m),
-            AgentApiError::PermissionDenied(m) => Status::permission_denied(m),
-            AgentApiError::Unavailable(m) => Status::unavailable(m),
-            AgentApiError::ResourceExhausted(m) => Status::resource_exhausted(m),
-            AgentApiError::Internal(m) => Status::internal(m),
-        }
-    }
-}
-
-impl From<DataStoreError> for AgentApiError {
-    fn from(e: DataStoreError) -> Self {
-        match e {
-            DataStoreError::Backend(_) => Self::Unavailable(e.to_string()),
-            other => Self::Internal(other.to_string()),
-        }
-    }
-}
-
-impl From<CaError> for AgentApiError {
-    fn from(e: CaError) -> Self {
-        match e {
-            CaError::NoActiveAuthority => Self::Unavailable(e.to_string()),
-            CaError::X509(_) | CaError::Jwt(_) => Self::InvalidArgument(e.to_string()),
-            other => Self::Internal(other.to_string()),
-        }
-    }
-}
 
 pub(crate) struct Inner {
     pub(crate) ca: Arc<CaManager>,
@@ -271,7 +217,7 @@ impl Inner {
         Ok(pb::AttestResult {
             spiffe_id: attested.spiffe_id.to_string(),
             svid_chain: chain,
-            bundle: self.ca.bundle().to_spiffe_json(),
+            bundle: self.ca.snapshot().spiffe_json().to_string(),
             valid_for_ms: self.valid_for_ms(expires_at),
         })
     }
@@ -356,11 +302,17 @@ impl pb::agent_api_server::AgentApi for AgentApiService {
         let (agent, _) = inner.authenticate(&req).await?;
         let requests = req.into_inner().requests;
         if requests.len() > inner.config.max_batch {
-            return Err(AgentApiError::InvalidArgument(format!(
-                "{} CSRs in one call; at most {} (max_csrs_per_call)",
-                requests.len(),
-                inner.config.max_batch
-            ))
+            return Err(AgentApiError::LimitExceeded(
+                LimitExceeded {
+                    limit: Limit::MaxCsrsPerCall,
+                    max: inner.config.max_batch as u64,
+                },
+                format!(
+                    "{} CSRs in one call; at most {} (max_csrs_per_call)",
+                    requests.len(),
+                    inner.config.max_batch
+                ),
+            )
             .into());
         }
         let now = inner.now_secs();

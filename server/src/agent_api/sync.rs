@@ -49,7 +49,9 @@ impl Delta {
 #[derive(Default)]
 struct Sent {
     entries: HashMap<EntryId, u64>,
-    bundles: HashMap<TrustDomain, String>,
+    /// Shared with the CA snapshot (own bundle) or the store's value, so a
+    /// recompute copies no bundle document.
+    bundles: HashMap<TrustDomain, Arc<str>>,
 }
 
 /// What the agent says it holds, as if this stream had sent it: entries at
@@ -99,9 +101,14 @@ pub(crate) fn start(
         // agent knows it is current.
         let mut first = true;
         let mut changes = inner.index.subscribe();
+        // The CA's own bundle reaches the store only after it is published
+        // here: waking on the snapshot too sends it without waiting for
+        // the index.
+        let mut authority = inner.ca.subscribe();
         let mut stopping = inner.stopping.clone();
         loop {
             changes.borrow_and_update();
+            authority.borrow_and_update();
             // From the store while the index trails it: nothing is sent
             // once a ban or an eviction has answered.
             let current = match inner.current_agent(&agent.spiffe_id).await {
@@ -168,6 +175,12 @@ pub(crate) fn start(
                             break;
                         }
                         seen = index.revision();
+                    }
+                    r = authority.changed() => {
+                        if r.is_err() {
+                            return;
+                        }
+                        break;
                     }
                     () = tx.closed() => return,
                     r = stopping.changed() => {
@@ -261,15 +274,15 @@ async fn compute(
         .collect();
     sent.entries = now_sent;
 
-    let mut bundles: HashMap<TrustDomain, String> = HashMap::new();
+    let mut bundles: HashMap<TrustDomain, Arc<str>> = HashMap::new();
     bundles.insert(
         inner.trust_domain.clone(),
-        inner.ca.bundle().to_spiffe_json(),
+        inner.ca.snapshot().spiffe_json().clone(),
     );
     for td in federated {
         match inner.store.get_bundle(&td).await {
             Ok(b) => {
-                bundles.insert(td, b.spiffe_json);
+                bundles.insert(td, b.spiffe_json.into());
             }
             Err(crate::datastore::DataStoreError::NotFound(_)) => {}
             Err(e) => return Err(Status::unavailable(e.to_string())),
@@ -279,7 +292,7 @@ async fn compute(
         if sent.bundles.get(td) != Some(json) {
             delta.bundles.push(pb::Bundle {
                 trust_domain: td.to_string(),
-                spiffe_json: json.clone(),
+                spiffe_json: json.to_string(),
             });
         }
     }

@@ -5,9 +5,14 @@
 //! agent trusts it before it signs anything; it becomes active at 5/6.
 //! Retired authorities stay in the bundle until their `notAfter`, after
 //! which nothing they signed is valid (every SVID is clamped to its CA).
+//!
+//! Every change is published as a [`CaSnapshot`] on a watch
+//! ([`CaManager::subscribe`]) once the journal holding it is durable;
+//! signing and every reader of the bundle use the latest snapshot.
 
 mod journal;
 mod schedule;
+mod snapshot;
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -18,6 +23,7 @@ use oxid_pki::jwt::{JwtError, JwtSigner, JwtSvid};
 use oxid_pki::x509::{SvidParams, X509Ca, X509Error, X509Svid};
 use oxid_pki::{KeyAlgorithm, KeyError, KeyPair, SpiffeId, TrustDomain};
 use rustls_pki_types::CertificateDer;
+use tokio::sync::watch;
 
 use crate::clock::{Clock, unix_secs};
 use crate::datastore::{DataStore, DataStoreError, StoredBundle};
@@ -25,6 +31,7 @@ use crate::datastore::{DataStore, DataStoreError, StoredBundle};
 pub use self::journal::{AuthorityState, Journal, JournalEntry};
 use self::journal::{b64, unb64};
 pub use self::schedule::{Action, plan};
+pub use self::snapshot::CaSnapshot;
 
 /// Why the CA could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +112,8 @@ pub struct CaManager {
     store: Arc<dyn DataStore>,
     upstream: Option<X509Ca>,
     state: RwLock<State>,
+    /// The published state: what signing and the bundle's readers use.
+    published: watch::Sender<Arc<CaSnapshot>>,
     /// Serialises rotation steps (timer and operator) so each persists whole.
     rotation: tokio::sync::Mutex<()>,
     /// X509-SVIDs signed since start (metrics).
@@ -171,12 +180,14 @@ impl CaManager {
                 state.generations.push(generation);
             }
         }
+        let (published, _) = watch::channel(Arc::new(snapshot_of(&config.trust_domain, &state)));
         let manager = Arc::new(Self {
             config,
             clock,
             store,
             upstream,
             state: RwLock::new(state),
+            published,
             rotation: tokio::sync::Mutex::new(()),
             x509_signed: std::sync::atomic::AtomicU64::new(0),
             jwt_signed: std::sync::atomic::AtomicU64::new(0),
@@ -271,10 +282,20 @@ impl CaManager {
         Ok(svid)
     }
 
-    /// The trust domain's bundle: every authority not yet expired.
+    /// The trust domain's bundle: every authority not yet expired. A copy;
+    /// readers on a hot path use [`Self::snapshot`].
     pub fn bundle(&self) -> Bundle {
-        let state = self.read();
-        bundle_of(&self.config.trust_domain, &state)
+        Bundle::clone(self.snapshot().bundle())
+    }
+
+    /// The published state now.
+    pub fn snapshot(&self) -> Arc<CaSnapshot> {
+        self.published.borrow().clone()
+    }
+
+    /// The published state, now and at every change.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<CaSnapshot>> {
+        self.published.subscribe()
     }
 
     /// All authorities, oldest first.
@@ -310,11 +331,10 @@ impl CaManager {
     }
 
     fn active_signers(&self) -> Result<Arc<Signers>, CaError> {
-        self.read()
-            .generations
-            .iter()
-            .find(|g| g.entry.state == AuthorityState::Active)
-            .and_then(|g| g.signers.clone())
+        self.published
+            .borrow()
+            .signers()
+            .cloned()
             .ok_or(CaError::NoActiveAuthority)
     }
 
@@ -436,21 +456,28 @@ impl CaManager {
         })
     }
 
-    /// Writes the journal, then the bundle, each durably.
+    /// Writes the journal durably, publishes the new state, then writes the
+    /// bundle durably. Published only once the journal holds it, so nothing
+    /// is signed by an authority a restart would not know; published before
+    /// the bundle write, so a sync stream woken by that write (through the
+    /// index) reads the new bundle. Called with `rotation` held, so `state`
+    /// does not change meanwhile.
     async fn persist(&self) -> Result<(), CaError> {
-        let (journal, bundle) = {
+        let (journal, snapshot) = {
             let state = self.read();
             let journal = Journal {
                 version: state.version,
                 entries: state.generations.iter().map(|g| g.entry.clone()).collect(),
             };
-            (journal, bundle_of(&self.config.trust_domain, &state))
+            (journal, snapshot_of(&self.config.trust_domain, &state))
         };
         self.store.put_ca_journal(journal.encode()?).await?;
+        let spiffe_json = snapshot.spiffe_json().to_string();
+        self.published.send_replace(Arc::new(snapshot));
         self.store
             .put_bundle(StoredBundle {
                 trust_domain: self.config.trust_domain.clone(),
-                spiffe_json: bundle.to_spiffe_json(),
+                spiffe_json,
             })
             .await?;
         Ok(())
@@ -467,7 +494,7 @@ impl CaManager {
     }
 }
 
-fn bundle_of(trust_domain: &TrustDomain, state: &State) -> Bundle {
+fn snapshot_of(trust_domain: &TrustDomain, state: &State) -> CaSnapshot {
     let mut bundle = Bundle::new(trust_domain.clone());
     bundle.set_sequence_number(state.version);
     for g in &state.generations {
@@ -475,7 +502,12 @@ fn bundle_of(trust_domain: &TrustDomain, state: &State) -> Bundle {
         let _ = bundle.add_x509_authority(g.root.clone());
         let _ = bundle.add_jwt_authority(g.jwt_authority.clone());
     }
-    bundle
+    let active = state
+        .generations
+        .iter()
+        .find(|g| g.entry.state == AuthorityState::Active)
+        .and_then(|g| Some((g.entry.sequence, g.signers.clone()?)));
+    CaSnapshot::new(bundle, active)
 }
 
 /// Rebuilds a generation from its journal entry, with its keys if they are
