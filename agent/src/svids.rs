@@ -9,6 +9,7 @@ use std::time::Duration;
 use oxid_pki::x509::Csr;
 use oxid_pki::{KeyAlgorithm, KeyPair};
 use oxid_proto::agent as pb;
+use oxid_proto::limit::{Limit, LimitExceeded};
 use ring::rand::SecureRandom as _;
 use tokio::time::Instant;
 
@@ -221,12 +222,13 @@ async fn sign(
         .map_err(|s| {
             // Over the server's rate: workload mints step aside meanwhile.
             server.note_refusal(&s);
+            let too_many = LimitExceeded::from_status(&s)
+                .is_some_and(|l| l.limit == Limit::MaxCsrsPerCall);
             match s.code() {
-                // Over max_request_kib, or over max_csrs_per_call.
+                // Over max_request_kib (tonic's size limit, before decoding).
                 tonic::Code::OutOfRange => SignError::BatchTooLarge(s.message().to_owned()),
-                tonic::Code::InvalidArgument if s.message().contains("max_csrs_per_call") => {
-                    SignError::BatchTooLarge(s.message().to_owned())
-                }
+                // Over max_csrs_per_call: the server's typed refusal.
+                _ if too_many => SignError::BatchTooLarge(s.message().to_owned()),
                 _ => SignError::Failed(s.message().to_owned()),
             }
         })?
