@@ -51,6 +51,10 @@ pub enum RunError {
     /// The agent API failed.
     #[error("agent API: {0}")]
     AgentApi(String),
+    /// The server's own uid, which the admin API always allows, could not
+    /// be read (from `/proc/self`).
+    #[error("admin access: cannot read the server's own uid from /proc/self: {0}")]
+    AdminAccess(std::io::Error),
     /// The x509pop node CA file is unusable.
     #[error("x509pop node CA bundle {0}")]
     X509Pop(String),
@@ -129,17 +133,44 @@ fn load_node_cas(
 }
 
 /// Runs the server with the agent API on an already bound `listener` (so
-/// tests can use port 0).
+/// tests can use port 0): builds every component, then supervises them.
 pub async fn run_with(
     config: Config,
     clock: Arc<dyn Clock>,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    let Listeners {
-        agent_api: agent_listener,
-        metrics: metrics_listener,
-    } = listeners;
+    let server = build(&config, clock, listeners).await?;
+    server.supervise(&config, shutdown).await
+}
+
+/// A server built and not yet running: no task is spawned until
+/// [`Built::supervise`], so a start that fails part-way leaves nothing
+/// behind holding the store.
+struct Built {
+    /// Held until the server stops; removes the socket only if it is still
+    /// the one bound here.
+    socket: oxid_tls::socket::SocketLock,
+    admin_listener: tokio::net::UnixListener,
+    admin: AdminService,
+    agent_listener: tokio::net::TcpListener,
+    agent_config: AgentApiConfig,
+    metrics: Option<(tokio::net::TcpListener, Arc<ServerMetrics>)>,
+    rpc: Arc<RpcMetrics>,
+    store: Arc<dyn DataStore>,
+    ca: Arc<CaManager>,
+    index: Arc<IndexHandle>,
+}
+
+/// Checks the local setup and builds the components, in the order that
+/// refuses a bad setup before it touches anything shared: connection caps,
+/// the data directory, the socket lock, the store, the CA, the admin
+/// socket and access list, the x509pop node CAs, the index.
+async fn build(
+    config: &Config,
+    clock: Arc<dyn Clock>,
+    listeners: Listeners,
+) -> Result<Built, RunError> {
     // Before the store opens: caps that leave no descriptors for the
     // server's own files are a setup error.
     let connections = config
@@ -174,14 +205,10 @@ pub async fn run_with(
     )
     .await?;
 
-    let listener = socket.bind(0o666)?;
-    let access = AdminAccess::new(config.admin_uids.iter().copied()).map_err(|source| {
-        RunError::DataDir {
-            path: "/proc/self".into(),
-            source,
-        }
-    })?;
-    let service = AdminService {
+    let admin_listener = socket.bind(0o666)?;
+    let access =
+        AdminAccess::new(config.admin_uids.iter().copied()).map_err(RunError::AdminAccess)?;
+    let admin = AdminService {
         store: store.clone(),
         ca: ca.clone(),
         clock,
@@ -195,24 +222,8 @@ pub async fn run_with(
         max_batch: config.max_admin_batch,
     };
 
-    let rotation = {
-        let ca = ca.clone();
-        let every = rotation_interval(config.ca_ttl);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                match ca.rotate().await {
-                    Ok(crate::ca::Action::None) => {}
-                    Ok(action) => tracing::info!(?action, "CA rotation step"),
-                    Err(e) => tracing::error!(error = %e, "CA rotation failed; will retry"),
-                }
-            }
-        })
-    };
-
     let x509pop_roots = match &config.x509pop_ca_bundle {
-        Some(path) => Some(load_node_cas(path, &ca.bundle())?),
+        Some(path) => Some(load_node_cas(path, ca.snapshot().bundle())?),
         None => None,
     };
     let server_id = config
@@ -220,13 +231,7 @@ pub async fn run_with(
         .spiffe_id("/oxid/server")
         .map_err(|e| RunError::AgentApi(e.to_string()))?;
     let index = IndexHandle::load(store.as_ref(), server_id).await?;
-    // Logged with the ready line, so whoever bound port 0 can find it.
-    let metrics_address = metrics_listener
-        .as_ref()
-        .and_then(|l| l.local_addr().ok())
-        .map(|a| a.to_string())
-        .unwrap_or_else(|| "off".into());
-    let metrics_task = metrics_listener.map(|listener| {
+    let metrics = listeners.metrics.map(|listener| {
         let source = Arc::new(ServerMetrics::new(
             &rpc,
             ca.clone(),
@@ -235,112 +240,173 @@ pub async fn run_with(
         ));
         (listener, source)
     });
-    let follower = index.clone().follow(store.clone());
-    let agent_address = agent_listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stop_tx = Arc::new(stop_tx);
-    // Either API ending (an error, or shutdown) stops the other one too.
-    let stop_after = |tx: Arc<tokio::sync::watch::Sender<bool>>| {
-        move || {
-            let _ = tx.send(true);
-        }
+    let agent_config = AgentApiConfig {
+        agent_svid_ttl: config.agent_svid_ttl,
+        default_x509_ttl: config.x509_svid_ttl,
+        default_jwt_ttl: config.jwt_svid_ttl,
+        max_batch: config.max_csrs_per_call,
+        max_request_bytes: config.max_request_bytes,
+        requests_per_second: config.agent_requests_per_second,
+        attestations_per_minute: config.attestations_per_minute,
+        x509pop_roots,
+        rpc_metrics: rpc.clone(),
+        connections,
     };
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
-    let agent_api = agent_api::serve(
-        agent_listener,
-        ca.clone(),
-        store.clone(),
-        index,
-        service.clock.clone(),
-        AgentApiConfig {
-            agent_svid_ttl: config.agent_svid_ttl,
-            default_x509_ttl: config.x509_svid_ttl,
-            default_jwt_ttl: config.jwt_svid_ttl,
-            max_batch: config.max_csrs_per_call,
-            max_request_bytes: config.max_request_bytes,
-            requests_per_second: config.agent_requests_per_second,
-            attestations_per_minute: config.attestations_per_minute,
-            x509pop_roots,
-            rpc_metrics: rpc.clone(),
-            connections,
-        },
-        stopped(stop_rx.clone()),
-    );
-    let metrics_server = metrics_task.map(|(listener, source)| {
-        tokio::spawn(crate::metrics::serve(
-            listener,
-            source,
-            stopped(stop_rx.clone()),
-        ))
-    });
-    let admin_api = admin::serve(
-        listener,
-        service,
-        config.max_request_bytes,
+    Ok(Built {
+        socket,
+        admin_listener,
+        admin,
+        agent_listener: listeners.agent_api,
+        agent_config,
+        metrics,
         rpc,
-        stopped(stop_rx),
-    );
-    let (stop_admin, stop_agent) = (stop_after(stop_tx.clone()), stop_after(stop_tx.clone()));
-    let admin_api = async move {
-        let r = admin_api.await;
-        stop_admin();
-        r
-    };
-    let agent_api = async move {
-        let r = agent_api.await;
-        stop_agent();
-        r
-    };
-    tracing::info!(
-        trust_domain = %config.trust_domain,
-        agent_api = %agent_address,
-        metrics = %metrics_address,
-        admin_socket = %config.socket_path.display(),
-        data_dir = %data_dir.display(),
-        "oxid-server ready"
-    );
-    // Stop on the signal; give open calls a grace period, then drop them.
-    let servers = async { tokio::join!(admin_api, agent_api) };
-    tokio::pin!(servers);
-    tokio::pin!(shutdown);
-    let (admin_result, agent_result) = tokio::select! {
-        results = &mut servers => results,
-        () = &mut shutdown => {
-            let _ = stop_tx.send(true);
-            match tokio::time::timeout(SHUTDOWN_GRACE, &mut servers).await {
-                Ok(results) => results,
-                Err(_) => {
-                    tracing::warn!("open connections did not close in time; dropping them");
-                    (Ok(()), Ok(()))
-                }
+        store,
+        ca,
+        index,
+    })
+}
+
+/// Runs `ca.rotate()` on schedule until the task is aborted.
+fn spawn_rotation(ca: Arc<CaManager>, ca_ttl: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(rotation_interval(ca_ttl));
+        loop {
+            tick.tick().await;
+            match ca.rotate().await {
+                Ok(crate::ca::Action::None) => {}
+                Ok(action) => tracing::info!(?action, "CA rotation step"),
+                Err(e) => tracing::error!(error = %e, "CA rotation failed; will retry"),
             }
         }
-    };
-    // Wait for the background tasks to be gone: they hold the store, whose
-    // lock must be released when `run` returns (a restart reopens it).
-    rotation.abort();
-    follower.abort();
-    let _ = rotation.await;
-    let _ = follower.await;
-    if let Some(task) = metrics_server {
-        let _ = task.await;
+    })
+}
+
+impl Built {
+    /// Starts the tasks and serves until `shutdown` or until either API
+    /// ends (which stops the other); open calls then get
+    /// [`SHUTDOWN_GRACE`]. Returns once every task that holds the store is
+    /// gone, so a restart can reopen it.
+    async fn supervise(
+        self,
+        config: &Config,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), RunError> {
+        let Built {
+            socket,
+            admin_listener,
+            admin,
+            agent_listener,
+            agent_config,
+            metrics,
+            rpc,
+            store,
+            ca,
+            index,
+        } = self;
+        // Logged with the ready line, so whoever bound port 0 can find them.
+        let address = |a: std::io::Result<std::net::SocketAddr>| a.map(|a| a.to_string());
+        let agent_address = address(agent_listener.local_addr()).unwrap_or_default();
+        let metrics_address = metrics
+            .as_ref()
+            .and_then(|(l, _)| address(l.local_addr()).ok())
+            .unwrap_or_else(|| "off".into());
+
+        let rotation = spawn_rotation(ca.clone(), config.ca_ttl);
+        let follower = index.clone().follow(store.clone());
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let metrics_server = metrics.map(|(listener, source)| {
+            tokio::spawn(crate::metrics::serve(
+                listener,
+                source,
+                stopped(stop_rx.clone()),
+            ))
+        });
+        let agent_api = agent_api::serve(
+            agent_listener,
+            ca,
+            store,
+            index,
+            admin.clock.clone(),
+            agent_config,
+            stopped(stop_rx.clone()),
+        );
+        let admin_api = admin::serve(
+            admin_listener,
+            admin,
+            config.max_request_bytes,
+            rpc,
+            stopped(stop_rx),
+        );
+        // Either API ending (an error, or shutdown) stops the other one too.
+        let stop_tx = &stop_tx;
+        let admin_api = async move {
+            let r = admin_api.await;
+            let _ = stop_tx.send(true);
+            r
+        };
+        let agent_api = async move {
+            let r = agent_api.await;
+            let _ = stop_tx.send(true);
+            r
+        };
+        tracing::info!(
+            trust_domain = %config.trust_domain,
+            agent_api = %agent_address,
+            metrics = %metrics_address,
+            admin_socket = %config.socket_path.display(),
+            data_dir = %config.data_dir.display(),
+            "oxid-server ready"
+        );
+        // Stop on the signal; give open calls a grace period, then drop them.
+        let servers = async { tokio::join!(admin_api, agent_api) };
+        tokio::pin!(servers);
+        tokio::pin!(shutdown);
+        let (admin_result, agent_result) = tokio::select! {
+            results = &mut servers => results,
+            () = &mut shutdown => {
+                let _ = stop_tx.send(true);
+                match tokio::time::timeout(SHUTDOWN_GRACE, &mut servers).await {
+                    Ok(results) => results,
+                    Err(_) => {
+                        tracing::warn!("open connections did not close in time; dropping them");
+                        (Ok(()), Ok(()))
+                    }
+                }
+            }
+        };
+        // Wait for the background tasks to be gone: they hold the store,
+        // whose lock must be released when `run` returns (a restart
+        // reopens it).
+        rotation.abort();
+        follower.abort();
+        let _ = rotation.await;
+        let _ = follower.await;
+        if let Some(task) = metrics_server {
+            let _ = task.await;
+        }
+        // Removes the socket only if it is still the one bound here.
+        drop(socket);
+        tracing::info!("oxid-server stopped");
+        admin_result?;
+        agent_result.map_err(RunError::AgentApi)
     }
-    // Removes the socket only if it is still the one bound here.
-    drop(socket);
-    tracing::info!("oxid-server stopped");
-    admin_result?;
-    agent_result.map_err(RunError::AgentApi)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_admin_access_failure_is_not_reported_as_the_data_directory() {
+        let e = RunError::AdminAccess(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+        let shown = e.to_string();
+        assert!(shown.starts_with("admin access: "), "{shown}");
+        assert!(shown.contains("/proc/self"), "{shown}");
+        assert!(!shown.contains("data directory"), "{shown}");
+    }
 
     #[test]
     fn rotation_interval_is_bounded() {
