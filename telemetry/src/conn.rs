@@ -508,9 +508,59 @@ pub fn fit_to_fd_limit(
     Ok((configured, None))
 }
 
+/// What a listener's connections cost in descriptors, and what the process
+/// keeps for its own files: the budget its caps are fitted into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdBudget {
+    /// Descriptors one connection may cost.
+    pub per_connection: usize,
+    /// Descriptors always kept for the process's own files.
+    pub reserve: usize,
+    /// Fewer connections than this under the limit is a setup error.
+    pub minimum: usize,
+}
+
+/// A listener's caps fitted under the open-file limit `fd_limit`: `max`
+/// lowered (with a warning logged) if it would leave less than
+/// `budget.reserve` descriptors, and `per_source` (per uid, per address)
+/// never above the fitted `max`. Returns `(max, per_source)`; an error if
+/// not even `budget.minimum` connections fit. The one fitting both the
+/// agent's and the server's `ConnSettings::fitted` use.
+pub fn fit_caps(
+    max: usize,
+    per_source: usize,
+    fd_limit: Option<u64>,
+    budget: FdBudget,
+) -> Result<(usize, usize), String> {
+    let (max, warning) = fit_to_fd_limit(
+        max,
+        fd_limit,
+        budget.per_connection,
+        budget.reserve,
+        budget.minimum,
+    )?;
+    if let Some(warning) = warning {
+        tracing::warn!("{warning}");
+    }
+    Ok((max, per_source.min(max)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn caps_are_fitted_and_per_source_follows_max() {
+        let budget = FdBudget {
+            per_connection: 2,
+            reserve: 64,
+            minimum: 1,
+        };
+        assert_eq!(fit_caps(100, 10, None, budget), Ok((100, 10)));
+        assert_eq!(fit_caps(4096, 4096, Some(1024), budget), Ok((480, 480)));
+        assert_eq!(fit_caps(4096, 64, Some(1024), budget), Ok((480, 64)));
+        assert!(fit_caps(4096, 64, Some(64), budget).is_err());
+    }
 
     #[test]
     fn permits_count_globally_and_per_source() {

@@ -58,19 +58,16 @@ impl ConnSettings {
     /// lowered (with a warning) if it would leave less than [`FD_RESERVE`]
     /// descriptors for the server's own files.
     pub fn fitted(self, fd_limit: Option<u64>) -> Result<Self, String> {
-        let (max, warning) = oxid_telemetry::conn::fit_to_fd_limit(
-            self.max,
-            fd_limit,
-            FDS_PER_CONNECTION,
-            FD_RESERVE,
-            MIN_CONNECTIONS,
-        )?;
-        if let Some(warning) = warning {
-            tracing::warn!("{warning}");
-        }
+        let budget = oxid_telemetry::conn::FdBudget {
+            per_connection: FDS_PER_CONNECTION,
+            reserve: FD_RESERVE,
+            minimum: MIN_CONNECTIONS,
+        };
+        let (max, per_address) =
+            oxid_telemetry::conn::fit_caps(self.max, self.per_address, fd_limit, budget)?;
         Ok(Self {
             max,
-            per_address: self.per_address.min(max),
+            per_address,
             ..self
         })
     }
