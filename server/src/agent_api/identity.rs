@@ -187,15 +187,7 @@ impl Inner {
         &self,
         id: &SpiffeId,
     ) -> Result<Option<Agent>, AgentApiError> {
-        let answered = *self.store.revision().borrow();
-        if let Some(agent) = self.index.agent_at(id, answered) {
-            return Ok(agent);
-        }
-        match self.store.get_agent(id).await {
-            Ok(a) => Ok(Some(a)),
-            Err(DataStoreError::NotFound(_)) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        Ok(self.index.agent_now(self.store.as_ref(), id).await?)
     }
 
     /// Applies `change` to an agent's record as a compare-and-swap from

@@ -31,12 +31,12 @@ pub(crate) struct Inner {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) config: AgentApiConfig,
     pub(crate) trust_domain: oxid_pki::TrustDomain,
-    /// Turns true when the server is stopping: open streams end.
-    pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
     /// Calls per agent (after authentication).
     pub(crate) requests: RateLimiter,
     /// Attestations per attested ID.
     pub(crate) attestations: RateLimiter,
+    /// What sync streams read.
+    pub(crate) sync: Arc<sync::SyncDeps>,
 }
 
 /// The agent API service.
@@ -63,8 +63,18 @@ impl AgentApiService {
             Duration::from_secs(60),
             config.attestations_per_minute,
         );
-        Ok(Self(Arc::new(Inner {
+        let sync = Arc::new(sync::SyncDeps {
+            index: index.clone(),
+            store: store.clone(),
+            ca: ca.subscribe(),
+            clock: clock.clone(),
+            trust_domain: server_id.trust_domain().clone(),
+            default_x509_ttl: config.default_x509_ttl,
+            default_jwt_ttl: config.default_jwt_ttl,
             stopping,
+        });
+        Ok(Self(Arc::new(Inner {
+            sync,
             requests,
             attestations,
             trust_domain: server_id.trust_domain().clone(),
@@ -373,7 +383,13 @@ impl pb::agent_api_server::AgentApi for AgentApiService {
     ) -> Result<Response<Self::SyncStream>, Status> {
         let (agent, caller) = self.0.authenticate(&req).await?;
         let r = req.into_inner();
-        let rx = sync::start(self.0.clone(), agent, caller, r.revision, r.known_entry_ids);
+        let rx = sync::start(
+            self.0.sync.clone(),
+            agent,
+            caller,
+            r.revision,
+            r.known_entry_ids,
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

@@ -16,8 +16,10 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use super::identity::{Caller, check_agent};
-use super::service::Inner;
-use crate::datastore::{Agent, Entry, EntryId};
+use crate::ca::CaSnapshot;
+use crate::clock::{Clock, unix_secs};
+use crate::datastore::{Agent, DataStore, DataStoreError, Entry, EntryId};
+use crate::index::IndexHandle;
 
 /// How often a stream recomputes without a change.
 const RECHECK: Duration = Duration::from_secs(60);
@@ -27,6 +29,30 @@ const EXPIRY_MARGIN: Duration = Duration::from_millis(10);
 
 /// Page size bound: the sync contract (ARCHITECTURE.md) caps pages at 1 MiB.
 const MAX_PAGE_BYTES: usize = 1024 * 1024;
+
+/// What a sync stream reads: the index, the store (agent records while the
+/// index trails, federated bundles), the CA's published bundle, the clock
+/// and two defaults. Not the whole service, so what sync can touch is
+/// visible here.
+pub(crate) struct SyncDeps {
+    pub(crate) index: Arc<IndexHandle>,
+    pub(crate) store: Arc<dyn DataStore>,
+    pub(crate) ca: tokio::sync::watch::Receiver<Arc<CaSnapshot>>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) trust_domain: TrustDomain,
+    /// X509-SVID TTL for entries without one.
+    pub(crate) default_x509_ttl: Duration,
+    /// JWT-SVID TTL for entries without one.
+    pub(crate) default_jwt_ttl: Duration,
+    /// Turns true when the server is stopping: open streams end.
+    pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
+}
+
+impl SyncDeps {
+    fn now_secs(&self) -> u64 {
+        unix_secs(self.clock.now())
+    }
+}
 
 /// What one recomputation found.
 struct Delta {
@@ -58,7 +84,7 @@ struct Sent {
 /// their current revision if that is not newer than `revision`, others with
 /// a revision that never matches (so they are re-sent, or removed if they
 /// left the authorised set). `None` when a snapshot is needed instead.
-fn resume_point(inner: &Inner, revision: u64, known: Vec<String>) -> Option<Sent> {
+fn resume_point(inner: &SyncDeps, revision: u64, known: Vec<String>) -> Option<Sent> {
     let index = inner.index.read();
     if revision == 0 || revision > index.revision() {
         return None;
@@ -86,7 +112,7 @@ fn resume_point(inner: &Inner, revision: u64, known: Vec<String>) -> Option<Sent
 /// there. It ends when the caller's SVID expires or is retired (the
 /// renewed one was used), when the agent is banned or evicted.
 pub(crate) fn start(
-    inner: Arc<Inner>,
+    inner: Arc<SyncDeps>,
     agent: Agent,
     caller: Caller,
     revision: u64,
@@ -104,16 +130,21 @@ pub(crate) fn start(
         // The CA's own bundle reaches the store only after it is published
         // here: waking on the snapshot too sends it without waiting for
         // the index.
-        let mut authority = inner.ca.subscribe();
+        let mut authority = inner.ca.clone();
         let mut stopping = inner.stopping.clone();
         loop {
             changes.borrow_and_update();
             authority.borrow_and_update();
             // From the store while the index trails it: nothing is sent
             // once a ban or an eviction has answered.
-            let current = match inner.current_agent(&agent.spiffe_id).await {
+            let current = match inner
+                .index
+                .agent_now(inner.store.as_ref(), &agent.spiffe_id)
+                .await
+            {
                 Ok(current) => current,
                 Err(e) => {
+                    let e = super::AgentApiError::from(e);
                     let _ = tx.send(Err(e.into())).await;
                     return;
                 }
@@ -200,18 +231,14 @@ pub(crate) fn start(
     rx
 }
 
-fn to_pb(e: &Entry, inner: &Inner) -> pb::Entry {
+fn to_pb(e: &Entry, inner: &SyncDeps) -> pb::Entry {
     pb::Entry {
         id: e.id.to_string(),
         spiffe_id: e.spiffe_id.to_string(),
         parent_id: e.parent_id.to_string(),
         selectors: e.selectors.iter().map(ToString::to_string).collect(),
-        x509_svid_ttl: e
-            .x509_svid_ttl
-            .unwrap_or(inner.config.default_x509_ttl.as_secs()),
-        jwt_svid_ttl: e
-            .jwt_svid_ttl
-            .unwrap_or(inner.config.default_jwt_ttl.as_secs()),
+        x509_svid_ttl: e.x509_svid_ttl.unwrap_or(inner.default_x509_ttl.as_secs()),
+        jwt_svid_ttl: e.jwt_svid_ttl.unwrap_or(inner.default_jwt_ttl.as_secs()),
         dns_names: e.dns_names.clone(),
         federates_with: e.federates_with.iter().map(ToString::to_string).collect(),
         hint: e.hint.clone(),
@@ -224,7 +251,7 @@ fn to_pb(e: &Entry, inner: &Inner) -> pb::Entry {
 /// How long a stream may wait before what it sent can be out of date by
 /// expiry alone: until the next entry or node-alias expiry (unix second
 /// `expiry`) or the caller's notAfter, at most [`RECHECK`].
-fn wake_after(inner: &Inner, caller: &Caller, expiry: Option<u64>) -> Duration {
+fn wake_after(inner: &SyncDeps, caller: &Caller, expiry: Option<u64>) -> Duration {
     let now = inner.clock.now();
     let until = |t: SystemTime| t.duration_since(now).unwrap_or_default() + EXPIRY_MARGIN;
     let mut wait = RECHECK.min(until(caller.not_after));
@@ -238,7 +265,7 @@ fn wake_after(inner: &Inner, caller: &Caller, expiry: Option<u64>) -> Duration {
 /// agent's [`EntryIndex::closure`](crate::index::EntryIndex::closure) at
 /// that revision, and the next expiry that changes what it gets.
 async fn compute(
-    inner: &Inner,
+    inner: &SyncDeps,
     agent: &Agent,
     sent: &mut Sent,
 ) -> Result<(Delta, u64, HashSet<SpiffeId>, Option<u64>), Status> {
@@ -277,14 +304,14 @@ async fn compute(
     let mut bundles: HashMap<TrustDomain, Arc<str>> = HashMap::new();
     bundles.insert(
         inner.trust_domain.clone(),
-        inner.ca.snapshot().spiffe_json().clone(),
+        inner.ca.borrow().spiffe_json().clone(),
     );
     for td in federated {
         match inner.store.get_bundle(&td).await {
             Ok(b) => {
                 bundles.insert(td, b.spiffe_json.into());
             }
-            Err(crate::datastore::DataStoreError::NotFound(_)) => {}
+            Err(DataStoreError::NotFound(_)) => {}
             Err(e) => return Err(Status::unavailable(e.to_string())),
         }
     }

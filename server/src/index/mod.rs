@@ -52,6 +52,26 @@ impl IndexHandle {
         (index.revision() >= revision).then(|| index.agent(id).cloned())
     }
 
+    /// The record of agent `id` as of the store's last acknowledged write:
+    /// the index's copy when the index has reached that write, else read
+    /// from the store (`None`: there is no such agent). See
+    /// `agent_api::identity` (`Inner::current_agent`) for why.
+    pub(crate) async fn agent_now(
+        &self,
+        store: &dyn DataStore,
+        id: &SpiffeId,
+    ) -> Result<Option<Agent>, DataStoreError> {
+        let answered = *store.revision().borrow();
+        if let Some(agent) = self.agent_at(id, answered) {
+            return Ok(agent);
+        }
+        match store.get_agent(id).await {
+            Ok(a) => Ok(Some(a)),
+            Err(DataStoreError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Wakes when the index reaches a new revision.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.revision_tx.subscribe()
