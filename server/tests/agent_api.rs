@@ -11,200 +11,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use hyper_util::rt::TokioIo;
-use oxid_pki::bundle::Bundle;
 use oxid_pki::x509::{Csr, ExtendedKeyUsage, PublicKey, SvidParams, X509Ca, verify_x509_svid};
 use oxid_pki::{KeyAlgorithm, KeyPair, TrustDomain};
 use oxid_proto::admin as admin_pb;
-use oxid_proto::admin::admin_client::AdminClient;
 use oxid_proto::agent as pb;
-use oxid_proto::agent::agent_api_client::AgentApiClient;
-use oxid_server::clock::ManualClock;
-use oxid_server::config::{Config, Overrides};
 use oxid_tls::SvidResolver;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint, Uri};
 
+use support::inproc::{Server, WAIT};
 use support::{Agent, chain_of};
-
-const WAIT: Duration = Duration::from_secs(20);
-
-struct Server {
-    dir: tempfile::TempDir,
-    addr: SocketAddr,
-    metrics_addr: SocketAddr,
-    clock: Arc<ManualClock>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), oxid_server::run::RunError>>>,
-}
-
-impl Server {
-    async fn start(extra: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        Self::start_in(dir, extra).await.unwrap()
-    }
-
-    async fn start_in(dir: tempfile::TempDir, extra: &str) -> Result<Self, String> {
-        let path = dir.path().join("server.toml");
-        std::fs::write(&path, extra).unwrap();
-        let config = Config::load(
-            Some(&path),
-            Overrides {
-                data_dir: Some(dir.path().join("data")),
-                socket_path: Some(dir.path().join("run/admin.sock")),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let metrics_addr = metrics.local_addr().unwrap();
-        let listeners = oxid_server::run::Listeners {
-            agent_api: listener,
-            metrics: Some(metrics),
-        };
-        let clock = Arc::new(ManualClock::new(SystemTime::now()));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(oxid_server::run::run_with(
-            config,
-            clock.clone(),
-            listeners,
-            async {
-                let _ = stopped.await;
-            },
-        ));
-        let s = Self {
-            dir,
-            addr,
-            metrics_addr,
-            clock,
-            stop: Some(stop),
-            task: Some(task),
-        };
-        // Ready when the admin socket answers (an event, not a sleep).
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Ok(mut admin) = s.admin_try().await {
-                if admin.health(admin_pb::HealthRequest {}).await.is_ok() {
-                    return Ok(s);
-                }
-            }
-            if s.task.as_ref().unwrap().is_finished() {
-                let mut s = s;
-                let r = s.task.take().unwrap().await.unwrap();
-                return Err(r.err().map(|e| e.to_string()).unwrap_or_default());
-            }
-            assert!(tokio::time::Instant::now() < deadline, "server not ready");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// Stops the server and returns its directory (for a restart).
-    async fn stop(mut self) -> tempfile::TempDir {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.await.unwrap().unwrap();
-        }
-        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("run/admin.sock")
-    }
-
-    async fn admin_try(&self) -> Result<AdminClient<Channel>, tonic::transport::Error> {
-        let path = self.socket();
-        let channel = Endpoint::try_from("http://admin.invalid")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }))
-            .await?;
-        Ok(AdminClient::new(channel))
-    }
-
-    async fn admin(&self) -> AdminClient<Channel> {
-        self.admin_try().await.unwrap()
-    }
-
-    async fn bundle(&self) -> Bundle {
-        let b = self
-            .admin()
-            .await
-            .get_bundle(admin_pb::GetBundleRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        Bundle::from_spiffe_json(td(), b.spiffe_json.as_bytes()).unwrap()
-    }
-
-    async fn token(&self, alias: &str) -> String {
-        self.admin()
-            .await
-            .create_join_token(admin_pb::CreateJoinTokenRequest {
-                ttl: 0,
-                spiffe_id: alias.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .token
-    }
-
-    async fn create_entry(&self, spiffe_id: &str, parent: &str, selector: &str) -> String {
-        let r = self
-            .admin()
-            .await
-            .create_entries(admin_pb::CreateEntriesRequest {
-                entries: vec![admin_pb::Entry {
-                    spiffe_id: spiffe_id.into(),
-                    parent_id: parent.into(),
-                    selectors: vec![selector.into()],
-                    ..Default::default()
-                }],
-                allow_exe_only: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(r.results[0].error.is_empty(), "{}", r.results[0].error);
-        r.results[0].id.clone()
-    }
-
-    /// A TLS channel to the agent API, expecting `server_id`, presenting
-    /// `certs` if given.
-    async fn channel_as(
-        &self,
-        server_id: &str,
-        certs: Option<Arc<SvidResolver>>,
-    ) -> Result<AgentApiClient<Channel>, String> {
-        support::agent_api_client(self.addr, self.bundle().await, server_id, certs).await
-    }
-
-    async fn client(&self, certs: Option<Arc<SvidResolver>>) -> AgentApiClient<Channel> {
-        self.channel_as(support::SERVER_ID, certs).await.unwrap()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
-fn td() -> TrustDomain {
-    TrustDomain::new("example.org").unwrap()
-}
 
 async fn attest_token(s: &Server, token: &str) -> Result<Agent, tonic::Status> {
     attest_token_with(s, token, |csr| csr).await
@@ -358,7 +173,7 @@ async fn bad_csrs_are_refused_without_burning_the_token_or_the_agent() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(agents(&s).await.len(), 1);
     let entry = s
-        .create_entry("spiffe://example.org/w", agent.id.as_str(), "unix:uid:1")
+        .add_entry("spiffe://example.org/w", agent.id.as_str(), "unix:uid:1")
         .await;
     assert!(sign(&s, &agent, &entry).await.error.is_empty());
 }
@@ -429,10 +244,10 @@ async fn svids_are_signed_only_for_authorised_entries_with_the_entry_id() {
     let a = attest_token(&s, &s.token("").await).await.unwrap();
     let b = attest_token(&s, &s.token("").await).await.unwrap();
     let mine = s
-        .create_entry("spiffe://example.org/web", a.id.as_str(), "unix:uid:1000")
+        .add_entry("spiffe://example.org/web", a.id.as_str(), "unix:uid:1000")
         .await;
     let theirs = s
-        .create_entry("spiffe://example.org/db", b.id.as_str(), "unix:uid:1001")
+        .add_entry("spiffe://example.org/db", b.id.as_str(), "unix:uid:1001")
         .await;
     // Wait for the index to see both entries: through a sync snapshot.
     let _ = snapshot(&s, &a).await;
@@ -522,7 +337,7 @@ async fn sync_pushes_new_entries_and_removals_at_once() {
 
     let started = std::time::Instant::now();
     let id = s
-        .create_entry("spiffe://example.org/web", agent.id.as_str(), "unix:uid:1")
+        .add_entry("spiffe://example.org/web", agent.id.as_str(), "unix:uid:1")
         .await;
     let delta = tokio::time::timeout(WAIT, stream.message())
         .await
@@ -541,7 +356,7 @@ async fn sync_pushes_new_entries_and_removals_at_once() {
 
     // An entry parented on this entry is authorised too (recursion).
     let child = s
-        .create_entry(
+        .add_entry(
             "spiffe://example.org/web/child",
             "spiffe://example.org/web",
             "unix:uid:2",
@@ -580,7 +395,7 @@ async fn token_aliases_authorise_entries() {
         .await
         .unwrap();
     let e = s
-        .create_entry(
+        .add_entry(
             "spiffe://example.org/edge-app",
             "spiffe://example.org/group/edge",
             "unix:uid:1",
@@ -831,7 +646,7 @@ async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
 async fn metrics_and_health_endpoints() {
     let s = Server::start("").await;
     let agent = attest_token(&s, &s.token("").await).await.unwrap();
-    s.create_entry("spiffe://example.org/web", agent.id.as_str(), "unix:uid:1")
+    s.add_entry("spiffe://example.org/web", agent.id.as_str(), "unix:uid:1")
         .await;
     let _ = attest_token(&s, "bogus").await;
     let (status, body) = http_get(s.metrics_addr, "/metrics").await;
@@ -856,7 +671,7 @@ async fn a_restart_keeps_agents_entries_and_the_ca() {
     let s = Server::start("").await;
     let agent = attest_token(&s, &s.token("").await).await.unwrap();
     let entry = s
-        .create_entry("spiffe://example.org/web", agent.id.as_str(), "unix:uid:1")
+        .add_entry("spiffe://example.org/web", agent.id.as_str(), "unix:uid:1")
         .await;
     let bundle = s.bundle().await;
     let dir = s.stop().await;
@@ -876,10 +691,10 @@ async fn a_reconnecting_agent_resumes_with_a_delta() {
     let s = Server::start("").await;
     let agent = attest_token(&s, &s.token("").await).await.unwrap();
     let keep = s
-        .create_entry("spiffe://example.org/keep", agent.id.as_str(), "unix:uid:1")
+        .add_entry("spiffe://example.org/keep", agent.id.as_str(), "unix:uid:1")
         .await;
     let gone = s
-        .create_entry("spiffe://example.org/gone", agent.id.as_str(), "unix:uid:2")
+        .add_entry("spiffe://example.org/gone", agent.id.as_str(), "unix:uid:2")
         .await;
     let (stream, first) = snapshot(&s, &agent).await;
     assert_eq!(first.upserts.len(), 2);
@@ -892,7 +707,7 @@ async fn a_reconnecting_agent_resumes_with_a_delta() {
         .await
         .unwrap();
     let new = s
-        .create_entry("spiffe://example.org/new", agent.id.as_str(), "unix:uid:3")
+        .add_entry("spiffe://example.org/new", agent.id.as_str(), "unix:uid:3")
         .await;
     // The index follows the store asynchronously: wait until a fresh
     // snapshot shows the change, then resume from the old point.
@@ -980,7 +795,7 @@ async fn oversized_batches_are_refused_whole_and_change_nothing() {
     let s = Server::start("").await;
     let agent = attest_token(&s, &s.token("").await).await.unwrap();
     let entry = s
-        .create_entry("spiffe://example.org/w", agent.id.as_str(), "unix:uid:1")
+        .add_entry("spiffe://example.org/w", agent.id.as_str(), "unix:uid:1")
         .await;
     // 1,001 CSRs in one SignX509Svids call: over the batch limit of 1,000.
     let csr = Csr::create(&KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap()).unwrap();
@@ -1037,7 +852,7 @@ async fn agent_calls_and_node_attestations_are_rate_limited_per_agent() {
     let a = attest_token(&s, &s.token("").await).await.unwrap();
     let b = attest_token(&s, &s.token("").await).await.unwrap();
     let entry = s
-        .create_entry("spiffe://example.org/w", a.id.as_str(), "unix:uid:1")
+        .add_entry("spiffe://example.org/w", a.id.as_str(), "unix:uid:1")
         .await;
     // A burst of 10 calls from agent A: the first few pass, then the limit.
     let mut c = s.client(Some(a.certs.clone())).await;
@@ -1083,7 +898,7 @@ async fn lowered_limits_from_the_config_refuse_whole_and_change_nothing() {
         Server::start("max_csrs_per_call = 2\nmax_admin_batch = 2\nmax_request_kib = 64\n").await;
     let agent = attest_token(&s, &s.token("").await).await.unwrap();
     let entry = s
-        .create_entry("spiffe://example.org/w", agent.id.as_str(), "unix:uid:1")
+        .add_entry("spiffe://example.org/w", agent.id.as_str(), "unix:uid:1")
         .await;
     let csr = Csr::create(&KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap()).unwrap();
     let batch = |n: usize, csr: &[u8]| pb::SignX509SvidsRequest {

@@ -15,195 +15,64 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use hyper_util::rt::TokioIo;
-use oxid_pki::bundle::Bundle;
 use oxid_pki::x509::{Csr, PublicKey, SvidParams, X509Ca};
 use oxid_pki::{KeyAlgorithm, KeyPair, TrustDomain};
 use oxid_proto::admin as admin_pb;
-use oxid_proto::admin::admin_client::AdminClient;
 use oxid_proto::agent as pb;
-use oxid_server::clock::ManualClock;
-use oxid_server::config::{Config, Overrides};
 use oxid_tls::SvidResolver;
 use rustls_pki_types::CertificateDer;
+use support::inproc::Server;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint, Uri};
 
-const WAIT: Duration = Duration::from_secs(20);
 const DAY: Duration = Duration::from_secs(86_400);
 
-/// A server trusting two node roots for x509pop.
-struct Server {
-    dir: tempfile::TempDir,
-    addr: std::net::SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+/// A server trusting `node_roots` for x509pop.
+async fn start(node_roots: &[&CertificateDer<'static>]) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("node-cas.pem");
+    std::fs::write(
+        &ca_file,
+        oxid_pki::x509::certs_to_pem(node_roots.iter().copied()),
+    )
+    .unwrap();
+    let config = format!("x509pop_ca_bundle = {:?}\n", ca_file.display().to_string());
+    Server::start_in(dir, &config).await.unwrap()
 }
 
-impl Server {
-    async fn start(node_roots: &[&CertificateDer<'static>]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let ca_file = dir.path().join("node-cas.pem");
-        std::fs::write(
-            &ca_file,
-            oxid_pki::x509::certs_to_pem(node_roots.iter().copied()),
-        )
-        .unwrap();
-        let config_file = dir.path().join("server.toml");
-        std::fs::write(
-            &config_file,
-            format!("x509pop_ca_bundle = {:?}\n", ca_file.display().to_string()),
-        )
-        .unwrap();
-        let config = Config::load(
-            Some(&config_file),
-            Overrides {
-                data_dir: Some(dir.path().join("data")),
-                socket_path: Some(dir.path().join("run/admin.sock")),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let listeners = oxid_server::run::Listeners {
-            agent_api: listener,
-            metrics: None,
-        };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(oxid_server::run::run_with(
-            config,
-            Arc::new(ManualClock::new(SystemTime::now())),
-            listeners,
-            async {
-                let _ = stopped.await;
-            },
-        ));
-        let s = Self {
-            dir,
-            addr,
-            stop: Some(stop),
-        };
-        // Ready when the admin socket answers (an event, not a sleep).
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Ok(mut admin) = s.admin_try().await {
-                if admin.health(admin_pb::HealthRequest {}).await.is_ok() {
-                    return s;
-                }
-            }
-            assert!(!task.is_finished(), "server exited: {:?}", task.await);
-            assert!(tokio::time::Instant::now() < deadline, "server not ready");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    async fn admin_try(&self) -> Result<AdminClient<Channel>, tonic::transport::Error> {
-        let path = self.dir.path().join("run/admin.sock");
-        let channel = Endpoint::try_from("http://admin.invalid")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }))
-            .await?;
-        Ok(AdminClient::new(channel))
-    }
-
-    async fn admin(&self) -> AdminClient<Channel> {
-        self.admin_try().await.unwrap()
-    }
-
-    async fn bundle(&self) -> Bundle {
-        let b = self
-            .admin()
-            .await
-            .get_bundle(admin_pb::GetBundleRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        Bundle::from_spiffe_json(td(), b.spiffe_json.as_bytes()).unwrap()
-    }
-
-    async fn client(
-        &self,
-        certs: Option<Arc<SvidResolver>>,
-    ) -> oxid_proto::agent::agent_api_client::AgentApiClient<Channel> {
-        support::agent_api_client(self.addr, self.bundle().await, support::SERVER_ID, certs)
-            .await
-            .unwrap()
-    }
-
-    async fn create_entry(&self, spiffe_id: &str, parent: &str, selector: &str) -> String {
-        let r = self
-            .admin()
-            .await
-            .create_entries(admin_pb::CreateEntriesRequest {
-                entries: vec![admin_pb::Entry {
-                    spiffe_id: spiffe_id.into(),
-                    parent_id: parent.into(),
-                    selectors: vec![selector.into()],
-                    ..Default::default()
-                }],
-                allow_exe_only: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(r.results[0].error.is_empty(), "{}", r.results[0].error);
-        r.results[0].id.clone()
-    }
-
-    async fn agent_selectors(&self, agent: &support::Agent) -> BTreeSet<String> {
-        self.admin()
-            .await
-            .get_agent(admin_pb::AgentRequest {
-                spiffe_id: agent.id.to_string(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .selectors
-            .into_iter()
-            .collect()
-    }
-
-    /// Asks for an SVID of `entry_id` as `agent`: the refusal, if any.
-    async fn sign(&self, agent: &support::Agent, entry_id: &str) -> Result<(), String> {
-        let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
-        let mut c = self.client(Some(agent.certs.clone())).await;
-        let svid = c
-            .sign_x509_svids(pb::SignX509SvidsRequest {
-                requests: vec![pb::SvidRequest {
-                    entry_id: entry_id.into(),
-                    csr: Csr::create(&key).unwrap(),
-                }],
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .into_inner()
-            .svids
-            .remove(0);
-        match svid.error.is_empty() && !svid.cert_chain.is_empty() {
-            true => Ok(()),
-            false => Err(svid.error),
-        }
-    }
+async fn agent_selectors(s: &Server, agent: &support::Agent) -> BTreeSet<String> {
+    s.admin()
+        .await
+        .get_agent(admin_pb::AgentRequest {
+            spiffe_id: agent.id.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .selectors
+        .into_iter()
+        .collect()
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+/// Asks for an SVID of `entry_id` as `agent`: the refusal, if any.
+async fn sign(s: &Server, agent: &support::Agent, entry_id: &str) -> Result<(), String> {
+    let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let mut c = s.client(Some(agent.certs.clone())).await;
+    let svid = c
+        .sign_x509_svids(pb::SignX509SvidsRequest {
+            requests: vec![pb::SvidRequest {
+                entry_id: entry_id.into(),
+                csr: Csr::create(&key).unwrap(),
+            }],
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner()
+        .svids
+        .remove(0);
+    match svid.error.is_empty() && !svid.cert_chain.is_empty() {
+        true => Ok(()),
+        false => Err(svid.error),
     }
-}
-
-fn td() -> TrustDomain {
-    TrustDomain::new("example.org").unwrap()
 }
 
 fn nodes() -> TrustDomain {
@@ -324,9 +193,9 @@ async fn attest(
 /// workload entry parented on the alias. Returns the workload entry's ID.
 async fn group(s: &Server, name: &str, ca: &CertificateDer<'static>) -> String {
     let alias = format!("spiffe://example.org/nodes/{name}");
-    s.create_entry(&alias, support::SERVER_ID, &fingerprint(ca))
+    s.add_entry(&alias, support::SERVER_ID, &fingerprint(ca))
         .await;
-    s.create_entry(
+    s.add_entry(
         &format!("spiffe://example.org/{name}/db"),
         &alias,
         "unix:uid:0",
@@ -338,7 +207,7 @@ async fn group(s: &Server, name: &str, ca: &CertificateDer<'static>) -> String {
 async fn a_sibling_intermediate_appended_to_the_chain_grants_nothing() {
     let root = root();
     let (a, b) = (intermediate(&root), intermediate(&root));
-    let s = Server::start(&[root.cert()]).await;
+    let s = start(&[root.cert()]).await;
     let group_a = group(&s, "group-a", a.cert()).await;
     let group_b = group(&s, "group-b", b.cert()).await;
 
@@ -347,10 +216,10 @@ async fn a_sibling_intermediate_appended_to_the_chain_grants_nothing() {
     let node = attest(&s, &[&leaf, a.cert(), b.cert()], &leaf_key)
         .await
         .unwrap();
-    s.sign(&node, &group_a).await.unwrap();
-    let err = s.sign(&node, &group_b).await.unwrap_err();
+    sign(&s, &node, &group_a).await.unwrap();
+    let err = sign(&s, &node, &group_b).await.unwrap_err();
     assert!(err.contains("not authorised"), "{err}");
-    let selectors = s.agent_selectors(&node).await;
+    let selectors = agent_selectors(&s, &node).await;
     assert_eq!(
         fingerprints(&selectors),
         set([a.cert(), root.cert()]),
@@ -362,20 +231,20 @@ async fn a_sibling_intermediate_appended_to_the_chain_grants_nothing() {
         .await
         .unwrap();
     assert_eq!(
-        fingerprints(&s.agent_selectors(&node).await),
+        fingerprints(&agent_selectors(&s, &node).await),
         set([a.cert(), root.cert()])
     );
-    let err = s.sign(&node, &group_b).await.unwrap_err();
+    let err = sign(&s, &node, &group_b).await.unwrap_err();
     assert!(err.contains("not authorised"), "{err}");
 
     // A real node of B is in group B (the alias works when it should).
     let (leaf_b, leaf_b_key) = node_cert(&b, "db-1");
     let node_b = attest(&s, &[&leaf_b, b.cert()], &leaf_b_key).await.unwrap();
     assert_eq!(
-        fingerprints(&s.agent_selectors(&node_b).await),
+        fingerprints(&agent_selectors(&s, &node_b).await),
         set([b.cert(), root.cert()])
     );
-    s.sign(&node_b, &group_b).await.unwrap();
+    sign(&s, &node_b, &group_b).await.unwrap();
 }
 
 #[tokio::test]
@@ -383,7 +252,7 @@ async fn a_padded_chain_cannot_pick_another_root_or_its_intermediates() {
     let (root_1, root_2) = (root(), root());
     let a = intermediate(&root_1);
     let c = intermediate(&root_2);
-    let s = Server::start(&[root_1.cert(), root_2.cert()]).await;
+    let s = start(&[root_1.cert(), root_2.cert()]).await;
     let group_root_2 = group(&s, "root-2", root_2.cert()).await;
     let group_c = group(&s, "group-c", c.cert()).await;
 
@@ -398,7 +267,7 @@ async fn a_padded_chain_cannot_pick_another_root_or_its_intermediates() {
         vec![&leaf, &forged, a.cert(), root_1.cert()],
     ] {
         let node = attest(&s, &chain, &leaf_key).await.unwrap();
-        let selectors = s.agent_selectors(&node).await;
+        let selectors = agent_selectors(&s, &node).await;
         assert_eq!(
             fingerprints(&selectors),
             set([a.cert(), root_1.cert()]),
@@ -406,7 +275,7 @@ async fn a_padded_chain_cannot_pick_another_root_or_its_intermediates() {
             chain.len()
         );
         for entry in [&group_root_2, &group_c] {
-            let err = s.sign(&node, entry).await.unwrap_err();
+            let err = sign(&s, &node, entry).await.unwrap_err();
             assert!(err.contains("not authorised"), "{err}");
         }
     }

@@ -1,7 +1,9 @@
-//! An in-process server for agent-API tests: a real server on a temp dir,
-//! the agent API on 127.0.0.1:0 with real TLS 1.3, the admin API on a Unix
-//! socket, and a clock that runs with real time but can be moved forward
-//! (expiry tests need both: timers that fire and certificates that lapse).
+//! The one in-process server of the server's tests: a real server
+//! (`run_with`) on a temp dir, the agent API and metrics on 127.0.0.1:0
+//! with real TLS 1.3 on the agent API, the admin API on a Unix socket, and
+//! a clock that runs with real time but can be moved forward (expiry tests
+//! need both: timers that fire and certificates that lapse). Restartable
+//! on the same directory (`stop`, `start_in`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -49,6 +51,8 @@ impl Clock for OffsetClock {
 pub(crate) struct Server {
     pub(crate) dir: tempfile::TempDir,
     pub(crate) addr: SocketAddr,
+    /// `/metrics`, `/live`, `/ready`.
+    pub(crate) metrics_addr: SocketAddr,
     pub(crate) clock: Arc<OffsetClock>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), oxid_server::run::RunError>>>,
@@ -57,7 +61,14 @@ pub(crate) struct Server {
 impl Server {
     /// A server with `extra` as its config file.
     pub(crate) async fn start(extra: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), extra)
+            .await
+            .unwrap()
+    }
+
+    /// A server on `dir` (a new one, or one a stopped server left) with
+    /// `extra` as its config file; why it did not start, if it did not.
+    pub(crate) async fn start_in(dir: tempfile::TempDir, extra: &str) -> Result<Self, String> {
         let path = dir.path().join("server.toml");
         std::fs::write(&path, extra).unwrap();
         let config = Config::load(
@@ -71,9 +82,11 @@ impl Server {
         .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics_addr = metrics.local_addr().unwrap();
         let listeners = oxid_server::run::Listeners {
             agent_api: listener,
-            metrics: None,
+            metrics: Some(metrics),
         };
         let clock = Arc::new(OffsetClock::default());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -88,6 +101,7 @@ impl Server {
         let s = Self {
             dir,
             addr,
+            metrics_addr,
             clock,
             stop: Some(stop),
             task: Some(task),
@@ -97,20 +111,37 @@ impl Server {
         loop {
             if let Ok(mut admin) = s.admin_try().await {
                 if admin.health(admin_pb::HealthRequest {}).await.is_ok() {
-                    return s;
+                    return Ok(s);
                 }
             }
-            assert!(
-                !s.task.as_ref().unwrap().is_finished(),
-                "the server stopped while starting"
-            );
+            if s.task.as_ref().unwrap().is_finished() {
+                let mut s = s;
+                let r = s.task.take().unwrap().await.unwrap();
+                return Err(r.err().map(|e| e.to_string()).unwrap_or_default());
+            }
             assert!(tokio::time::Instant::now() < deadline, "server not ready");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
-    async fn admin_try(&self) -> Result<AdminClient<Channel>, tonic::transport::Error> {
-        let path = self.dir.path().join("run/admin.sock");
+    /// Stops the server and returns its directory (for a restart).
+    pub(crate) async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+
+    /// The admin socket.
+    pub(crate) fn socket(&self) -> PathBuf {
+        self.dir.path().join("run/admin.sock")
+    }
+
+    pub(crate) async fn admin_try(&self) -> Result<AdminClient<Channel>, tonic::transport::Error> {
+        let path = self.socket();
         let channel = Endpoint::try_from("http://admin.invalid")
             .unwrap()
             .connect_with_connector(tower::service_fn(move |_: Uri| {
@@ -142,13 +173,13 @@ impl Server {
         Bundle::from_spiffe_json(td(), b.spiffe_json.as_bytes()).unwrap()
     }
 
-    /// A fresh join token.
-    pub(crate) async fn token(&self) -> String {
+    /// A fresh join token, giving its agent `alias` too unless empty.
+    pub(crate) async fn token(&self, alias: &str) -> String {
         self.admin()
             .await
             .create_join_token(admin_pb::CreateJoinTokenRequest {
                 ttl: 0,
-                spiffe_id: String::new(),
+                spiffe_id: alias.into(),
             })
             .await
             .unwrap()
@@ -184,6 +215,11 @@ impl Server {
         r.results[0].id.clone()
     }
 
+    /// Creates one entry that never expires; returns its ID.
+    pub(crate) async fn add_entry(&self, spiffe_id: &str, parent: &str, selector: &str) -> String {
+        self.create_entry(spiffe_id, parent, selector, 0).await
+    }
+
     /// The server's clock in Unix seconds.
     pub(crate) fn now_secs(&self) -> u64 {
         self.clock
@@ -195,14 +231,22 @@ impl Server {
 
     /// A new TLS connection to the agent API, presenting `certs` if given.
     pub(crate) async fn client(&self, certs: Option<Arc<SvidResolver>>) -> AgentApiClient<Channel> {
-        super::agent_api_client(self.addr, self.bundle().await, SERVER_ID, certs)
-            .await
-            .unwrap()
+        self.channel_as(SERVER_ID, certs).await.unwrap()
+    }
+
+    /// A new TLS connection to the agent API expecting the server to be
+    /// `server_id`, presenting `certs` if given.
+    pub(crate) async fn channel_as(
+        &self,
+        server_id: &str,
+        certs: Option<Arc<SvidResolver>>,
+    ) -> Result<AgentApiClient<Channel>, String> {
+        super::agent_api_client(self.addr, self.bundle().await, server_id, certs).await
     }
 
     /// A fresh agent, attested with a join token.
     pub(crate) async fn agent(&self) -> Agent {
-        let token = self.token().await;
+        let token = self.token("").await;
         super::attest_token_with(self.client(None).await, &token, |csr| csr)
             .await
             .unwrap()
