@@ -20,6 +20,7 @@ mod issuance;
 mod propagation;
 mod raw;
 mod scale;
+mod spire;
 mod stats;
 mod workload;
 
@@ -58,6 +59,9 @@ enum Command {
     /// another uid holds its maximum, admin latency while unauthenticated
     /// TLS peers hold the server's, and RSS before, during and after.
     Flood,
+    /// oxid and SPIRE v1.13.3 side by side (not part of `all`; SPIRE must
+    /// be built first, `scripts/bench spire` does).
+    Spire(spire::SpireArgs),
 }
 
 #[tokio::main]
@@ -99,6 +103,9 @@ async fn run(cli: Cli) -> BenchResult<()> {
     }
     if all || cli.command == Command::Flood {
         flood::run().await?;
+    }
+    if let Command::Spire(args) = cli.command {
+        spire::run(args, rounds).await?;
     }
     eprintln!("oxid-bench: done in {:.0} s", start.elapsed().as_secs_f64());
     Ok(())

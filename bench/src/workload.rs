@@ -27,7 +27,7 @@ const CONNECTIONS: [usize; 3] = [1, 100, 1000];
 const MAX_RATE_CONNECTIONS: usize = 100;
 
 #[derive(Clone, Copy, PartialEq)]
-enum Call {
+pub(crate) enum Call {
     /// FetchJWTSVID for an audience already cached by the agent.
     Jwt,
     /// A new FetchX509SVID stream, until its first message.
@@ -35,14 +35,14 @@ enum Call {
 }
 
 impl Call {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Jwt => "FetchJWTSVID (cached)",
             Self::X509 => "FetchX509SVID first message",
         }
     }
 
-    async fn once(self, mut client: WorkloadClient) -> BenchResult<()> {
+    pub(crate) async fn once(self, mut client: WorkloadClient) -> BenchResult<()> {
         match self {
             Self::Jwt => {
                 let resp = client
@@ -118,7 +118,7 @@ pub(crate) async fn run(rounds: usize) -> BenchResult<()> {
             let mut errors = 0;
             for _ in 0..rounds {
                 let before = proc_stat(agent_pid)?;
-                let (dist, errs) = paced(&clients, call).await;
+                let (dist, errs) = paced(&clients, call, RATE, TIME).await;
                 let used = proc_stat(agent_pid)?.cpu - before.cpu;
                 p50.push(dist.q(0.5).as_secs_f64() * 1e3);
                 p99.push(dist.q(0.99).as_secs_f64() * 1e3);
@@ -141,10 +141,15 @@ pub(crate) async fn run(rounds: usize) -> BenchResult<()> {
     restart(&c, &mut agent, rounds).await
 }
 
-/// Issues RATE × TIME calls of `call` at the fixed rate; their latencies
-/// and the number that failed.
-async fn paced(clients: &Arc<Vec<WorkloadClient>>, call: Call) -> (Dist, usize) {
-    let total = (RATE * TIME.as_secs_f64()) as usize;
+/// Issues `rate` × `time` calls of `call` at that fixed rate; their
+/// latencies and the number that failed.
+pub(crate) async fn paced(
+    clients: &Arc<Vec<WorkloadClient>>,
+    call: Call,
+    rate: f64,
+    time: Duration,
+) -> (Dist, usize) {
+    let total = (rate * time.as_secs_f64()) as usize;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -152,7 +157,7 @@ async fn paced(clients: &Arc<Vec<WorkloadClient>>, call: Call) -> (Dist, usize) 
     let mut issued = 0;
     while issued < total {
         tick.tick().await;
-        let due = ((start.elapsed().as_secs_f64() * RATE) as usize).min(total);
+        let due = ((start.elapsed().as_secs_f64() * rate) as usize).min(total);
         while issued < due {
             let client = clients[issued % clients.len()].clone();
             let tx = tx.clone();
@@ -191,35 +196,47 @@ async fn max_rate(socket: &std::path::Path, rounds: usize) -> BenchResult<()> {
     for call in [Call::Jwt, Call::X509] {
         let (mut rates, mut errors) = (vec![], 0);
         for _ in 0..rounds {
-            let stop = Arc::new(AtomicBool::new(false));
-            let mut tasks = tokio::task::JoinSet::new();
-            for client in &clients {
-                let (client, stop) = (client.clone(), stop.clone());
-                tasks.spawn(async move {
-                    let (mut ok, mut failed) = (0usize, 0usize);
-                    while !stop.load(Ordering::Relaxed) {
-                        match call.once(client.clone()).await {
-                            Ok(()) => ok += 1,
-                            Err(_) => failed += 1,
-                        }
-                    }
-                    (ok, failed)
-                });
-            }
-            let start = Instant::now();
-            tokio::time::sleep(TIME).await;
-            stop.store(true, Ordering::Relaxed);
-            let mut done = 0;
-            while let Some(r) = tasks.join_next().await {
-                let (ok, failed) = r?;
-                done += ok;
-                errors += failed;
-            }
-            rates.push(done as f64 / start.elapsed().as_secs_f64());
+            let (rate, failed) = closed_loop(&clients, call, TIME).await?;
+            rates.push(rate);
+            errors += failed;
         }
         println!("| {} | {} | {errors} |", call.name(), spread(&rates, 0));
     }
     Ok(())
+}
+
+/// Every client calls `call` again as soon as it has its answer, for
+/// `time`; the rate of successful calls and the number that failed.
+pub(crate) async fn closed_loop(
+    clients: &[WorkloadClient],
+    call: Call,
+    time: Duration,
+) -> BenchResult<(f64, usize)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = tokio::task::JoinSet::new();
+    for client in clients {
+        let (client, stop) = (client.clone(), stop.clone());
+        tasks.spawn(async move {
+            let (mut ok, mut failed) = (0usize, 0usize);
+            while !stop.load(Ordering::Relaxed) {
+                match call.once(client.clone()).await {
+                    Ok(()) => ok += 1,
+                    Err(_) => failed += 1,
+                }
+            }
+            (ok, failed)
+        });
+    }
+    let start = Instant::now();
+    tokio::time::sleep(time).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut done, mut errors) = (0, 0);
+    while let Some(r) = tasks.join_next().await {
+        let (ok, failed) = r?;
+        done += ok;
+        errors += failed;
+    }
+    Ok((done as f64 / start.elapsed().as_secs_f64(), errors))
 }
 
 /// Agent restart (SIGTERM, start with its saved identity) to the first
