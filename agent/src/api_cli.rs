@@ -114,8 +114,9 @@ async fn channel(args: &ApiArgs) -> Result<Api, AgentError> {
     Ok(Api { channel, shown })
 }
 
-/// `healthcheck`: the Workload API must be SERVING.
-pub(crate) async fn healthcheck(args: ApiArgs) -> Result<(), AgentError> {
+/// `healthcheck`: the agent must be ready (its Workload API's health is
+/// SERVING, as `/ready` is 200), or with `shallow` only alive (answering).
+pub(crate) async fn healthcheck(args: ApiArgs, shallow: bool) -> Result<(), AgentError> {
     use tonic_health::pb::health_check_response::ServingStatus;
     let api = channel(&args).await?;
     let mut health = tonic_health::pb::health_client::HealthClient::new(api.channel.clone());
@@ -127,9 +128,11 @@ pub(crate) async fn healthcheck(args: ApiArgs) -> Result<(), AgentError> {
         .map_err(|s| api.status(s))?
         .into_inner()
         .status;
-    if s != ServingStatus::Serving as i32 {
+    if s != ServingStatus::Serving as i32 && !shallow {
         return Err(AgentError::WorkloadApi(
-            "the agent has not synced with the server yet".into(),
+            "the agent is not ready: not synced with the server, disconnected from it, or \
+             refused by it (see the agent's log; --shallow checks only that it is alive)"
+                .into(),
         ));
     }
     if args.output == "json" {

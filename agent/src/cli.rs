@@ -30,8 +30,9 @@ pub enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Exit 0 if the agent's Workload API is serving (synced).
-    Healthcheck(ApiArgs),
+    /// Exit 0 if the agent is ready (synced, connected to the server, its
+    /// identity accepted: what `/ready` says), or with --shallow alive.
+    Healthcheck(HealthArgs),
     /// Use the Workload API as a workload would.
     #[command(subcommand)]
     Api(ApiCommand),
@@ -47,6 +48,18 @@ pub struct ApiArgs {
     /// Output format.
     #[arg(long, value_parser = ["pretty", "json"], default_value = "pretty")]
     pub output: String,
+}
+
+/// `healthcheck` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HealthArgs {
+    /// Only check that the agent is alive (its Workload API answers), not
+    /// that it is ready: a liveness probe.
+    #[arg(long)]
+    pub shallow: bool,
+    /// Socket and output.
+    #[command(flatten)]
+    pub api: ApiArgs,
 }
 
 /// `api` commands.
@@ -120,9 +133,14 @@ pub struct RunArgs {
     /// Bootstrap bundle (PEM, from `oxid-server bundle show`).
     #[arg(long)]
     pub trust_bundle: Option<PathBuf>,
-    /// Join token (from `oxid-server token generate`).
-    #[arg(long)]
+    /// Join token (from `oxid-server token generate`); visible in `ps`:
+    /// prefer --join-token-file.
+    #[arg(long, conflicts_with = "join_token_file")]
     pub join_token: Option<String>,
+    /// File holding the join token (mode 0600 or stricter, owned by the
+    /// agent's user or root; systemd's LoadCredential= files are accepted).
+    #[arg(long)]
+    pub join_token_file: Option<PathBuf>,
     /// x509pop node certificate chain (PEM).
     #[arg(long)]
     pub node_cert: Option<PathBuf>,
@@ -195,7 +213,9 @@ pub fn main() -> ExitCode {
                 }),
             );
         }
-        Command::Healthcheck(api) => return finish(block_on(crate::api_cli::healthcheck(api))),
+        Command::Healthcheck(h) => {
+            return finish(block_on(crate::api_cli::healthcheck(h.api, h.shallow)));
+        }
         Command::Api(cmd) => return finish(block_on(crate::api_cli::run(cmd))),
     };
     let flags = AgentFile {
@@ -203,6 +223,7 @@ pub fn main() -> ExitCode {
         trust_domain: args.trust_domain,
         trust_bundle: args.trust_bundle,
         join_token: args.join_token,
+        join_token_file: args.join_token_file,
         node_cert: args.node_cert,
         node_key: args.node_key,
         data_dir: args.data_dir,

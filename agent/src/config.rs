@@ -7,7 +7,7 @@ use oxid_pki::TrustDomain;
 use serde::Deserialize;
 
 use crate::AgentError;
-use crate::server::Attestation;
+use crate::identity::Attestation;
 
 /// Default server address.
 pub const DEFAULT_SERVER_ADDRESS: &str = "127.0.0.1:8081";
@@ -70,8 +70,12 @@ pub struct AgentFile {
     pub trust_domain: Option<String>,
     /// Bootstrap bundle (PEM).
     pub trust_bundle: Option<PathBuf>,
-    /// Join token (prefer the flag: tokens are secrets).
+    /// Join token (prefer `join_token_file`: tokens are secrets).
     pub join_token: Option<String>,
+    /// A file holding the join token: mode 0600 or stricter, owned by the
+    /// agent's user or root (under systemd's `$CREDENTIALS_DIRECTORY`, the
+    /// 0400/0440 root-owned file `LoadCredential=` makes is accepted).
+    pub join_token_file: Option<PathBuf>,
     /// x509pop node certificate chain (PEM).
     pub node_cert: Option<PathBuf>,
     /// x509pop node key (PKCS#8, 0600).
@@ -196,7 +200,19 @@ impl AgentConfig {
             pick(flags.trust_domain, file.trust_domain).unwrap_or_else(|| "example.org".into());
         let trust_domain = TrustDomain::new(&td_name)
             .map_err(|e| AgentError::Config(format!("trust_domain {td_name:?}: {e}")))?;
-        let join_token = pick(flags.join_token, file.join_token);
+        let join_token = match (
+            pick(flags.join_token, file.join_token),
+            flags.join_token_file.or(file.join_token_file),
+        ) {
+            (Some(_), Some(_)) => {
+                return Err(AgentError::Config(
+                    "give either --join-token or --join-token-file, not both".into(),
+                ));
+            }
+            (Some(t), None) => Some(t),
+            (None, Some(path)) => Some(read_join_token_file(&path)?),
+            (None, None) => None,
+        };
         let node_cert = flags.node_cert.or(file.node_cert);
         let node_key = flags.node_key.or(file.node_key);
         let attestation = match (join_token, node_cert, node_key) {
@@ -271,6 +287,83 @@ impl AgentConfig {
             log_format,
             clock: crate::clock::WallClock::default(),
         })
+    }
+}
+
+/// Largest join token file read; a token is a few dozen bytes.
+const MAX_JOIN_TOKEN_FILE_LEN: u64 = 4096;
+
+/// Reads a join token file: a regular file owned by the agent's user or
+/// root that no one else can read, holding one token (a trailing newline is
+/// dropped). systemd's `LoadCredential=` makes its files 0400 owned by root
+/// and, for a service with `User=`, adds an ACL entry for that user, which
+/// shows as group read (0440): that is accepted under
+/// `$CREDENTIALS_DIRECTORY`, where only the ACL's user can read it.
+pub fn read_join_token_file(path: &Path) -> Result<String, AgentError> {
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    read_token_file(path, credentials.as_deref())
+}
+
+/// [`read_join_token_file`], with systemd's credentials directory given.
+fn read_token_file(path: &Path, credentials: Option<&Path>) -> Result<String, AgentError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+    let shown = path.display();
+    let bad = |m: String| AgentError::Config(format!("join token file {shown}: {m}"));
+    // O_NONBLOCK: a FIFO must not hang the start; it is refused below.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(|e| bad(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| bad(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(bad(format!(
+            "owned by uid {}; it must be owned by the agent's user ({me}) or root",
+            meta.uid()
+        )));
+    }
+    let mode = meta.mode() & 0o7777;
+    let allowed = if credentials.is_some_and(|dir| is_in(path, dir)) {
+        0o440
+    } else {
+        0o600
+    };
+    if mode & !allowed != 0 {
+        return Err(bad(format!(
+            "mode {mode:04o} lets others read the token; chmod 600 it (or use systemd's \
+             LoadCredential=)"
+        )));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_JOIN_TOKEN_FILE_LEN + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| bad(e.to_string()))?;
+    if bytes.len() as u64 > MAX_JOIN_TOKEN_FILE_LEN {
+        return Err(bad("larger than a join token".into()));
+    }
+    let text = std::str::from_utf8(&bytes).map_err(|_| bad("not text".into()))?;
+    let token = text
+        .strip_suffix('\n')
+        .map_or(text, |t| t.strip_suffix('\r').unwrap_or(t));
+    if token.is_empty() {
+        return Err(bad("empty".into()));
+    }
+    if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(bad("expected one token on one line".into()));
+    }
+    Ok(token.to_owned())
+}
+
+/// Whether `path` is directly in `dir`, both resolved.
+fn is_in(path: &Path, dir: &Path) -> bool {
+    match (std::fs::canonicalize(dir), std::fs::canonicalize(path)) {
+        (Ok(dir), Ok(file)) => file.parent() == Some(dir.as_path()),
+        _ => false,
     }
 }
 
@@ -514,6 +607,87 @@ mod tests {
                 .jwt_svid_cache_per_uid,
             0,
             "no cache at all"
+        );
+    }
+
+    #[test]
+    fn a_join_token_file_is_checked_and_read() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("token");
+        let chmod = |mode| {
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        std::fs::write(&f, "abc123\n").unwrap();
+        chmod(0o600);
+        assert_eq!(read_join_token_file(&f).unwrap(), "abc123");
+        chmod(0o400);
+        assert_eq!(read_join_token_file(&f).unwrap(), "abc123");
+        for mode in [0o640, 0o604, 0o644, 0o440, 0o700] {
+            chmod(mode);
+            let e = read_join_token_file(&f).unwrap_err().to_string();
+            assert!(e.contains(&format!("mode {mode:04o}")), "{e}");
+        }
+        chmod(0o600);
+        for (bad, says) in [
+            ("", "empty"),
+            ("\n", "empty"),
+            ("a b\n", "one token"),
+            ("a\nb\n", "one token"),
+        ] {
+            std::fs::write(&f, bad).unwrap();
+            let e = read_join_token_file(&f).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+        std::fs::write(&f, "tok\r\n").unwrap();
+        assert_eq!(read_join_token_file(&f).unwrap(), "tok");
+        let e = read_join_token_file(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        // Another user's file: refused even at 0600 (root can chown).
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&f, Some(65534), None).unwrap();
+            let e = read_join_token_file(&f).unwrap_err().to_string();
+            assert!(e.contains("owned by uid 65534"), "{e}");
+            std::os::unix::fs::chown(&f, Some(0), None).unwrap();
+        }
+        // Through the configuration, and never together with a token.
+        std::fs::write(&f, "fromfile\n").unwrap();
+        let flags = AgentFile {
+            join_token_file: Some(f.clone()),
+            ..Default::default()
+        };
+        match AgentConfig::load(None, flags).unwrap().attestation {
+            Some(Attestation::JoinToken(t)) => assert_eq!(t, "fromfile"),
+            other => panic!("{other:?}"),
+        }
+        let both = AgentFile {
+            join_token: Some("t".into()),
+            join_token_file: Some(f.clone()),
+            ..Default::default()
+        };
+        let e = AgentConfig::load(None, both).unwrap_err().to_string();
+        assert!(e.contains("not both"), "{e}");
+        let toml = format!("join_token_file = {:?}\n", f.display().to_string());
+        assert!(AgentConfig::from_toml(&toml, AgentFile::default()).is_ok());
+    }
+
+    #[test]
+    fn a_systemd_credential_may_show_group_read() {
+        use std::os::unix::fs::PermissionsExt as _;
+        // What LoadCredential= makes for a service with User=: 0400 owned by
+        // root plus an ACL entry for the user, which stat shows as 0440.
+        let creds = tempfile::tempdir().unwrap();
+        let f = creds.path().join("join-token");
+        std::fs::write(&f, "cred\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o440)).unwrap();
+        assert!(read_token_file(&f, None).is_err(), "0440 outside it");
+        let elsewhere = tempfile::tempdir().unwrap();
+        assert!(read_token_file(&f, Some(elsewhere.path())).is_err());
+        assert_eq!(read_token_file(&f, Some(creds.path())).unwrap(), "cred");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o444)).unwrap();
+        assert!(
+            read_token_file(&f, Some(creds.path())).is_err(),
+            "readable by others even there"
         );
     }
 }

@@ -15,9 +15,10 @@ pub mod config;
 /// Fuzz oracles: only for `fuzz/` (feature `fuzzing`) and this crate's tests.
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+pub mod identity;
 mod metrics;
 pub mod run;
-pub mod server;
+pub mod server_client;
 pub mod state;
 mod svids;
 mod sync;

@@ -10,11 +10,11 @@ use oxid_tls::{SharedBundle, SvidResolver};
 
 use crate::cache::Cache;
 use crate::config::AgentConfig;
-use crate::server::{Attestation, Identity, ServerClient};
+use crate::server_client::ServerClient;
 use crate::workload::conn::WorkloadConn;
 use crate::workload::jwt_cache::JwtCache;
 use crate::workload::{WorkloadApi, attest::UnixAttestor, check_header};
-use crate::{AgentError, state, svids, sync};
+use crate::{AgentError, identity, state, svids, sync};
 
 /// How long open connections get to close after a stop.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
@@ -49,6 +49,17 @@ pub async fn run(
              RestrictAddressFamilies must include AF_NETLINK)"
         ))
     })?;
+    // Before anything is spent (a join token): what would make binding the
+    // socket or the metrics port fail.
+    check_socket_path(&config.socket_path)?;
+    let metrics_listener = match config.metrics_address {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|e| AgentError::Config(format!("metrics_address {address}: {e}")))?,
+        ),
+        None => None,
+    };
     let td = config.trust_domain.clone();
     let bundle = match state::load_bundle(&dir, &td) {
         Some(b) => b,
@@ -78,39 +89,22 @@ pub async fn run(
         .with_clock(config.clock.clone()),
     );
 
-    let now = config.clock.now();
-    let identity = match state::load_identity(&dir) {
-        Some(i) if i.not_after > now => {
-            tracing::info!(agent = %i.spiffe_id, "restored the agent identity");
-            i
-        }
-        Some(i) if config.attestation.is_none() => {
-            let ago = now
-                .duration_since(i.not_after)
-                .unwrap_or_default()
-                .as_secs();
-            return Err(AgentError::Config(format!(
-                "the saved agent SVID of {} expired {ago} s ago: this agent needs a new join \
-                 token (`oxid-server token generate`, then --join-token), or x509pop \
-                 credentials (--node-cert and --node-key)",
-                i.spiffe_id
-            )));
-        }
-        Some(i) => {
-            tracing::warn!(agent = %i.spiffe_id, "the saved agent SVID expired; attesting again");
-            attest(&server, config.attestation.as_ref(), &dir, &tls_bundle, &td).await?
-        }
-        None => attest(&server, config.attestation.as_ref(), &dir, &tls_bundle, &td).await?,
+    let settings = identity::Settings {
+        dir: dir.clone(),
+        trust_domain: td.clone(),
+        attestation: config.attestation.clone(),
+        clock: config.clock.clone(),
     };
-    server.use_identity(&identity)?;
+    let identity = identity::establish(&server, &settings, &tls_bundle).await?;
+    let identity_status = Arc::new(identity::Status::default());
 
     let cache = Arc::new(Cache::new(td));
-    let renewer = tokio::spawn(keep_identity(
+    let renewer = tokio::spawn(identity::keep(
         server.clone(),
         identity,
-        config.attestation.clone(),
-        dir.clone(),
+        settings,
         tls_bundle.clone(),
+        identity_status.clone(),
     ));
     let syncer = tokio::spawn(sync::run(server.clone(), cache.clone(), tls_bundle, dir));
     let signer = tokio::spawn(svids::run(
@@ -132,11 +126,8 @@ pub async fn run(
         config.jwt_mints_per_second,
         config.jwt_mints_per_second_per_uid,
     ));
-    let metrics_task = match config.metrics_address {
-        Some(address) => {
-            let l = tokio::net::TcpListener::bind(address)
-                .await
-                .map_err(|e| AgentError::Config(format!("metrics_address {address}: {e}")))?;
+    let metrics_task = match metrics_listener {
+        Some(l) => {
             // Logged as bound, so a port of 0 can be found.
             if let Ok(bound) = l.local_addr() {
                 tracing::info!(metrics_address = %bound, "oxid-agent serving metrics");
@@ -167,9 +158,9 @@ pub async fn run(
     )
     .with_mint_budget(mint_budget);
     // gRPC health and reflection share the socket; neither needs the
-    // Workload API's security header. Health turns SERVING at first sync.
+    // Workload API's security header. Health is SERVING while ready.
     let (health, health_service) = tonic_health::server::health_reporter();
-    let health_task = tokio::spawn(report_health(health, cache));
+    let health_task = tokio::spawn(report_health(health, cache, identity_status));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(oxid_proto::WORKLOAD_FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -219,94 +210,49 @@ pub async fn run(
     result.map_err(|e| AgentError::Internal(e.to_string()))
 }
 
-async fn attest(
-    server: &ServerClient,
-    how: Option<&Attestation>,
-    dir: &std::path::Path,
-    tls_bundle: &SharedBundle,
-    td: &oxid_pki::TrustDomain,
-) -> Result<Identity, AgentError> {
-    let how = how.ok_or_else(|| {
-        AgentError::Config(
-            "no saved agent identity: give --join-token, or --node-cert and --node-key".into(),
-        )
-    })?;
-    let (identity, bundle_json) = server.attest(how).await?;
-    if let Ok(bundle) = Bundle::from_spiffe_json(td.clone(), bundle_json.as_bytes()) {
-        tls_bundle.set(bundle.clone());
-        state::save_bundle(dir, &bundle)?;
+/// Refuses a socket path taken by something that is not a socket, which
+/// binding would only find after the join token was spent.
+fn check_socket_path(path: &std::path::Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::FileTypeExt as _;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => Err(AgentError::Config(format!(
+            "socket_path {}: a file that is not a socket is in the way",
+            path.display()
+        ))),
+        _ => Ok(()),
     }
-    state::save_identity(dir, &identity)?;
-    tracing::info!(agent = %identity.spiffe_id, "attested to the server");
-    Ok(identity)
 }
 
-/// Renews the agent SVID at half-life. If the server says the agent is gone
-/// (evicted, banned, expired), an x509pop agent attests again on its own; a
-/// join-token agent says plainly that it needs a new token.
-async fn keep_identity(
-    server: Arc<ServerClient>,
-    mut identity: Identity,
-    how: Option<Attestation>,
-    dir: std::path::PathBuf,
-    tls_bundle: Arc<SharedBundle>,
+/// How often the Workload API's gRPC health follows readiness.
+const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Keeps the Workload API's gRPC health SERVING while the agent is ready
+/// (what `/ready` says: synced, connected to the server, its identity
+/// accepted), NOT_SERVING otherwise, so `oxid-agent healthcheck` and
+/// `/ready` agree.
+async fn report_health(
+    reporter: tonic_health::server::HealthReporter,
+    cache: Arc<Cache>,
+    identity: Arc<identity::Status>,
 ) {
-    let td = identity.spiffe_id.trust_domain().clone();
-    loop {
-        let wait = identity
-            .renew_at
-            .saturating_duration_since(tokio::time::Instant::now());
-        tokio::time::sleep(sync::jittered(wait.max(Duration::from_millis(200)))).await;
-        match server.renew(&identity).await {
-            Ok(next) => {
-                if let Err(e) =
-                    state::save_identity(&dir, &next).and_then(|()| server.use_identity(&next))
-                {
-                    tracing::error!(error = %e, "cannot store the renewed agent SVID");
-                }
-                identity = next;
-            }
-            Err(AgentError::Refused(message)) => match &how {
-                Some(x509 @ Attestation::X509Pop { .. }) => {
-                    tracing::warn!(error = %message, "the server refused the agent SVID; attesting again");
-                    match attest(&server, Some(x509), &dir, &tls_bundle, &td).await {
-                        Ok(next) => {
-                            let _ = server.use_identity(&next);
-                            identity = next;
-                        }
-                        Err(e) => tracing::error!(error = %e, "re-attestation failed"),
-                    }
-                }
-                _ => {
-                    tracing::error!(
-                        error = %message,
-                        "the server refused the agent SVID; this agent needs a new join token \
-                         (`oxid-server token generate`) and a restart with --join-token"
-                    );
-                    tokio::time::sleep(Duration::from_secs(60)).await;
-                }
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "renewing the agent SVID failed; retrying");
-                tokio::time::sleep(sync::jittered(Duration::from_secs(5))).await;
-            }
-        }
-    }
-}
-
-/// Marks the Workload API service SERVING once the agent has synced.
-async fn report_health(reporter: tonic_health::server::HealthReporter, cache: Arc<Cache>) {
+    use std::sync::atomic::Ordering::Relaxed;
     type Svc =
         oxid_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer<WorkloadApi>;
     reporter.set_not_serving::<Svc>().await;
+    let mut serving = false;
     let mut changes = cache.subscribe();
     loop {
-        if changes.borrow_and_update().synced {
-            reporter.set_serving::<Svc>().await;
-            return;
+        let ready = changes.borrow_and_update().synced
+            && cache.counters.server_connected.load(Relaxed)
+            && identity.accepted();
+        if ready != serving {
+            serving = ready;
+            match ready {
+                true => reporter.set_serving::<Svc>().await,
+                false => reporter.set_not_serving::<Svc>().await,
+            }
         }
-        if changes.changed().await.is_err() {
-            return;
-        }
+        // The connection flag has no wake-up of its own: poll it too.
+        let _ = tokio::time::timeout(HEALTH_INTERVAL, changes.changed()).await;
     }
 }

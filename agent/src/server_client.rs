@@ -1,12 +1,13 @@
-//! The agent's side of the agent API: a TLS 1.3 channel that accepts only
-//! `spiffe://<td>/oxid/server` (verified against the live bundle), node
-//! attestation, and renewal of the agent SVID.
+//! The client of the server's agent API: a TLS 1.3 channel that accepts
+//! only `spiffe://<td>/oxid/server` (verified against the live bundle), and
+//! the calls that node attestation and renewal of the agent SVID make. What
+//! the agent does with its identity is `identity`'s.
 
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use oxid_pki::x509::{Csr, leaf_identity};
+use oxid_pki::x509::Csr;
 use oxid_pki::{KeyAlgorithm, KeyPair, SpiffeId};
 use oxid_proto::agent as pb;
 use oxid_proto::agent::agent_api_client::AgentApiClient;
@@ -15,78 +16,8 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::AgentError;
-use crate::clock::{self, WallClock};
-
-/// The agent's own identity.
-#[derive(Debug)]
-pub struct Identity {
-    /// The agent's SPIFFE ID.
-    pub spiffe_id: SpiffeId,
-    /// Its key (generated here).
-    pub key: KeyPair,
-    /// Its SVID chain, leaf first.
-    pub chain: Vec<CertificateDer<'static>>,
-    /// When to renew it (half its life), on the monotonic clock: see
-    /// [`crate::clock`].
-    pub renew_at: tokio::time::Instant,
-    /// When the SVID expires, by its certificate (wall-clock time: what is
-    /// checked against a restart's clock).
-    pub not_after: SystemTime,
-}
-
-impl Identity {
-    /// Builds an identity from a signed chain, checking it names `expected`
-    /// (or any agent ID if `None`). `valid_for_ms` is the server's count of
-    /// its remaining life (0 if unknown: the `wall` clock is used then).
-    pub fn from_chain(
-        key: KeyPair,
-        chain: Vec<CertificateDer<'static>>,
-        expected: Option<&SpiffeId>,
-        valid_for_ms: u64,
-        wall: &WallClock,
-    ) -> Result<Self, AgentError> {
-        let asked = tokio::time::Instant::now();
-        let leaf = chain
-            .first()
-            .ok_or_else(|| AgentError::Server("empty agent SVID".into()))?;
-        let (spiffe_id, _) = leaf_identity(leaf).map_err(|e| AgentError::Server(e.to_string()))?;
-        if expected.is_some_and(|e| e != &spiffe_id) {
-            return Err(AgentError::Server(format!(
-                "server issued an SVID for {spiffe_id}"
-            )));
-        }
-        let not_after = x509_parser::parse_x509_certificate(leaf)
-            .map(|(_, c)| {
-                SystemTime::UNIX_EPOCH
-                    + std::time::Duration::from_secs(
-                        c.validity().not_after.timestamp().max(0).unsigned_abs(),
-                    )
-            })
-            .map_err(|e| AgentError::Server(e.to_string()))?;
-        let life = clock::Issued::new(valid_for_ms, not_after).life(wall);
-        Ok(Self {
-            spiffe_id,
-            key,
-            chain,
-            renew_at: clock::after(asked, life / 2),
-            not_after,
-        })
-    }
-}
-
-/// How the node proves itself.
-#[derive(Debug, Clone)]
-pub enum Attestation {
-    /// A single-use join token.
-    JoinToken(String),
-    /// A node certificate chain (PEM file) and its key (PKCS#8 file).
-    X509Pop {
-        /// Node certificate chain, PEM.
-        cert: std::path::PathBuf,
-        /// Node key, PKCS#8, mode 0600.
-        key: std::path::PathBuf,
-    },
-}
+use crate::clock::WallClock;
+use crate::identity::{Attestation, Identity};
 
 /// A connection to the server.
 pub struct ServerClient {
@@ -105,6 +36,9 @@ pub struct ServerClient {
     /// the pending SVID's key (a lost answer stays recoverable, a copied
     /// old SVID cannot renew).
     renewal_key: Mutex<Option<KeyPair>>,
+    /// Woken when the server refuses a call for who the agent is (its sync
+    /// stream refused), so the identity is checked now, not at renewal.
+    identity_refused: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for ServerClient {
@@ -134,6 +68,7 @@ impl ServerClient {
             wall: WallClock::default(),
             busy_until: Mutex::new(None),
             renewal_key: Mutex::new(None),
+            identity_refused: tokio::sync::Notify::new(),
         })
     }
 
@@ -163,6 +98,20 @@ impl ServerClient {
             let until = tokio::time::Instant::now() + BUSY_PUSHBACK;
             *self.busy_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(until);
         }
+    }
+
+    /// Notes that the server refused the agent's sync stream with `status`:
+    /// a `PermissionDenied` there is about the agent itself (evicted,
+    /// banned, serial retired), which the identity task then checks.
+    pub fn note_sync_refusal(&self, status: &tonic::Status) {
+        if status.code() == tonic::Code::PermissionDenied {
+            self.identity_refused.notify_one();
+        }
+    }
+
+    /// Completes when [`Self::note_sync_refusal`] saw a refusal.
+    pub(crate) async fn identity_refused(&self) {
+        self.identity_refused.notified().await;
     }
 
     /// Whether workload-driven calls are to step aside now (see

@@ -1,54 +1,21 @@
-//! What the agent keeps in its data directory, so a restart (even a day
-//! later, after CA rotation) needs neither a new token nor a new bundle:
-//! its key, its SVID and the latest bundle, each written 0600, atomically.
+//! What the agent keeps in its data directory besides its identity (which
+//! is `identity`'s), so a restart (even a day later, after CA rotation)
+//! needs no new bundle: the latest bundle, written 0600, atomically.
 
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 
+use oxid_pki::TrustDomain;
 use oxid_pki::bundle::Bundle;
-use oxid_pki::{KeyPair, TrustDomain};
 
 use crate::AgentError;
-use crate::server::Identity;
 
-const KEY_FILE: &str = "agent.key";
-const SVID_FILE: &str = "agent-svid.pem";
 const BUNDLE_FILE: &str = "bundle.json";
 
-/// Writes `bytes` to `path` with mode 0600: temp file, sync, rename.
+/// Writes `bytes` to `path` with mode 0600, atomically and durably (pki's
+/// one writer of private files).
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), AgentError> {
-    let io = |e: std::io::Error| AgentError::State(format!("{}: {e}", path.display()));
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
-    file.write_all(bytes).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
-}
-
-/// Saves the agent identity.
-pub fn save_identity(dir: &Path, identity: &Identity) -> Result<(), AgentError> {
-    identity
-        .key
-        .store(&dir.join(KEY_FILE))
-        .map_err(|e| AgentError::State(e.to_string()))?;
-    let pem = oxid_pki::x509::certs_to_pem(&identity.chain);
-    write_private(&dir.join(SVID_FILE), pem.as_bytes())
-}
-
-/// Loads the saved identity, if complete and readable. It is renewed at
-/// half its remaining life by the system clock.
-pub fn load_identity(dir: &Path) -> Option<Identity> {
-    let key = KeyPair::load(&dir.join(KEY_FILE)).ok()?;
-    let pem = std::fs::read(dir.join(SVID_FILE)).ok()?;
-    let chain = oxid_pki::x509::certs_from_pem(&pem).ok()?;
-    Identity::from_chain(key, chain, None, 0, &crate::clock::WallClock::default()).ok()
+    oxid_pki::key::write_private(path, bytes)
+        .map_err(|e| AgentError::State(format!("{}: {e}", path.display())))
 }
 
 /// Saves the latest bundle of the agent's trust domain.

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::cache::{Cache, Entries, Entry, HeldSvid};
 use crate::clock::{self, WallClock};
-use crate::server::ServerClient;
+use crate::server_client::ServerClient;
 
 /// CSRs per `SignX509Svids` call at first. A server that takes fewer (its
 /// `max_csrs_per_call` or `max_request_kib`) gets halved batches instead.

@@ -14,7 +14,7 @@ use oxid_proto::agent as pb;
 use oxid_tls::SharedBundle;
 
 use crate::cache::{Cache, Entries, Entry};
-use crate::server::ServerClient;
+use crate::server_client::ServerClient;
 
 /// Bounds of the reconnect backoff.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -59,6 +59,7 @@ pub(crate) async fn run(
         match outcome {
             Ok(()) => backoff = BACKOFF_MIN,
             Err(status) => {
+                server.note_sync_refusal(&status);
                 tracing::warn!(code = ?status.code(), error = %status.message(), "sync interrupted; retrying");
                 tokio::time::sleep(jittered(backoff)).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -90,7 +91,9 @@ async fn follow(
         .into_inner();
     let mut staging: Option<View> = None;
     while let Some(page) = stream.message().await? {
-        cache.counters.server_connected.store(true, Relaxed);
+        if !cache.counters.server_connected.swap(true, Relaxed) {
+            tracing::info!(revision = page.revision, "connected to the server");
+        }
         let target = if page.snapshot {
             staging.insert(View::default())
         } else {

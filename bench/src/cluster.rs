@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use oxid_agent::server::{Attestation, ServerClient};
+use oxid_agent::identity::Attestation;
+use oxid_agent::server_client::ServerClient;
 use oxid_e2e::{Agent, Server};
 use oxid_pki::bundle::Bundle;
 use oxid_pki::{SpiffeId, TrustDomain};

@@ -221,72 +221,16 @@ impl KeyPair {
     /// anything but a regular file. The checks and the read use one open
     /// file, so the file checked is the file read.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        use std::io::Read as _;
-        let io = |source| KeyError::Io {
-            path: path.to_owned(),
-            source,
-        };
-        // O_NONBLOCK: opening a FIFO must not hang; it is refused below.
-        let file = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc_o_nonblock())
-            .open(path)
-            .map_err(io)?;
-        let meta = file.metadata().map_err(io)?;
-        if !meta.is_file() {
-            return Err(KeyError::Unsupported("a key file must be a regular file"));
-        }
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(KeyError::InsecurePermissions {
-                path: path.to_owned(),
-                mode,
-            });
-        }
-        let mut bytes = Zeroizing::new(Vec::new());
-        file.take(MAX_KEY_FILE_LEN + 1)
-            .read_to_end(&mut bytes)
-            .map_err(io)?;
-        if bytes.len() as u64 > MAX_KEY_FILE_LEN {
-            return Err(KeyError::FileTooLarge {
-                path: path.to_owned(),
-            });
-        }
-        Self::from_pkcs8_pem_or_der(&bytes)
+        Self::from_pkcs8_pem_or_der(&read_private(path)?)
     }
 
     /// Writes the key as PKCS#8 PEM, mode 0600, durably: written to a
     /// temporary file in the same directory, synced, then renamed over `path`,
     /// so a crash leaves either the old key or the new one, never half of one.
     pub fn store(&self, path: &Path) -> Result<(), KeyError> {
-        let io = |source| KeyError::Io {
+        write_private(path, self.to_pkcs8_pem().as_bytes()).map_err(|source| KeyError::Io {
             path: path.to_owned(),
             source,
-        };
-        // A bare file name lives in the current directory, which is synced too.
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let mut tmp_name = path.as_os_str().to_owned();
-        tmp_name.push(".tmp");
-        let tmp = PathBuf::from(tmp_name);
-        let _ = fs::remove_file(&tmp);
-        let write = || -> std::io::Result<()> {
-            let mut file = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            file.write_all(self.to_pkcs8_pem().as_bytes())?;
-            file.sync_all()?;
-            fs::rename(&tmp, path)?;
-            fs::File::open(dir)?.sync_all()
-        };
-        write().map_err(|source| {
-            // Never leave a partial key file behind.
-            let _ = fs::remove_file(&tmp);
-            io(source)
         })
     }
 
@@ -374,6 +318,78 @@ impl KeyPair {
     pub fn fingerprint(&self) -> String {
         hex(ring::digest::digest(&ring::digest::SHA256, &self.spki).as_ref())
     }
+}
+
+/// Reads a private file (a key, or a key with its certificates): refuses
+/// one that group or others can access (its secret must be treated as
+/// already leaked), anything but a regular file, and more than 64 KiB. The
+/// checks and the read use one open file, so the file checked is the file
+/// read.
+pub fn read_private(path: &Path) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+    use std::io::Read as _;
+    let io = |source| KeyError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    // O_NONBLOCK: opening a FIFO must not hang; it is refused below.
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_o_nonblock())
+        .open(path)
+        .map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(KeyError::Unsupported("a key file must be a regular file"));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(KeyError::InsecurePermissions {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let mut bytes = Zeroizing::new(Vec::new());
+    file.take(MAX_KEY_FILE_LEN + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_KEY_FILE_LEN {
+        return Err(KeyError::FileTooLarge {
+            path: path.to_owned(),
+        });
+    }
+    Ok(bytes)
+}
+
+/// Writes `bytes` to `path`, mode 0600, durably: written to a temporary
+/// file in the same directory, synced, renamed over `path`, and the
+/// directory synced, so a crash leaves either the old file or the new one,
+/// never half of one. The one writer of every secret and every piece of
+/// state oxid keeps in a file.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    // A bare file name lives in the current directory, which is synced too.
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
+    let _ = fs::remove_file(&tmp);
+    let write = || -> std::io::Result<()> {
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        fs::File::open(dir)?.sync_all()
+    };
+    write().inspect_err(|_| {
+        // Never leave a partial file behind.
+        let _ = fs::remove_file(&tmp);
+    })
 }
 
 /// `O_NONBLOCK` on Linux (the only platform oxid targets); spelled out to

@@ -32,7 +32,7 @@ use self::limits::{StreamLimits, StreamPermit};
 use self::peer::Peer;
 use crate::cache::{Cache, Entry, Snapshot};
 use crate::clock::{self, WallClock};
-use crate::server::ServerClient;
+use crate::server_client::ServerClient;
 
 /// The message SPIFFE clients match on when a caller has no identity.
 const NO_IDENTITY: &str = "no identity issued";
