@@ -377,6 +377,14 @@ pub fn persist(dir: &Path, identity: &Identity) -> Result<(), AgentError> {
     crate::state::write_private(&dir.join(IDENTITY_FILE), text.as_bytes())
 }
 
+/// The saved identity as it is on disk, unchecked (for tools and tests;
+/// the agent itself restores through [`establish`]).
+pub fn load(dir: &Path) -> Option<Identity> {
+    let bytes = oxid_pki::key::read_private(&dir.join(IDENTITY_FILE)).ok()?;
+    let (key, chain) = split(&bytes).ok()?;
+    Identity::from_chain(key, chain, None, 0, &WallClock::default()).ok()
+}
+
 /// Reads the saved identity (the one file, else the old two-file layout,
 /// which is then rewritten as the one file) and checks it against `bundle`
 /// by the `wall` clock.

@@ -512,7 +512,7 @@ async fn an_agent_whose_own_svid_expired_says_it_needs_a_new_token() {
     h.client().await; // attested and serving
     h.stop_agent().await;
     let data = h.dir.path().join("agent-data");
-    let saved = oxid_agent::state::load_identity(&data).expect("a saved identity");
+    let saved = oxid_agent::identity::load(&data).expect("a saved identity");
     // Let the saved SVID expire while the agent is down.
     let left = saved
         .not_after
@@ -667,10 +667,10 @@ async fn an_x509pop_agent_whose_own_svid_expired_attests_again() {
     h.node_credentials = Some((cert_file, key_file));
     h.start_agent(None);
     h.client().await;
-    let first = oxid_agent::state::load_identity(&data).expect("attested");
+    let first = oxid_agent::identity::load(&data).expect("attested");
     assert!(first.spiffe_id.path().starts_with("/oxid/agent/x509pop/"));
     h.stop_agent().await;
-    let saved = oxid_agent::state::load_identity(&data).unwrap();
+    let saved = oxid_agent::identity::load(&data).unwrap();
     let left = saved
         .not_after
         .duration_since(std::time::SystemTime::now())
@@ -679,7 +679,7 @@ async fn an_x509pop_agent_whose_own_svid_expired_attests_again() {
     // Restarted past its SVID's expiry, it attests again by itself.
     h.start_agent(None);
     h.client().await;
-    let again = oxid_agent::state::load_identity(&data).unwrap();
+    let again = oxid_agent::identity::load(&data).unwrap();
     assert_eq!(
         again.spiffe_id, first.spiffe_id,
         "the same node, the same ID"

@@ -157,7 +157,7 @@ struct Observed {
 /// fetch by [`VICTIM_UID`].
 async fn observe_flood(h: &Arc<Harness>, victim: bool) -> Observed {
     let client = h.client().await;
-    let agent_svid = h.dir.path().join("agent-data/agent-svid.pem");
+    let agent_svid = h.dir.path().join("agent-data/agent-identity.pem");
     let stop = Arc::new(AtomicBool::new(false));
     let flooders: Vec<_> = (0..FLOODERS)
         .map(|n| {
