@@ -132,7 +132,7 @@ async fn a_restarted_agent_needs_no_new_token() {
     assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/web");
     let key_mode = {
         use std::os::unix::fs::PermissionsExt as _;
-        std::fs::metadata(h.dir.path().join("agent-data/agent.key"))
+        std::fs::metadata(h.dir.path().join("agent-data/agent-identity.pem"))
             .unwrap()
             .permissions()
             .mode()
