@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use oxid_proto::workload as pb;
 
 use super::sys::{Kind, Setup, Spec, SysAgent, System};
-use super::{Figures, Sizes};
+use super::{Figures, Partial, SCALE_POINTS, Sizes};
 use crate::BenchResult;
 use crate::cluster::{
     WorkloadClient, pin, proc_stat, wait_first_x509, with_header, workload_client,
@@ -55,7 +55,9 @@ pub(crate) async fn measure(kind: Kind, setup: &Setup, s: &Sizes) -> Figures {
     f.record(&one, one_entry(kind, setup, s).await);
     let fill = [
         "fill_small",
+        "fill_small_reg",
         "fill_small_cpu",
+        "fill_large_reg",
         "fill_large",
         "fill_large_cpu",
         "mem_per_svid",
@@ -63,10 +65,8 @@ pub(crate) async fn measure(kind: Kind, setup: &Setup, s: &Sizes) -> Figures {
         "restart_large",
     ];
     f.record(&fill, fills(kind, setup, s).await);
-    f.record(
-        &["scale_register", "scale_ready", "scale_rss"],
-        scale(kind, setup, s).await,
-    );
+    let points: Vec<&'static str> = SCALE_POINTS.iter().flat_map(|(_, k)| *k).collect();
+    f.record_partial(&points, scale(kind, setup, s).await);
     f
 }
 
@@ -346,8 +346,14 @@ async fn fills(kind: Kind, setup: &Setup, s: &Sizes) -> Got {
     let mut sys = System::start(kind, setup).await?;
     let mut out = Vec::new();
     for (size, keys) in [
-        (s.fill_small, ["fill_small", "fill_small_cpu"]),
-        (s.fill_large, ["fill_large", "fill_large_cpu"]),
+        (
+            s.fill_small,
+            ["fill_small", "fill_small_cpu", "fill_small_reg"],
+        ),
+        (
+            s.fill_large,
+            ["fill_large", "fill_large_cpu", "fill_large_reg"],
+        ),
     ] {
         let mut agent = sys.agent(size + 1).await?;
         sys.create_entry(&Spec {
@@ -369,10 +375,15 @@ async fn fills(kind: Kind, setup: &Setup, s: &Sizes) -> Got {
         let cpu = proc_stat(sys.server_pid()?)?.cpu;
         let start = Instant::now();
         sys.create_entries(&entries).await?;
+        let registered = start.elapsed();
         wait_cached(&agent, size + 1).await?;
         let took = start.elapsed();
         let cpu = proc_stat(sys.server_pid()?)?.cpu - cpu;
-        out.extend([(keys[0], took.as_secs_f64()), (keys[1], cpu.as_secs_f64())]);
+        out.extend([
+            (keys[0], took.as_secs_f64()),
+            (keys[1], cpu.as_secs_f64()),
+            (keys[2], registered.as_secs_f64()),
+        ]);
         if size == s.fill_large {
             let rss = agent.rss()?;
             out.push((
@@ -408,8 +419,10 @@ async fn wait_cached(agent: &SysAgent, n: usize) -> BenchResult<()> {
 }
 
 /// Row 5: `scale` entries (for an agent that does not run) registered with
-/// the CLI, then the server restarted on them: start to ready, and RSS.
-async fn scale(kind: Kind, setup: &Setup, s: &Sizes) -> Got {
+/// the CLI; at each of [`SCALE_POINTS`] the server restarts on them: start
+/// to ready, and RSS. Registering stops at `register_limit`; the points not
+/// reached then say so, with the figures at what was registered.
+async fn scale(kind: Kind, setup: &Setup, s: &Sizes) -> BenchResult<Partial> {
     let mut sys = System::start(kind, setup).await?;
     let parent = sys.idle_parent().await?;
     let entries: Vec<Spec> = (0..s.scale)
@@ -419,19 +432,50 @@ async fn scale(kind: Kind, setup: &Setup, s: &Sizes) -> Got {
             uid: FILL_UID + i as u32,
         })
         .collect();
+    let (mut values, mut failed) = (Vec::new(), Vec::new());
     let start = Instant::now();
-    sys.create_entries(&entries).await?;
-    let register = start.elapsed();
+    let mut done = 0;
+    for (at, (div, keys)) in SCALE_POINTS.iter().enumerate() {
+        let target = s.scale / div;
+        while done < target && start.elapsed() < s.register_limit {
+            let next = (done + 1000).min(target);
+            sys.create_entries(&entries[done..next]).await?;
+            done = next;
+        }
+        let register = start.elapsed().as_secs_f64();
+        let (ready, rss) = restarts(&mut sys, s.rounds).await?;
+        if done < target {
+            let why = format!(
+                "registering stopped at the {:?} limit with {done} entries; with those: \
+                 registered in {register:.1} s, ready in {ready:.0} ms, RSS {rss:.1} MiB",
+                s.register_limit
+            );
+            // This point and the later ones are not reached; the first
+            // row says why.
+            for (i, k) in SCALE_POINTS[at..].iter().flat_map(|(_, k)| k).enumerate() {
+                let note = if i == 0 {
+                    why.clone()
+                } else {
+                    "not reached, see above".into()
+                };
+                failed.push((*k, note));
+            }
+            break;
+        }
+        values.extend([(keys[0], register), (keys[1], ready), (keys[2], rss)]);
+    }
+    sys.stop_server().await;
+    Ok((values, failed))
+}
+
+/// Restarts the server `rounds` times: the median start to ready (ms) and
+/// RSS once ready (MiB).
+async fn restarts(sys: &mut System, rounds: usize) -> BenchResult<(f64, f64)> {
     let (mut ready, mut rss) = (vec![], vec![]);
-    for _ in 0..s.rounds {
+    for _ in 0..rounds {
         sys.stop_server().await;
         ready.push(sys.start_server().await?.as_secs_f64() * 1e3);
         rss.push(proc_stat(sys.server_pid()?)?.rss as f64 / (1024.0 * 1024.0));
     }
-    sys.stop_server().await;
-    Ok(vec![
-        ("scale_register", register.as_secs_f64()),
-        ("scale_ready", median(&ready)),
-        ("scale_rss", median(&rss)),
-    ])
+    Ok((median(&ready), median(&rss)))
 }
