@@ -445,6 +445,12 @@ fn rows(s: &Sizes) -> Vec<Row> {
 
 pub(crate) async fn run(args: SpireArgs, rounds: usize) -> BenchResult<()> {
     let spire_bin = spire_bin()?;
+    let out = std::process::Command::new(spire_bin.join("spire-server"))
+        .arg("--version")
+        .output()?;
+    // SPIRE prints its version on stderr.
+    let version = String::from_utf8_lossy(&out.stderr).trim().to_owned()
+        + String::from_utf8_lossy(&out.stdout).trim();
     let sizes = args.sizes(rounds);
     let setup = Setup {
         spire_bin,
@@ -459,7 +465,7 @@ pub(crate) async fn run(args: SpireArgs, rounds: usize) -> BenchResult<()> {
         eprintln!("spire: measuring {}", kind.name());
         all.push(rows::measure(kind, &setup, &sizes).await);
     }
-    report(&args, &sizes, &kinds, &all);
+    report(&args, &sizes, &kinds, &all, &version);
     Ok(())
 }
 
@@ -486,11 +492,11 @@ fn spire_bin() -> BenchResult<PathBuf> {
     Ok(dir)
 }
 
-fn report(args: &SpireArgs, s: &Sizes, kinds: &[Kind], all: &[Figures]) {
+fn report(args: &SpireArgs, s: &Sizes, kinds: &[Kind], all: &[Figures], version: &str) {
     let command: Vec<String> = std::env::args().skip(1).collect();
     println!("\n## oxid vs SPIRE, same machine, same run\n");
     println!(
-        "`oxid-bench {}` (SPIRE v1.13.3 built by `scripts/bench spire`). Each system runs \
+        "`oxid-bench {}` (`spire-server --version`: {version}). Each system runs \
          as a server and one agent on this host, started fresh for each group of rows; the \
          same Workload API client (tonic, over the agent's Unix socket, with the \
          `workload.spiffe.io` header) and the same load generator measure all of them. \
@@ -511,6 +517,12 @@ fn report(args: &SpireArgs, s: &Sizes, kinds: &[Kind], all: &[Figures]) {
         s.latency,
         s.rounds,
     );
+    if args.quick {
+        println!(
+            "**Quick mode**: small sizes and one round, a check that every row runs; not \
+             figures to publish.\n"
+        );
+    }
     let mut head = String::from("| row |");
     let mut rule = String::from("|---|");
     for k in kinds {
