@@ -222,8 +222,8 @@ async fn sign(
         .map_err(|s| {
             // Over the server's rate: workload mints step aside meanwhile.
             server.note_refusal(&s);
-            let too_many = LimitExceeded::from_status(&s)
-                .is_some_and(|l| l.limit == Limit::MaxCsrsPerCall);
+            let too_many =
+                LimitExceeded::from_status(&s).is_some_and(|l| l.limit == Limit::MaxCsrsPerCall);
             match s.code() {
                 // Over max_request_kib (tonic's size limit, before decoding).
                 tonic::Code::OutOfRange => SignError::BatchTooLarge(s.message().to_owned()),
