@@ -540,6 +540,11 @@ async fn scrape(address: &str, name: &str) -> BenchResult<Option<f64>> {
     conn.write_all(request.as_bytes()).await?;
     let mut body = String::new();
     conn.read_to_string(&mut body).await?;
+    sample(&body, name)
+}
+
+/// The value of the first series of `name` in a Prometheus text `body`.
+fn sample(body: &str, name: &str) -> BenchResult<Option<f64>> {
     for line in body.lines() {
         let Some(rest) = line.strip_prefix(name) else {
             continue;
@@ -550,4 +555,44 @@ async fn scrape(address: &str, name: &str) -> BenchResult<Option<f64>> {
         }
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_with_and_without_labels() {
+        // As spire-agent's Prometheus sink and oxid-agent's /metrics print them.
+        let body = "# HELP spire_agent_lru_cache_svid_map_size x\n\
+                    # TYPE spire_agent_lru_cache_svid_map_size gauge\n\
+                    spire_agent_lru_cache_svid_map_size_total 9\n\
+                    spire_agent_lru_cache_svid_map_size{host=\"vm\"} 1001\n\
+                    oxid_agent_svids_cached 42\n";
+        let v = |name| sample(body, name).unwrap();
+        assert_eq!(v("spire_agent_lru_cache_svid_map_size"), Some(1001.0));
+        assert_eq!(v("oxid_agent_svids_cached"), Some(42.0));
+        assert_eq!(v("oxid_agent_entries"), None);
+        assert!(sample("oxid_agent_svids_cached x\n", "oxid_agent_svids_cached").is_err());
+    }
+
+    #[test]
+    fn tuned_server_config_names_spires_settings() {
+        let conf = spire_server_conf(
+            Path::new("/d"),
+            Path::new("/d/api.sock"),
+            8081,
+            "experimental { cache_reload_interval = \"1s\" }",
+        );
+        for want in [
+            "bind_port = \"8081\"",
+            "database_type = \"sqlite3\"",
+            "NodeAttestor \"join_token\"",
+            "default_x509_svid_ttl = \"1h\"",
+            "default_jwt_svid_ttl = \"5m\"",
+            "cache_reload_interval",
+        ] {
+            assert!(conf.contains(want), "{want} missing from\n{conf}");
+        }
+    }
 }
