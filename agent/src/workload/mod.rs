@@ -562,7 +562,8 @@ impl WorkloadApi {
                 _ => Status::unavailable(format!("cannot reach the server: {}", s.message())),
             })?
             .into_inner();
-        let life = clock::Issued::from_wire(minted.valid_for_ms, minted.expires_at).life(&self.wall);
+        let life =
+            clock::Issued::from_wire(minted.valid_for_ms, minted.expires_at).life(&self.wall);
         let refresh_at = clock::after(now, life / 2);
         self.jwts.lock().unwrap_or_else(|e| e.into_inner()).insert(
             key,
