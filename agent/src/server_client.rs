@@ -39,6 +39,11 @@ pub struct ServerClient {
     /// Woken when the server refuses a call for who the agent is (its sync
     /// stream refused), so the identity is checked now, not at renewal.
     identity_refused: tokio::sync::Notify,
+    /// Bumped whenever the agent presents a new identity (attested or
+    /// renewed): a sync stream opened with the old one reconnects at once,
+    /// so the server sees the new SVID used and the old one retired,
+    /// instead of cutting the old stream at its expiry.
+    identity_generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for ServerClient {
@@ -69,6 +74,7 @@ impl ServerClient {
             busy_until: Mutex::new(None),
             renewal_key: Mutex::new(None),
             identity_refused: tokio::sync::Notify::new(),
+            identity_generation: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -136,7 +142,15 @@ impl ServerClient {
         self.certs
             .set(identity.chain.clone(), &identity.key)
             .map_err(|e| AgentError::Internal(e.to_string()))?;
-        self.reconnect()
+        self.reconnect()?;
+        self.identity_generation.send_modify(|g| *g += 1);
+        Ok(())
+    }
+
+    /// Changes when the agent presents a new identity (see
+    /// [`Self::use_identity`]).
+    pub(crate) fn identity_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.identity_generation.subscribe()
     }
 
     /// Node attestation; returns the agent's new identity and the bundle.

@@ -11,6 +11,7 @@ use std::time::Duration;
 use oxid_pki::TrustDomain;
 use oxid_pki::bundle::Bundle;
 use oxid_proto::agent as pb;
+use oxid_proto::stream_end::StreamEnd;
 use oxid_tls::SharedBundle;
 
 use crate::cache::{Cache, Entries, Entry};
@@ -53,14 +54,33 @@ pub(crate) async fn run(
         let outcome = follow(&server, &cache, &tls_bundle, &data_dir, &mut view).await;
         // The view was current until a stream that was up ended: the sync
         // age counts from here.
-        if cache.counters.server_connected.swap(false, Relaxed) && cache.current().synced {
+        let was_up = cache.counters.server_connected.swap(false, Relaxed);
+        if was_up && cache.current().synced {
             mark_synced(&cache);
         }
         match outcome {
             Ok(()) => backoff = BACKOFF_MIN,
             Err(status) => {
-                server.note_sync_refusal(&status);
-                tracing::warn!(code = ?status.code(), error = %status.message(), "sync interrupted; retrying");
+                match StreamEnd::of(&status) {
+                    // Normal events, not failures: the server stopping (a
+                    // restart), or this agent's own renewal retiring the
+                    // SVID the stream was opened with.
+                    Some(StreamEnd::ShuttingDown) => {
+                        tracing::info!("the server is stopping; reconnecting");
+                    }
+                    // Only a stream that was up: refused at once, the SVID
+                    // this agent holds is not current, which is a failure.
+                    Some(StreamEnd::SvidReplaced) if was_up => {
+                        tracing::info!(
+                            "sync stream ended after the agent SVID was renewed; reconnecting with the new one"
+                        );
+                        backoff = BACKOFF_MIN;
+                    }
+                    _ => {
+                        server.note_sync_refusal(&status);
+                        tracing::warn!(code = ?status.code(), error = %status.message(), "sync interrupted; retrying");
+                    }
+                }
                 tokio::time::sleep(jittered(backoff)).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
@@ -81,6 +101,9 @@ async fn follow(
     } else {
         vec![]
     };
+    // Taken before the stream opens: a renewal from here on reconnects it.
+    let mut identity = server.identity_changes();
+    identity.mark_unchanged();
     let mut stream = server
         .api()
         .sync(pb::SyncRequest {
@@ -90,7 +113,19 @@ async fn follow(
         .await?
         .into_inner();
     let mut staging: Option<View> = None;
-    while let Some(page) = stream.message().await? {
+    loop {
+        let page = tokio::select! {
+            page = stream.message() => match page? {
+                Some(page) => page,
+                None => break,
+            },
+            // Reopened with the new identity (the loop in `run` goes on at
+            // once); the server then retires the old SVID.
+            _ = identity.changed() => {
+                tracing::info!("reconnecting the sync stream with the renewed agent SVID");
+                return Ok(());
+            }
+        };
         if !cache.counters.server_connected.swap(true, Relaxed) {
             tracing::info!(revision = page.revision, "connected to the server");
         }

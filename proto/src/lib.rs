@@ -47,6 +47,7 @@
 #![forbid(unsafe_code)]
 
 pub mod limit;
+pub mod stream_end;
 
 /// The SPIFFE Workload API, generated from `spiffe/workload.proto`.
 ///

@@ -2,6 +2,7 @@
 //! gRPC status (ARCHITECTURE.md, "Errors and status codes").
 
 use oxid_proto::limit::LimitExceeded;
+use oxid_proto::stream_end::StreamEnd;
 use tonic::Status;
 
 use crate::ca::CaError;
@@ -33,6 +34,11 @@ pub enum AgentApiError {
     /// typed refusal the agent recognises ([`LimitExceeded`]).
     #[error("{1}")]
     LimitExceeded(LimitExceeded, String),
+    /// The caller's agent SVID was replaced by a renewed one: refused,
+    /// with the typed reason ([`StreamEnd::SvidReplaced`]) so an agent
+    /// whose stream ends this way after its own renewal knows it is normal.
+    #[error("{0}")]
+    SvidReplaced(String),
 }
 
 impl From<AgentApiError> for Status {
@@ -45,6 +51,9 @@ impl From<AgentApiError> for Status {
             AgentApiError::ResourceExhausted(m) => Status::resource_exhausted(m),
             AgentApiError::Internal(m) => Status::internal(m),
             AgentApiError::LimitExceeded(limit, m) => limit.to_status(m),
+            AgentApiError::SvidReplaced(m) => {
+                StreamEnd::SvidReplaced.attach(Status::permission_denied(m))
+            }
         }
     }
 }

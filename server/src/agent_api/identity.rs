@@ -80,7 +80,7 @@ pub(crate) fn check_agent(agent: &Agent, serial: &str) -> Result<(), AgentApiErr
         )));
     }
     if agent.serial != serial && agent.previous_serial.as_deref() != Some(serial) {
-        return Err(AgentApiError::PermissionDenied(REPLACED.into()));
+        return Err(AgentApiError::SvidReplaced(REPLACED.into()));
     }
     Ok(())
 }
@@ -254,7 +254,7 @@ impl Inner {
         req: &Request<pb::RenewRequest>,
     ) -> Result<pb::RenewResponse, AgentApiError> {
         let (agent, caller) = self.authenticate(req).await.map_err(|e| match e {
-            AgentApiError::PermissionDenied(m) if m == REPLACED => match Caller::of(req) {
+            AgentApiError::SvidReplaced(_) => match Caller::of(req) {
                 Ok(c) => possible_theft(&c.id, &c.serial, REPLACED),
                 Err(e) => e,
             },

@@ -219,7 +219,9 @@ pub(crate) fn start(
                         // guard must not live across an await.
                         let stop = r.is_err() || *stopping.borrow();
                         if stop {
-                            let _ = tx.send(Err(Status::unavailable("the server is shutting down"))).await;
+                            let end = oxid_proto::stream_end::StreamEnd::ShuttingDown
+                                .attach(Status::unavailable("the server is shutting down"));
+                            let _ = tx.send(Err(end)).await;
                             return;
                         }
                     }
