@@ -28,7 +28,10 @@ async fn renewals_and_a_server_restart_log_no_warning() {
     let mut agent = Agent::start(dir.path(), &server, &token).await;
     agent
         .proc
-        .wait_for_nth("reconnecting the sync stream with the renewed agent SVID", 2)
+        .wait_for_nth(
+            "reconnecting the sync stream with the renewed agent SVID",
+            2,
+        )
         .await;
     // The stream opened with the second renewed SVID is up.
     agent.proc.wait_for_nth("connected to the server", 3).await;
