@@ -11,8 +11,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::IoSliceMut;
-use std::mem::MaybeUninit;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::net::UnixStream;
@@ -21,9 +19,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use oxid_e2e::{Agent, Server, WAIT};
+use oxid_e2e::{Agent, Server, WAIT, receive_fd};
 use oxid_proto::workload as pb;
-use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
 use tokio::process::{Child, Command};
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Request, Status};
@@ -177,26 +174,6 @@ impl Attacker {
         self.control.shutdown(std::net::Shutdown::Both).unwrap();
         self.child.wait().await.unwrap();
     }
-}
-
-fn receive_fd(from: &UnixStream) -> OwnedFd {
-    let mut byte = [0u8; 1];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    rustix::net::recvmsg(
-        from,
-        &mut [IoSliceMut::new(&mut byte)],
-        &mut control,
-        RecvFlags::empty(),
-    )
-    .unwrap();
-    control
-        .drain()
-        .find_map(|m| match m {
-            RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
-            _ => None,
-        })
-        .expect("a descriptor was passed")
 }
 
 /// A Workload API client over an already connected socket.

@@ -420,3 +420,26 @@ impl Agent {
         self.proc.stop().await;
     }
 }
+
+/// The one descriptor a peer passed over `from` with `SCM_RIGHTS` (the
+/// tests' attackers hand their Workload API connection on this way).
+pub fn receive_fd(from: &std::os::unix::net::UnixStream) -> std::os::fd::OwnedFd {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let mut byte = [0u8; 1];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    rustix::net::recvmsg(
+        from,
+        &mut [std::io::IoSliceMut::new(&mut byte)],
+        &mut control,
+        RecvFlags::empty(),
+    )
+    .expect("recvmsg on the control socket");
+    control
+        .drain()
+        .find_map(|m| match m {
+            RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
+            _ => None,
+        })
+        .expect("a descriptor was passed")
+}

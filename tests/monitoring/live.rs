@@ -2,16 +2,13 @@
 //! helpers they share: an HTTP GET, a parsed scrape, promtool.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::IoSliceMut;
-use std::mem::MaybeUninit;
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use hyper_util::rt::TokioIo;
-use oxid_e2e::{Agent, Server, WAIT, bin, run};
+use oxid_e2e::{Agent, Server, WAIT, bin, receive_fd, run};
 use oxid_proto::workload as pb;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -330,25 +327,4 @@ pub(crate) async fn attestation_refused(live: &Live) -> (tonic::Code, String) {
         Err(status) => status,
     };
     (status.code(), status.message().to_owned())
-}
-
-pub(crate) fn receive_fd(from: &std::os::unix::net::UnixStream) -> OwnedFd {
-    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
-    let mut byte = [0u8; 1];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    rustix::net::recvmsg(
-        from,
-        &mut [IoSliceMut::new(&mut byte)],
-        &mut control,
-        RecvFlags::empty(),
-    )
-    .unwrap();
-    control
-        .drain()
-        .find_map(|m| match m {
-            RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
-            _ => None,
-        })
-        .expect("a descriptor was passed")
 }
