@@ -16,50 +16,19 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
-use oxid_telemetry::{MetricsSource, RpcMetrics};
+use oxid_telemetry::{ComponentMetrics, ComponentState, encode_single as single};
 
 use crate::cache::Cache;
 use crate::workload::budget::MintBudget;
 use crate::workload::jwt_cache::JwtCache;
 
 /// What the agent's `/metrics` and `/ready` read.
-#[derive(Debug)]
-pub(crate) struct AgentMetrics {
-    registry: Registry,
-    state: Arc<AgentState>,
-}
+pub(crate) type AgentMetrics = ComponentMetrics<AgentState>;
 
-impl AgentMetrics {
-    /// The registry of an agent whose Workload API counts into `rpc`.
-    pub(crate) fn new(
-        rpc: &RpcMetrics,
-        cache: Arc<Cache>,
-        jwts: Arc<Mutex<JwtCache>>,
-        mints: Arc<MintBudget>,
-    ) -> Self {
-        let mut registry = Registry::default();
-        rpc.register(&mut registry);
-        let state = Arc::new(AgentState { cache, jwts, mints });
-        registry.register_collector(Box::new(state.clone()));
-        Self { registry, state }
-    }
-}
-
-impl MetricsSource for AgentMetrics {
-    fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
-    fn ready(&self) -> bool {
-        self.state.ready()
-    }
-}
-
-/// The state the scrape-time families read.
-struct AgentState {
+/// The state the agent's scrape-time families read.
+pub(crate) struct AgentState {
     cache: Arc<Cache>,
     jwts: Arc<Mutex<JwtCache>>,
     mints: Arc<MintBudget>,
@@ -71,10 +40,21 @@ impl std::fmt::Debug for AgentState {
     }
 }
 
-impl AgentState {
+impl ComponentState for AgentState {
     /// Ready: synced once, and connected to the server now.
     fn ready(&self) -> bool {
         self.cache.current().synced && self.cache.counters.server_connected.load(Relaxed)
+    }
+}
+
+impl AgentState {
+    /// The state of an agent with this cache, JWT cache and mint budget.
+    pub(crate) fn new(
+        cache: Arc<Cache>,
+        jwts: Arc<Mutex<JwtCache>>,
+        mints: Arc<MintBudget>,
+    ) -> Self {
+        Self { cache, jwts, mints }
     }
 
     /// How stale the agent's view may be: 0 while the sync stream is up
@@ -94,16 +74,6 @@ impl AgentState {
             Some(t) => t.elapsed().as_secs_f64(),
         }
     }
-}
-
-/// One family of a single unlabelled value.
-fn single<M: EncodeMetric>(
-    encoder: &mut DescriptorEncoder<'_>,
-    name: &str,
-    help: &str,
-    value: M,
-) -> Result<(), std::fmt::Error> {
-    value.encode(encoder.encode_descriptor(name, help, None, value.metric_type())?)
 }
 
 fn count(n: usize) -> ConstGauge {

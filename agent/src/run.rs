@@ -203,12 +203,9 @@ impl Started {
             config.jwt_mints_per_second_per_uid,
         ));
         if let Some(l) = metrics_listener {
-            let source = crate::metrics::AgentMetrics::new(
-                &rpc,
-                cache.clone(),
-                jwts.clone(),
-                mint_budget.clone(),
-            );
+            let state =
+                crate::metrics::AgentState::new(cache.clone(), jwts.clone(), mint_budget.clone());
+            let source = crate::metrics::AgentMetrics::new(&rpc, state);
             tasks.push(spawn_metrics(l, source));
         }
         let (stop, stopping) = tokio::sync::watch::channel(false);

@@ -15,8 +15,8 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::registry::Registry;
 
+use oxid_telemetry::{ComponentMetrics, ComponentState, encode_single as single};
 pub use oxid_telemetry::{MetricsSource, RpcLayer, RpcMetrics, serve};
 
 use crate::ca::CaManager;
@@ -24,40 +24,10 @@ use crate::datastore::DataStore;
 use crate::index::IndexHandle;
 
 /// What the server's `/metrics` and `/ready` read.
-#[derive(Debug)]
-pub struct ServerMetrics {
-    registry: Registry,
-    state: Arc<ServerState>,
-}
+pub type ServerMetrics = ComponentMetrics<ServerState>;
 
-impl ServerMetrics {
-    /// The registry of a server whose APIs count into `rpc`.
-    pub fn new(
-        rpc: &RpcMetrics,
-        ca: Arc<CaManager>,
-        index: Arc<IndexHandle>,
-        store: Arc<dyn DataStore>,
-    ) -> Self {
-        let mut registry = Registry::default();
-        rpc.register(&mut registry);
-        let state = Arc::new(ServerState { ca, index, store });
-        registry.register_collector(Box::new(state.clone()));
-        Self { registry, state }
-    }
-}
-
-impl MetricsSource for ServerMetrics {
-    fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
-    fn ready(&self) -> bool {
-        self.state.ready()
-    }
-}
-
-/// The state the scrape-time families read.
-struct ServerState {
+/// The state the server's scrape-time families read.
+pub struct ServerState {
     ca: Arc<CaManager>,
     index: Arc<IndexHandle>,
     store: Arc<dyn DataStore>,
@@ -70,6 +40,13 @@ impl std::fmt::Debug for ServerState {
 }
 
 impl ServerState {
+    /// The state of a server with this CA, index and store.
+    pub fn new(ca: Arc<CaManager>, index: Arc<IndexHandle>, store: Arc<dyn DataStore>) -> Self {
+        Self { ca, index, store }
+    }
+}
+
+impl ComponentState for ServerState {
     fn ready(&self) -> bool {
         crate::admin::not_ready(self.store.as_ref(), &self.ca).is_none()
     }
@@ -88,16 +65,6 @@ fn family<M: EncodeMetric>(
         value.encode(metric.encode_family(&labels)?)?;
     }
     Ok(())
-}
-
-/// One family of a single unlabelled value.
-fn single<M: EncodeMetric>(
-    encoder: &mut DescriptorEncoder<'_>,
-    name: &str,
-    help: &str,
-    value: M,
-) -> Result<(), std::fmt::Error> {
-    value.encode(encoder.encode_descriptor(name, help, None, value.metric_type())?)
 }
 
 impl Collector for ServerState {

@@ -11,7 +11,7 @@ use crate::ca::{CaConfig, CaError, CaManager, UpstreamConfig};
 use crate::clock::Clock;
 use crate::config::{Config, KeyStorage};
 use crate::datastore::{DataStore, DataStoreError, SledStore};
-use crate::metrics::{RpcMetrics, ServerMetrics};
+use crate::metrics::{RpcMetrics, ServerMetrics, ServerState};
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -232,12 +232,8 @@ async fn build(
         .map_err(|e| RunError::AgentApi(e.to_string()))?;
     let index = IndexHandle::load(store.as_ref(), server_id).await?;
     let metrics = listeners.metrics.map(|listener| {
-        let source = Arc::new(ServerMetrics::new(
-            &rpc,
-            ca.clone(),
-            index.clone(),
-            store.clone(),
-        ));
+        let state = ServerState::new(ca.clone(), index.clone(), store.clone());
+        let source = Arc::new(ServerMetrics::new(&rpc, state));
         (listener, source)
     });
     let agent_config = AgentApiConfig {

@@ -41,6 +41,54 @@ pub trait MetricsSource: Send + Sync + 'static {
     fn ready(&self) -> bool;
 }
 
+/// A component's scrape-time state: the families it encodes when scraped
+/// (so they cannot drift from what they report) and its readiness.
+pub trait ComponentState: prometheus_client::collector::Collector {
+    /// What `/ready` answers.
+    fn ready(&self) -> bool;
+}
+
+/// A component's registry: the RPC families its [`RpcLayer`] counts into
+/// `rpc`, and its [`ComponentState`]. The server and the agent each serve
+/// one on `/metrics` and `/ready`.
+#[derive(Debug)]
+pub struct ComponentMetrics<S> {
+    registry: Registry,
+    state: Arc<S>,
+}
+
+impl<S: ComponentState> ComponentMetrics<S> {
+    /// The registry of a component whose RPCs count into `rpc`.
+    pub fn new(rpc: &RpcMetrics, state: S) -> Self {
+        let mut registry = Registry::default();
+        rpc.register(&mut registry);
+        let state = Arc::new(state);
+        registry.register_collector(Box::new(state.clone()));
+        Self { registry, state }
+    }
+}
+
+impl<S: ComponentState> MetricsSource for ComponentMetrics<S> {
+    fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    fn ready(&self) -> bool {
+        self.state.ready()
+    }
+}
+
+/// Encodes one family of a single unlabelled value (a scrape-time gauge
+/// or counter of a [`ComponentState`]).
+pub fn encode_single<M: prometheus_client::encoding::EncodeMetric>(
+    encoder: &mut prometheus_client::encoding::DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: M,
+) -> Result<(), std::fmt::Error> {
+    value.encode(encoder.encode_descriptor(name, help, None, value.metric_type())?)
+}
+
 /// The text formats `/metrics` speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
