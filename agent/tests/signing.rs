@@ -34,6 +34,7 @@ async fn create(h: &Harness, ids: impl Iterator<Item = usize>) {
         .create_entries(admin_pb::CreateEntriesRequest {
             entries,
             allow_exe_only: false,
+            ..Default::default()
         })
         .await
         .unwrap()

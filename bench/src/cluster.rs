@@ -86,6 +86,7 @@ impl Cluster {
                 .create_entries(admin_pb::CreateEntriesRequest {
                     entries: chunk.to_vec(),
                     allow_exe_only: false,
+                    ..Default::default()
                 })
                 .await?
                 .into_inner()

@@ -827,6 +827,7 @@ async fn oversized_batches_are_refused_whole_and_change_nothing() {
         .create_entries(admin_pb::CreateEntriesRequest {
             entries,
             allow_exe_only: false,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -945,6 +946,7 @@ async fn lowered_limits_from_the_config_refuse_whole_and_change_nothing() {
             })
             .collect(),
         allow_exe_only: false,
+        ..Default::default()
     };
     let mut admin = s.admin().await;
     let err = admin.create_entries(entries(3, "")).await.unwrap_err();

@@ -296,6 +296,7 @@ fn the_admin_api_refuses_a_bad_selector_with_invalid_argument() {
             .create_entries(pb::CreateEntriesRequest {
                 entries: vec![entry("k8s:ns:a"), entry("unix:sha256:XYZ")],
                 allow_exe_only: false,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -306,6 +307,7 @@ fn the_admin_api_refuses_a_bad_selector_with_invalid_argument() {
             .create_entries(pb::CreateEntriesRequest {
                 entries: vec![entry("unix:gid:1")],
                 allow_exe_only: false,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -366,6 +368,7 @@ fn the_admin_api_refuses_a_bad_selector_with_invalid_argument() {
             .create_entries(pb::CreateEntriesRequest {
                 entries: vec![e],
                 allow_exe_only: false,
+                ..Default::default()
             })
             .await
             .unwrap()

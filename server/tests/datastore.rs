@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use oxid_pki::{Selector, SpiffeId, TrustDomain};
 use oxid_server::datastore::{
-    Agent, ChangeEvent, DataStore, DataStoreError, Entry, EntryFilter, EntryId, JoinToken,
-    SledStore, StoredBundle,
+    Agent, ChangeEvent, CreateMode, DataStore, DataStoreError, Entry, EntryFilter, EntryId,
+    JoinToken, SledStore, StoredBundle,
 };
 
 const CACHE: u64 = 8 * 1024 * 1024;
@@ -62,7 +62,11 @@ fn agent(spiffe_id: &str) -> Agent {
 }
 
 async fn create_one(store: &SledStore, e: Entry) -> Result<Entry, DataStoreError> {
-    store.create_entries(vec![e]).await.pop().unwrap()
+    store
+        .create_entries(vec![e], CreateMode::Each)
+        .await
+        .pop()
+        .unwrap()
 }
 
 #[tokio::test]
@@ -149,10 +153,66 @@ async fn a_batch_creates_the_good_entries_and_reports_the_bad() {
         entry("spiffe://example.org/a", AGENT, &["unix:uid:1"], 2), // duplicate of the first
         entry("spiffe://example.org/b", AGENT, &["unix:uid:2"], 3),
     ];
-    let results = store.create_entries(batch).await;
+    let results = store.create_entries(batch, CreateMode::Each).await;
     assert!(results[0].is_ok());
     assert!(matches!(results[1], Err(DataStoreError::AlreadyExists(_))));
     assert!(results[2].is_ok());
+    assert_eq!(
+        store
+            .list_entries(&EntryFilter::default())
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn an_all_or_nothing_batch_with_one_bad_entry_creates_none_and_a_dry_run_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let batch = || {
+        vec![
+            entry("spiffe://example.org/a", AGENT, &["unix:uid:1"], 1),
+            entry("spiffe://example.org/a", AGENT, &["unix:uid:1"], 2), // duplicate of the first
+            entry("spiffe://example.org/b", AGENT, &["unix:uid:2"], 3),
+        ]
+    };
+    let before = *store.revision().borrow();
+    for mode in [CreateMode::AllOrNothing, CreateMode::DryRun] {
+        let results = store.create_entries(batch(), mode).await;
+        assert!(
+            matches!(results[1], Err(DataStoreError::AlreadyExists(_))),
+            "{mode:?}"
+        );
+        if mode == CreateMode::AllOrNothing {
+            assert!(matches!(results[0], Err(DataStoreError::BatchAborted)));
+            assert!(matches!(results[2], Err(DataStoreError::BatchAborted)));
+        } else {
+            assert!(results[0].is_ok() && results[2].is_ok());
+        }
+    }
+    let good = vec![entry("spiffe://example.org/b", AGENT, &["unix:uid:2"], 3)];
+    assert!(store.create_entries(good, CreateMode::DryRun).await[0].is_ok());
+    assert!(
+        store
+            .list_entries(&EntryFilter::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(*store.revision().borrow(), before);
+    assert!(store.changes_since(0, 10).await.unwrap().is_empty());
+    let results = store
+        .create_entries(
+            vec![
+                entry("spiffe://example.org/a", AGENT, &["unix:uid:1"], 1),
+                entry("spiffe://example.org/b", AGENT, &["unix:uid:2"], 3),
+            ],
+            CreateMode::AllOrNothing,
+        )
+        .await;
+    assert!(results.iter().all(Result::is_ok));
     assert_eq!(
         store
             .list_entries(&EntryFilter::default())

@@ -304,6 +304,7 @@ impl Harness {
                     ..Default::default()
                 }],
                 allow_exe_only,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -16,7 +16,9 @@ use super::entries::{allows_unknown_type, partial_update};
 use super::{AdminAccess, AdminError};
 use crate::ca::{AuthorityState, CaManager};
 use crate::clock::{Clock, unix_secs};
-use crate::datastore::{DataStore, DataStoreError, EntryFilter, EntryId, JoinToken, StoredBundle};
+use crate::datastore::{
+    CreateMode, DataStore, DataStoreError, EntryFilter, EntryId, JoinToken, StoredBundle,
+};
 
 /// Default join token lifetime.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(600);
@@ -172,7 +174,35 @@ impl pb::admin_server::Admin for AdminService {
                 .iter()
                 .filter_map(|(_, r)| r.as_ref().ok().cloned())
                 .collect();
-            let mut stored = self.store.create_entries(valid).await.into_iter();
+            let mode = match pb::BatchMode::try_from(req.mode) {
+                Ok(pb::BatchMode::Each) => CreateMode::Each,
+                Ok(pb::BatchMode::AllOrNothing) => CreateMode::AllOrNothing,
+                Ok(pb::BatchMode::DryRun) => CreateMode::DryRun,
+                Err(_) => {
+                    return Err(AdminError::invalid(format!(
+                        "mode {} is not a batch mode (0 each, 1 all or nothing, 2 dry run)",
+                        req.mode
+                    )));
+                }
+            };
+            let refused = valid.len() < parsed.len();
+            // A refused entry stops an all-or-nothing batch before the
+            // store: the rest are still checked against it (dry run), so
+            // the operator sees every problem at once.
+            let store_mode = if refused && mode == CreateMode::AllOrNothing {
+                CreateMode::DryRun
+            } else {
+                mode
+            };
+            let mut stored = self
+                .store
+                .create_entries(valid, store_mode)
+                .await
+                .into_iter()
+                .map(|r| match r {
+                    Ok(_) if store_mode != mode => Err(DataStoreError::BatchAborted),
+                    other => other,
+                });
             let results = parsed
                 .into_iter()
                 .map(|(id, r)| match r {

@@ -43,6 +43,9 @@ pub enum DataStoreError {
     /// lost): read it again and decide again.
     #[error("{0} changed concurrently")]
     Conflict(String),
+    /// Not created: another entry of an all-or-nothing batch was refused.
+    #[error("not created: another entry of the batch was refused")]
+    BatchAborted,
     /// A join token was used after it expired.
     #[error("join token has expired")]
     TokenExpired,
@@ -98,14 +101,35 @@ impl EntryFilter {
     }
 }
 
+/// How [`DataStore::create_entries`] treats a batch in which some entries
+/// are refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateMode {
+    /// Each entry on its own: the valid ones are created.
+    Each,
+    /// Every entry or none.
+    AllOrNothing,
+    /// Check every entry against the store, as `AllOrNothing` would, and
+    /// create none. Each success carries the entry as it would be stored;
+    /// its revision means nothing.
+    DryRun,
+}
+
 /// The datastore the server uses. Implementations: [`SledStore`] (embedded,
 /// the default); PostgreSQL later.
 #[async_trait]
 pub trait DataStore: Send + Sync + 'static {
     /// Creates entries in one durable write. Each result is the stored entry
-    /// (with its revision) or why that one entry was refused; the others
-    /// are still created.
-    async fn create_entries(&self, entries: Vec<Entry>) -> Vec<Result<Entry, DataStoreError>>;
+    /// (with its revision) or why that one entry was refused. With
+    /// [`CreateMode::Each`] the others are still created; with
+    /// [`CreateMode::AllOrNothing`] one refusal creates none (the others
+    /// then carry [`DataStoreError::BatchAborted`]); [`CreateMode::DryRun`]
+    /// reports what would happen and writes nothing.
+    async fn create_entries(
+        &self,
+        entries: Vec<Entry>,
+        mode: CreateMode,
+    ) -> Vec<Result<Entry, DataStoreError>>;
 
     /// Replaces an existing entry (same ID).
     async fn update_entry(&self, entry: Entry) -> Result<Entry, DataStoreError>;

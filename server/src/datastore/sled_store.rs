@@ -30,8 +30,8 @@ use sled::transaction::{
 use tokio::sync::watch;
 
 use super::{
-    Agent, Change, ChangeEvent, DataStore, DataStoreError, Entry, EntryFilter, EntryId, JoinToken,
-    StoredBundle,
+    Agent, Change, ChangeEvent, CreateMode, DataStore, DataStoreError, Entry, EntryFilter, EntryId,
+    JoinToken, StoredBundle,
 };
 
 const REVISION_KEY: &[u8] = b"revision";
@@ -451,18 +451,44 @@ impl SledStore {
 
 #[async_trait]
 impl DataStore for SledStore {
-    async fn create_entries(&self, entries: Vec<Entry>) -> Vec<Result<Entry, DataStoreError>> {
+    async fn create_entries(
+        &self,
+        entries: Vec<Entry>,
+        mode: CreateMode,
+    ) -> Vec<Result<Entry, DataStoreError>> {
         let count = entries.len();
+        // An abort carries one error, not the batch's results: they wait
+        // here (each retry of the closure overwrites them).
+        let undone = std::sync::Mutex::new(Vec::new());
         let outcome = self
             .write(|tx| {
-                entries
+                let results = entries
                     .iter()
                     .map(|e| insert_entry(tx, e.clone()))
-                    .collect::<TxResult<Vec<_>>>()
+                    .collect::<TxResult<Vec<_>>>()?;
+                let refused = results.iter().any(Result::is_err);
+                if mode == CreateMode::Each || (mode == CreateMode::AllOrNothing && !refused) {
+                    return Ok(results);
+                }
+                let results = results
+                    .into_iter()
+                    .map(|r| match r {
+                        Ok(_) if mode == CreateMode::AllOrNothing => {
+                            Err(DataStoreError::BatchAborted)
+                        }
+                        other => other,
+                    })
+                    .collect();
+                *undone.lock().unwrap_or_else(|p| p.into_inner()) = results;
+                // Aborting undoes every insert of the transaction.
+                Err(abort(DataStoreError::BatchAborted))
             })
             .await;
         match outcome {
             Ok(results) => results,
+            Err(DataStoreError::BatchAborted) => {
+                undone.into_inner().unwrap_or_else(|p| p.into_inner())
+            }
             Err(e) => (0..count).map(|_| Err(e.clone())).collect(),
         }
     }
