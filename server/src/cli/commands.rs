@@ -303,6 +303,26 @@ fn print_one_agent(output: Output, a: &pb::Agent, title: &str) {
     }
 }
 
+/// With `--format`, the file must be in that format: a PEM file given as
+/// SPIFFE JSON (or the reverse) is a mistake worth one clear line, not a
+/// parse error from the server.
+fn check_bundle_format(text: &str, format: Option<BundleFormat>) -> CliResult {
+    let text = text.trim_start();
+    match format {
+        Some(BundleFormat::Spiffe) if !text.starts_with('{') => Err(
+            "--format spiffe: the file is not SPIFFE bundle JSON (a JSON object with \"keys\"); \
+             for PEM certificates give --format pem"
+                .into(),
+        ),
+        Some(BundleFormat::Pem) if !text.starts_with("-----BEGIN") => Err(
+            "--format pem: the file is not PEM (-----BEGIN CERTIFICATE-----); for SPIFFE \
+             bundle JSON give --format spiffe"
+                .into(),
+        ),
+        _ => Ok(()),
+    }
+}
+
 async fn bundle(cmd: BundleCommand) -> CliResult {
     match cmd {
         BundleCommand::Show { format, common } => {
@@ -323,12 +343,20 @@ async fn bundle(cmd: BundleCommand) -> CliResult {
             }
             Ok(())
         }
-        BundleCommand::Set { id, path, common } => {
+        BundleCommand::Set {
+            id,
+            format,
+            path,
+            common,
+        } => {
             let bundle = read_input(&path)?;
+            check_bundle_format(&bundle, format)?;
+            // SPIRE's `bundle set -id` takes the trust domain's SPIFFE ID.
+            let trust_domain = id.strip_prefix("spiffe://").unwrap_or(&id).to_owned();
             let mut c = client::connect(&common.socket_path).await?;
             let b = c
                 .set_federated_bundle(pb::SetFederatedBundleRequest {
-                    trust_domain: id,
+                    trust_domain,
                     bundle,
                 })
                 .await

@@ -11,9 +11,10 @@ use serde_json::json;
 use tonic::metadata::MetadataValue;
 
 use super::commands::{CliResult, read_input, status_line};
+use super::import::{ImportRequest, import};
 use super::output::{entry_json, entry_pretty, out, outln, print_list, println};
 use super::time::parse_expiry;
-use super::{EntryCommand, EntryFields, Output, client};
+use super::{EntryCommand, EntryFields, ImportFormat, Output, client, spire_json};
 use crate::admin::{ALLOW_UNKNOWN_SELECTOR_TYPE, UNKNOWN_TYPE_IN_API};
 
 /// Entry fields as the admin API names them, and the flags that set them.
@@ -40,7 +41,24 @@ pub(crate) async fn entry(cmd: EntryCommand) -> CliResult {
             let (allow_exe_only, allow_unknown) =
                 (fields.allow_exe_only, fields.allow_unknown_selector_type);
             let (entries, from_flags) = match data {
-                Some(path) => (batch_entries(&read_input(&path)?)?, false),
+                Some(path) => {
+                    let text = read_input(&path)?;
+                    if spire_json::looks_like_spire(&text) {
+                        return import(ImportRequest {
+                            text,
+                            map_parent: Vec::new(),
+                            drop: Vec::new(),
+                            partial: false,
+                            dry_run: false,
+                            batch_size: 1000,
+                            allow_exe_only,
+                            allow_unknown_selector_type: allow_unknown,
+                            common,
+                        })
+                        .await;
+                    }
+                    (batch_entries(&text)?, false)
+                }
                 None => (
                     vec![fields_to_entry(entry_id.unwrap_or_default(), fields)?],
                     true,
@@ -52,6 +70,7 @@ pub(crate) async fn entry(cmd: EntryCommand) -> CliResult {
                     pb::CreateEntriesRequest {
                         entries,
                         allow_exe_only,
+                        mode: pb::BatchMode::Each.into(),
                     },
                     allow_unknown,
                 ))
@@ -113,6 +132,31 @@ pub(crate) async fn entry(cmd: EntryCommand) -> CliResult {
             );
             Ok(())
         }
+        EntryCommand::Import {
+            format: ImportFormat::Spire,
+            data,
+            map_parent,
+            drop,
+            partial,
+            dry_run,
+            batch_size,
+            allow_exe_only,
+            allow_unknown_selector_type,
+            common,
+        } => {
+            import(ImportRequest {
+                text: read_input(&data)?,
+                map_parent,
+                drop,
+                partial,
+                dry_run,
+                batch_size,
+                allow_exe_only,
+                allow_unknown_selector_type,
+                common,
+            })
+            .await
+        }
         EntryCommand::Count(common) => {
             let mut c = client::connect(&common.socket_path).await?;
             let n = c
@@ -132,7 +176,7 @@ pub(crate) async fn entry(cmd: EntryCommand) -> CliResult {
 }
 
 /// A request carrying [`ALLOW_UNKNOWN_SELECTOR_TYPE`] when asked for.
-fn request<T>(message: T, allow_unknown_selector_type: bool) -> tonic::Request<T> {
+pub(super) fn request<T>(message: T, allow_unknown_selector_type: bool) -> tonic::Request<T> {
     let mut req = tonic::Request::new(message);
     if allow_unknown_selector_type {
         req.metadata_mut().insert(

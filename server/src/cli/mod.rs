@@ -7,7 +7,9 @@
 mod client;
 mod commands;
 mod entry;
+mod import;
 mod output;
+mod spire_json;
 mod time;
 
 use std::path::PathBuf;
@@ -167,7 +169,9 @@ pub enum EntryCommand {
         /// entry takes the flags' names with `_` (`spiffe_id`, `parent_id`,
         /// `selectors`, `x509_svid_ttl`, `jwt_svid_ttl`, `dns_names`,
         /// `federates_with`, `hint`, `expires_at`, `id`); TTLs as "1h" or
-        /// seconds, `expires_at` as RFC 3339 or Unix seconds.
+        /// seconds, `expires_at` as RFC 3339 or Unix seconds. SPIRE's JSON
+        /// (`spire-server entry show -output json`) is recognised and
+        /// imported as `entry import --format spire` does, with its defaults.
         #[arg(long, conflicts_with_all = ["spiffe_id", "parent_id", "selectors"])]
         data: Option<PathBuf>,
         /// Common options.
@@ -229,7 +233,67 @@ pub enum EntryCommand {
     },
     /// Count entries.
     Count(#[command(flatten)] Common),
+    /// Import entries from another system: SPIRE's JSON as
+    /// `spire-server entry show -output json` prints it. Nothing is created
+    /// unless every entry can be (see --partial); each entry is reported.
+    #[command(after_help = IMPORT_HELP)]
+    Import {
+        /// The file's format.
+        #[arg(long, value_enum)]
+        format: ImportFormat,
+        /// The entries file, or `-` for stdin.
+        #[arg(long)]
+        data: PathBuf,
+        /// Replace parent ID OLD by NEW (repeatable), e.g. a SPIRE agent ID
+        /// by the oxid agent ID or node alias that takes its place. SPIRE's
+        /// server ID (`spiffe://<td>/spire/server`, node entries) becomes
+        /// oxid's (`spiffe://<td>/oxid/server`) without a flag.
+        #[arg(long = "map-parent", value_name = "OLD=NEW")]
+        map_parent: Vec<String>,
+        /// Import entries that set this SPIRE field to true without it
+        /// (admin, downstream, store_svid: oxid has no equivalent);
+        /// repeatable. Each drop is reported.
+        #[arg(long = "drop", value_name = "FIELD")]
+        drop: Vec<String>,
+        /// Create the entries that pass and report the others, instead of
+        /// creating nothing when one fails.
+        #[arg(long)]
+        partial: bool,
+        /// Check every entry with the server and report; create nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Entries per admin call (at most the server's max_admin_batch).
+        #[arg(long, default_value_t = 1000)]
+        batch_size: usize,
+        /// As for `entry create`.
+        #[arg(long)]
+        allow_exe_only: bool,
+        /// As for `entry create`: e.g. SPIRE's k8s or docker selectors,
+        /// which no oxid attestor produces yet.
+        #[arg(long)]
+        allow_unknown_selector_type: bool,
+        /// Common options.
+        #[command(flatten)]
+        common: Common,
+    },
 }
+
+/// Formats `entry import` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ImportFormat {
+    /// SPIRE's JSON: `spire-server entry show -output json`, or an
+    /// `entry create -data` file.
+    Spire,
+}
+
+const IMPORT_HELP: &str = "\
+How SPIRE's fields map: spiffe_id, parent_id (objects or strings), selectors ({type, value} \
+as type:value), x509_svid_ttl, jwt_svid_ttl, dns_names, federates_with, hint, expires_at and \
+id carry over; created_at and revision_number are SPIRE's store metadata and oxid stamps its \
+own. admin, downstream and store_svid have no oxid equivalent: an entry setting one is \
+refused unless --drop names it. SPIRE's join-token alias records (token generate -spiffeID) \
+are skipped: give the alias to the oxid token instead. An entry whose parent no oxid agent, \
+alias or entry has yet is imported with a note.";
 
 /// Agent commands.
 #[derive(Debug, Subcommand)]
@@ -307,11 +371,15 @@ pub enum BundleCommand {
         #[command(flatten)]
         common: Common,
     },
-    /// Set a federated trust domain's bundle (SPIFFE JSON or PEM).
+    /// Set a federated trust domain's bundle (SPIFFE JSON or PEM), e.g.
+    /// what `spire-server bundle show -format spiffe` prints.
     Set {
-        /// The federated trust domain.
+        /// The federated trust domain (`td` or `spiffe://td`).
         #[arg(long)]
         id: String,
+        /// The file's format [default: recognised from its content].
+        #[arg(long, value_enum)]
+        format: Option<BundleFormat>,
         /// Bundle file, or `-` for stdin.
         #[arg(long)]
         path: PathBuf,

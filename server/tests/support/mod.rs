@@ -5,6 +5,7 @@
 // Each test crate that includes this module uses a different part of it.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub(crate) mod cli_process;
 pub(crate) mod inproc;
 
 use std::net::SocketAddr;
