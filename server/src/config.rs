@@ -196,6 +196,9 @@ pub struct ConfigFile {
     pub log_format: Option<String>,
     /// sled page cache bound in MiB (default 64).
     pub datastore_cache_mb: Option<u64>,
+    /// PostgreSQL instead of sled (`url`, `password_file`, `sslmode`,
+    /// `ca_file`, `pool_size`, `statement_timeout`).
+    pub datastore: Option<crate::datastore::postgres::DatastoreFile>,
     /// Agent-API calls each agent may make per second, bursts of twice that
     /// (default 500): bounds what one stolen agent key can make the server
     /// sign.
@@ -240,6 +243,8 @@ pub struct Overrides {
     pub log_format: Option<String>,
     /// `--metrics-address`.
     pub metrics_address: Option<String>,
+    /// `--datastore-url`.
+    pub datastore_url: Option<String>,
 }
 
 /// The resolved configuration.
@@ -267,6 +272,8 @@ pub struct Config {
     pub log_format: String,
     /// sled cache bound, bytes.
     pub datastore_cache_bytes: u64,
+    /// The PostgreSQL datastore; `None`: sled in `<data_dir>/datastore`.
+    pub postgres: Option<crate::datastore::PgConfig>,
     /// Agent-API calls per agent per second.
     pub agent_requests_per_second: u32,
     /// Attestations per node per minute.
@@ -324,6 +331,8 @@ impl Config {
 
     fn resolve(file: ConfigFile, o: Overrides) -> Result<Self, ConfigError> {
         let connections = conn_settings(&file)?;
+        let postgres = crate::datastore::PgConfig::resolve(file.datastore.clone(), o.datastore_url)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let td_name = o
             .trust_domain
             .or(file.trust_domain)
@@ -412,6 +421,7 @@ impl Config {
             log_level: file.log_level.unwrap_or_else(|| "info".into()),
             log_format,
             datastore_cache_bytes: file.datastore_cache_mb.unwrap_or(64) * 1024 * 1024,
+            postgres,
             agent_requests_per_second: positive(
                 "agent_requests_per_second",
                 file.agent_requests_per_second.unwrap_or(500),

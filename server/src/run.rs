@@ -10,7 +10,7 @@ use crate::agent_api::{self, AgentApiConfig, IndexHandle};
 use crate::ca::{CaConfig, CaError, CaManager, UpstreamConfig};
 use crate::clock::Clock;
 use crate::config::{Config, KeyStorage};
-use crate::datastore::{DataStore, DataStoreError, SledStore};
+use crate::datastore::{DataStore, DataStoreError, PgStore, SledStore};
 use crate::metrics::{RpcMetrics, ServerMetrics, ServerState};
 
 /// Why the server could not start or stopped with an error.
@@ -185,10 +185,13 @@ async fn build(
     // Held until the server stops: a second server on this path is refused
     // here, before it touches the store, instead of taking the socket.
     let mut socket = oxid_tls::socket::lock_socket(&config.socket_path)?;
-    let store: Arc<dyn DataStore> = Arc::new(SledStore::open(
-        &data_dir.join("datastore"),
-        config.datastore_cache_bytes,
-    )?);
+    let store: Arc<dyn DataStore> = match &config.postgres {
+        Some(pg) => Arc::new(PgStore::open(pg).await?),
+        None => Arc::new(SledStore::open(
+            &data_dir.join("datastore"),
+            config.datastore_cache_bytes,
+        )?),
+    };
     let ca = CaManager::start(
         CaConfig {
             trust_domain: config.trust_domain.clone(),

@@ -1,6 +1,8 @@
-//! The embedded datastore against its contract: atomic, durable writes, a
-//! gap-free change feed readable from any retained revision, single-use join
-//! tokens under concurrency, and clear errors instead of crashes.
+//! Both datastores (sled, PostgreSQL) against one contract: atomic, durable
+//! writes, a gap-free change feed readable from any retained revision,
+//! single-use join tokens under concurrency, and clear errors instead of
+//! crashes. Every test runs once per backend (`sled::name`, `pg::name`); the
+//! PostgreSQL ones need the cluster `./scripts/test` starts.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -10,14 +12,101 @@ use std::sync::Arc;
 use oxid_pki::{Selector, SpiffeId, TrustDomain};
 use oxid_server::datastore::{
     Agent, ChangeEvent, CreateMode, DataStore, DataStoreError, Entry, EntryFilter, EntryId,
-    JoinToken, SledStore, StoredBundle,
+    JoinToken, PgConfig, PgStore, SledStore, StoredBundle,
 };
+
+#[path = "support/pg.rs"]
+mod pg_cluster;
 
 const CACHE: u64 = 8 * 1024 * 1024;
 
-fn open(dir: &std::path::Path) -> SledStore {
-    SledStore::open(dir, CACHE).unwrap()
+/// Where one test's store lives, so it can be opened again.
+enum Backend {
+    Sled(tempfile::TempDir),
+    Pg(PgConfig),
 }
+
+impl Backend {
+    fn sled() -> Self {
+        Self::Sled(tempfile::tempdir().unwrap())
+    }
+
+    async fn pg() -> Self {
+        Self::Pg(pg_cluster::fresh().await)
+    }
+
+    async fn open(&self) -> Arc<dyn DataStore> {
+        match self {
+            Self::Sled(dir) => Arc::new(SledStore::open(dir.path(), CACHE).unwrap()),
+            Self::Pg(config) => Arc::new(PgStore::open(config).await.unwrap()),
+        }
+    }
+
+    /// Overwrites entry `id`'s stored record with something that is not
+    /// an entry, behind the store's back (with no store open on it).
+    async fn damage_entry(&self, id: &EntryId) {
+        match self {
+            Self::Sled(dir) => {
+                let db = sled::open(dir.path()).unwrap();
+                db.open_tree("entries")
+                    .unwrap()
+                    .insert(id.as_str(), b"{not json".as_slice())
+                    .unwrap();
+                db.flush().unwrap();
+            }
+            Self::Pg(config) => {
+                let raw = pg_cluster::raw(config).await;
+                let damaged = raw
+                    .execute(
+                        "UPDATE oxid_entries SET entry = '{\"not\": \"an entry\"}' WHERE id = $1",
+                        &[&id.as_str()],
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(damaged, 1);
+            }
+        }
+    }
+}
+
+/// Each contract test once per backend: `sled_store::name` and `pg::name`.
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod sled_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Backend::sled()).await;
+                }
+            )*
+        }
+        mod pg {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Backend::pg().await).await;
+                }
+            )*
+        }
+    };
+}
+
+contract!(
+    entries_round_trip_with_increasing_revisions,
+    duplicate_entries_are_refused_and_change_nothing,
+    a_batch_creates_the_good_entries_and_reports_the_bad,
+    an_all_or_nothing_batch_with_one_bad_entry_creates_none_and_a_dry_run_writes_nothing,
+    updates_cannot_collide_or_invent_entries,
+    list_filters_and_orders_by_creation_then_id,
+    everything_survives_a_reopen,
+    the_change_feed_resumes_from_any_retained_revision,
+    followers_are_woken_by_writes,
+    join_tokens_are_single_use_and_expire,
+    a_join_token_is_consumed_once_under_concurrency,
+    agents_and_bundles_round_trip,
+    a_corrupt_record_is_an_error_not_a_crash,
+    concurrent_writers_all_finish_and_persist,
+);
 
 fn id(s: &str) -> SpiffeId {
     s.parse().unwrap()
@@ -61,7 +150,7 @@ fn agent(spiffe_id: &str) -> Agent {
     }
 }
 
-async fn create_one(store: &SledStore, e: Entry) -> Result<Entry, DataStoreError> {
+async fn create_one(store: &dyn DataStore, e: Entry) -> Result<Entry, DataStoreError> {
     store
         .create_entries(vec![e], CreateMode::Each)
         .await
@@ -69,18 +158,16 @@ async fn create_one(store: &SledStore, e: Entry) -> Result<Entry, DataStoreError
         .unwrap()
 }
 
-#[tokio::test]
-async fn entries_round_trip_with_increasing_revisions() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+async fn entries_round_trip_with_increasing_revisions(b: Backend) {
+    let store = b.open().await;
     let a = create_one(
-        &store,
+        &*store,
         entry("spiffe://example.org/web", AGENT, &["unix:uid:1000"], 1),
     )
     .await
     .unwrap();
     let b = create_one(
-        &store,
+        &*store,
         entry("spiffe://example.org/db", AGENT, &["unix:uid:1001"], 2),
     )
     .await
@@ -112,21 +199,19 @@ async fn entries_round_trip_with_increasing_revisions() {
     assert_eq!(*store.revision().borrow(), 4);
 }
 
-#[tokio::test]
-async fn duplicate_entries_are_refused_and_change_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+async fn duplicate_entries_are_refused_and_change_nothing(b: Backend) {
+    let store = b.open().await;
     let first = entry("spiffe://example.org/web", AGENT, &["unix:uid:1000"], 1);
-    create_one(&store, first.clone()).await.unwrap();
+    create_one(&*store, first.clone()).await.unwrap();
     // Same identity, parent and selectors under a new ID.
     let dup = entry("spiffe://example.org/web", AGENT, &["unix:uid:1000"], 2);
     assert!(matches!(
-        create_one(&store, dup).await,
+        create_one(&*store, dup).await,
         Err(DataStoreError::AlreadyExists(_))
     ));
     // Same ID again.
     assert!(matches!(
-        create_one(&store, first).await,
+        create_one(&*store, first).await,
         Err(DataStoreError::AlreadyExists(_))
     ));
     assert_eq!(
@@ -144,10 +229,8 @@ async fn duplicate_entries_are_refused_and_change_nothing() {
     );
 }
 
-#[tokio::test]
-async fn a_batch_creates_the_good_entries_and_reports_the_bad() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+async fn a_batch_creates_the_good_entries_and_reports_the_bad(b: Backend) {
+    let store = b.open().await;
     let batch = vec![
         entry("spiffe://example.org/a", AGENT, &["unix:uid:1"], 1),
         entry("spiffe://example.org/a", AGENT, &["unix:uid:1"], 2), // duplicate of the first
@@ -167,10 +250,10 @@ async fn a_batch_creates_the_good_entries_and_reports_the_bad() {
     );
 }
 
-#[tokio::test]
-async fn an_all_or_nothing_batch_with_one_bad_entry_creates_none_and_a_dry_run_writes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+async fn an_all_or_nothing_batch_with_one_bad_entry_creates_none_and_a_dry_run_writes_nothing(
+    b: Backend,
+) {
+    let store = b.open().await;
     let batch = || {
         vec![
             entry("spiffe://example.org/a", AGENT, &["unix:uid:1"], 1),
@@ -223,18 +306,16 @@ async fn an_all_or_nothing_batch_with_one_bad_entry_creates_none_and_a_dry_run_w
     );
 }
 
-#[tokio::test]
-async fn updates_cannot_collide_or_invent_entries() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+async fn updates_cannot_collide_or_invent_entries(b: Backend) {
+    let store = b.open().await;
     create_one(
-        &store,
+        &*store,
         entry("spiffe://example.org/a", AGENT, &["unix:uid:1"], 1),
     )
     .await
     .unwrap();
     let b = create_one(
-        &store,
+        &*store,
         entry("spiffe://example.org/b", AGENT, &["unix:uid:2"], 2),
     )
     .await
@@ -261,17 +342,15 @@ async fn updates_cannot_collide_or_invent_entries() {
     moved.selectors = selectors(&["unix:uid:9"]);
     store.update_entry(moved).await.unwrap();
     create_one(
-        &store,
+        &*store,
         entry("spiffe://example.org/b", AGENT, &["unix:uid:2"], 4),
     )
     .await
     .unwrap();
 }
 
-#[tokio::test]
-async fn list_filters_and_orders_by_creation_then_id() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+async fn list_filters_and_orders_by_creation_then_id(b: Backend) {
+    let store = b.open().await;
     let other_parent = "spiffe://example.org/oxid/agent/x509pop/ff";
     for (i, (sid, parent, sels)) in [
         (
@@ -285,7 +364,7 @@ async fn list_filters_and_orders_by_creation_then_id() {
     .into_iter()
     .enumerate()
     {
-        create_one(&store, entry(sid, parent, &sels, 10 - i as u64))
+        create_one(&*store, entry(sid, parent, &sels, 10 - i as u64))
             .await
             .unwrap();
     }
@@ -323,13 +402,11 @@ async fn list_filters_and_orders_by_creation_then_id() {
     assert_eq!(store.list_entries(&exact).await.unwrap().len(), 2);
 }
 
-#[tokio::test]
-async fn everything_survives_a_reopen() {
-    let dir = tempfile::tempdir().unwrap();
+async fn everything_survives_a_reopen(b: Backend) {
     let (e, a) = {
-        let store = open(dir.path());
+        let store = b.open().await;
         let e = create_one(
-            &store,
+            &*store,
             entry("spiffe://example.org/web", AGENT, &["unix:uid:1"], 1),
         )
         .await
@@ -345,7 +422,7 @@ async fn everything_survives_a_reopen() {
             .unwrap();
         (e, a)
     };
-    let store = open(dir.path());
+    let store = b.open().await;
     assert_eq!(store.get_entry(&e.id).await.unwrap(), e);
     assert_eq!(store.get_agent(&id(AGENT)).await.unwrap(), a);
     assert_eq!(
@@ -359,7 +436,7 @@ async fn everything_survives_a_reopen() {
         "the revision counter resumes"
     );
     let next = create_one(
-        &store,
+        &*store,
         entry("spiffe://example.org/db", AGENT, &["unix:uid:2"], 2),
     )
     .await
@@ -368,13 +445,11 @@ async fn everything_survives_a_reopen() {
     assert_eq!(store.changes_since(0, 100).await.unwrap().len(), 5);
 }
 
-#[tokio::test]
-async fn the_change_feed_resumes_from_any_retained_revision() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+async fn the_change_feed_resumes_from_any_retained_revision(b: Backend) {
+    let store = b.open().await;
     for i in 0..10u64 {
         let sid = format!("spiffe://example.org/w{i}");
-        create_one(&store, entry(&sid, AGENT, &["unix:uid:1"], i))
+        create_one(&*store, entry(&sid, AGENT, &["unix:uid:1"], i))
             .await
             .unwrap();
     }
@@ -397,16 +472,14 @@ async fn the_change_feed_resumes_from_any_retained_revision() {
     assert_eq!(rest.len(), 5);
 }
 
-#[tokio::test]
-async fn followers_are_woken_by_writes() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(open(dir.path()));
+async fn followers_are_woken_by_writes(b: Backend) {
+    let store = b.open().await;
     let mut rx = store.revision();
     let writer = {
         let store = store.clone();
         tokio::spawn(async move {
             create_one(
-                &store,
+                &*store,
                 entry("spiffe://example.org/web", AGENT, &["unix:uid:1"], 1),
             )
             .await
@@ -427,10 +500,8 @@ fn token(hash: &str, expires_at: u64) -> JoinToken {
     }
 }
 
-#[tokio::test]
-async fn join_tokens_are_single_use_and_expire() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+async fn join_tokens_are_single_use_and_expire(b: Backend) {
+    let store = b.open().await;
     store
         .create_join_token(token("aaaaaaaaaaaa", 100))
         .await
@@ -469,10 +540,8 @@ async fn join_tokens_are_single_use_and_expire() {
     ));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_join_token_is_consumed_once_under_concurrency() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(open(dir.path()));
+async fn a_join_token_is_consumed_once_under_concurrency(b: Backend) {
+    let store = b.open().await;
     for round in 0..5 {
         let hash = format!("{round:0>12}");
         store.create_join_token(token(&hash, 100)).await.unwrap();
@@ -498,10 +567,8 @@ async fn a_join_token_is_consumed_once_under_concurrency() {
     }
 }
 
-#[tokio::test]
-async fn agents_and_bundles_round_trip() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+async fn agents_and_bundles_round_trip(b: Backend) {
+    let store = b.open().await;
     let created = store.put_agent(None, agent(AGENT)).await.unwrap();
     let mut a = created.clone();
     a.banned = true;
@@ -571,28 +638,18 @@ async fn agents_and_bundles_round_trip() {
     );
 }
 
-#[tokio::test]
-async fn a_corrupt_record_is_an_error_not_a_crash() {
-    let dir = tempfile::tempdir().unwrap();
+async fn a_corrupt_record_is_an_error_not_a_crash(b: Backend) {
     let e = {
-        let store = open(dir.path());
+        let store = b.open().await;
         create_one(
-            &store,
+            &*store,
             entry("spiffe://example.org/web", AGENT, &["unix:uid:1"], 1),
         )
         .await
         .unwrap()
     };
-    {
-        // Damage the record behind the store's back.
-        let db = sled::open(dir.path()).unwrap();
-        db.open_tree("entries")
-            .unwrap()
-            .insert(e.id.as_str(), b"{not json".as_slice())
-            .unwrap();
-        db.flush().unwrap();
-    }
-    let store = open(dir.path());
+    b.damage_entry(&e.id).await;
+    let store = b.open().await;
     assert!(matches!(
         store.get_entry(&e.id).await,
         Err(DataStoreError::Corrupt(_))
@@ -619,10 +676,8 @@ fn entry_ids_are_checked() {
 /// server hung for good under 32 concurrent attestations in
 /// `oxid-bench scale`). Many concurrent writers must all finish, and every
 /// acknowledged write must be there after a reopen.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_writers_all_finish_and_persist() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(open(dir.path()));
+async fn concurrent_writers_all_finish_and_persist(b: Backend) {
+    let store = b.open().await;
     let writers: Vec<_> = (0..64)
         .map(|w| {
             let store = store.clone();
@@ -651,7 +706,6 @@ async fn concurrent_writers_all_finish_and_persist() {
         .expect("concurrent writes hung (flush deadlock)");
     assert_eq!(*store.revision().borrow(), 64 * 20);
     drop(store);
-    let reopened = SledStore::open(dir.path(), CACHE);
-    let reopened = reopened.unwrap();
+    let reopened = b.open().await;
     assert_eq!(reopened.list_agents().await.unwrap().len(), 64 * 20);
 }

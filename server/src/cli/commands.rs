@@ -60,6 +60,7 @@ fn run(args: RunArgs) -> CliResult {
             socket_path: args.socket_path,
             log_format: args.log_format,
             metrics_address: args.metrics_address,
+            datastore_url: args.datastore_url,
         },
     )
     .map_err(|e| e.to_string())?;

@@ -109,6 +109,11 @@ pub struct RunArgs {
     /// overrides metrics_address in the file.
     #[arg(long)]
     pub metrics_address: Option<String>,
+    /// PostgreSQL datastore, postgresql://USER@HOST:PORT/DB (no password:
+    /// password_file in [datastore], or PGPASSWORD); overrides url in the
+    /// [datastore] table. Unset: the embedded store in the data directory.
+    #[arg(long)]
+    pub datastore_url: Option<String>,
 }
 
 /// The fields of an entry, for create and update.

@@ -1,5 +1,6 @@
 //! The datastore: the narrow async interface the rest of the server uses,
-//! and its embedded backend (sled).
+//! its embedded backend (sled, the default) and PostgreSQL (several servers
+//! sharing one database; `postgres/`).
 //!
 //! Contract every backend keeps:
 //! - A write the caller sees succeed is durable (flushed) before it returns.
@@ -9,6 +10,7 @@
 //!   revision; the feed is readable from any retained revision, so a
 //!   restarted server (or several servers sharing one database) can resume.
 
+pub mod postgres;
 mod sled_store;
 mod types;
 
@@ -16,6 +18,7 @@ use async_trait::async_trait;
 use oxid_pki::{SpiffeId, TrustDomain};
 use tokio::sync::watch;
 
+pub use self::postgres::{PgConfig, PgStore};
 pub use self::sled_store::SledStore;
 pub use self::types::{
     Agent, Change, ChangeEvent, Entry, EntryId, InvalidEntryId, JoinToken, StoredBundle,
@@ -116,7 +119,7 @@ pub enum CreateMode {
 }
 
 /// The datastore the server uses. Implementations: [`SledStore`] (embedded,
-/// the default); PostgreSQL later.
+/// the default) and [`PgStore`].
 #[async_trait]
 pub trait DataStore: Send + Sync + 'static {
     /// Creates entries in one durable write. Each result is the stored entry

@@ -1,0 +1,123 @@
+//! The schema and its versioned migrations.
+//!
+//! `oxid_schema` holds one row: the version applied. At start every server
+//! runs `migrate` in one transaction that first takes a transaction-level
+//! advisory lock, so of several servers starting at once one migrates and
+//! the others wait, then find the version current and go on. DDL is
+//! transactional in PostgreSQL: a migration that fails leaves the previous
+//! version whole. A database at a version newer than this binary knows is
+//! refused: its tables may mean things this server would get wrong.
+//!
+//! Migrations are only ever appended, never edited: a deployed database
+//! has run the old text.
+
+use tokio_postgres::Client;
+
+use super::db;
+use crate::datastore::DataStoreError;
+
+/// The advisory-lock key of migrations ("oxid" and 1).
+const MIGRATION_LOCK: i64 = 0x6f78_6964_0001;
+
+/// Version 1: entries, agents, join tokens, bundles, the CA journal, the
+/// revision counter and the change feed.
+const V1: &str = r"
+CREATE TABLE oxid_feed (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    -- The last committed revision; every write transaction updates it last,
+    -- so its row lock orders the commits (see the module doc of postgres/).
+    revision bigint NOT NULL,
+    -- Changes at or below this were pruned.
+    pruned_up_to bigint NOT NULL
+);
+INSERT INTO oxid_feed (revision, pruned_up_to) VALUES (0, 0);
+CREATE TABLE oxid_changes (
+    revision bigint PRIMARY KEY,
+    event jsonb NOT NULL
+);
+CREATE TABLE oxid_entries (
+    id text PRIMARY KEY,
+    -- SHA-256 of (SPIFFE ID, parent, selectors): one entry per key.
+    unique_key bytea NOT NULL UNIQUE,
+    spiffe_id text NOT NULL,
+    parent_id text NOT NULL,
+    revision bigint NOT NULL,
+    entry jsonb NOT NULL
+);
+CREATE INDEX oxid_entries_spiffe_id ON oxid_entries (spiffe_id);
+CREATE INDEX oxid_entries_parent_id ON oxid_entries (parent_id);
+CREATE TABLE oxid_agents (
+    spiffe_id text PRIMARY KEY,
+    agent jsonb NOT NULL
+);
+CREATE TABLE oxid_join_tokens (
+    hash text PRIMARY KEY,
+    token jsonb NOT NULL
+);
+CREATE TABLE oxid_bundles (
+    trust_domain text PRIMARY KEY,
+    bundle jsonb NOT NULL
+);
+CREATE TABLE oxid_ca_journal (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    journal bytea NOT NULL
+);
+";
+
+/// Every migration, in order: index + 1 is the version it brings.
+const MIGRATIONS: &[&str] = &[V1];
+
+/// The schema version this binary writes.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+/// Brings the database to [`SCHEMA_VERSION`], or refuses a newer one.
+/// Returns the version found before.
+pub(super) async fn migrate(client: &mut Client) -> Result<i32, DataStoreError> {
+    migrate_to(client, MIGRATIONS).await
+}
+
+/// `migrate` with a given list (tests: an older binary).
+async fn migrate_to(client: &mut Client, migrations: &[&str]) -> Result<i32, DataStoreError> {
+    let known = i32::try_from(migrations.len()).unwrap_or(i32::MAX);
+    let tx = client.transaction().await.map_err(db)?;
+    // The others wait here for as long as the migration takes, which the
+    // session's statement_timeout must not cut short.
+    tx.batch_execute("SET LOCAL statement_timeout = '10min'")
+        .await
+        .map_err(db)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(db)?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS oxid_schema (version integer NOT NULL)")
+        .await
+        .map_err(db)?;
+    let found: i32 = tx
+        .query_opt("SELECT version FROM oxid_schema", &[])
+        .await
+        .map_err(db)?
+        .map_or(0, |row| row.get(0));
+    if found > known {
+        return Err(DataStoreError::Backend(format!(
+            "the database schema is at version {found}, newer than the {known} this \
+             oxid-server knows: a newer oxid-server has migrated it. Run that version or a \
+             later one here"
+        )));
+    }
+    for sql in migrations.iter().skip(usize::try_from(found).unwrap_or(0)) {
+        tx.batch_execute(sql).await.map_err(db)?;
+    }
+    if found == 0 {
+        tx.execute("INSERT INTO oxid_schema (version) VALUES ($1)", &[&known])
+            .await
+            .map_err(db)?;
+    } else if found < known {
+        tx.execute("UPDATE oxid_schema SET version = $1", &[&known])
+            .await
+            .map_err(db)?;
+    }
+    tx.commit().await.map_err(db)?;
+    if found < known {
+        tracing::info!(from = found, to = known, "datastore schema migrated");
+    }
+    Ok(found)
+}
