@@ -260,6 +260,14 @@ pub(crate) async fn run(cmd: ApiCommand) -> Result<(), AgentError> {
                 let key = oxid_pki::x509::pem_encode("PRIVATE KEY", &first.x509_svid_key);
                 write_output(&dir.join("svid.key"), key.as_bytes())?;
                 write_output(&dir.join("bundle.pem"), to_pem(&first.bundle)?.as_bytes())?;
+                // SPIRE's names (`spire-agent api fetch x509 -write`), in
+                // trust-domain order so a name means the same bundle each run.
+                let mut federated: Vec<_> = resp.federated_bundles.iter().collect();
+                federated.sort();
+                for (n, (_, bundle)) in federated.into_iter().enumerate() {
+                    let name = format!("federated_bundle.{n}.pem");
+                    write_output(&dir.join(name), to_pem(bundle)?.as_bytes())?;
+                }
             }
             print_x509(&api.output, &resp);
             Ok(())

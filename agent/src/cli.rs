@@ -80,7 +80,9 @@ pub enum ApiCommand {
 pub enum FetchCommand {
     /// This process's X509-SVIDs.
     X509 {
-        /// Write svid.pem, svid.key (0600) and bundle.pem into this directory.
+        /// Write svid.pem, svid.key (0600), bundle.pem and, per federated trust
+        /// domain in name order, federated_bundle.N.pem (as spire-agent does) into
+        /// this directory.
         #[arg(long)]
         write: Option<PathBuf>,
         /// Socket and output.
