@@ -99,8 +99,13 @@ fn init_logging(level: &str, format: &str) -> CliResult {
 
 fn validate(config: Option<&Path>) -> CliResult {
     let c = Config::load(config, Overrides::default()).map_err(|e| e.to_string())?;
+    // PgConfig displays as the URL without a password (one is refused).
+    let datastore = c.postgres.as_ref().map_or_else(
+        || format!("sled in {}", c.data_dir.join("datastore").display()),
+        ToString::to_string,
+    );
     outln!(
-        "configuration is valid: trust domain {}, data in {}, admin socket {}",
+        "configuration is valid: trust domain {}, data in {}, admin socket {}, datastore {datastore}",
         c.trust_domain,
         c.data_dir.display(),
         c.socket_path.display()

@@ -127,6 +127,9 @@ pub struct PgConfig {
     pub statement_timeout: Duration,
     /// The change-feed listener's poll period.
     pub feed_poll: Duration,
+    /// How this server's sessions show in `pg_stat_activity`; the
+    /// listener's is this with ` feed` added.
+    pub application_name: String,
 }
 
 impl fmt::Display for PgConfig {
@@ -236,6 +239,7 @@ impl PgConfig {
             pool_size: DEFAULT_POOL_SIZE,
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
             feed_poll: DEFAULT_FEED_POLL,
+            application_name: "oxid-server".into(),
         })
     }
 
@@ -436,6 +440,26 @@ mod tests {
         };
         assert!(PgConfig::resolve(Some(orphan), None).is_err());
         assert_eq!(PgConfig::resolve(None, None), Ok(None));
+    }
+
+    #[test]
+    fn server_toml_selects_postgres() {
+        let load = |text: &str| {
+            crate::config::Config::from_toml(text, Path::new("t.toml"), Default::default())
+        };
+        assert!(load("").unwrap().postgres.is_none(), "sled by default");
+        let c = load(
+            "[datastore]\nurl = \"postgresql://a@one/x?sslmode=disable\"\npool_size = 4\n\
+             statement_timeout = \"3s\"\n",
+        )
+        .unwrap();
+        let pg = c.postgres.unwrap();
+        assert_eq!((pg.pool_size, pg.sslmode), (4, SslMode::Disable));
+        assert_eq!(pg.statement_timeout, Duration::from_secs(3));
+        let err = load("[datastore]\nurl = \"postgresql://a@one/x\"\npassword = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("password"), "unknown keys are refused: {err}");
     }
 
     #[test]

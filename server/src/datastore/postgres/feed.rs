@@ -113,7 +113,7 @@ pub(super) async fn changes_since(
             oldest: pruned + 1,
         });
     }
-    let limit = int(limit as u64)?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let read = tx
         .prepare_cached(
             "SELECT revision, event::text FROM oxid_changes \

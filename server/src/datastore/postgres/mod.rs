@@ -103,10 +103,6 @@ use super::{
     JoinToken, StoredBundle,
 };
 
-/// `application_name` of the pooled connections, and of the listener's.
-const APPLICATION: &str = "oxid-server";
-const LISTENER_APPLICATION: &str = "oxid-server feed";
-
 /// The PostgreSQL store.
 pub struct PgStore {
     pool: deadpool_postgres::Pool,
@@ -133,7 +129,7 @@ impl PgStore {
         } else {
             None
         };
-        let client_config = config.client_config(password.as_deref(), APPLICATION);
+        let client_config = config.client_config(password.as_deref(), &config.application_name);
         let manager_config = deadpool_postgres::ManagerConfig {
             recycling_method: deadpool_postgres::RecyclingMethod::Fast,
         };
@@ -164,7 +160,10 @@ impl PgStore {
         drop(client);
         let revision = Arc::new(revision);
         let listener = tokio::spawn(feed::follow(feed::Listener {
-            config: config.client_config(password.as_deref(), LISTENER_APPLICATION),
+            config: config.client_config(
+                password.as_deref(),
+                &format!("{} feed", config.application_name),
+            ),
             tls,
             revision: revision.clone(),
             poll: config.feed_poll,
