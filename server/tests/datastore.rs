@@ -112,7 +112,8 @@ fn id(s: &str) -> SpiffeId {
     s.parse().unwrap()
 }
 
-fn selectors(list: &[&str]) -> BTreeSet<Selector> {
+/// Selectors as whichever set the caller needs (an entry's, a filter's).
+fn selectors<S: FromIterator<Selector>>(list: &[&str]) -> S {
     list.iter().map(|s| s.parse().unwrap()).collect()
 }
 

@@ -26,7 +26,11 @@ fn entry(name: &str, uid: u32) -> Entry {
         id: EntryId::random().unwrap(),
         spiffe_id: format!("spiffe://example.org/{name}").parse().unwrap(),
         parent_id: AGENT.parse().unwrap(),
-        selectors: [format!("unix:uid:{uid}").parse().unwrap()].into(),
+        selectors: [format!("unix:uid:{uid}")
+            .parse::<oxid_pki::Selector>()
+            .unwrap()]
+        .into_iter()
+        .collect(),
         x509_svid_ttl: None,
         jwt_svid_ttl: None,
         dns_names: vec![],
