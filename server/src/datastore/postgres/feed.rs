@@ -169,6 +169,9 @@ pub(super) struct Listener {
     pub(super) tls: Option<MakeRustls>,
     pub(super) revision: Arc<watch::Sender<u64>>,
     pub(super) poll: Duration,
+    /// Longest wait for an answer: past it the connection is taken for
+    /// dead (a silent network drops no TCP connection for minutes).
+    pub(super) timeout: Duration,
 }
 
 /// Backoff between listener reconnects.
@@ -248,9 +251,10 @@ where
         // Listening from here: whatever commits later wakes us, and what
         // committed before (while we were away) is in this first read.
         loop {
-            match current(&client).await {
-                Ok(revision) => advance(&listener.revision, revision),
-                Err(e) => return Ok(e.to_string()),
+            match tokio::time::timeout(listener.timeout, current(&client)).await {
+                Ok(Ok(revision)) => advance(&listener.revision, revision),
+                Ok(Err(e)) => return Ok(e.to_string()),
+                Err(_) => return Ok("no answer within the statement_timeout".to_owned()),
             }
             tokio::select! {
                 () = wake.notified() => {}

@@ -167,6 +167,7 @@ impl PgStore {
             tls,
             revision: revision.clone(),
             poll: config.feed_poll,
+            timeout: config.statement_timeout,
         }))
         .abort_handle();
         Ok(Self {
