@@ -165,7 +165,7 @@ impl EntryPolicy {
             id,
             spiffe_id,
             parent_id,
-            selectors,
+            selectors: selectors.into(),
             x509_svid_ttl: self.ttl("x509_svid_ttl", e.x509_svid_ttl)?,
             jwt_svid_ttl: self.ttl("jwt_svid_ttl", e.jwt_svid_ttl)?,
             dns_names: dns_names.into_iter().collect(),

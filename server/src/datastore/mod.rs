@@ -21,7 +21,8 @@ use tokio::sync::watch;
 pub use self::postgres::{PgConfig, PgStore};
 pub use self::sled_store::SledStore;
 pub use self::types::{
-    Agent, Change, ChangeEvent, Entry, EntryId, InvalidEntryId, JoinToken, StoredBundle,
+    Agent, Change, ChangeEvent, Entry, EntryId, InvalidEntryId, JoinToken, SelectorSet,
+    StoredBundle,
 };
 
 /// Why a datastore operation failed.

@@ -87,7 +87,7 @@ pub struct Entry {
     /// The agent, node alias or entry this entry is parented on.
     pub parent_id: SpiffeId,
     /// All must be among the caller's selectors. Never empty.
-    pub selectors: BTreeSet<Selector>,
+    pub selectors: SelectorSet,
     /// X509-SVID lifetime in seconds; `None` uses the server default.
     pub x509_svid_ttl: Option<u64>,
     /// JWT-SVID lifetime in seconds; `None` uses the server default.
@@ -115,6 +115,76 @@ impl Entry {
             self.parent_id.to_string(),
             self.selectors.iter().map(ToString::to_string).collect(),
         )
+    }
+}
+
+/// An entry's selectors: sorted, without repeats, in one allocation. A
+/// `BTreeSet` spends a 368-byte node on an entry's one or two selectors,
+/// which at 100,000 entries was a seventh of the server's memory. Stored
+/// (serde) as the same list a `BTreeSet` writes, so existing records load.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct SelectorSet(Box<[Selector]>);
+
+impl SelectorSet {
+    /// The selectors, in order.
+    pub fn iter(&self) -> std::slice::Iter<'_, Selector> {
+        self.0.iter()
+    }
+
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether `selector` is one of them.
+    pub fn contains(&self, selector: &Selector) -> bool {
+        self.0.binary_search(selector).is_ok()
+    }
+
+    /// Whether every one of them is in `others` (a caller's selectors).
+    pub fn is_subset(&self, others: &BTreeSet<Selector>) -> bool {
+        self.0.iter().all(|s| others.contains(s))
+    }
+}
+
+impl FromIterator<Selector> for SelectorSet {
+    fn from_iter<I: IntoIterator<Item = Selector>>(iter: I) -> Self {
+        let mut all: Vec<Selector> = iter.into_iter().collect();
+        all.sort();
+        all.dedup();
+        Self(all.into_boxed_slice())
+    }
+}
+
+impl<const N: usize> From<[Selector; N]> for SelectorSet {
+    fn from(selectors: [Selector; N]) -> Self {
+        selectors.into_iter().collect()
+    }
+}
+
+impl From<BTreeSet<Selector>> for SelectorSet {
+    fn from(selectors: BTreeSet<Selector>) -> Self {
+        Self(selectors.into_iter().collect())
+    }
+}
+
+impl<'a> IntoIterator for &'a SelectorSet {
+    type Item = &'a Selector;
+    type IntoIter = std::slice::Iter<'a, Selector>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl<'de> Deserialize<'de> for SelectorSet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Vec::<Selector>::deserialize(d)?.into_iter().collect())
     }
 }
 
