@@ -660,3 +660,36 @@ fn run_takes_metrics_address() {
     conn.read_to_string(&mut reply).unwrap();
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
 }
+
+#[test]
+fn entry_count_and_show_work_past_the_4_mib_grpc_default() {
+    let server = Server::start(&[]);
+    // 5,000 entries with 1 KiB hints: a 5 MiB ListEntries answer, which the
+    // CLI refused with "decoded message length too large" before.
+    runtime().block_on(async {
+        let mut admin = server.admin().await;
+        for batch in 0..5 {
+            let entries = (0..1000)
+                .map(|i| pb::Entry {
+                    spiffe_id: format!("spiffe://example.org/big/{batch}/{i}"),
+                    parent_id: AGENT.into(),
+                    selectors: vec![format!("unix:uid:{}", 1000 + batch * 1000 + i)],
+                    hint: "h".repeat(1000),
+                    ..Default::default()
+                })
+                .collect();
+            let r = admin
+                .create_entries(pb::CreateEntriesRequest {
+                    entries,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(r.results.iter().all(|r| r.error.is_empty()));
+        }
+    });
+    assert_eq!(server.json(&["entry", "count"])["count"], 5000);
+    let shown = server.json(&["entry", "show"]);
+    assert_eq!(shown["entries"].as_array().unwrap().len(), 5000);
+}

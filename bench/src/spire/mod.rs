@@ -59,6 +59,10 @@ pub(crate) struct SpireArgs {
     /// Leave out the tuned SPIRE.
     #[arg(long)]
     pub(crate) no_tuned: bool,
+    /// Measure oxid alone (its column of the table, to check a change to
+    /// oxid without the 15 minutes SPIRE's rows take).
+    #[arg(long)]
+    pub(crate) oxid_only: bool,
 }
 
 /// The sizes of one run, from the flags.
@@ -456,9 +460,12 @@ pub(crate) async fn run(args: SpireArgs, rounds: usize) -> BenchResult<()> {
         spire_bin,
         interval: format!("{}ms", args.spire_interval_ms),
     };
-    let mut kinds = vec![Kind::Oxid, Kind::Spire];
-    if !args.no_tuned {
-        kinds.push(Kind::SpireTuned);
+    let mut kinds = vec![Kind::Oxid];
+    if !args.oxid_only {
+        kinds.push(Kind::Spire);
+        if !args.no_tuned {
+            kinds.push(Kind::SpireTuned);
+        }
     }
     let mut all = Vec::new();
     for &kind in &kinds {

@@ -49,8 +49,16 @@ pub(crate) async fn connect(path: &Path) -> Result<AdminClient<AdminChannel>, St
     Ok(AdminClient::new(AdminChannel {
         inner: channel,
         socket: shown.into(),
-    }))
+    })
+    .max_decoding_message_size(MAX_ANSWER_BYTES))
 }
+
+/// The largest answer the CLI reads. The admin API lists entries in one
+/// message (about 140 bytes each), and tonic's 4 MiB default refused
+/// `entry count` at 100,000 entries. The server on the other end of this
+/// socket is trusted (the path was checked above); the bound only stops
+/// a runaway answer.
+const MAX_ANSWER_BYTES: usize = 1 << 30;
 
 /// The I/O error under a transport error (the connector's, from connect).
 fn io_cause(e: &tonic::transport::Error) -> Option<&std::io::Error> {
