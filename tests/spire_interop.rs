@@ -116,6 +116,45 @@ async fn oxid(server: &Server, args: &[&str]) -> (i32, String, String) {
     run(&bin("oxid-server"), &all).await
 }
 
+/// `oxid-agent api fetch x509 --write DIR --output json` as this process,
+/// again until its answer satisfies `done`; that answer.
+async fn fetch_until(
+    agent: &Agent,
+    dir: &Path,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let socket = agent.socket.display().to_string();
+    let dir = dir.to_str().unwrap();
+    let args = [
+        "api",
+        "fetch",
+        "x509",
+        "--socket-path",
+        &socket,
+        "--output",
+        "json",
+        "--write",
+        dir,
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, out, err) = run(&bin("oxid-agent"), &args).await;
+        if code == 0 {
+            let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
+            if done(&answer) {
+                return answer;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the workload never got what it waits for: {out}{err}"
+        );
+        // The agent signs a new entry's SVID within milliseconds; polling
+        // is the CLI's only way to see it.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn uid() -> String {
     rustix::process::getuid().as_raw().to_string()
 }
@@ -242,31 +281,12 @@ async fn entries_exported_from_spire_import_into_oxid_and_serve_a_workload() {
     let agent = Agent::start(dir.path(), &server, token["token"].as_str().unwrap()).await;
     let out_dir = dir.path().join("svid");
     std::fs::create_dir(&out_dir).unwrap();
-    let socket = agent.socket.display().to_string();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let fetched = loop {
-        let (code, out, err) = run(
-            &bin("oxid-agent"),
-            &[
-                "api",
-                "fetch",
-                "x509",
-                "--socket-path",
-                &socket,
-                "--output",
-                "json",
-                "--write",
-                out_dir.to_str().unwrap(),
-            ],
-        )
-        .await;
-        if code == 0 {
-            break out;
-        }
-        assert!(Instant::now() < deadline, "no SVID for the workload: {err}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let fetched: serde_json::Value = serde_json::from_str(&fetched).unwrap();
+    let fetched = fetch_until(&agent, &out_dir, |out| {
+        out.get("svids")
+            .and_then(|s| s.as_array())
+            .is_some_and(|s| !s.is_empty())
+    })
+    .await;
     assert_eq!(fetched["svids"].as_array().unwrap().len(), 1, "{fetched}");
     assert_eq!(fetched["svids"][0]["spiffe_id"], "spiffe://example.org/web");
     assert_eq!(fetched["svids"][0]["hint"], "web");
@@ -364,28 +384,12 @@ async fn oxid_and_spire_take_each_others_spiffe_bundles_and_verify_each_others_s
         .await;
     let out_dir = dir.path().join("oxid-svid");
     std::fs::create_dir(&out_dir).unwrap();
-    let socket = agent.socket.display().to_string();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !out_dir.join("federated_bundle.0.pem").exists() {
-        let _ = run(
-            &bin("oxid-agent"),
-            &[
-                "api",
-                "fetch",
-                "x509",
-                "--socket-path",
-                &socket,
-                "--write",
-                out_dir.to_str().unwrap(),
-            ],
-        )
-        .await;
-        assert!(
-            Instant::now() < deadline,
-            "no federated bundle for the workload"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    fetch_until(&agent, &out_dir, |out| {
+        out.get("federated_bundles")
+            .and_then(|b| b.as_array())
+            .is_some_and(|b| !b.is_empty())
+    })
+    .await;
     // ...with which it verifies an SVID SPIRE signed,
     let spire_svid = dir.path().join("spire-svid");
     std::fs::create_dir(&spire_svid).unwrap();

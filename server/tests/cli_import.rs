@@ -47,6 +47,23 @@ fn write(server: &Server, name: &str, text: &str) -> String {
     path.display().to_string()
 }
 
+/// `entry import --format spire --data FILE` with the /db parent mapped,
+/// then `extra`.
+fn import_mapped<'a>(file: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "entry",
+        "import",
+        "--format",
+        "spire",
+        "--data",
+        file,
+        "--map-parent",
+        MAP_DB_PARENT,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 fn count(server: &Server) -> u64 {
     server.json(&["entry", "count"])["count"].as_u64().unwrap()
 }
@@ -62,16 +79,7 @@ fn line<'a>(out: &'a str, source: &str) -> &'a str {
 fn spire_entries_import_field_by_field_with_a_report_per_entry() {
     let server = Server::start(&[]);
     let file = write(&server, "spire.json", SPIRE_ENTRIES);
-    let import = [
-        "entry",
-        "import",
-        "--format",
-        "spire",
-        "--data",
-        &file,
-        "--map-parent",
-        MAP_DB_PARENT,
-    ];
+    let import = import_mapped(&file, &[]);
     let (out, err) = server.ok2(&import);
     assert!(err.is_empty(), "{err}");
     assert!(
@@ -148,16 +156,7 @@ fn one_refused_entry_creates_nothing_unless_partial() {
     // can say so, so the dry run must ask it.
     let text = SPIRE_ENTRIES.replace(r#""x509_svid_ttl":600"#, r#""x509_svid_ttl":999999"#);
     let file = write(&server, "spire.json", &text);
-    let args = [
-        "entry",
-        "import",
-        "--format",
-        "spire",
-        "--data",
-        &file,
-        "--map-parent",
-        MAP_DB_PARENT,
-    ];
+    let args = import_mapped(&file, &[]);
     let out = server.cli(&args);
     assert!(!out.status.success());
     let (stdout, stderr) = (
@@ -183,7 +182,7 @@ fn one_refused_entry_creates_nothing_unless_partial() {
     );
     assert_eq!(count(&server), 0);
 
-    let (stdout, _) = server.ok2(&[&args[..], &["--dry-run", "--partial"]].concat());
+    let (stdout, _) = server.ok2(&import_mapped(&file, &["--dry-run", "--partial"]));
     assert!(
         stdout.contains(
             "Dry run: 2 of 4 entries would be created, 1 skipped, 1 refused; nothing was written"
@@ -192,7 +191,7 @@ fn one_refused_entry_creates_nothing_unless_partial() {
     );
     assert_eq!(count(&server), 0);
 
-    let (stdout, stderr) = server.ok2(&[&args[..], &["--partial"]].concat());
+    let (stdout, stderr) = server.ok2(&import_mapped(&file, &["--partial"]));
     assert!(
         stdout.contains("Imported 2 of 4 entries (1 skipped, 1 refused, 0 not created)"),
         "{stdout}"
@@ -331,18 +330,7 @@ fn bundle_set_format_is_checked_and_takes_a_spiffe_id() {
 fn a_call_the_server_refuses_whole_creates_nothing() {
     let server = Server::start_with_config("max_admin_batch = 2\n", &[]);
     let file = write(&server, "spire.json", SPIRE_ENTRIES);
-    let out = server.cli(&[
-        "entry",
-        "import",
-        "--format",
-        "spire",
-        "--data",
-        &file,
-        "--map-parent",
-        MAP_DB_PARENT,
-        "--batch-size",
-        "3",
-    ]);
+    let out = server.cli(&import_mapped(&file, &["--batch-size", "3"]));
     assert!(!out.status.success());
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(
@@ -352,17 +340,6 @@ fn a_call_the_server_refuses_whole_creates_nothing() {
     );
     assert_eq!(count(&server), 0);
     // In calls the server accepts, the same file goes in whole.
-    server.ok(&[
-        "entry",
-        "import",
-        "--format",
-        "spire",
-        "--data",
-        &file,
-        "--map-parent",
-        MAP_DB_PARENT,
-        "--batch-size",
-        "2",
-    ]);
+    server.ok(&import_mapped(&file, &["--batch-size", "2"]));
     assert_eq!(count(&server), 3);
 }

@@ -11,10 +11,10 @@ use serde_json::json;
 use tonic::metadata::MetadataValue;
 
 use super::commands::{CliResult, read_input, status_line};
-use super::import::{ImportRequest, import};
+use super::import::import;
 use super::output::{entry_json, entry_pretty, out, outln, print_list, println};
 use super::time::parse_expiry;
-use super::{EntryCommand, EntryFields, ImportFormat, Output, client, spire_json};
+use super::{EntryCommand, EntryFields, ImportArgs, ImportFormat, Output, client, spire_json};
 use crate::admin::{ALLOW_UNKNOWN_SELECTOR_TYPE, UNKNOWN_TYPE_IN_API};
 
 /// Entry fields as the admin API names them, and the flags that set them.
@@ -44,8 +44,9 @@ pub(crate) async fn entry(cmd: EntryCommand) -> CliResult {
                 Some(path) => {
                     let text = read_input(&path)?;
                     if spire_json::looks_like_spire(&text) {
-                        return import(ImportRequest {
-                            text,
+                        let args = ImportArgs {
+                            format: ImportFormat::Spire,
+                            data: path,
                             map_parent: Vec::new(),
                             drop: Vec::new(),
                             partial: false,
@@ -54,8 +55,8 @@ pub(crate) async fn entry(cmd: EntryCommand) -> CliResult {
                             allow_exe_only,
                             allow_unknown_selector_type: allow_unknown,
                             common,
-                        })
-                        .await;
+                        };
+                        return import(&text, args).await;
                     }
                     (batch_entries(&text)?, false)
                 }
@@ -132,31 +133,7 @@ pub(crate) async fn entry(cmd: EntryCommand) -> CliResult {
             );
             Ok(())
         }
-        EntryCommand::Import {
-            format: ImportFormat::Spire,
-            data,
-            map_parent,
-            drop,
-            partial,
-            dry_run,
-            batch_size,
-            allow_exe_only,
-            allow_unknown_selector_type,
-            common,
-        } => {
-            import(ImportRequest {
-                text: read_input(&data)?,
-                map_parent,
-                drop,
-                partial,
-                dry_run,
-                batch_size,
-                allow_exe_only,
-                allow_unknown_selector_type,
-                common,
-            })
-            .await
-        }
+        EntryCommand::Import(args) => import(&read_input(&args.data)?, args).await,
         EntryCommand::Count(common) => {
             let mut c = client::connect(&common.socket_path).await?;
             let n = c

@@ -20,22 +20,7 @@ use super::commands::{CliResult, status_line};
 use super::entry::request;
 use super::output::{outln, println};
 use super::spire_json::{self, ParentMap, Plan, PlanOptions, Planned};
-use super::{Common, Output};
-
-/// What `entry import` was asked to do.
-#[derive(Debug, Clone)]
-pub(crate) struct ImportRequest {
-    /// The file's text.
-    pub(crate) text: String,
-    pub(crate) map_parent: Vec<String>,
-    pub(crate) drop: Vec<String>,
-    pub(crate) partial: bool,
-    pub(crate) dry_run: bool,
-    pub(crate) batch_size: usize,
-    pub(crate) allow_exe_only: bool,
-    pub(crate) allow_unknown_selector_type: bool,
-    pub(crate) common: Common,
-}
+use super::{ImportArgs, Output};
 
 /// What happened to one entry, for the report.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,7 +36,9 @@ enum Outcome {
 
 type Admin = pb::admin_client::AdminClient<AdminChannel>;
 
-pub(crate) async fn import(req: ImportRequest) -> CliResult {
+/// Imports the entries in `text` (the file `req.data` names, already read:
+/// `entry create --data` reads it before it knows the format).
+pub(crate) async fn import(text: &str, req: ImportArgs) -> CliResult {
     if req.batch_size == 0 {
         return Err("--batch-size must be at least 1".into());
     }
@@ -59,7 +46,7 @@ pub(crate) async fn import(req: ImportRequest) -> CliResult {
         parents: ParentMap::parse(&req.map_parent)?,
         drop: req.drop.clone(),
     };
-    let mut planned = spire_json::plan(&req.text, &options)?;
+    let mut planned = spire_json::plan(text, &options)?;
     let mut c = client::connect(&req.common.socket_path).await?;
     spire_json::note_unknown_parents(&mut planned, &known_ids(&mut c).await?);
 
@@ -167,7 +154,7 @@ async fn known_ids(c: &mut Admin) -> Result<HashSet<String>, String> {
 /// result: created, refused, or (dry run) would be created.
 async fn send(
     c: &mut Admin,
-    req: &ImportRequest,
+    req: &ImportArgs,
     planned: &[Planned],
     todo: &[usize],
     mode: pb::BatchMode,

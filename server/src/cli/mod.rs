@@ -242,45 +242,49 @@ pub enum EntryCommand {
     /// `spire-server entry show -output json` prints it. Nothing is created
     /// unless every entry can be (see --partial); each entry is reported.
     #[command(after_help = IMPORT_HELP)]
-    Import {
-        /// The file's format.
-        #[arg(long, value_enum)]
-        format: ImportFormat,
-        /// The entries file, or `-` for stdin.
-        #[arg(long)]
-        data: PathBuf,
-        /// Replace parent ID OLD by NEW (repeatable), e.g. a SPIRE agent ID
-        /// by the oxid agent ID or node alias that takes its place. SPIRE's
-        /// server ID (`spiffe://<td>/spire/server`, node entries) becomes
-        /// oxid's (`spiffe://<td>/oxid/server`) without a flag.
-        #[arg(long = "map-parent", value_name = "OLD=NEW")]
-        map_parent: Vec<String>,
-        /// Import entries that set this SPIRE field to true without it
-        /// (admin, downstream, store_svid: oxid has no equivalent);
-        /// repeatable. Each drop is reported.
-        #[arg(long = "drop", value_name = "FIELD")]
-        drop: Vec<String>,
-        /// Create the entries that pass and report the others, instead of
-        /// creating nothing when one fails.
-        #[arg(long)]
-        partial: bool,
-        /// Check every entry with the server and report; create nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Entries per admin call (at most the server's max_admin_batch).
-        #[arg(long, default_value_t = 1000)]
-        batch_size: usize,
-        /// As for `entry create`.
-        #[arg(long)]
-        allow_exe_only: bool,
-        /// As for `entry create`: e.g. SPIRE's k8s or docker selectors,
-        /// which no oxid attestor produces yet.
-        #[arg(long)]
-        allow_unknown_selector_type: bool,
-        /// Common options.
-        #[command(flatten)]
-        common: Common,
-    },
+    Import(ImportArgs),
+}
+
+/// `entry import` flags.
+#[derive(Debug, Clone, Args)]
+pub struct ImportArgs {
+    /// The file's format.
+    #[arg(long, value_enum)]
+    pub format: ImportFormat,
+    /// The entries file, or `-` for stdin.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Replace parent ID OLD by NEW (repeatable), e.g. a SPIRE agent ID
+    /// by the oxid agent ID or node alias that takes its place. SPIRE's
+    /// server ID (`spiffe://<td>/spire/server`, node entries) becomes
+    /// oxid's (`spiffe://<td>/oxid/server`) without a flag.
+    #[arg(long = "map-parent", value_name = "OLD=NEW")]
+    pub map_parent: Vec<String>,
+    /// Import entries that set this SPIRE field to true without it
+    /// (admin, downstream, store_svid: oxid has no equivalent);
+    /// repeatable. Each drop is reported.
+    #[arg(long = "drop", value_name = "FIELD")]
+    pub drop: Vec<String>,
+    /// Create the entries that pass and report the others, instead of
+    /// creating nothing when one fails.
+    #[arg(long)]
+    pub partial: bool,
+    /// Check every entry with the server and report; create nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Entries per admin call (at most the server's max_admin_batch).
+    #[arg(long, default_value_t = 1000)]
+    pub batch_size: usize,
+    /// As for `entry create`.
+    #[arg(long)]
+    pub allow_exe_only: bool,
+    /// As for `entry create`: e.g. SPIRE's k8s or docker selectors,
+    /// which no oxid attestor produces yet.
+    #[arg(long)]
+    pub allow_unknown_selector_type: bool,
+    /// Common options.
+    #[command(flatten)]
+    pub common: Common,
 }
 
 /// Formats `entry import` reads.
