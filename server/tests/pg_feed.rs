@@ -611,3 +611,62 @@ async fn an_agent_swap_races_across_servers_with_one_winner() {
         assert_eq!(Some(&current), won[0].as_ref().ok());
     }
 }
+
+/// The database goes away (every session killed, new ones refused) and
+/// comes back: writes meanwhile fail with PostgreSQL's reason, then the
+/// same store writes again and its listener catches up, with no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_store_recovers_by_itself_when_the_database_comes_back() {
+    let config = pg_cluster::fresh().await;
+    let writer = store(&config, "writer").await;
+    let follower = store(&config, "follower").await;
+    let admin = pg_cluster::raw(&pg_cluster::config_for("postgres")).await;
+    let db = &config.dbname;
+    let before = writer
+        .create_entries(vec![entry("before", 1)], CreateMode::Each)
+        .await
+        .pop()
+        .unwrap()
+        .unwrap();
+
+    admin
+        .batch_execute(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"))
+        .await
+        .unwrap();
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+            &[db],
+        )
+        .await
+        .unwrap();
+    until(
+        &admin,
+        &format!("SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = '{db}')"),
+    )
+    .await;
+    let refused = writer
+        .create_entries(vec![entry("during", 2)], CreateMode::Each)
+        .await
+        .pop()
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(&refused, DataStoreError::Backend(m) if m.contains("PostgreSQL")),
+        "{refused:?}"
+    );
+
+    admin
+        .batch_execute(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"))
+        .await
+        .unwrap();
+    let after = writer
+        .create_entries(vec![entry("after", 3)], CreateMode::Each)
+        .await
+        .pop()
+        .unwrap()
+        .expect("the first write after the database returns succeeds");
+    assert_eq!(after.revision, before.revision + 1);
+    reaches(&follower, after.revision).await;
+    assert_eq!(follower.get_entry(&after.id).await.unwrap(), after);
+}
