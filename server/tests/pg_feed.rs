@@ -1,8 +1,8 @@
-//! The PostgreSQL store where it differs from sled: several stores (as
-//! several servers would) on one database, the change feed across them
-//! (issue 15: a lower xid taking the higher revision, a lost LISTEN
-//! connection, a session holding a lock, a long history), migrations, and
-//! TLS with a password. Needs the cluster `./scripts/test` starts.
+//! The PostgreSQL change feed across several stores (as several servers
+//! would have) on one database (issue 15): a lower xid taking the higher
+//! revision, a lost LISTEN connection, a session holding the lock, a long
+//! history, a follower's index against the table, the database going away
+//! and back. Needs the cluster `./scripts/test` starts.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -10,70 +10,14 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use oxid_server::datastore::postgres::{PgHost, SCHEMA_VERSION, SslMode};
 use oxid_server::datastore::{
-    ChangeEvent, CreateMode, DataStore, DataStoreError, Entry, EntryFilter, EntryId, PgConfig,
-    PgStore,
+    ChangeEvent, CreateMode, DataStore, DataStoreError, Entry, EntryFilter, PgStore,
 };
 
 #[path = "support/pg.rs"]
 mod pg_cluster;
 
-const AGENT: &str = "spiffe://example.org/oxid/agent/join_token/abc";
-
-fn entry(name: &str, uid: u32) -> Entry {
-    Entry {
-        id: EntryId::random().unwrap(),
-        spiffe_id: format!("spiffe://example.org/{name}").parse().unwrap(),
-        parent_id: AGENT.parse().unwrap(),
-        selectors: [format!("unix:uid:{uid}")
-            .parse::<oxid_pki::Selector>()
-            .unwrap()]
-        .into_iter()
-        .collect(),
-        x509_svid_ttl: None,
-        jwt_svid_ttl: None,
-        dns_names: vec![],
-        federates_with: BTreeSet::new(),
-        hint: String::new(),
-        expires_at: None,
-        created_at: 1,
-        revision: 0,
-    }
-}
-
-/// A store named `name` in `pg_stat_activity`.
-async fn store(config: &PgConfig, name: &str) -> Arc<PgStore> {
-    let mut config = config.clone();
-    config.application_name = name.to_owned();
-    Arc::new(PgStore::open(&config).await.unwrap())
-}
-
-/// Polls `condition` (a query returning one bool) until it holds.
-async fn until(raw: &tokio_postgres::Client, condition: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let row = raw.query_one(condition, &[]).await.unwrap();
-        if row.get::<_, bool>(0) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "never true: {condition}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Waits until `store`'s revision watch reaches `revision`.
-async fn reaches(store: &PgStore, revision: u64) {
-    let mut rx = store.revision();
-    let reached = tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|r| *r >= revision))
-        .await
-        .is_ok();
-    assert!(
-        reached,
-        "the watch stayed at {} < {revision}",
-        *store.revision().borrow()
-    );
-}
+use pg_cluster::{entry, reaches, store, until};
 
 /// What a follower ends with after reading the whole feed from 0 in pages,
 /// as the index does.
@@ -95,44 +39,38 @@ async fn followed_ids(store: &PgStore) -> BTreeSet<String> {
     ids
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_servers_starting_at_once_migrate_once() {
-    let config = pg_cluster::fresh().await;
-    let opens: Vec<_> = (0..3)
-        .map(|i| {
-            let config = config.clone();
-            tokio::spawn(async move { store(&config, &format!("s{i}")).await })
-        })
-        .collect();
-    for open in opens {
-        open.await.unwrap();
-    }
-    let raw = pg_cluster::raw(&config).await;
-    let rows = raw
-        .query("SELECT version FROM oxid_schema", &[])
+/// A client whose open transaction has inserted a row holding `entry`'s
+/// uniqueness key, so a store inserting `entry` waits for it.
+async fn hold_key_of(
+    config: &oxid_server::datastore::PgConfig,
+    entry: &Entry,
+) -> tokio_postgres::Client {
+    let blocker = pg_cluster::raw(config).await;
+    let key = ring::digest::digest(
+        &ring::digest::SHA256,
+        &serde_json::to_vec(&entry.unique_key()).unwrap(),
+    );
+    blocker.batch_execute("BEGIN").await.unwrap();
+    blocker
+        .execute(
+            "INSERT INTO oxid_entries (id, unique_key, spiffe_id, parent_id, revision, entry) \
+             VALUES ('blocker', $1, 'x', 'y', 0, '{}')",
+            &[&key.as_ref()],
+        )
         .await
         .unwrap();
-    assert_eq!(rows.len(), 1);
-    assert_eq!(rows[0].get::<_, i32>(0), SCHEMA_VERSION);
+    blocker
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_schema_newer_than_the_binary_is_refused() {
-    let config = pg_cluster::fresh().await;
-    drop(store(&config, "old").await);
-    let raw = pg_cluster::raw(&config).await;
-    raw.execute(
-        "UPDATE oxid_schema SET version = $1",
-        &[&(SCHEMA_VERSION + 1)],
+/// The xid of the transaction that wrote `entry`'s row.
+async fn xid_of(raw: &tokio_postgres::Client, entry: &Entry) -> i64 {
+    raw.query_one(
+        "SELECT xmin::text::bigint FROM oxid_entries WHERE id = $1",
+        &[&entry.id.as_str()],
     )
     .await
-    .unwrap();
-    let err = PgStore::open(&config).await.err().unwrap().to_string();
-    assert!(
-        err.contains(&format!("schema is at version {}", SCHEMA_VERSION + 1))
-            && err.contains("newer"),
-        "{err}"
-    );
+    .unwrap()
+    .get(0)
 }
 
 /// The failure of SPIRE's event IDs (spiffe/spire#5021): transaction A
@@ -148,25 +86,10 @@ async fn a_lower_xid_taking_the_higher_revision_is_seen() {
     );
     let follower = store(&config, "follower").await;
     let raw = pg_cluster::raw(&config).await;
-    let blocker = pg_cluster::raw(&config).await;
 
-    // The blocker inserts (uncommitted) the key A's second entry needs.
+    // The blocker holds (uncommitted) the key A's second entry needs.
     let (a1, a2) = (entry("a1", 1), entry("a2", 2));
-    blocker.batch_execute("BEGIN").await.unwrap();
-    let key = ring::digest::digest(
-        &ring::digest::SHA256,
-        &serde_json::to_vec(&a2.unique_key()).unwrap(),
-    )
-    .as_ref()
-    .to_vec();
-    blocker
-        .execute(
-            "INSERT INTO oxid_entries (id, unique_key, spiffe_id, parent_id, revision, entry) \
-             VALUES ('blocker', $1, 'x', 'y', 0, '{}')",
-            &[&key],
-        )
-        .await
-        .unwrap();
+    let blocker = hold_key_of(&config, &a2).await;
 
     // A inserts a1 (taking its xid), then waits on a2's key.
     let writer = {
@@ -199,20 +122,7 @@ async fn a_lower_xid_taking_the_higher_revision_is_seen() {
         .into_iter()
         .map(Result::unwrap)
         .collect();
-    let xid = |id: &str| {
-        let raw = &raw;
-        let id = id.to_owned();
-        async move {
-            raw.query_one(
-                "SELECT xmin::text::bigint FROM oxid_entries WHERE id = $1",
-                &[&id],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-        }
-    };
-    let (xid_a, xid_b) = (xid(created[0].id.as_str()).await, xid(b1.id.as_str()).await);
+    let (xid_a, xid_b) = (xid_of(&raw, &created[0]).await, xid_of(&raw, &b1).await);
     assert!(xid_a < xid_b, "A started first: xid {xid_a} < {xid_b}");
     assert!(
         created.iter().all(|e| e.revision > b1.revision),
@@ -405,70 +315,6 @@ async fn a_start_against_a_long_history_reads_the_current_state_not_the_history(
     assert!(took < Duration::from_secs(5), "start took {took:?}");
 }
 
-/// TCP with TLS checked against the cluster's CA (`verify-full`), and SCRAM
-/// with the password from a 0600 file; a wrong CA or password is refused.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_verify_full_and_a_password_file() {
-    let local = pg_cluster::fresh().await;
-    let (port, ca, password) = pg_cluster::tcp();
-    let dir = tempfile::tempdir().unwrap();
-    let password_file = dir.path().join("pg-password");
-    std::fs::write(&password_file, format!("{password}\n")).unwrap();
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let mut tcp = local.clone();
-    tcp.host = PgHost::Tcp("localhost".into());
-    tcp.port = port;
-    tcp.sslmode = SslMode::VerifyFull;
-    tcp.ca_file = Some(ca);
-    tcp.password_file = Some(password_file.clone());
-    tcp.application_name = "tls-check".into();
-    let s = PgStore::open(&tcp).await.unwrap();
-    let e = s
-        .create_entries(vec![entry("tls", 1)], CreateMode::Each)
-        .await
-        .pop()
-        .unwrap()
-        .unwrap();
-    assert_eq!(s.get_entry(&e.id).await.unwrap(), e);
-    let raw = pg_cluster::raw(&local).await;
-    // The pool's connections and the listener's, all over TLS.
-    until(
-        &raw,
-        "SELECT count(*) >= 2 AND bool_and(s.ssl) FROM pg_stat_activity a \
-         JOIN pg_stat_ssl s USING (pid) WHERE a.application_name LIKE 'tls-check%'",
-    )
-    .await;
-
-    let mut wrong_ca = tcp.clone();
-    let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let other_ca = dir.path().join("other-ca.pem");
-    std::fs::write(&other_ca, other.cert.pem()).unwrap();
-    wrong_ca.ca_file = Some(other_ca);
-    let err = PgStore::open(&wrong_ca).await.err().unwrap().to_string();
-    assert!(err.contains("cannot connect to postgresql://"), "{err}");
-
-    let mut wrong_password = tcp.clone();
-    let bad = dir.path().join("bad-password");
-    std::fs::write(&bad, "not-it").unwrap();
-    std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o600)).unwrap();
-    wrong_password.password_file = Some(bad.clone());
-    let err = PgStore::open(&wrong_password)
-        .await
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(err.contains("password authentication failed"), "{err}");
-
-    std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let err = PgStore::open(&wrong_password)
-        .await
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(err.contains("readable by other users"), "{err}");
-}
-
 /// Issue 15 (c), at the store and index level: 10,000 entries created
 /// through two stores at once (two servers' writes interleaving), some
 /// deleted again, while a third store's index follows; afterwards that
@@ -523,92 +369,6 @@ async fn an_index_following_another_server_ends_equal_to_the_table() {
             Some(e),
             "the index holds the stored entry"
         );
-    }
-}
-
-/// One join token, consumers racing on three stores (three servers):
-/// exactly one gets it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_join_token_is_consumed_once_across_servers() {
-    let config = pg_cluster::fresh().await;
-    let servers = [
-        store(&config, "s1").await,
-        store(&config, "s2").await,
-        store(&config, "s3").await,
-    ];
-    for round in 0..10 {
-        let hash = format!("{round:0>16}");
-        servers[0]
-            .create_join_token(oxid_server::datastore::JoinToken {
-                id: hash[..8].to_owned(),
-                hash: hash.clone(),
-                expires_at: 100,
-                alias: None,
-            })
-            .await
-            .unwrap();
-        let barrier = Arc::new(tokio::sync::Barrier::new(12));
-        let racers: Vec<_> = (0..12)
-            .map(|i| {
-                let (s, barrier, hash) = (servers[i % 3].clone(), barrier.clone(), hash.clone());
-                tokio::spawn(async move {
-                    barrier.wait().await;
-                    s.consume_join_token(&hash, 1).await
-                })
-            })
-            .collect();
-        let mut winners = 0;
-        for r in racers {
-            match r.await.unwrap() {
-                Ok(_) => winners += 1,
-                Err(DataStoreError::NotFound(_)) => {}
-                Err(e) => panic!("{e}"),
-            }
-        }
-        assert_eq!(winners, 1, "round {round}");
-    }
-}
-
-/// A ban on one server and a renewal on another, both swapping the same
-/// agent record from the same read: one wins, the other gets `Conflict`
-/// and must read again, so the ban is never undone unseen.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_agent_swap_races_across_servers_with_one_winner() {
-    let config = pg_cluster::fresh().await;
-    let (a, b) = (store(&config, "a").await, store(&config, "b").await);
-    let record = oxid_server::datastore::Agent {
-        spiffe_id: AGENT.parse().unwrap(),
-        attestation_type: "join_token".into(),
-        selectors: BTreeSet::new(),
-        aliases: BTreeSet::new(),
-        serial: "01".into(),
-        previous_serial: None,
-        pending_key: None,
-        expires_at: 2_000_000_000,
-        banned: false,
-        created_at: 1,
-    };
-    let mut current = a.put_agent(None, record).await.unwrap();
-    for round in 0..20 {
-        let mut banned = current.clone();
-        banned.banned = !current.banned;
-        let mut renewed = current.clone();
-        renewed.serial = format!("{round:02x}-renewed");
-        let (read_a, read_b) = (current.clone(), current.clone());
-        let (a2, b2) = (a.clone(), b.clone());
-        let ban = tokio::spawn(async move { a2.put_agent(Some(&read_a), banned).await });
-        let renew = tokio::spawn(async move { b2.put_agent(Some(&read_b), renewed).await });
-        let outcomes = [ban.await.unwrap(), renew.await.unwrap()];
-        let won: Vec<_> = outcomes.iter().filter(|o| o.is_ok()).collect();
-        assert_eq!(won.len(), 1, "round {round}: {outcomes:?}");
-        assert!(
-            outcomes
-                .iter()
-                .any(|o| matches!(o, Err(DataStoreError::Conflict(_)))),
-            "{outcomes:?}"
-        );
-        current = a.get_agent(&AGENT.parse().unwrap()).await.unwrap();
-        assert_eq!(Some(&current), won[0].as_ref().ok());
     }
 }
 

@@ -10,10 +10,16 @@
     clippy::panic
 )]
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use oxid_server::datastore::PgConfig;
 use oxid_server::datastore::postgres::{PgHost, SslMode};
+use oxid_server::datastore::{DataStore, Entry, EntryId, PgConfig, PgStore};
+
+/// The parent of the test entries.
+pub const AGENT: &str = "spiffe://example.org/oxid/agent/join_token/abc";
 
 /// The cluster's settings, or a failure that says how to get one.
 fn cluster() -> (PathBuf, u16, String) {
@@ -90,4 +96,59 @@ pub async fn fresh() -> PgConfig {
         .await
         .unwrap();
     config_for(&name)
+}
+
+/// An entry for `spiffe://example.org/<name>`, uid `uid`, under [`AGENT`].
+pub fn entry(name: &str, uid: u32) -> Entry {
+    Entry {
+        id: EntryId::random().unwrap(),
+        spiffe_id: format!("spiffe://example.org/{name}").parse().unwrap(),
+        parent_id: AGENT.parse().unwrap(),
+        selectors: [format!("unix:uid:{uid}")
+            .parse::<oxid_pki::Selector>()
+            .unwrap()]
+        .into_iter()
+        .collect(),
+        x509_svid_ttl: None,
+        jwt_svid_ttl: None,
+        dns_names: vec![],
+        federates_with: BTreeSet::new(),
+        hint: String::new(),
+        expires_at: None,
+        created_at: 1,
+        revision: 0,
+    }
+}
+
+/// A store named `name` in `pg_stat_activity`.
+pub async fn store(config: &PgConfig, name: &str) -> Arc<PgStore> {
+    let mut config = config.clone();
+    config.application_name = name.to_owned();
+    Arc::new(PgStore::open(&config).await.unwrap())
+}
+
+/// Polls `condition` (a query returning one bool) until it holds.
+pub async fn until(raw: &tokio_postgres::Client, condition: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let row = raw.query_one(condition, &[]).await.unwrap();
+        if row.get::<_, bool>(0) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never true: {condition}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until `store`'s revision watch reaches `revision`.
+pub async fn reaches(store: &PgStore, revision: u64) {
+    let mut rx = store.revision();
+    let reached = tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|r| *r >= revision))
+        .await
+        .is_ok();
+    assert!(
+        reached,
+        "the watch stayed at {} < {revision}",
+        *store.revision().borrow()
+    );
 }

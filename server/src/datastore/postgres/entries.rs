@@ -78,72 +78,11 @@ impl PgStore {
         let mut outcome = refused_within(&entries, &keys);
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db)?;
-        let mut columns = Columns::default();
-        for ((entry, key), refused) in entries.iter().zip(&keys).zip(&outcome) {
-            if refused.is_none() {
-                columns.push(entry, key)?;
-            }
-        }
-        // ON CONFLICT DO NOTHING covers both the ID and the key, and waits
-        // for a concurrent insert of either to commit or roll back.
-        let insert = tx
-            .prepare_cached(
-                "INSERT INTO oxid_entries (id, unique_key, spiffe_id, parent_id, revision, entry) \
-                 SELECT id, k, s, p, 0, e::jsonb \
-                 FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], $5::text[]) \
-                 AS u(id, k, s, p, e) ON CONFLICT DO NOTHING RETURNING id",
-            )
-            .await
-            .map_err(db)?;
-        let inserted: HashSet<String> = tx
-            .query(
-                &insert,
-                &[
-                    &columns.ids,
-                    &columns.keys,
-                    &columns.spiffe_ids,
-                    &columns.parents,
-                    &columns.bodies,
-                ],
-            )
-            .await
-            .map_err(db)?
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
-        let lost: Vec<&Vec<u8>> = entries
-            .iter()
-            .zip(&keys)
-            .zip(&outcome)
-            .filter(|((e, _), refused)| refused.is_none() && !inserted.contains(e.id.as_str()))
-            .map(|((_, key), _)| key)
-            .collect();
-        let taken_keys: HashSet<Vec<u8>> = if lost.is_empty() {
-            HashSet::new()
-        } else {
-            tx.query(
-                "SELECT unique_key FROM oxid_entries WHERE unique_key = ANY($1)",
-                &[&lost],
-            )
-            .await
-            .map_err(db)?
-            .iter()
-            .map(|row| row.get(0))
-            .collect()
-        };
-        for ((entry, key), refused) in entries.iter().zip(&keys).zip(outcome.iter_mut()) {
-            if refused.is_none() && !inserted.contains(entry.id.as_str()) {
-                *refused = Some(if taken_keys.contains(key) {
-                    key_taken(entry)
-                } else {
-                    id_taken(entry)
-                });
-            }
-        }
-        let any_refused = outcome.iter().any(Option::is_some);
+        let inserted = insert_batch(&tx, &entries, &keys, &outcome).await?;
+        refused_by_store(&tx, &entries, &keys, &inserted, &mut outcome).await?;
         let write = match mode {
             CreateMode::Each => !inserted.is_empty(),
-            CreateMode::AllOrNothing => !any_refused,
+            CreateMode::AllOrNothing => outcome.iter().all(Option::is_none),
             CreateMode::DryRun => false,
         };
         if !write {
@@ -162,12 +101,10 @@ impl PgStore {
                 .collect());
         }
         let events = entries
-            .iter()
+            .into_iter()
             .zip(&outcome)
             .filter(|(_, refused)| refused.is_none())
-            .map(|(entry, _)| ChangeEvent::EntryUpserted {
-                entry: entry.clone(),
-            })
+            .map(|(entry, _)| ChangeEvent::EntryUpserted { entry })
             .collect();
         let mut stored = self.commit(tx, events).await?.into_iter();
         Ok(outcome
@@ -312,6 +249,90 @@ impl PgStore {
         entries.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         Ok(entries)
     }
+}
+
+/// Inserts the entries not already refused, in one statement; returns the
+/// IDs that went in. ON CONFLICT DO NOTHING covers both the ID and the key,
+/// and waits for a concurrent insert of either to commit or roll back.
+async fn insert_batch(
+    tx: &deadpool_postgres::Transaction<'_>,
+    entries: &[Entry],
+    keys: &[Vec<u8>],
+    outcome: &[Option<DataStoreError>],
+) -> Result<HashSet<String>, DataStoreError> {
+    let mut columns = Columns::default();
+    for ((entry, key), refused) in entries.iter().zip(keys).zip(outcome) {
+        if refused.is_none() {
+            columns.push(entry, key)?;
+        }
+    }
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO oxid_entries (id, unique_key, spiffe_id, parent_id, revision, entry) \
+             SELECT id, k, s, p, 0, e::jsonb \
+             FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], $5::text[]) \
+             AS u(id, k, s, p, e) ON CONFLICT DO NOTHING RETURNING id",
+        )
+        .await
+        .map_err(db)?;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
+        &columns.ids,
+        &columns.keys,
+        &columns.spiffe_ids,
+        &columns.parents,
+        &columns.bodies,
+    ];
+    Ok(tx
+        .query(&insert, &params)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|row| row.get(0))
+        .collect())
+}
+
+/// Names why each entry the insert skipped was refused: its key taken
+/// (checked first, as sled does), else its ID.
+async fn refused_by_store(
+    tx: &deadpool_postgres::Transaction<'_>,
+    entries: &[Entry],
+    keys: &[Vec<u8>],
+    inserted: &HashSet<String>,
+    outcome: &mut [Option<DataStoreError>],
+) -> Result<(), DataStoreError> {
+    let skipped = |entry: &Entry, refused: &Option<DataStoreError>| {
+        refused.is_none() && !inserted.contains(entry.id.as_str())
+    };
+    let lost: Vec<&Vec<u8>> = entries
+        .iter()
+        .zip(keys)
+        .zip(outcome.iter())
+        .filter(|((e, _), refused)| skipped(e, refused))
+        .map(|((_, key), _)| key)
+        .collect();
+    if lost.is_empty() {
+        return Ok(());
+    }
+    let taken_keys: HashSet<Vec<u8>> = tx
+        .query(
+            "SELECT unique_key FROM oxid_entries WHERE unique_key = ANY($1)",
+            &[&lost],
+        )
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    for ((entry, key), refused) in entries.iter().zip(keys).zip(outcome.iter_mut()) {
+        if skipped(entry, refused) {
+            *refused = Some(if taken_keys.contains(key) {
+                key_taken(entry)
+            } else {
+                id_taken(entry)
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The batch as columns, for one `unnest` insert.

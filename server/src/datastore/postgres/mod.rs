@@ -50,8 +50,8 @@
 //! `SEQUENCE` (the transaction with the lower xid takes the higher number
 //! and commits first, and a reader skips the other one, which commits later
 //! unseen) cannot happen: the lower number always commits first, whatever
-//! the xids (tested in `server/tests/datastore.rs`,
-//! `pg_a_lower_xid_taking_the_higher_revision_is_seen`).
+//! the xids (tested in `server/tests/pg_feed.rs`,
+//! `a_lower_xid_taking_the_higher_revision_is_seen`).
 //!
 //! The price is that write transactions serialise from their counter update
 //! to their commit. That span is the feed inserts and the commit's flush,
