@@ -163,6 +163,8 @@ pub struct Counters {
     /// Whether the sync stream is up now: `/ready` is false without it,
     /// while the Workload API keeps serving what the agent holds.
     pub server_connected: std::sync::atomic::AtomicBool,
+    /// SDS responses Envoy rejected (requests with `error_detail`).
+    pub sds_nacks: std::sync::atomic::AtomicU64,
 }
 
 /// The published snapshot.

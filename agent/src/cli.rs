@@ -196,6 +196,9 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, value_parser = ["human", "json"])]
     pub log_format: Option<String>,
+    /// Envoy SDS settings (agent.toml `[sds]`).
+    #[command(flatten)]
+    pub sds: crate::sds::SdsFile,
 }
 
 /// Entry point of the `oxid-agent` binary.
@@ -244,6 +247,7 @@ pub fn main() -> ExitCode {
         connection_idle_timeout_secs: args.connection_idle_timeout_secs,
         log_level: None,
         log_format: args.log_format,
+        sds: Some(args.sds),
     };
     let result = AgentConfig::load(args.config.as_deref(), flags).and_then(|config| {
         init_logging(&config.log_level, &config.log_format)?;

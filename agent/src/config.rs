@@ -126,6 +126,8 @@ pub struct AgentFile {
     pub log_level: Option<String>,
     /// `human` or `json`.
     pub log_format: Option<String>,
+    /// `[sds]`: Envoy SDS on the Workload API socket.
+    pub sds: Option<crate::sds::SdsFile>,
 }
 
 /// The resolved configuration.
@@ -165,6 +167,8 @@ pub struct AgentConfig {
     pub log_level: String,
     /// Log format.
     pub log_format: String,
+    /// Envoy SDS.
+    pub sds: crate::sds::SdsSettings,
     /// The wall clock (the system's; tests shift it to stage jumps).
     pub clock: crate::clock::WallClock,
 }
@@ -260,7 +264,10 @@ impl AgentConfig {
                 "max_streams_per_uid 0 would refuse every stream; use at least 1".into(),
             ));
         }
+        let sds =
+            crate::sds::SdsSettings::resolve(file.sds, flags.sds).map_err(AgentError::Config)?;
         Ok(Self {
+            sds,
             connections,
             jwt_svid_cache_size: jwt.cache_size,
             jwt_svid_cache_per_uid: jwt.cache_per_uid,

@@ -18,6 +18,7 @@ pub mod fuzzing;
 pub mod identity;
 mod metrics;
 pub mod run;
+pub mod sds;
 pub mod server_client;
 pub mod state;
 mod svids;

@@ -143,6 +143,12 @@ impl Collector for AgentState {
         )?;
         single(
             &mut encoder,
+            "oxid_agent_sds_nacks",
+            "SDS responses Envoy rejected (NACK), each logged with Envoy's error",
+            ConstCounter::new(counters.sds_nacks.load(Relaxed)),
+        )?;
+        single(
+            &mut encoder,
             "oxid_agent_server_connected",
             "1 while the sync stream to the server is up",
             ConstGauge::new(i64::from(counters.server_connected.load(Relaxed))),

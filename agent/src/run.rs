@@ -209,13 +209,27 @@ impl Started {
             tasks.push(spawn_metrics(l, source));
         }
         let (stop, stopping) = tokio::sync::watch::channel(false);
+        // One stream cap per uid for the Workload API and SDS together.
+        let streams = crate::workload::limits::StreamLimits::new(config.max_streams_per_uid);
+        let attestor = Arc::new(UnixAttestor::default());
+        // Envoy SDS on the same socket, attested the same way (no header).
+        let sds = config.sds.enabled.then(|| {
+            crate::sds::Sds::new(
+                cache.clone(),
+                attestor.clone(),
+                config.sds.clone(),
+                streams.clone(),
+                stopping.clone(),
+            )
+            .into_server(config.max_request_bytes)
+        });
         let api = WorkloadApi::new(
             cache.clone(),
             server,
-            Arc::new(UnixAttestor::default()),
+            attestor,
             jwts,
             stopping.clone(),
-            crate::workload::limits::StreamLimits::new(config.max_streams_per_uid),
+            streams,
             config.clock.clone(),
         )
         .with_mint_budget(mint_budget);
@@ -227,7 +241,7 @@ impl Started {
             .register_encoded_file_descriptor_set(oxid_proto::WORKLOAD_FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| AgentError::Internal(e.to_string()))?;
-        tracing::info!(socket = %config.socket_path.display(), "oxid-agent serving the Workload API");
+        tracing::info!(socket = %config.socket_path.display(), sds = config.sds.enabled, "oxid-agent serving the Workload API");
         let signal = async move {
             shutdown.await;
             tracing::info!("oxid-agent stopping");
@@ -246,6 +260,7 @@ impl Started {
                     .max_decoding_message_size(config.max_request_bytes),
                 check_header,
             ))
+            .add_optional_service(sds)
             // Each connection goes through oxid_h2_authority's rewriter,
             // which lets gRPC C-core and Java clients in.
             .serve_with_incoming_shutdown(incoming, signal);

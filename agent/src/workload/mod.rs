@@ -148,17 +148,17 @@ impl WorkloadApi {
 
 /// The process that made the caller's connection, pinned at accept.
 #[allow(clippy::result_large_err)]
-fn peer<T>(req: &Request<T>) -> Result<&Peer, Status> {
+pub(crate) fn peer<T>(req: &Request<T>) -> Result<&Peer, Status> {
     req.extensions().get::<Peer>().ok_or_else(unidentified)
 }
 
-fn unidentified() -> Status {
+pub(crate) fn unidentified() -> Status {
     Status::permission_denied("cannot identify the calling process")
 }
 
 /// The caller's selectors, from its socket credentials.
 #[allow(clippy::result_large_err)]
-fn caller_selectors<T>(
+pub(crate) fn caller_selectors<T>(
     attestor: &UnixAttestor,
     cache: &Cache,
     req: &Request<T>,
@@ -170,7 +170,7 @@ fn caller_selectors<T>(
 }
 
 /// Counts and logs a refused attestation; the caller's status.
-fn attestation_refused(cache: &Cache, peer: &Peer, e: &AttestError) -> Status {
+pub(crate) fn attestation_refused(cache: &Cache, peer: &Peer, e: &AttestError) -> Status {
     cache
         .counters
         .attestation_failures
@@ -186,7 +186,7 @@ fn attestation_refused(cache: &Cache, peer: &Peer, e: &AttestError) -> Status {
 }
 
 /// `Unavailable` before the first sync, `PermissionDenied` after.
-fn no_identity(snapshot: &Snapshot) -> Status {
+pub(crate) fn no_identity(snapshot: &Snapshot) -> Status {
     if snapshot.synced {
         Status::permission_denied(NO_IDENTITY)
     } else {
@@ -200,7 +200,7 @@ fn td_key(td: &TrustDomain) -> String {
 
 /// Bundles a caller with `entries` receives: its own trust domain's, and
 /// the federated ones its entries ask for (when known).
-fn bundles_for<'a>(
+pub(crate) fn bundles_for<'a>(
     snapshot: &'a Snapshot,
     own: &TrustDomain,
     entries: &[&Entry],
@@ -358,7 +358,7 @@ where
 
 /// When a stream must look again without a snapshot change: the next SVID
 /// expiry, the first-message deadline, or [`RECHECK`], whichever is first.
-fn recheck_at(snapshot: &Snapshot, deadline: Option<Instant>) -> Instant {
+pub(crate) fn recheck_at(snapshot: &Snapshot, deadline: Option<Instant>) -> Instant {
     let now = Instant::now();
     let next_expiry = snapshot
         .svids

@@ -1,0 +1,293 @@
+//! One SDS caller's streams: the xDS state-of-the-world protocol as Envoy
+//! speaks it to SPIRE. Each response carries a new `version_info` and a
+//! random nonce; a request whose `response_nonce` is not the last nonce
+//! sent is stale and ignored (names and all); a request with
+//! `error_detail` is a NACK, logged with Envoy's message and counted
+//! (`oxid_agent_sds_nacks_total`), and not answered again until something
+//! changes, so a rejected secret does not loop. A full response goes out on
+//! every change of what the caller resolves (rotation, an entry added or
+//! removed, a bundle change); names not held yet are answered once they
+//! resolve, on the same stream.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use oxid_pki::Selector;
+use ring::rand::SecureRandom as _;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+
+use crate::cache::{Cache, Snapshot};
+use crate::sds::names::{self, Name, NameError, Outcome, View};
+use crate::sds::secrets::{self, SECRET_TYPE_URL};
+use crate::sds::{BoxStream, SdsSettings};
+use crate::workload::limits::StreamPermit;
+use crate::workload::peer::Peer;
+
+/// An attested SDS caller.
+pub(crate) struct Caller {
+    pub(crate) cache: Arc<Cache>,
+    pub(crate) settings: Arc<SdsSettings>,
+    pub(crate) peer: Peer,
+    pub(crate) selectors: BTreeSet<Selector>,
+}
+
+/// What a stream answers and has answered.
+#[derive(Default)]
+struct State {
+    /// The names asked for, parsed; `None` before the first request.
+    names: Option<Vec<(String, Name)>>,
+    /// The last node seen (Envoy may leave it out after the first request).
+    node: Option<Node>,
+    /// The nonce of the last response; requests must echo it.
+    last_nonce: Option<String>,
+    version: u64,
+    /// The secrets of the last response, to push only on a change.
+    last_sent: Option<Vec<Secret>>,
+    /// The names changed since the last response: answer even if the
+    /// secrets are the same.
+    must_answer: bool,
+}
+
+#[allow(clippy::result_large_err)]
+fn refuse(e: &NameError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+#[allow(clippy::result_large_err)]
+fn parse_names(
+    req: &DiscoveryRequest,
+    settings: &SdsSettings,
+) -> Result<Vec<(String, Name)>, Status> {
+    if !req.type_url.is_empty() && req.type_url != SECRET_TYPE_URL {
+        return Err(Status::invalid_argument(format!(
+            "type_url {:?}: this service serves {SECRET_TYPE_URL}",
+            req.type_url
+        )));
+    }
+    req.resource_names
+        .iter()
+        .map(|raw| names::parse(raw, settings).map(|n| (raw.clone(), n)))
+        .collect::<Result<_, _>>()
+        .map_err(|e| refuse(&e))
+}
+
+fn nonce() -> String {
+    let mut b = [0u8; 8];
+    // SystemRandom fails only without a kernel RNG; a zero nonce still
+    // works for the protocol (it only has to differ from stale ones,
+    // which the version in it makes sure of).
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    oxid_pki::hex(&b)
+}
+
+impl Caller {
+    /// What `names` come to on `snapshot`, with the caller's unsigned
+    /// entries put in the signing queue.
+    #[allow(clippy::result_large_err)]
+    fn compute(
+        &self,
+        snapshot: &Snapshot,
+        names: &[(String, Name)],
+        node: Option<&Node>,
+    ) -> Result<(Outcome, bool, bool), Status> {
+        let validator = secrets::use_validator(self.settings.disable_spiffe_cert_validation, node);
+        let view = View::new(snapshot, &self.cache.trust_domain, &self.selectors);
+        self.cache.request(view.unsigned());
+        let outcome = view.resolve(names, validator).map_err(|e| refuse(&e))?;
+        Ok((outcome, validator, view.has_entries()))
+    }
+
+    /// Encodes resolved secrets, or `None` if one did not encode.
+    fn encode(resolved: &[names::Resolved], validator: bool) -> Option<Vec<Secret>> {
+        resolved
+            .iter()
+            .map(|r| secrets::to_secret(r, validator))
+            .collect()
+    }
+
+    /// One FetchSecrets answer: waits up to `wait` for names not held yet.
+    pub(crate) async fn fetch(
+        &self,
+        req: &DiscoveryRequest,
+        wait: Duration,
+    ) -> Result<DiscoveryResponse, Status> {
+        let names = parse_names(req, &self.settings)?;
+        let mut changes = self.cache.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let snapshot = changes.borrow_and_update().clone();
+            let (outcome, validator, has_entries) =
+                self.compute(&snapshot, &names, req.node.as_ref())?;
+            match outcome {
+                Outcome::Ready(resolved) => {
+                    let secrets = Self::encode(&resolved, validator)
+                        .ok_or_else(|| Status::internal("a held SVID did not encode"))?;
+                    self.peer.check().map_err(|e| {
+                        crate::workload::attestation_refused(&self.cache, &self.peer, &e)
+                    })?;
+                    return Ok(DiscoveryResponse {
+                        resources: secrets.iter().map(secrets::to_any).collect(),
+                        type_url: SECRET_TYPE_URL.into(),
+                        ..DiscoveryResponse::default()
+                    });
+                }
+                Outcome::Pending { unresolved } => {
+                    let timed_out = tokio::time::timeout_at(deadline, changes.changed())
+                        .await
+                        .is_err();
+                    if timed_out {
+                        return Err(if !has_entries {
+                            crate::workload::no_identity(&snapshot)
+                        } else {
+                            Status::not_found(format!(
+                                "the caller holds no {unresolved:?} yet (being signed, or not its identity)"
+                            ))
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Serves one StreamSecrets stream in its own task.
+pub(crate) fn spawn(
+    caller: Caller,
+    requests: Streaming<DiscoveryRequest>,
+    permit: StreamPermit,
+    stopping: tokio::sync::watch::Receiver<bool>,
+) -> BoxStream<DiscoveryResponse> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        // Held for as long as the stream lives.
+        let _permit = permit;
+        if let Err(status) = caller.serve(requests, &tx, stopping).await {
+            let _ = tx.send(Err(status)).await;
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+type Tx = tokio::sync::mpsc::Sender<Result<DiscoveryResponse, Status>>;
+
+impl Caller {
+    /// The stream's loop; `Ok` when the client left, else why it ends.
+    async fn serve(
+        &self,
+        mut requests: Streaming<DiscoveryRequest>,
+        tx: &Tx,
+        mut stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), Status> {
+        let mut changes = self.cache.subscribe();
+        let mut state = State::default();
+        loop {
+            let snapshot = changes.borrow_and_update().clone();
+            if state.names.is_some() && !self.push(&snapshot, &mut state, tx).await? {
+                return Ok(());
+            }
+            let wake = crate::workload::recheck_at(&snapshot, None);
+            tokio::select! {
+                req = requests.message() => match req {
+                    Ok(Some(req)) => self.on_request(req, &mut state)?,
+                    Ok(None) | Err(_) => return Ok(()),
+                },
+                r = changes.changed() => if r.is_err() { return Ok(()) },
+                () = tx.closed() => return Ok(()),
+                () = async { let _ = stopping.wait_for(|stop| *stop).await; } => {
+                    return Err(Status::unavailable("the agent is shutting down"));
+                }
+                // SVIDs expire without a snapshot change.
+                () = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    /// Takes in one request: a stale one is dropped, a NACK logged.
+    #[allow(clippy::result_large_err)]
+    fn on_request(&self, req: DiscoveryRequest, state: &mut State) -> Result<(), Status> {
+        if let Some(last) = &state.last_nonce
+            && req.response_nonce != *last
+        {
+            tracing::debug!(nonce = %req.response_nonce, "ignoring a stale SDS request");
+            return Ok(());
+        }
+        if let Some(error) = &req.error_detail {
+            self.cache.counters.sds_nacks.fetch_add(1, Relaxed);
+            let cred = self.peer.cred();
+            tracing::warn!(
+                pid = cred.and_then(|c| c.pid),
+                uid = cred.map(|c| c.uid),
+                version = %req.version_info,
+                names = ?req.resource_names,
+                envoy_error = %error.message,
+                "Envoy rejected an SDS response (NACK)"
+            );
+        }
+        if req.node.is_some() {
+            state.node = req.node.clone();
+        }
+        let names = parse_names(&req, &self.settings)?;
+        if state.names.as_ref() != Some(&names) {
+            state.names = Some(names);
+            state.must_answer = true;
+        }
+        Ok(())
+    }
+
+    /// Sends a response if the caller's secrets changed (or its names did).
+    /// `Ok(false)` when the client is gone.
+    async fn push(&self, snapshot: &Snapshot, state: &mut State, tx: &Tx) -> Result<bool, Status> {
+        let Some(names) = &state.names else {
+            return Ok(true);
+        };
+        let (outcome, validator, has_entries) =
+            self.compute(snapshot, names, state.node.as_ref())?;
+        let resolved = match outcome {
+            Outcome::Ready(resolved) => resolved,
+            // Its entry went away after it was served: the stream ends as
+            // a Workload API stream does; Envoy keeps what it has and asks
+            // again.
+            Outcome::Pending { .. } if !has_entries && state.last_sent.is_some() => {
+                return Err(crate::workload::no_identity(snapshot));
+            }
+            Outcome::Pending { unresolved } => {
+                tracing::debug!(
+                    ?unresolved,
+                    "SDS names not held yet; answering when they are"
+                );
+                return Ok(true);
+            }
+        };
+        let Some(secrets) = Self::encode(&resolved, validator) else {
+            return Err(Status::internal("a held SVID did not encode"));
+        };
+        if !state.must_answer && state.last_sent.as_ref() == Some(&secrets) {
+            return Ok(true);
+        }
+        self.peer
+            .check()
+            .map_err(|e| crate::workload::attestation_refused(&self.cache, &self.peer, &e))?;
+        state.version += 1;
+        let nonce = format!("{}-{}", state.version, nonce());
+        let response = DiscoveryResponse {
+            version_info: state.version.to_string(),
+            resources: secrets.iter().map(secrets::to_any).collect(),
+            type_url: SECRET_TYPE_URL.into(),
+            nonce: nonce.clone(),
+            ..DiscoveryResponse::default()
+        };
+        if tx.send(Ok(response)).await.is_err() {
+            return Ok(false);
+        }
+        state.last_nonce = Some(nonce);
+        state.last_sent = Some(secrets);
+        state.must_answer = false;
+        Ok(true)
+    }
+}
