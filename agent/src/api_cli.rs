@@ -11,7 +11,8 @@ use serde_json::json;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::AgentError;
-use crate::cli::{ApiArgs, ApiCommand, FetchCommand, ValidateCommand};
+use crate::cli::{ApiArgs, ApiCommand, FetchCommand, ValidateCommand, WatchArgs};
+use crate::files::{self, Layout, Notify, Writer};
 use crate::workload::with_header;
 
 /// Prints one line of command output (quietly done if the reader left).
@@ -315,7 +316,8 @@ pub(crate) async fn run(cmd: ApiCommand) -> Result<(), AgentError> {
             }
             Ok(())
         }
-        ApiCommand::Watch(api) => {
+        ApiCommand::Watch(args) if args.write.is_some() => watch_files(args).await,
+        ApiCommand::Watch(WatchArgs { api, .. }) => {
             let ch = channel(&api).await?;
             let mut c = SpiffeWorkloadApiClient::new(ch.channel.clone());
             let mut stream = c
@@ -329,4 +331,53 @@ pub(crate) async fn run(cmd: ApiCommand) -> Result<(), AgentError> {
             Ok(())
         }
     }
+}
+
+impl files::Source for ApiArgs {
+    async fn open(&self) -> Result<tonic::Streaming<pb::X509svidResponse>, AgentError> {
+        let ch = channel(self).await?;
+        let mut c = SpiffeWorkloadApiClient::new(ch.channel.clone());
+        c.fetch_x509svid(with_header(pb::X509svidRequest {}))
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| ch.status(s))
+    }
+}
+
+/// `api watch --write DIR`: runs until stopped, or until its child exits.
+async fn watch_files(args: WatchArgs) -> Result<(), AgentError> {
+    let dir = args
+        .write
+        .ok_or_else(|| AgentError::Internal("watch_files without --write".into()))?;
+    let writer = Writer::open(Layout {
+        dir,
+        cert_mode: args.cert_mode,
+        key_mode: args.key_mode,
+    })
+    .map_err(|e| AgentError::Output(e.to_string()))?;
+    let signal = args
+        .signal
+        .as_deref()
+        .map(files::parse_signal)
+        .transpose()
+        .map_err(|e| AgentError::Config(format!("--signal: {e}")))?;
+    let notify = match (signal, args.pid_file, args.reload_command) {
+        _ if !args.command.is_empty() => Notify::Child {
+            argv: args.command,
+            signal,
+        },
+        (Some(signal), Some(pid_file), _) => Notify::PidFile { signal, pid_file },
+        (_, _, Some(command)) => Notify::Command(command),
+        (Some(_), None, None) => {
+            return Err(AgentError::Config(
+                "--signal needs --pid-file, or a command after `--` to signal".into(),
+            ));
+        }
+        _ => Notify::None,
+    };
+    let code = files::watch(args.api, writer, args.spiffe_id, notify, say).await?;
+    if code != 0 {
+        std::process::exit(code);
+    }
+    Ok(())
 }

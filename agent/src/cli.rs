@@ -71,8 +71,63 @@ pub enum ApiCommand {
     /// Validate a JWT-SVID through the agent.
     #[command(subcommand)]
     Validate(ValidateCommand),
-    /// Print every X509-SVID update as it arrives (rotations, entry changes).
-    Watch(ApiArgs),
+    /// Print every X509-SVID update as it arrives (rotations, entry
+    /// changes), or with --write keep them as files for programs that read
+    /// PEM files, and tell those programs when they change.
+    #[command(after_help = WATCH_HELP)]
+    Watch(WatchArgs),
+}
+
+const WATCH_HELP: &str = "\
+With --write DIR, each update is written whole into a new DIR/.oxid-gen-N directory (svid.pem: \
+leaf and intermediates, svid.key: PKCS#8, svid_key.pem: both, bundle.pem, \
+federated_bundle.N.pem), then DIR/current is switched to it by one rename; DIR/svid.pem and \
+the like point into current/. Read a key and its certificate from one resolved current/, \
+from svid_key.pem, or after the signal, never from two paths at unrelated moments. The \
+watcher retries when the agent is away and never deletes good files.";
+
+/// `api watch` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WatchArgs {
+    /// Keep the SVIDs as files in this directory (owned by this user or
+    /// root, not writable by others).
+    #[arg(long)]
+    pub write: Option<PathBuf>,
+    /// With --write: which SVID, when the process has several [default:
+    /// the first].
+    #[arg(long, requires = "write")]
+    pub spiffe_id: Option<String>,
+    /// Mode of the certificate and bundle files.
+    #[arg(long, default_value = "0644", value_parser = parse_mode, requires = "write")]
+    pub cert_mode: u32,
+    /// Mode of svid.key and svid_key.pem; never readable by every user.
+    #[arg(long, default_value = "0600", value_parser = parse_mode, requires = "write")]
+    pub key_mode: u32,
+    /// After each update, send this signal (HUP, USR1, ...) to the process
+    /// in --pid-file, or to the command after `--` (from its second update
+    /// on).
+    #[arg(long, requires = "write")]
+    pub signal: Option<String>,
+    /// The process to signal: a file holding its PID, read at each update.
+    #[arg(long, requires = "signal", conflicts_with_all = ["reload_command", "command"])]
+    pub pid_file: Option<PathBuf>,
+    /// After each update, run this through `sh -c` (e.g. `nginx -s reload`).
+    #[arg(long, requires = "write", conflicts_with = "command")]
+    pub reload_command: Option<String>,
+    /// Run this program once the first files are written; SIGTERM and
+    /// SIGINT are passed on to it, and the watcher exits with its status.
+    #[arg(last = true, requires = "write")]
+    pub command: Vec<String>,
+    /// Socket and output.
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?}: expected an octal file mode such as 0640"))
 }
 
 /// `api fetch` commands.

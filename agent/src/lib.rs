@@ -12,6 +12,7 @@ pub mod cache;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod files;
 /// Fuzz oracles: only for `fuzz/` (feature `fuzzing`) and this crate's tests.
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;

@@ -1,0 +1,228 @@
+//! `oxid-agent api watch --write DIR`: SVIDs as files across rotations,
+//! against a real server and agent. A reader in a tight loop never sees a
+//! key with another generation's certificate; a child program starts after
+//! the first files, is signalled on updates, and its exit status is the
+//! watcher's; another uid running the same command gets nothing.
+
+// A test reports failure by panicking, with the process output.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stderr
+)]
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use oxid_e2e::{Agent, Proc, Server, bin};
+
+/// Uids with no account (this suite runs as root, as CI does).
+const OWNER_UID: &str = "65534";
+const OTHER_UID: &str = "65533";
+
+async fn cluster(dir: &Path) -> (Server, Agent, String) {
+    let server = Server::start(dir).await;
+    let (token, agent_id) = server.join_token().await;
+    let agent = Agent::start(dir, &server, &token).await;
+    (server, agent, agent_id)
+}
+
+/// A directory for the files, owned by `uid`, mode 0755.
+fn out_dir(dir: &Path, name: &str, uid: u32) -> PathBuf {
+    let out = dir.join(name);
+    std::fs::create_dir(&out).unwrap();
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o755)).unwrap();
+    rustix::fs::chown(
+        &out,
+        Some(rustix::process::Uid::from_raw(uid)),
+        Some(rustix::process::Gid::from_raw(uid)),
+    )
+    .unwrap();
+    out
+}
+
+/// `oxid-agent api watch --write out <extra>` as `uid`.
+fn watch(agent: &Agent, uid: &str, out: &Path, extra: &[&str]) -> Proc {
+    let mut cmd = agent.workload(Path::new("setpriv"));
+    cmd.args(["--reuid", uid, "--regid", uid, "--clear-groups"])
+        .arg(bin("oxid-agent"))
+        .args(["api", "watch", "--write"])
+        .arg(out)
+        .args(extra);
+    Proc::spawn("watch", cmd)
+}
+
+/// The serial of the first certificate in `chain_pem` and whether
+/// `key_pem` is its key.
+fn pair(chain_pem: &[u8], key_pem: &[u8]) -> (String, bool) {
+    // The first CERTIFICATE block: svid_key.pem starts with the key.
+    let pem = x509_parser::pem::Pem::iter_from_buffer(chain_pem)
+        .map(|p| p.expect("PEM"))
+        .find(|p| p.label == "CERTIFICATE")
+        .expect("a PEM certificate");
+    let cert = pem.parse_x509().expect("a certificate");
+    let key = oxid_pki::KeyPair::from_pkcs8_pem_or_der(key_pem).expect("a PKCS#8 key");
+    (
+        cert.raw_serial_as_string(),
+        cert.public_key().raw == key.public_key_spki(),
+    )
+}
+
+#[tokio::test]
+async fn a_reader_never_sees_a_key_with_another_generations_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, agent, agent_id) = cluster(dir.path()).await;
+    let selector = format!("unix:uid:{OWNER_UID}");
+    server
+        .create_entry(
+            "spiffe://example.org/files",
+            &agent_id,
+            &["--selector", &selector, "--x509-svid-ttl", "4s"],
+        )
+        .await;
+    let out = out_dir(dir.path(), "files", 65534);
+    let mut watcher = watch(&agent, OWNER_UID, &out, &[]);
+    watcher.wait_for("wrote .oxid-gen-").await;
+
+    // Read as fast as possible until three generations have been seen: the
+    // pair under one resolved `current`, and the one-file form.
+    let reader = {
+        let out = out.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let (mut serials, mut reads) = (BTreeSet::new(), 0u64);
+            while serials.len() < 3 {
+                assert!(
+                    Instant::now() < deadline,
+                    "fewer than 3 generations in 30 s"
+                );
+                let generation = out.join(std::fs::read_link(out.join("current")).unwrap());
+                let (Ok(chain), Ok(key)) = (
+                    std::fs::read(generation.join("svid.pem")),
+                    std::fs::read(generation.join("svid.key")),
+                ) else {
+                    // Pruned after we resolved it: two switches in between.
+                    continue;
+                };
+                let (serial, matches) = pair(&chain, &key);
+                assert!(
+                    matches,
+                    "generation {} holds a mismatched pair",
+                    generation.display()
+                );
+                let combined = std::fs::read(out.join("svid_key.pem")).unwrap();
+                let (_, matches) = pair(&combined, &combined);
+                assert!(matches, "svid_key.pem holds a mismatched pair");
+                serials.insert(serial);
+                reads += 1;
+            }
+            reads
+        })
+    };
+    let reads = tokio::task::spawn_blocking(move || reader.join().unwrap())
+        .await
+        .unwrap();
+    eprintln!("{reads} consistent reads across 3 generations");
+    let mode = |name: &str| {
+        std::fs::metadata(out.join("current").join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!((mode("svid.key"), mode("svid.pem")), (0o600, 0o644));
+    watcher.stop().await;
+}
+
+#[tokio::test]
+async fn a_child_starts_after_the_files_is_signalled_and_its_status_is_the_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, agent, agent_id) = cluster(dir.path()).await;
+    let selector = format!("unix:uid:{OWNER_UID}");
+    server
+        .create_entry(
+            "spiffe://example.org/child",
+            &agent_id,
+            &["--selector", &selector, "--x509-svid-ttl", "4s"],
+        )
+        .await;
+    let out = out_dir(dir.path(), "files", 65534);
+    let script = format!(
+        "test -s {o}/svid.key || exit 90; trap 'echo hup >> {o}/hups' HUP; \
+         trap 'exit 7' TERM; echo started; while :; do sleep 0.05; done",
+        o = out.display()
+    );
+    let mut watcher = watch(
+        &agent,
+        OWNER_UID,
+        &out,
+        &["--signal", "HUP", "--", "sh", "-c", &script],
+    );
+    watcher.wait_for("started").await;
+    // The agent rotates a 4 s SVID within about 2 s: the child gets a HUP.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !std::fs::read_to_string(out.join("hups")).is_ok_and(|h| h.contains("hup")) {
+        assert!(
+            Instant::now() < deadline,
+            "no HUP after a rotation:\n{}",
+            watcher.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = rustix::process::Pid::from_raw(watcher.pid().unwrap() as i32).unwrap();
+    // setpriv execs the watcher, so this PID is the watcher's own.
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    assert_eq!(watcher.wait().await, Some(7), "{}", watcher.log());
+}
+
+#[tokio::test]
+async fn another_uid_running_the_same_command_gets_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, agent, agent_id) = cluster(dir.path()).await;
+    let selector = format!("unix:uid:{OWNER_UID}");
+    server
+        .create_entry(
+            "spiffe://example.org/owner-only",
+            &agent_id,
+            &["--selector", &selector],
+        )
+        .await;
+    let theirs = out_dir(dir.path(), "other", 65533);
+    let mut other = watch(&agent, OTHER_UID, &theirs, &[]);
+    other.wait_for("waiting for the Workload API").await;
+    assert!(other.log().contains("PermissionDenied"), "{}", other.log());
+    assert!(!theirs.join("current").exists());
+    other.stop().await;
+    // The same command as the entry's uid gets its files.
+    let ours = out_dir(dir.path(), "owner", 65534);
+    let mut owner = watch(&agent, OWNER_UID, &ours, &[]);
+    owner.wait_for("wrote .oxid-gen-").await;
+    assert!(ours.join("svid.pem").exists());
+    owner.stop().await;
+}
+
+#[tokio::test]
+async fn an_unsafe_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, agent, _) = cluster(dir.path()).await;
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (code, _, err) = oxid_e2e::run(
+        &bin("oxid-agent"),
+        &[
+            "api",
+            "watch",
+            "--socket-path",
+            agent.socket.to_str().unwrap(),
+            "--write",
+            open.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_ne!(code, 0);
+    assert!(err.contains("group or others may write to it"), "{err}");
+}
