@@ -226,3 +226,125 @@ async fn an_unsafe_directory_is_refused() {
     assert_ne!(code, 0);
     assert!(err.contains("group or others may write to it"), "{err}");
 }
+
+/// Where nginx is, or a panic that says how to install it.
+fn nginx() -> &'static str {
+    for path in ["/usr/sbin/nginx", "/usr/bin/nginx"] {
+        if Path::new(path).exists() {
+            return path;
+        }
+    }
+    panic!("nginx is missing: apt-get install -y nginx (./scripts/test installs it)");
+}
+
+#[tokio::test]
+async fn nginx_serves_mtls_from_the_files_across_rotations_without_a_failed_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, agent, agent_id) = cluster(dir.path()).await;
+    for (path, uid) in [("/nginx", OWNER_UID), ("/curl", OTHER_UID)] {
+        let selector = format!("unix:uid:{uid}");
+        server
+            .create_entry(
+                &format!("spiffe://example.org{path}"),
+                &agent_id,
+                &[
+                    "--selector",
+                    &selector,
+                    "--x509-svid-ttl",
+                    "4s",
+                    "--dns-name",
+                    "localhost",
+                ],
+            )
+            .await;
+    }
+    let srv = out_dir(dir.path(), "nginx-files", 65534);
+    let ngx = out_dir(dir.path(), "nginx", 65534);
+    let cli = out_dir(dir.path(), "curl-files", 65533);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // nginx as the watcher's child: started after the first files, reloaded
+    // (HUP) after each update. This is the README's example, with paths.
+    let conf = include_str!("../examples/nginx/nginx.conf")
+        .replace("/run/nginx-oxid", ngx.to_str().unwrap())
+        .replace("/var/lib/oxid-files", srv.to_str().unwrap())
+        .replace("8443", &port.to_string());
+    std::fs::write(ngx.join("nginx.conf"), conf).unwrap();
+    let conf = ngx.join("nginx.conf");
+    let mut served = watch(
+        &agent,
+        OWNER_UID,
+        &srv,
+        &[
+            "--signal",
+            "HUP",
+            "--",
+            nginx(),
+            "-p",
+            ngx.to_str().unwrap(),
+            "-c",
+            conf.to_str().unwrap(),
+        ],
+    );
+    let mut client = watch(&agent, OTHER_UID, &cli, &[]);
+    client.wait_for("wrote .oxid-gen-").await;
+    served.wait_for("wrote .oxid-gen-").await;
+
+    let url = format!("https://localhost:{port}/");
+    let cert = cli.join("svid_key.pem");
+    let ca = cli.join("bundle.pem");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let (mut server_serials, mut client_serials, mut requests) =
+        (BTreeSet::new(), BTreeSet::new(), 0);
+    while server_serials.len() < 3 || client_serials.len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than 3 rotations on each side in 40 s (server {server_serials:?}, client \
+             {client_serials:?}):\n{}",
+            served.log()
+        );
+        let out = tokio::process::Command::new("curl")
+            .args(["--silent", "--show-error", "--fail", "--cacert"])
+            .arg(&ca)
+            .arg("--cert")
+            .arg(&cert)
+            .args(["-w", "\n%{certs}", &url])
+            .output()
+            .await
+            .expect("curl is needed: apt-get install -y curl");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let started = served.log().contains("nginx: [emerg]");
+        assert!(!started, "nginx failed:\n{}", served.log());
+        // Until nginx listens, connections are refused; after, none may fail.
+        if requests == 0 && out.status.code() == Some(7) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        assert!(
+            out.status.success(),
+            "request {requests} failed: {}{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            served.log()
+        );
+        let (body, certs) = stdout.split_once('\n').unwrap();
+        client_serials.insert(body.strip_prefix("client serial ").unwrap().to_owned());
+        let serial = certs
+            .lines()
+            .skip_while(|l| !l.starts_with("Serial Number:"))
+            .nth(0)
+            .unwrap_or_else(|| panic!("no server certificate in curl's output: {certs}"));
+        server_serials.insert(serial.to_owned());
+        requests += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "{requests} requests, none failed, across {} server and {} client certificates",
+        server_serials.len(),
+        client_serials.len()
+    );
+    served.stop().await;
+    client.stop().await;
+}
