@@ -333,8 +333,7 @@ async fn nginx_serves_mtls_from_the_files_across_rotations_without_a_failed_requ
         client_serials.insert(body.strip_prefix("client serial ").unwrap().to_owned());
         let serial = certs
             .lines()
-            .skip_while(|l| !l.starts_with("Serial Number:"))
-            .nth(0)
+            .find(|l| l.starts_with("Serial Number:"))
             .unwrap_or_else(|| panic!("no server certificate in curl's output: {certs}"));
         server_serials.insert(serial.to_owned());
         requests += 1;
