@@ -347,3 +347,76 @@ async fn nginx_serves_mtls_from_the_files_across_rotations_without_a_failed_requ
     served.stop().await;
     client.stop().await;
 }
+
+#[tokio::test]
+async fn jwt_svids_and_the_jwt_bundle_are_files_fetched_again_at_half_life() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, agent, agent_id) = cluster(dir.path()).await;
+    let selector = format!("unix:uid:{OWNER_UID}");
+    server
+        .create_entry(
+            "spiffe://example.org/jwt-files",
+            &agent_id,
+            &["--selector", &selector, "--jwt-svid-ttl", "4s"],
+        )
+        .await;
+    let out = out_dir(dir.path(), "files", 65534);
+    let mut watcher = watch(
+        &agent,
+        OWNER_UID,
+        &out,
+        &["--jwt-audience", "db", "--jwt-audience", "queue"],
+    );
+    watcher.wait_for("wrote .oxid-gen-").await;
+    let read = |name: &str| std::fs::read_to_string(out.join("current").join(name)).unwrap();
+    let jwks: serde_json::Value = serde_json::from_str(&read("jwt_bundle.json")).unwrap();
+    assert!(!jwks["keys"].as_array().unwrap().is_empty(), "{jwks}");
+    // Each token validates for its audience only, through the agent.
+    let validate = |audience: &'static str, token: String| {
+        let socket = agent.socket.display().to_string();
+        async move {
+            let mut cmd = tokio::process::Command::new("setpriv");
+            cmd.args(["--reuid", OWNER_UID, "--regid", OWNER_UID, "--clear-groups"])
+                .arg(bin("oxid-agent"))
+                .args([
+                    "api",
+                    "validate",
+                    "jwt",
+                    "--socket-path",
+                    &socket,
+                    "--audience",
+                    audience,
+                    "--svid",
+                    &token,
+                ]);
+            cmd.output().await.unwrap().status.success()
+        }
+    };
+    let first = read("jwt_svid.0.token");
+    assert!(validate("db", first.clone()).await);
+    assert!(validate("queue", read("jwt_svid.1.token")).await);
+    assert!(
+        !validate("queue", first.clone()).await,
+        "a db token must not pass for queue"
+    );
+    // 4 s tokens are fetched again after about 2 s.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while read("jwt_svid.0.token") == first {
+        assert!(
+            Instant::now() < deadline,
+            "the JWT-SVID was never refreshed:\n{}",
+            watcher.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(validate("db", read("jwt_svid.0.token")).await);
+    assert_eq!(
+        std::fs::metadata(out.join("current/jwt_svid.0.token"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    watcher.stop().await;
+}

@@ -342,6 +342,46 @@ impl files::Source for ApiArgs {
             .map(tonic::Response::into_inner)
             .map_err(|s| ch.status(s))
     }
+
+    async fn jwt_svid(&self, spiffe_id: &str, audience: &str) -> Result<String, AgentError> {
+        let ch = channel(self).await?;
+        let mut c = SpiffeWorkloadApiClient::new(ch.channel.clone());
+        let resp = c
+            .fetch_jwtsvid(with_header(pb::JwtsvidRequest {
+                audience: vec![audience.to_owned()],
+                spiffe_id: spiffe_id.to_owned(),
+            }))
+            .await
+            .map_err(|s| ch.status(s))?
+            .into_inner();
+        resp.svids
+            .into_iter()
+            .next()
+            .map(|s| s.svid)
+            .ok_or_else(|| AgentError::WorkloadApi(format!("no JWT-SVID for {audience:?}")))
+    }
+
+    async fn jwt_bundle(&self, trust_domain: &str) -> Result<String, AgentError> {
+        let ch = channel(self).await?;
+        let mut c = SpiffeWorkloadApiClient::new(ch.channel.clone());
+        let mut stream = c
+            .fetch_jwt_bundles(with_header(pb::JwtBundlesRequest {}))
+            .await
+            .map_err(|s| ch.status(s))?
+            .into_inner();
+        let bundles = stream
+            .message()
+            .await
+            .map_err(|s| ch.status(s))?
+            .ok_or_else(|| AgentError::WorkloadApi("the JWT bundle stream ended".into()))?
+            .bundles;
+        let jwks = bundles
+            .get(trust_domain)
+            .or_else(|| bundles.get(&format!("spiffe://{trust_domain}")))
+            .ok_or_else(|| AgentError::WorkloadApi(format!("no JWT bundle for {trust_domain}")))?;
+        String::from_utf8(jwks.clone())
+            .map_err(|_| AgentError::WorkloadApi("the JWT bundle is not UTF-8".into()))
+    }
 }
 
 /// `api watch --write DIR`: runs until stopped, or until its child exits.
@@ -375,7 +415,15 @@ async fn watch_files(args: WatchArgs) -> Result<(), AgentError> {
         }
         _ => Notify::None,
     };
-    let code = files::watch(args.api, writer, args.spiffe_id, notify, say).await?;
+    let code = files::watch(
+        args.api,
+        writer,
+        args.spiffe_id,
+        args.jwt_audiences,
+        notify,
+        say,
+    )
+    .await?;
     if code != 0 {
         std::process::exit(code);
     }

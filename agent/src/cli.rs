@@ -81,7 +81,7 @@ pub enum ApiCommand {
 const WATCH_HELP: &str = "\
 With --write DIR, each update is written whole into a new DIR/.oxid-gen-N directory (svid.pem: \
 leaf and intermediates, svid.key: PKCS#8, svid_key.pem: both, bundle.pem, \
-federated_bundle.N.pem), then DIR/current is switched to it by one rename; DIR/svid.pem and \
+federated_bundle.N.pem, and with --jwt-audience jwt_svid.N.token and jwt_bundle.json), then DIR/current is switched to it by one rename; DIR/svid.pem and \
 the like point into current/. Read a key and its certificate from one resolved current/, \
 from svid_key.pem, or after the signal, never from two paths at unrelated moments. The \
 watcher retries when the agent is away and never deletes good files.";
@@ -103,6 +103,11 @@ pub struct WatchArgs {
     /// Mode of svid.key and svid_key.pem; never readable by every user.
     #[arg(long, default_value = "0600", value_parser = parse_mode, requires = "write")]
     pub key_mode: u32,
+    /// Also keep a JWT-SVID for this audience as jwt_svid.N.token (N in
+    /// the order given; repeatable), fetched again at half its life, and
+    /// the JWT bundle as jwt_bundle.json (plain JWKS).
+    #[arg(long = "jwt-audience", requires = "write")]
+    pub jwt_audiences: Vec<String>,
     /// After each update, send this signal (HUP, USR1, ...) to the process
     /// in --pid-file, or to the command after `--` (from its second update
     /// on).

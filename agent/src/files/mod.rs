@@ -90,7 +90,42 @@ fn contents(resp: &pb::X509svidResponse, svid: &pb::X509svid) -> Result<Contents
             .into_iter()
             .map(|(_, der)| pem(der))
             .collect::<Result<_, _>>()?,
+        jwt_svids: Vec::new(),
+        jwt_bundle: None,
     })
+}
+
+/// When to fetch the JWT-SVIDs again: at half their life (the earliest of
+/// them), as a workload library would, so a reader never holds one in its
+/// last half. A token whose times cannot be read is fetched again in 30 s.
+fn jwt_refresh_in(tokens: &[zeroize::Zeroizing<String>], now_unix: u64) -> Duration {
+    let half_life = |token: &str| -> Option<u64> {
+        use base64::Engine as _;
+        let payload = token.split('.').nth(1)?;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .ok()?;
+        let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        let (iat, exp) = (claims.get("iat")?.as_u64()?, claims.get("exp")?.as_u64()?);
+        Some(iat + exp.saturating_sub(iat) / 2)
+    };
+    tokens
+        .iter()
+        .map(|t| {
+            half_life(t).map_or(JWT_RETRY, |at| {
+                Duration::from_secs(at.saturating_sub(now_unix))
+            })
+        })
+        .min()
+        .map_or(JWT_RETRY, |d| d.max(Duration::from_secs(1)))
+}
+
+const JWT_RETRY: Duration = Duration::from_secs(30);
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// What `watch` needs from the Workload API client in `api_cli`.
@@ -99,6 +134,41 @@ pub trait Source {
     fn open(
         &self,
     ) -> impl Future<Output = Result<tonic::Streaming<pb::X509svidResponse>, AgentError>> + Send;
+
+    /// A JWT-SVID of `spiffe_id` for `audience`.
+    fn jwt_svid(
+        &self,
+        spiffe_id: &str,
+        audience: &str,
+    ) -> impl Future<Output = Result<String, AgentError>> + Send;
+
+    /// The JWT bundle (JWKS) of `trust_domain`.
+    fn jwt_bundle(
+        &self,
+        trust_domain: &str,
+    ) -> impl Future<Output = Result<String, AgentError>> + Send;
+}
+
+/// Adds the JWT-SVIDs for `audiences` and the JWT bundle to `contents`.
+async fn add_jwts(
+    source: &impl Source,
+    contents: &mut Contents,
+    spiffe_id: &str,
+    audiences: &[String],
+) -> Result<(), AgentError> {
+    let trust_domain = spiffe_id
+        .strip_prefix("spiffe://")
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_default();
+    let mut tokens = Vec::with_capacity(audiences.len());
+    for audience in audiences {
+        tokens.push(zeroize::Zeroizing::new(
+            source.jwt_svid(spiffe_id, audience).await?,
+        ));
+    }
+    contents.jwt_svids = tokens;
+    contents.jwt_bundle = Some(source.jwt_bundle(trust_domain).await?);
+    Ok(())
 }
 
 /// Runs until stopped: writes every update from `source` through `writer`
@@ -108,6 +178,7 @@ pub async fn watch(
     source: impl Source,
     mut writer: Writer,
     spiffe_id: Option<String>,
+    audiences: Vec<String>,
     notify: Notify,
     say: impl Fn(&str),
 ) -> Result<i32, AgentError> {
@@ -118,6 +189,9 @@ pub async fn watch(
         .map_err(|e| AgentError::Internal(e.to_string()))?;
     let mut delay = RETRY_FIRST;
     let mut last: Option<Contents> = None;
+    // The SPIFFE ID of the SVID in `last`, and when its JWT-SVIDs are due.
+    let mut last_id = String::new();
+    let mut jwt_due = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
     loop {
         let stream = tokio::select! {
             r = source.open() => r,
@@ -144,6 +218,25 @@ pub async fn watch(
         loop {
             let message = tokio::select! {
                 m = stream.message() => m,
+                () = tokio::time::sleep_until(jwt_due), if last.is_some() && !audiences.is_empty() => {
+                    // Only the JWT-SVIDs are due: the same X.509 files with new tokens.
+                    let Some(mut again) = last.clone() else { continue };
+                    match add_jwts(&source, &mut again, &last_id, &audiences).await {
+                        Ok(()) => {
+                            jwt_due = tokio::time::Instant::now()
+                                + jwt_refresh_in(&again.jwt_svids, now_unix());
+                            if publish(&mut writer, &again, &last_id, &say) {
+                                last = Some(again);
+                                announce(&notify, &mut child, false, &say).await?;
+                            }
+                        }
+                        Err(e) => {
+                            say(&format!("cannot refresh the JWT-SVIDs: {e}; retrying in {JWT_RETRY:?}"));
+                            jwt_due = tokio::time::Instant::now() + JWT_RETRY;
+                        }
+                    }
+                    continue;
+                }
                 code = wait_child(&mut child) => return Ok(code),
                 _ = term.recv() => return stop(&mut child, Signal::TERM).await,
                 _ = int.recv() => return stop(&mut child, Signal::INT).await,
@@ -175,27 +268,27 @@ pub async fn watch(
                 ));
                 continue;
             };
-            let new = contents(&resp, svid)?;
-            if last.as_ref() == Some(&new) {
+            let mut new = contents(&resp, svid)?;
+            if last.as_ref().is_some_and(|l| same_x509(l, &new)) {
                 continue;
             }
-            match writer.write(&new) {
-                Ok(path) => say(&format!(
-                    "wrote {} for {} into {}",
-                    path.file_name()
-                        .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
-                    svid.spiffe_id,
-                    path.parent()
-                        .map_or_else(String::new, |p| p.display().to_string()),
-                )),
-                Err(e) => {
-                    // The last good generation stays current.
-                    say(&format!("error: {e}; the last files stay current"));
-                    continue;
+            if !audiences.is_empty() {
+                if let Err(e) = add_jwts(&source, &mut new, &svid.spiffe_id, &audiences).await {
+                    // The files stay as they are until all of them can be
+                    // written together.
+                    say(&format!(
+                        "cannot fetch the JWT-SVIDs: {e}; the last files stay current"
+                    ));
+                    break;
                 }
+                jwt_due = tokio::time::Instant::now() + jwt_refresh_in(&new.jwt_svids, now_unix());
+            }
+            if !publish(&mut writer, &new, &svid.spiffe_id, &say) {
+                continue;
             }
             let first = last.is_none();
             last = Some(new);
+            last_id.clone_from(&svid.spiffe_id);
             announce(&notify, &mut child, first, &say).await?;
         }
         tokio::select! {
@@ -205,6 +298,35 @@ pub async fn watch(
             _ = int.recv() => return stop(&mut child, Signal::INT).await,
         }
         delay = (delay * 2).min(RETRY_MAX);
+    }
+}
+
+/// Whether `a` and `b` hold the same X.509 files (JWT-SVIDs aside).
+fn same_x509(a: &Contents, b: &Contents) -> bool {
+    a.chain_pem == b.chain_pem
+        && a.key_pem == b.key_pem
+        && a.bundle_pem == b.bundle_pem
+        && a.federated_pem == b.federated_pem
+}
+
+/// Writes `contents` as the new generation; false (the last generation
+/// stays current) if that failed.
+fn publish(writer: &mut Writer, contents: &Contents, spiffe_id: &str, say: &impl Fn(&str)) -> bool {
+    match writer.write(contents) {
+        Ok(path) => {
+            say(&format!(
+                "wrote {} for {spiffe_id} into {}",
+                path.file_name()
+                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+                path.parent()
+                    .map_or_else(String::new, |p| p.display().to_string()),
+            ));
+            true
+        }
+        Err(e) => {
+            say(&format!("error: {e}; the last files stay current"));
+            false
+        }
     }
 }
 
@@ -311,6 +433,23 @@ mod tests {
         assert_eq!(parse_signal("term").unwrap(), Signal::TERM);
         assert!(parse_signal("KILL").is_err());
         assert!(parse_signal("").is_err());
+    }
+
+    #[test]
+    fn jwt_svids_are_fetched_again_at_half_life() {
+        use base64::Engine as _;
+        let token = |iat: u64, exp: u64| {
+            let claims = format!(r#"{{"iat":{iat},"exp":{exp},"sub":"spiffe://td/x"}}"#);
+            let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims);
+            zeroize::Zeroizing::new(format!("e30.{b64}.sig"))
+        };
+        let both = [token(1000, 1300), token(1000, 1100)];
+        assert_eq!(jwt_refresh_in(&both, 1000), Duration::from_secs(50));
+        assert_eq!(jwt_refresh_in(&both[..1], 1100), Duration::from_secs(50));
+        // Past half-life already: soon, not at once in a loop.
+        assert_eq!(jwt_refresh_in(&both, 1090), Duration::from_secs(1));
+        let junk = [zeroize::Zeroizing::new("not-a-jwt".to_owned())];
+        assert_eq!(jwt_refresh_in(&junk, 0), JWT_RETRY);
     }
 
     #[test]

@@ -56,6 +56,10 @@ pub struct Contents {
     pub bundle_pem: String,
     /// Federated trust domains' authorities, in trust-domain order.
     pub federated_pem: Vec<String>,
+    /// JWT-SVIDs, one per `--jwt-audience`, in the order given.
+    pub jwt_svids: Vec<zeroize::Zeroizing<String>>,
+    /// The own trust domain's JWT bundle (JWKS), when JWT-SVIDs are asked for.
+    pub jwt_bundle: Option<String>,
 }
 
 impl std::fmt::Debug for Contents {
@@ -85,6 +89,8 @@ pub const KEY: &str = "svid.key";
 pub const BUNDLE: &str = "bundle.pem";
 /// Key and chain in one file.
 pub const COMBINED: &str = "svid_key.pem";
+/// The JWT bundle, as plain JWKS.
+pub const JWT_BUNDLE: &str = "jwt_bundle.json";
 
 /// Writes generations into one directory.
 #[derive(Debug)]
@@ -157,6 +163,13 @@ impl Writer {
         ];
         for (n, pem) in c.federated_pem.iter().enumerate() {
             files.push((format!("federated_bundle.{n}.pem"), pem.as_bytes(), cert));
+        }
+        // A JWT-SVID is a bearer credential: the key's mode.
+        for (n, token) in c.jwt_svids.iter().enumerate() {
+            files.push((format!("jwt_svid.{n}.token"), token.as_bytes(), key));
+        }
+        if let Some(jwks) = &c.jwt_bundle {
+            files.push((JWT_BUNDLE.into(), jwks.as_bytes(), cert));
         }
         for (name, bytes, mode) in files {
             let path = generation.join(name);
@@ -298,6 +311,8 @@ mod tests {
             key_pem: zeroize::Zeroizing::new(format!("key {tag}\n")),
             bundle_pem: format!("bundle {tag}\n"),
             federated_pem: vec![format!("fed {tag}\n")],
+            jwt_svids: vec![zeroize::Zeroizing::new(format!("jwt {tag}"))],
+            jwt_bundle: Some(format!("{{\"keys\":[\"{tag}\"]}}")),
         }
     }
 
