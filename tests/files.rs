@@ -420,3 +420,33 @@ async fn jwt_svids_and_the_jwt_bundle_are_files_fetched_again_at_half_life() {
     );
     watcher.stop().await;
 }
+
+#[tokio::test]
+async fn the_watcher_rides_out_an_agent_restart_and_keeps_its_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, mut agent, agent_id) = cluster(dir.path()).await;
+    let selector = format!("unix:uid:{OWNER_UID}");
+    server
+        .create_entry(
+            "spiffe://example.org/restart",
+            &agent_id,
+            &["--selector", &selector, "--x509-svid-ttl", "4s"],
+        )
+        .await;
+    let out = out_dir(dir.path(), "files", 65534);
+    let mut watcher = watch(&agent, OWNER_UID, &out, &[]);
+    watcher.wait_for("wrote .oxid-gen-").await;
+    agent.stop().await;
+    watcher.wait_for("reconnecting").await;
+    // While the agent is away the files stay, and they are still a pair.
+    let (_, matches) = pair(
+        &std::fs::read(out.join("svid_key.pem")).unwrap(),
+        &std::fs::read(out.join("svid_key.pem")).unwrap(),
+    );
+    assert!(matches);
+    let writes = watcher.log().matches("wrote .oxid-gen-").count();
+    agent.restart(&server).await;
+    // Back on the agent, it writes the next generations.
+    watcher.wait_for_nth("wrote .oxid-gen-", writes + 1).await;
+    watcher.stop().await;
+}

@@ -176,128 +176,220 @@ async fn add_jwts(
 /// [`Notify::Child`]).
 pub async fn watch(
     source: impl Source,
-    mut writer: Writer,
+    writer: Writer,
     spiffe_id: Option<String>,
     audiences: Vec<String>,
     notify: Notify,
     say: impl Fn(&str),
 ) -> Result<i32, AgentError> {
-    let mut child: Option<Child> = None;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| AgentError::Internal(e.to_string()))?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(|e| AgentError::Internal(e.to_string()))?;
+    let mut control = Control::new()?;
+    let mut files = Files {
+        writer,
+        spiffe_id,
+        audiences,
+        last: None,
+        last_id: String::new(),
+        jwt_due: tokio::time::Instant::now() + Duration::from_secs(86_400 * 365),
+    };
     let mut delay = RETRY_FIRST;
-    let mut last: Option<Contents> = None;
-    // The SPIFFE ID of the SVID in `last`, and when its JWT-SVIDs are due.
-    let mut last_id = String::new();
-    let mut jwt_due = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
     loop {
-        let stream = tokio::select! {
+        let opened = tokio::select! {
             r = source.open() => r,
-            code = wait_child(&mut child) => return Ok(code),
-            _ = term.recv() => return stop(&mut child, Signal::TERM).await,
-            _ = int.recv() => return stop(&mut child, Signal::INT).await,
+            stop = control.interrupted() => return Ok(control.finish(stop).await),
         };
-        let mut stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                say(&format!(
-                    "waiting for the Workload API: {e}; retrying in {delay:?}"
-                ));
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    code = wait_child(&mut child) => return Ok(code),
-                    _ = term.recv() => return stop(&mut child, Signal::TERM).await,
-                    _ = int.recv() => return stop(&mut child, Signal::INT).await,
-                }
-                delay = (delay * 2).min(RETRY_MAX);
-                continue;
-            }
-        };
-        loop {
-            let message = tokio::select! {
-                m = stream.message() => m,
-                () = tokio::time::sleep_until(jwt_due), if last.is_some() && !audiences.is_empty() => {
-                    // Only the JWT-SVIDs are due: the same X.509 files with new tokens.
-                    let Some(mut again) = last.clone() else { continue };
-                    match add_jwts(&source, &mut again, &last_id, &audiences).await {
-                        Ok(()) => {
-                            jwt_due = tokio::time::Instant::now()
-                                + jwt_refresh_in(&again.jwt_svids, now_unix());
-                            if publish(&mut writer, &again, &last_id, &say) {
-                                last = Some(again);
-                                announce(&notify, &mut child, false, &say).await?;
-                            }
+        match opened {
+            Ok(mut stream) => loop {
+                let message = tokio::select! {
+                    m = stream.message() => m,
+                    () = tokio::time::sleep_until(files.jwt_due), if files.wants_jwts() => {
+                        if files.refresh_jwts(&source, &say).await {
+                            announce(&notify, &mut control.child, false, &say).await?;
                         }
-                        Err(e) => {
-                            say(&format!("cannot refresh the JWT-SVIDs: {e}; retrying in {JWT_RETRY:?}"));
-                            jwt_due = tokio::time::Instant::now() + JWT_RETRY;
-                        }
+                        continue;
                     }
-                    continue;
+                    stop = control.interrupted() => return Ok(control.finish(stop).await),
+                };
+                let resp = match message {
+                    Ok(Some(resp)) => resp,
+                    Ok(None) => {
+                        say("the Workload API stream ended; reconnecting");
+                        break;
+                    }
+                    Err(status) => {
+                        say(&format!(
+                            "the Workload API stream failed: {} ({:?}); reconnecting",
+                            status.message(),
+                            status.code()
+                        ));
+                        break;
+                    }
+                };
+                delay = RETRY_FIRST;
+                match files.update(&source, &resp, &say).await? {
+                    Written::First => announce(&notify, &mut control.child, true, &say).await?,
+                    Written::Again => announce(&notify, &mut control.child, false, &say).await?,
+                    Written::Nothing => {}
+                    Written::Reconnect => break,
                 }
-                code = wait_child(&mut child) => return Ok(code),
-                _ = term.recv() => return stop(&mut child, Signal::TERM).await,
-                _ = int.recv() => return stop(&mut child, Signal::INT).await,
-            };
-            let resp = match message {
-                Ok(Some(resp)) => resp,
-                Ok(None) => {
-                    say("the Workload API stream ended; reconnecting");
-                    break;
-                }
-                Err(status) => {
-                    say(&format!(
-                        "the Workload API stream failed: {} ({:?}); reconnecting",
-                        status.message(),
-                        status.code()
-                    ));
-                    break;
-                }
-            };
-            delay = RETRY_FIRST;
-            let chosen = match &spiffe_id {
-                Some(id) => resp.svids.iter().find(|s| &s.spiffe_id == id),
-                None => resp.svids.first(),
-            };
-            let Some(svid) = chosen else {
-                say(&format!(
-                    "no SVID for {} in this update; the files stay as they are",
-                    spiffe_id.as_deref().unwrap_or("this process")
-                ));
-                continue;
-            };
-            let mut new = contents(&resp, svid)?;
-            if last.as_ref().is_some_and(|l| same_x509(l, &new)) {
-                continue;
-            }
-            if !audiences.is_empty() {
-                if let Err(e) = add_jwts(&source, &mut new, &svid.spiffe_id, &audiences).await {
-                    // The files stay as they are until all of them can be
-                    // written together.
-                    say(&format!(
-                        "cannot fetch the JWT-SVIDs: {e}; the last files stay current"
-                    ));
-                    break;
-                }
-                jwt_due = tokio::time::Instant::now() + jwt_refresh_in(&new.jwt_svids, now_unix());
-            }
-            if !publish(&mut writer, &new, &svid.spiffe_id, &say) {
-                continue;
-            }
-            let first = last.is_none();
-            last = Some(new);
-            last_id.clone_from(&svid.spiffe_id);
-            announce(&notify, &mut child, first, &say).await?;
+            },
+            Err(e) => say(&format!(
+                "waiting for the Workload API: {e}; retrying in {delay:?}"
+            )),
         }
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            code = wait_child(&mut child) => return Ok(code),
-            _ = term.recv() => return stop(&mut child, Signal::TERM).await,
-            _ = int.recv() => return stop(&mut child, Signal::INT).await,
+        if let Some(stop) = control.pause(delay).await {
+            return Ok(control.finish(stop).await);
         }
         delay = (delay * 2).min(RETRY_MAX);
+    }
+}
+
+/// The child, if any, and the signals that stop the watcher.
+struct Control {
+    child: Option<Child>,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+/// Why the watcher stops.
+enum Stop {
+    /// The child exited with this code.
+    Exited(i32),
+    /// The watcher got this signal.
+    Signalled(Signal),
+}
+
+impl Control {
+    fn new() -> Result<Self, AgentError> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind| signal(kind).map_err(|e| AgentError::Internal(e.to_string()));
+        Ok(Self {
+            child: None,
+            term: listen(SignalKind::terminate())?,
+            int: listen(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Completes when the child exits or SIGTERM or SIGINT arrives.
+    async fn interrupted(&mut self) -> Stop {
+        tokio::select! {
+            code = wait_child(&mut self.child) => Stop::Exited(code),
+            _ = self.term.recv() => Stop::Signalled(Signal::TERM),
+            _ = self.int.recv() => Stop::Signalled(Signal::INT),
+        }
+    }
+
+    /// Sleeps for `delay` unless interrupted first.
+    async fn pause(&mut self, delay: Duration) -> Option<Stop> {
+        tokio::select! {
+            () = tokio::time::sleep(delay) => None,
+            stop = self.interrupted() => Some(stop),
+        }
+    }
+
+    /// The exit code for `stop`: a signal is passed on to the child, whose
+    /// status then is the code; without a child the watcher exits 0.
+    async fn finish(&mut self, stop: Stop) -> i32 {
+        match stop {
+            Stop::Exited(code) => code,
+            Stop::Signalled(signal) => stop_child(&mut self.child, signal).await,
+        }
+    }
+}
+
+/// What an update did to the files.
+enum Written {
+    /// The first generation: start the child.
+    First,
+    /// A later generation.
+    Again,
+    /// Nothing changed, or the update could not be written.
+    Nothing,
+    /// The update needs something the agent did not give: reconnect.
+    Reconnect,
+}
+
+/// The files' state between updates.
+struct Files {
+    writer: Writer,
+    spiffe_id: Option<String>,
+    audiences: Vec<String>,
+    /// What the current generation holds.
+    last: Option<Contents>,
+    /// The SPIFFE ID of the SVID in `last`.
+    last_id: String,
+    /// When the JWT-SVIDs in `last` are due to be fetched again.
+    jwt_due: tokio::time::Instant,
+}
+
+impl Files {
+    fn wants_jwts(&self) -> bool {
+        self.last.is_some() && !self.audiences.is_empty()
+    }
+
+    /// Writes the SVID of `resp` this watcher keeps, if it changed.
+    async fn update(
+        &mut self,
+        source: &impl Source,
+        resp: &pb::X509svidResponse,
+        say: &impl Fn(&str),
+    ) -> Result<Written, AgentError> {
+        let chosen = match &self.spiffe_id {
+            Some(id) => resp.svids.iter().find(|s| &s.spiffe_id == id),
+            None => resp.svids.first(),
+        };
+        let Some(svid) = chosen else {
+            say(&format!(
+                "no SVID for {} in this update; the files stay as they are",
+                self.spiffe_id.as_deref().unwrap_or("this process")
+            ));
+            return Ok(Written::Nothing);
+        };
+        let mut new = contents(resp, svid)?;
+        if self.last.as_ref().is_some_and(|l| same_x509(l, &new)) {
+            return Ok(Written::Nothing);
+        }
+        if !self.audiences.is_empty() {
+            if let Err(e) = add_jwts(source, &mut new, &svid.spiffe_id, &self.audiences).await {
+                // All the files are written together, or none.
+                say(&format!(
+                    "cannot fetch the JWT-SVIDs: {e}; the last files stay current"
+                ));
+                return Ok(Written::Reconnect);
+            }
+            self.jwt_due = tokio::time::Instant::now() + jwt_refresh_in(&new.jwt_svids, now_unix());
+        }
+        if !publish(&mut self.writer, &new, &svid.spiffe_id, say) {
+            return Ok(Written::Nothing);
+        }
+        let first = self.last.is_none();
+        self.last = Some(new);
+        self.last_id.clone_from(&svid.spiffe_id);
+        Ok(if first {
+            Written::First
+        } else {
+            Written::Again
+        })
+    }
+
+    /// The same X.509 files with new JWT-SVIDs; whether a generation was
+    /// written.
+    async fn refresh_jwts(&mut self, source: &impl Source, say: &impl Fn(&str)) -> bool {
+        let Some(mut again) = self.last.clone() else {
+            return false;
+        };
+        if let Err(e) = add_jwts(source, &mut again, &self.last_id, &self.audiences).await {
+            say(&format!(
+                "cannot refresh the JWT-SVIDs: {e}; retrying in {JWT_RETRY:?}"
+            ));
+            self.jwt_due = tokio::time::Instant::now() + JWT_RETRY;
+            return false;
+        }
+        self.jwt_due = tokio::time::Instant::now() + jwt_refresh_in(&again.jwt_svids, now_unix());
+        if !publish(&mut self.writer, &again, &self.last_id, say) {
+            return false;
+        }
+        self.last = Some(again);
+        true
     }
 }
 
@@ -414,12 +506,12 @@ fn exit_code(status: std::io::Result<std::process::ExitStatus>) -> i32 {
 
 /// Forwards `signal` to the child and waits for it; without a child, the
 /// watcher itself stops (exit 0).
-async fn stop(child: &mut Option<Child>, signal: Signal) -> Result<i32, AgentError> {
-    let Some(c) = child else { return Ok(0) };
+async fn stop_child(child: &mut Option<Child>, signal: Signal) -> i32 {
+    let Some(c) = child else { return 0 };
     if let Some(pid) = c.id().and_then(pid_of) {
         let _ = rustix::process::kill_process(pid, signal);
     }
-    Ok(exit_code(c.wait().await))
+    exit_code(c.wait().await)
 }
 
 #[cfg(test)]
