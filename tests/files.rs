@@ -30,6 +30,19 @@ async fn cluster(dir: &Path) -> (Server, Agent, String) {
     (server, agent, agent_id)
 }
 
+/// A server and an agent, an entry `path` for [`OWNER_UID`] with `extra`
+/// flags, and a directory for its files.
+async fn owned(dir: &Path, path: &str, extra: &[&str]) -> (Server, Agent, PathBuf) {
+    let (server, agent, agent_id) = cluster(dir).await;
+    let selector = format!("unix:uid:{OWNER_UID}");
+    let mut flags = vec!["--selector", &selector];
+    flags.extend_from_slice(extra);
+    server
+        .create_entry(&format!("spiffe://example.org{path}"), &agent_id, &flags)
+        .await;
+    (server, agent, out_dir(dir, "files", 65534))
+}
+
 /// A directory for the files, owned by `uid`, mode 0755.
 fn out_dir(dir: &Path, name: &str, uid: u32) -> PathBuf {
     let out = dir.join(name);
@@ -74,16 +87,7 @@ fn pair(chain_pem: &[u8], key_pem: &[u8]) -> (String, bool) {
 #[tokio::test]
 async fn a_reader_never_sees_a_key_with_another_generations_certificate() {
     let dir = tempfile::tempdir().unwrap();
-    let (server, agent, agent_id) = cluster(dir.path()).await;
-    let selector = format!("unix:uid:{OWNER_UID}");
-    server
-        .create_entry(
-            "spiffe://example.org/files",
-            &agent_id,
-            &["--selector", &selector, "--x509-svid-ttl", "4s"],
-        )
-        .await;
-    let out = out_dir(dir.path(), "files", 65534);
+    let (_server, agent, out) = owned(dir.path(), "/files", &["--x509-svid-ttl", "4s"]).await;
     let mut watcher = watch(&agent, OWNER_UID, &out, &[]);
     watcher.wait_for("wrote .oxid-gen-").await;
 
@@ -140,16 +144,7 @@ async fn a_reader_never_sees_a_key_with_another_generations_certificate() {
 #[tokio::test]
 async fn a_child_starts_after_the_files_is_signalled_and_its_status_is_the_exit_code() {
     let dir = tempfile::tempdir().unwrap();
-    let (server, agent, agent_id) = cluster(dir.path()).await;
-    let selector = format!("unix:uid:{OWNER_UID}");
-    server
-        .create_entry(
-            "spiffe://example.org/child",
-            &agent_id,
-            &["--selector", &selector, "--x509-svid-ttl", "4s"],
-        )
-        .await;
-    let out = out_dir(dir.path(), "files", 65534);
+    let (_server, agent, out) = owned(dir.path(), "/child", &["--x509-svid-ttl", "4s"]).await;
     let script = format!(
         "test -s {o}/svid.key || exit 90; trap 'echo hup >> {o}/hups' HUP; \
          trap 'exit 7' TERM; echo started; while :; do sleep 0.05; done",
@@ -351,16 +346,7 @@ async fn nginx_serves_mtls_from_the_files_across_rotations_without_a_failed_requ
 #[tokio::test]
 async fn jwt_svids_and_the_jwt_bundle_are_files_fetched_again_at_half_life() {
     let dir = tempfile::tempdir().unwrap();
-    let (server, agent, agent_id) = cluster(dir.path()).await;
-    let selector = format!("unix:uid:{OWNER_UID}");
-    server
-        .create_entry(
-            "spiffe://example.org/jwt-files",
-            &agent_id,
-            &["--selector", &selector, "--jwt-svid-ttl", "4s"],
-        )
-        .await;
-    let out = out_dir(dir.path(), "files", 65534);
+    let (_server, agent, out) = owned(dir.path(), "/jwt-files", &["--jwt-svid-ttl", "4s"]).await;
     let mut watcher = watch(
         &agent,
         OWNER_UID,
@@ -424,16 +410,7 @@ async fn jwt_svids_and_the_jwt_bundle_are_files_fetched_again_at_half_life() {
 #[tokio::test]
 async fn the_watcher_rides_out_an_agent_restart_and_keeps_its_files() {
     let dir = tempfile::tempdir().unwrap();
-    let (server, mut agent, agent_id) = cluster(dir.path()).await;
-    let selector = format!("unix:uid:{OWNER_UID}");
-    server
-        .create_entry(
-            "spiffe://example.org/restart",
-            &agent_id,
-            &["--selector", &selector, "--x509-svid-ttl", "4s"],
-        )
-        .await;
-    let out = out_dir(dir.path(), "files", 65534);
+    let (server, mut agent, out) = owned(dir.path(), "/restart", &["--x509-svid-ttl", "4s"]).await;
     let mut watcher = watch(&agent, OWNER_UID, &out, &[]);
     watcher.wait_for("wrote .oxid-gen-").await;
     agent.stop().await;
