@@ -207,6 +207,7 @@ async fn operator(command: Command) -> CliResult {
             Ok(())
         }
         Command::Ca(cmd) => ca(cmd).await,
+        Command::Datastore(cmd) => super::datastore::datastore(cmd).await,
         Command::Run(_) | Command::Validate { .. } => Ok(()),
     }
 }

@@ -6,6 +6,7 @@
 
 mod client;
 mod commands;
+mod datastore;
 mod entry;
 mod import;
 mod output;
@@ -17,6 +18,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub use self::commands::main;
+pub use self::datastore::{DatastoreCommand, MigrateArgs};
 
 /// oxid-server: the SPIFFE certificate authority of one trust domain.
 #[derive(Debug, Parser)]
@@ -82,6 +84,9 @@ pub enum Command {
     /// The CA.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// The datastore itself (the server need not run; see `migrate`).
+    #[command(subcommand)]
+    Datastore(DatastoreCommand),
 }
 
 /// `run` flags; they win over the configuration file.

@@ -10,6 +10,7 @@
 //!   revision; the feed is readable from any retained revision, so a
 //!   restarted server (or several servers sharing one database) can resume.
 
+mod contents;
 pub mod postgres;
 mod sled_store;
 mod types;
@@ -18,6 +19,7 @@ use async_trait::async_trait;
 use oxid_pki::{SpiffeId, TrustDomain};
 use tokio::sync::watch;
 
+pub use self::contents::StoreContents;
 pub use self::postgres::{PgConfig, PgStore};
 pub use self::sled_store::SledStore;
 pub use self::types::{

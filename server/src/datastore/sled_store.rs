@@ -374,6 +374,25 @@ impl SledStore {
             .map(|v| v.map_err(backend).and_then(|v| decode(&v)))
             .collect()
     }
+
+    /// Everything the store holds, for `datastore migrate`. The trees are
+    /// read one after another, not in one snapshot: only consistent while
+    /// nothing writes, which the caller ensures by holding the only handle
+    /// (the store's lock keeps a server out).
+    pub fn contents(&self) -> Result<super::StoreContents, DataStoreError> {
+        Ok(super::StoreContents {
+            revision: read_revision(&self.meta)?,
+            entries: Self::scan(&self.entries)?,
+            agents: Self::scan(&self.agents)?,
+            join_tokens: Self::scan(&self.tokens)?,
+            bundles: Self::scan(&self.bundles)?,
+            ca_journal: self
+                .meta
+                .get(CA_JOURNAL_KEY)
+                .map_err(backend)?
+                .map(|v| v.to_vec()),
+        })
+    }
 }
 
 /// The uniqueness key of an entry.

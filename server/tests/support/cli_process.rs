@@ -28,6 +28,12 @@ impl Server {
     pub(crate) fn start_with_config(config: &str, extra_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        Self::start_in(dir, config, extra_args)
+    }
+
+    /// A server on `dir` (a stopped server's, to start it again), with
+    /// server.toml rewritten to `config` and the log started anew.
+    pub(crate) fn start_in(dir: tempfile::TempDir, config: &str, extra_args: &[&str]) -> Self {
         std::fs::write(dir.path().join("server.toml"), config).unwrap();
         let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
         let child = Command::new(BIN)
@@ -149,6 +155,19 @@ impl Server {
             .await
             .unwrap();
         AdminClient::new(channel)
+    }
+}
+
+impl Server {
+    /// Stops the process (SIGKILL: the store is durable) and hands back its
+    /// directory.
+    pub(crate) fn stop(mut self) -> tempfile::TempDir {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.dir, dir)
     }
 }
 

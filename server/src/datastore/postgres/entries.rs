@@ -7,7 +7,7 @@ use super::{PgStore, db, decode, encode, uint};
 use crate::datastore::{ChangeEvent, CreateMode, DataStoreError, Entry, EntryFilter, EntryId};
 
 /// The uniqueness key of an entry (the same hash the sled store uses).
-fn entry_key(entry: &Entry) -> Result<Vec<u8>, DataStoreError> {
+pub(super) fn entry_key(entry: &Entry) -> Result<Vec<u8>, DataStoreError> {
     let encoded = serde_json::to_vec(&entry.unique_key())
         .map_err(|e| DataStoreError::Corrupt(e.to_string()))?;
     Ok(ring::digest::digest(&ring::digest::SHA256, &encoded)
@@ -254,7 +254,7 @@ impl PgStore {
 /// Inserts the entries not already refused, in one statement; returns the
 /// IDs that went in. ON CONFLICT DO NOTHING covers both the ID and the key,
 /// and waits for a concurrent insert of either to commit or roll back.
-async fn insert_batch(
+pub(super) async fn insert_batch(
     tx: &deadpool_postgres::Transaction<'_>,
     entries: &[Entry],
     keys: &[Vec<u8>],

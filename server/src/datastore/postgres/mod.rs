@@ -81,6 +81,7 @@
 mod config;
 mod entries;
 mod feed;
+mod import;
 mod records;
 mod schema;
 mod tls;
