@@ -12,7 +12,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::AgentError;
 use crate::cli::{ApiArgs, ApiCommand, FetchCommand, ValidateCommand, WatchArgs};
-use crate::files::{self, Layout, Notify, Writer};
+use crate::files::{self, Layout, Names, Notify, Writer};
 use crate::workload::with_header;
 
 /// Prints one line of command output (quietly done if the reader left).
@@ -316,8 +316,9 @@ pub(crate) async fn run(cmd: ApiCommand) -> Result<(), AgentError> {
             }
             Ok(())
         }
-        ApiCommand::Watch(args) if args.write.is_some() => watch_files(args).await,
-        ApiCommand::Watch(WatchArgs { api, .. }) => {
+        ApiCommand::Watch(args) if args.write.is_some() => watch_files(*args).await,
+        ApiCommand::Watch(args) => {
+            let WatchArgs { api, .. } = *args;
             let ch = channel(&api).await?;
             let mut c = SpiffeWorkloadApiClient::new(ch.channel.clone());
             let mut stream = c
@@ -389,10 +390,17 @@ async fn watch_files(args: WatchArgs) -> Result<(), AgentError> {
     let dir = args
         .write
         .ok_or_else(|| AgentError::Internal("watch_files without --write".into()))?;
+    let group = args.group.as_deref().map(group_id).transpose()?;
     let writer = Writer::open(Layout {
         dir,
         cert_mode: args.cert_mode,
         key_mode: args.key_mode,
+        names: Names {
+            svid: args.svid_file_name,
+            key: args.key_file_name,
+            bundle: args.bundle_file_name,
+        },
+        group,
     })
     .map_err(|e| AgentError::Output(e.to_string()))?;
     let signal = args
@@ -428,4 +436,22 @@ async fn watch_files(args: WatchArgs) -> Result<(), AgentError> {
         std::process::exit(code);
     }
     Ok(())
+}
+
+/// `--group`: a gid, or a group name from /etc/group.
+fn group_id(group: &str) -> Result<u32, AgentError> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let text = std::fs::read_to_string("/etc/group")
+        .map_err(|e| AgentError::Config(format!("--group {group}: cannot read /etc/group: {e}")))?;
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split(':');
+            let name = fields.next()?;
+            let gid = fields.nth(1)?.parse::<u32>().ok()?;
+            (name == group).then_some(gid)
+        })
+        .next()
+        .ok_or_else(|| AgentError::Config(format!("--group {group}: no such group")))
 }

@@ -75,7 +75,7 @@ pub enum ApiCommand {
     /// changes), or with --write keep them as files for programs that read
     /// PEM files, and tell those programs when they change.
     #[command(after_help = WATCH_HELP)]
-    Watch(WatchArgs),
+    Watch(Box<WatchArgs>),
 }
 
 const WATCH_HELP: &str = "\
@@ -103,6 +103,19 @@ pub struct WatchArgs {
     /// Mode of svid.key and svid_key.pem; never readable by every user.
     #[arg(long, default_value = "0600", value_parser = parse_mode, requires = "write")]
     pub key_mode: u32,
+    /// Name of the X509-SVID file (leaf and intermediates).
+    #[arg(long, default_value = "svid.pem", requires = "write")]
+    pub svid_file_name: String,
+    /// Name of the private key file.
+    #[arg(long, default_value = "svid.key", requires = "write")]
+    pub key_file_name: String,
+    /// Name of the bundle file.
+    #[arg(long, default_value = "bundle.pem", requires = "write")]
+    pub bundle_file_name: String,
+    /// Give the files this group (a name or a gid the user belongs to),
+    /// e.g. the group a server runs as, with --key-mode 0640.
+    #[arg(long, requires = "write")]
+    pub group: Option<String>,
     /// Also keep a JWT-SVID for this audience as jwt_svid.N.token (N in
     /// the order given; repeatable), fetched again at half its life, and
     /// the JWT bundle as jwt_bundle.json (plain JWKS).

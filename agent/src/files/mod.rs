@@ -18,7 +18,7 @@ use oxid_proto::workload as pb;
 use rustix::process::{Pid, Signal};
 use tokio::process::Child;
 
-pub use self::writer::{Contents, Layout, WriteError, Writer};
+pub use self::writer::{Contents, Layout, Names, WriteError, Writer};
 use crate::AgentError;
 
 /// Where a change is announced.

@@ -70,7 +70,7 @@ impl std::fmt::Debug for Contents {
     }
 }
 
-/// File names and modes (`api watch` flags).
+/// File names, modes and group (`api watch` flags).
 #[derive(Debug, Clone)]
 pub struct Layout {
     /// The directory.
@@ -79,6 +79,65 @@ pub struct Layout {
     pub cert_mode: u32,
     /// Mode of the key and of `svid_key.pem`.
     pub key_mode: u32,
+    /// Names of the SVID, key and bundle files.
+    pub names: Names,
+    /// Group the files are given (e.g. the group a server program runs
+    /// as, with `key_mode` 0640), if not this user's.
+    pub group: Option<u32>,
+}
+
+/// Names of the three files most programs are configured with; the
+/// defaults are spire-agent's and spiffe-helper's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    /// The X509-SVID chain.
+    pub svid: String,
+    /// Its key.
+    pub key: String,
+    /// The bundle.
+    pub bundle: String,
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        Self {
+            svid: SVID.into(),
+            key: KEY.into(),
+            bundle: BUNDLE.into(),
+        }
+    }
+}
+
+impl Names {
+    /// Refuses names that are not plain file names, clash with each other
+    /// or with the files the writer keeps for itself.
+    pub fn check(&self) -> Result<(), String> {
+        let all = [&self.svid, &self.key, &self.bundle];
+        for name in all {
+            let plain = !name.is_empty()
+                && !name.contains('/')
+                && name != "."
+                && name != ".."
+                && !name.starts_with(GEN_PREFIX)
+                && !name.starts_with(".oxid-current")
+                && name != "current"
+                && name != COMBINED
+                && name != JWT_BUNDLE
+                && !name.starts_with("federated_bundle.")
+                && !name.starts_with("jwt_svid.")
+                && !name.chars().any(char::is_control);
+            if !plain {
+                return Err(format!(
+                    "file name {name:?}: give a plain file name, not a path, and not one \
+                     of the names the watcher keeps for itself"
+                ));
+            }
+        }
+        if self.svid == self.key || self.svid == self.bundle || self.key == self.bundle {
+            return Err("the SVID, key and bundle file names must differ".into());
+        }
+        Ok(())
+    }
 }
 
 /// The names inside a generation, the same as `api fetch x509 --write`.
@@ -103,6 +162,13 @@ impl Writer {
     /// Checks `layout.dir` and finds the next generation number.
     pub fn open(layout: Layout) -> Result<Self, WriteError> {
         check_dir(&layout.dir)?;
+        layout
+            .names
+            .check()
+            .map_err(|reason| WriteError::Directory {
+                dir: layout.dir.display().to_string(),
+                reason,
+            })?;
         if layout.key_mode & 0o007 != 0 {
             return Err(WriteError::Directory {
                 dir: layout.dir.display().to_string(),
@@ -155,11 +221,12 @@ impl Writer {
         let (cert, key) = (self.layout.cert_mode, self.layout.key_mode);
         let mut combined = zeroize::Zeroizing::new(c.key_pem.to_string());
         combined.push_str(&c.chain_pem);
+        let names = &self.layout.names;
         let mut files: Vec<(String, &[u8], u32)> = vec![
-            (SVID.into(), c.chain_pem.as_bytes(), cert),
-            (KEY.into(), c.key_pem.as_bytes(), key),
+            (names.svid.clone(), c.chain_pem.as_bytes(), cert),
+            (names.key.clone(), c.key_pem.as_bytes(), key),
             (COMBINED.into(), combined.as_bytes(), key),
-            (BUNDLE.into(), c.bundle_pem.as_bytes(), cert),
+            (names.bundle.clone(), c.bundle_pem.as_bytes(), cert),
         ];
         for (n, pem) in c.federated_pem.iter().enumerate() {
             files.push((format!("federated_bundle.{n}.pem"), pem.as_bytes(), cert));
@@ -173,7 +240,7 @@ impl Writer {
         }
         for (name, bytes, mode) in files {
             let path = generation.join(name);
-            write_file(&path, bytes, mode).map_err(|source| WriteError::Io {
+            write_file(&path, bytes, mode, self.layout.group).map_err(|source| WriteError::Io {
                 path: path.display().to_string(),
                 source,
             })?;
@@ -186,7 +253,8 @@ impl Writer {
     /// lookup: two of them may straddle a switch, which `current/` read
     /// after resolving it, `svid_key.pem`, or a reload on signal avoid.
     fn link_names(&self) -> Result<(), WriteError> {
-        for name in [SVID, KEY, COMBINED, BUNDLE] {
+        let names = &self.layout.names;
+        for name in [&names.svid, &names.key, COMBINED, &names.bundle] {
             let link = self.layout.dir.join(name);
             match fs::symlink_metadata(&link) {
                 Ok(_) => continue,
@@ -236,12 +304,17 @@ fn switch(dir: &Path, generation: &str) -> Result<(), WriteError> {
         .map_err(io(dir))
 }
 
-fn write_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+fn write_file(path: &Path, bytes: &[u8], mode: u32, group: Option<u32>) -> std::io::Result<()> {
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(mode)
+        .mode(mode & 0o700)
         .open(path)?;
+    // The group is set before the group bits, and both before the secret
+    // is written: no other user can read a partial or a group-less file.
+    if let Some(gid) = group {
+        rustix::fs::fchown(&file, None, Some(rustix::fs::Gid::from_raw(gid)))?;
+    }
     // The umask may have taken bits the operator asked for.
     file.set_permissions(fs::Permissions::from_mode(mode))?;
     file.write_all(bytes)?;
@@ -321,7 +394,50 @@ mod tests {
             dir: dir.to_owned(),
             cert_mode: 0o644,
             key_mode: 0o600,
+            names: Names::default(),
+            group: None,
         }
+    }
+
+    #[test]
+    fn names_and_group_are_the_operators() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let mut l = layout(dir.path());
+        l.names = Names {
+            svid: "tls.crt".into(),
+            key: "tls.key".into(),
+            bundle: "ca.crt".into(),
+        };
+        l.key_mode = 0o640;
+        l.group = Some(4242);
+        Writer::open(l).unwrap().write(&contents("n")).unwrap();
+        let meta = fs::metadata(dir.path().join("tls.key")).unwrap();
+        assert_eq!((meta.gid(), meta.mode() & 0o777), (4242, 0o640));
+        assert_eq!(
+            fs::read_to_string(dir.path().join("current/ca.crt")).unwrap(),
+            "bundle n\n"
+        );
+        for bad in [
+            "",
+            "a/b",
+            "..",
+            "current",
+            "svid_key.pem",
+            ".oxid-gen-1",
+            "jwt_svid.0.token",
+        ] {
+            let names = Names {
+                svid: bad.into(),
+                ..Names::default()
+            };
+            assert!(names.check().is_err(), "{bad:?}");
+        }
+        let same = Names {
+            key: SVID.into(),
+            ..Names::default()
+        };
+        assert!(same.check().is_err());
     }
 
     #[test]
