@@ -11,7 +11,7 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CertificateValidationContext, Secret, SpiffeCertValidatorConfig, TlsCertificate, secret,
     spiffe_cert_validator_config,
 };
-use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::google::protobuf::{Any, value};
 use prost::{Message as _, Name as _};
 
 use crate::sds::names::Resolved;
@@ -104,12 +104,26 @@ pub(crate) fn to_any(secret: &Secret) -> Any {
     }
 }
 
+/// The node metadata key that overrides the agent's
+/// `disable_spiffe_cert_validation` for one Envoy (SPIRE's).
+const DISABLE_KEY: &str = "disable_spiffe_cert_validation";
+
 /// Whether bundles go to this node in the SPIFFE validator form: not when
-/// the agent disables it, nor for an Envoy that tells its build version
-/// and is older than 1.18 (the first with the validator, SPIRE's rule); an
+/// the node's metadata `disable_spiffe_cert_validation` (a bool, or a
+/// string reading as one; anything else is ignored) or else the agent's
+/// setting disables it, nor for an Envoy that tells its build version and
+/// is older than 1.18 (the first with the validator, SPIRE's rule); an
 /// Envoy that says nothing gets it.
 pub(crate) fn use_validator(disabled: bool, node: Option<&Node>) -> bool {
-    if disabled {
+    let from_node = node
+        .and_then(|n| n.metadata.as_ref())
+        .and_then(|m| m.fields.get(DISABLE_KEY))
+        .and_then(|v| match &v.kind {
+            Some(value::Kind::BoolValue(b)) => Some(*b),
+            Some(value::Kind::StringValue(s)) => parse_bool(s),
+            _ => None,
+        });
+    if from_node.unwrap_or(disabled) {
         return false;
     }
     let version = node.and_then(|n| match &n.user_agent_version_type {
@@ -120,6 +134,15 @@ pub(crate) fn use_validator(disabled: bool, node: Option<&Node>) -> bool {
         _ => None,
     });
     version.is_none_or(|(major, minor)| major > 1 || (major == 1 && minor >= 18))
+}
+
+/// A bool as Go's `strconv.ParseBool` reads one, as SPIRE does.
+fn parse_bool(s: &str) -> Option<bool> {
+    match s {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -154,5 +177,34 @@ mod tests {
         assert!(!use_validator(false, Some(&node(1, 17))));
         assert!(!use_validator(true, Some(&node(1, 40))));
         assert!(!use_validator(true, None));
+    }
+
+    fn with_metadata(kind: value::Kind) -> Node {
+        let mut n = node(1, 40);
+        n.metadata = Some(envoy_types::pb::google::protobuf::Struct {
+            fields: [(
+                DISABLE_KEY.to_owned(),
+                envoy_types::pb::google::protobuf::Value { kind: Some(kind) },
+            )]
+            .into(),
+        });
+        n
+    }
+
+    #[test]
+    fn node_metadata_overrides_the_setting_both_ways() {
+        let on = with_metadata(value::Kind::BoolValue(true));
+        assert!(!use_validator(false, Some(&on)));
+        let off = with_metadata(value::Kind::StringValue("false".into()));
+        assert!(use_validator(true, Some(&off)));
+        let junk = with_metadata(value::Kind::StringValue("maybe".into()));
+        assert!(use_validator(false, Some(&junk)));
+        assert!(!use_validator(true, Some(&junk)));
+        let number = with_metadata(value::Kind::NumberValue(1.0));
+        assert!(use_validator(false, Some(&number)));
+        // An old Envoy gets trusted_ca whatever its metadata says.
+        let mut old = with_metadata(value::Kind::BoolValue(false));
+        old.user_agent_version_type = node(1, 17).user_agent_version_type;
+        assert!(!use_validator(false, Some(&old)));
     }
 }
