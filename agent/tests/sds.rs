@@ -256,3 +256,46 @@ async fn sds_can_be_turned_off() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_ends_when_its_entry_is_deleted() {
+    let (h, _) = agent_with(SdsFile::default()).await;
+    let _ = h.with_web_identity().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(request(&["spiffe://example.org/web"], "", ""))
+        .await
+        .unwrap();
+    let mut stream = sds(&h)
+        .await
+        .stream_secrets(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next(&mut stream).await;
+    assert_eq!(svid_id(&secrets(&first)[0]), "spiffe://example.org/web");
+
+    let admin = common::admin(&h.admin_socket()).await;
+    let list = admin
+        .clone()
+        .list_entries(oxid_proto::admin::ListEntriesRequest {
+            spiffe_id: "spiffe://example.org/web".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    admin
+        .clone()
+        .delete_entries(oxid_proto::admin::DeleteEntriesRequest {
+            ids: vec![list.entries[0].id.clone()],
+        })
+        .await
+        .unwrap();
+    // Envoy keeps what it has; the stream says why it ends.
+    let end = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(end.code(), tonic::Code::PermissionDenied, "{end:?}");
+    assert_eq!(end.message(), "no identity issued");
+}
