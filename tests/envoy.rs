@@ -93,6 +93,11 @@ impl Envoy {
         for (k, v) in vars {
             yaml = yaml.replace(&format!("${{{k}}}"), v);
         }
+        // Not a placeholder: the SDS protocol (the examples say GRPC).
+        if let Some((_, api)) = vars.iter().find(|(k, _)| *k == "SDS_API_TYPE") {
+            yaml = yaml.replace("api_type: GRPC", &format!("api_type: {api}"));
+            assert!(yaml.contains(&format!("api_type: {api}\n")), "{yaml}");
+        }
         assert!(
             !yaml.contains("${"),
             "unfilled placeholder in {template}:\n{yaml}"
@@ -232,7 +237,14 @@ fn dechunk(mut body: &str) -> String {
 }
 
 /// A back Envoy presenting `back` to fronts presenting `front`, as `uid`.
-async fn back(dir: &Path, name: &str, agent: &Agent, uid: &str, back: &str, front: &str) -> Envoy {
+async fn back(
+    dir: &Path,
+    name: &str,
+    agent: &Agent,
+    uid: &str,
+    (back, front): (&str, &str),
+    api: &str,
+) -> Envoy {
     let socket = agent.socket.display().to_string();
     Envoy::start(
         dir,
@@ -245,6 +257,7 @@ async fn back(dir: &Path, name: &str, agent: &Agent, uid: &str, back: &str, fron
             ("BACK_ID", back),
             ("FRONT_ID", front),
             ("TRUST_DOMAIN", TD),
+            ("SDS_API_TYPE", api),
         ],
     )
     .await
@@ -256,8 +269,8 @@ async fn front(
     name: &str,
     agent: &Agent,
     uid: &str,
-    back_port: u16,
-    back_id: &str,
+    (back_port, back_id): (u16, &str),
+    api: &str,
 ) -> Envoy {
     let socket = agent.socket.display().to_string();
     let port = back_port.to_string();
@@ -271,25 +284,75 @@ async fn front(
             ("LISTEN_PORT", "0"),
             ("BACK_PORT", &port),
             ("BACK_ID", back_id),
+            ("SDS_API_TYPE", api),
         ],
     )
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn envoys_speak_mtls_across_rotations_and_refuse_the_wrong_id() {
-    let dir = tempfile::tempdir().unwrap();
-    let (server, agent, agent_id) = cluster(dir.path()).await;
+/// A front and a back Envoy on `api` (GRPC or DELTA_GRPC), each with its
+/// own uid and entry, serving requests through both for `seconds` of 4 s
+/// SVIDs, each request a new mTLS handshake; the agent, the back Envoy's
+/// port and both Envoys.
+async fn mtls_across_rotations(
+    dir: &Path,
+    api: &str,
+    seconds: u64,
+) -> (Server, Agent, u16, Envoy, Envoy) {
+    let (server, agent, agent_id) = cluster(dir).await;
     register(&server, &agent_id, "/envoy/front", FRONT_UID).await;
     register(&server, &agent_id, "/envoy/back", BACK_UID).await;
     let (front_id, back_id) = (format!("{TD}/envoy/front"), format!("{TD}/envoy/back"));
 
-    let mut b = back(dir.path(), "back", &agent, BACK_UID, &back_id, &front_id).await;
+    let mut b = back(dir, "back", &agent, BACK_UID, (&back_id, &front_id), api).await;
     b.ready().await;
     let back_port = b.listener_port().await;
-    let mut a = front(dir.path(), "front", &agent, FRONT_UID, back_port, &back_id).await;
+    let mut a = front(dir, "front", &agent, FRONT_UID, (back_port, &back_id), api).await;
     a.ready().await;
     let a_addr: SocketAddr = ([127, 0, 0, 1], a.listener_port().await).into();
+
+    let updates_a = a.stat("ssl_context_update_by_sds").await;
+    let updates_b = b.stat("ssl_context_update_by_sds").await;
+    let start = Instant::now();
+    let mut served = 0;
+    while start.elapsed() < Duration::from_secs(seconds) {
+        let (status, body) = http_get(a_addr, "/").await.unwrap();
+        assert_eq!(
+            (status, body.trim()),
+            (200, format!("hello from {back_id}").as_str()),
+            "{api}: request {served} at {:?} failed\nfront:\n{}\nback:\n{}",
+            start.elapsed(),
+            a.proc.log(),
+            b.proc.log()
+        );
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served >= seconds * 5, "{served}");
+    // 4 s SVIDs renewed at about half-life: at least two rotations each.
+    let (after_a, after_b) = (
+        a.stat("ssl_context_update_by_sds").await,
+        b.stat("ssl_context_update_by_sds").await,
+    );
+    assert!(
+        after_a >= updates_a + 2,
+        "{api} front: {updates_a} -> {after_a}"
+    );
+    assert!(
+        after_b >= updates_b + 2,
+        "{api} back: {updates_b} -> {after_b}"
+    );
+    assert_eq!(a.stat("ssl.fail_verify_san").await, 0);
+    // No NACK on the way: every secret sent was taken.
+    let log = agent.proc.log();
+    assert!(!log.contains("(NACK)"), "{log}");
+    (server, agent, back_port, a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn envoys_speak_mtls_across_rotations_and_refuse_the_wrong_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, agent, back_port, a, _b) = mtls_across_rotations(dir.path(), "GRPC", 10).await;
 
     // What Envoy 1.40 got for ALL: the SPIFFE validator, by default.
     let (_, secrets) = a
@@ -300,43 +363,16 @@ async fn envoys_speak_mtls_across_rotations_and_refuse_the_wrong_id() {
         "{secrets}"
     );
 
-    // Requests through A -> mTLS -> B, each a new handshake, for 10 s:
-    // 4 s SVIDs rotate several times meanwhile on both sides.
-    let updates_a = a.stat("ssl_context_update_by_sds").await;
-    let updates_b = b.stat("ssl_context_update_by_sds").await;
-    let start = Instant::now();
-    let mut served = 0;
-    while start.elapsed() < Duration::from_secs(10) {
-        let (status, body) = http_get(a_addr, "/").await.unwrap();
-        assert_eq!(
-            (status, body.trim()),
-            (200, format!("hello from {back_id}").as_str()),
-            "request {served} at {:?} failed\nfront:\n{}\nback:\n{}",
-            start.elapsed(),
-            a.proc.log(),
-            b.proc.log()
-        );
-        served += 1;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(served >= 50, "{served}");
-    let (after_a, after_b) = (
-        a.stat("ssl_context_update_by_sds").await,
-        b.stat("ssl_context_update_by_sds").await,
-    );
-    assert!(after_a >= updates_a + 2, "front: {updates_a} -> {after_a}");
-    assert!(after_b >= updates_b + 2, "back: {updates_b} -> {after_b}");
-    assert_eq!(a.stat("ssl.fail_verify_san").await, 0);
-
     // A front that expects another ID at B: B's SVID fails its SAN match,
     // the handshake fails and the request gets no answer from B.
+    let other = format!("{TD}/envoy/other");
     let mut wrong = front(
         dir.path(),
         "wrong",
         &agent,
         FRONT_UID,
-        back_port,
-        &format!("{TD}/envoy/other"),
+        (back_port, &other),
+        "GRPC",
     )
     .await;
     wrong.ready().await;
@@ -349,9 +385,12 @@ async fn envoys_speak_mtls_across_rotations_and_refuse_the_wrong_id() {
         "{}",
         wrong.admin("/stats?filter=ssl").await.1
     );
-    // No NACK on the way: every secret sent was taken.
-    let log = agent.proc.log();
-    assert!(!log.contains("(NACK)"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn envoys_on_delta_sds_rotate_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let _ = mtls_across_rotations(dir.path(), "DELTA_GRPC", 8).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -361,7 +400,8 @@ async fn an_envoy_started_before_its_entry_serves_once_it_exists() {
     register(&server, &agent_id, "/envoy/front", FRONT_UID).await;
     let (front_id, late_id) = (format!("{TD}/envoy/front"), format!("{TD}/envoy/late"));
 
-    let mut late = back(dir.path(), "late", &agent, LATE_UID, &late_id, &front_id).await;
+    let ids = (late_id.as_str(), front_id.as_str());
+    let mut late = back(dir.path(), "late", &agent, LATE_UID, ids, "GRPC").await;
     // Up, with its SDS streams open on the agent, and not ready.
     let deadline = Instant::now() + WAIT;
     while late.stat("cluster.oxid_agent.upstream_rq_active").await < 2 {
@@ -385,7 +425,15 @@ async fn an_envoy_started_before_its_entry_serves_once_it_exists() {
     eprintln!("the late Envoy served {took:?} after its entry was created");
 
     let port = late.listener_port().await;
-    let mut a = front(dir.path(), "front", &agent, FRONT_UID, port, &late_id).await;
+    let mut a = front(
+        dir.path(),
+        "front",
+        &agent,
+        FRONT_UID,
+        (port, &late_id),
+        "GRPC",
+    )
+    .await;
     a.ready().await;
     let addr: SocketAddr = ([127, 0, 0, 1], a.listener_port().await).into();
     let (status, body) = http_get(addr, "/").await.unwrap();

@@ -2,7 +2,7 @@
 //! playing Envoy's part of the protocol exactly (and badly where a test
 //! needs it): versions and nonces, ACKs, stale nonces, NACKs, names not
 //! held yet, malformed names, the validator and trusted_ca forms, and the
-//! settings. `tests/envoy.rs` (workspace root) runs the real Envoy.
+//! settings, and the delta protocol. `tests/envoy.rs` (workspace root) runs the real Envoy.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -14,7 +14,9 @@ use common::{Harness, WAIT, http_get, my_uid};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     Secret, SpiffeCertValidatorConfig, secret,
 };
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use envoy_types::pb::google::rpc;
 use oxid_agent::sds::SdsFile;
@@ -233,12 +235,6 @@ async fn without_the_validator_bundles_are_one_trust_domains_trusted_ca() {
         .into_inner();
     let names: Vec<String> = secrets(&all).into_iter().map(|s| s.name).collect();
     assert_eq!(names, ["spiffe://example.org", "spiffe://example.org/web"]);
-
-    let e = client
-        .delta_secrets(tokio_stream::empty())
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -298,4 +294,107 @@ async fn a_stream_ends_when_its_entry_is_deleted() {
         .unwrap_err();
     assert_eq!(end.code(), tonic::Code::PermissionDenied, "{end:?}");
     assert_eq!(end.message(), "no identity issued");
+}
+
+fn subscribe(names: &[&str], nonce: &str) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        type_url: SECRET.into(),
+        resource_names_subscribe: names.iter().map(|n| (*n).to_owned()).collect(),
+        response_nonce: nonce.into(),
+        ..DeltaDiscoveryRequest::default()
+    }
+}
+
+/// (name, version) of each resource in a delta response.
+fn delta_resources(r: &DeltaDiscoveryResponse) -> Vec<(String, String)> {
+    assert_eq!(r.type_url, SECRET);
+    r.resources
+        .iter()
+        .map(|res| {
+            let any = res.resource.as_ref().unwrap();
+            assert_eq!(any.type_url, SECRET);
+            assert_eq!(Secret::decode(any.value.as_slice()).unwrap().name, res.name);
+            (res.name.clone(), res.version.clone())
+        })
+        .collect()
+}
+
+async fn next_delta(
+    stream: &mut tonic::Streaming<DeltaDiscoveryResponse>,
+) -> DeltaDiscoveryResponse {
+    tokio::time::timeout(WAIT, stream.message())
+        .await
+        .expect("a response in time")
+        .expect("no error")
+        .expect("the stream stays open")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delta_sends_each_resource_the_client_does_not_hold() {
+    let (h, _) = agent_with(SdsFile::default()).await;
+    let _ = h.with_web_identity().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(subscribe(&["default", "ROOTCA"], ""))
+        .await
+        .unwrap();
+    let mut stream = sds(&h)
+        .await
+        .delta_secrets(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next_delta(&mut stream).await;
+    let got = delta_resources(&first);
+    assert_eq!(
+        got.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["ROOTCA", "default"]
+    );
+    let default_version = got[1].1.clone();
+    assert!(!first.nonce.is_empty());
+
+    // An ACK gets nothing; a new name gets only itself; an unsubscribe
+    // gets nothing.
+    let mut ack = subscribe(&[], &first.nonce);
+    tx.send(ack.clone()).await.unwrap();
+    if let Ok(r) = tokio::time::timeout(Duration::from_millis(500), stream.message()).await {
+        panic!("expected nothing after an ACK, got {r:?}");
+    }
+    tx.send(subscribe(&["spiffe://example.org"], &first.nonce))
+        .await
+        .unwrap();
+    let second = next_delta(&mut stream).await;
+    let got = delta_resources(&second);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0, "spiffe://example.org");
+    ack.response_nonce = second.nonce.clone();
+    ack.resource_names_unsubscribe = vec!["ROOTCA".into()];
+    tx.send(ack).await.unwrap();
+    if let Ok(r) = tokio::time::timeout(Duration::from_millis(500), stream.message()).await {
+        panic!("expected nothing after an unsubscribe, got {r:?}");
+    }
+
+    // A reconnecting client says what it holds and gets only the rest.
+    let (tx2, rx2) = tokio::sync::mpsc::channel(8);
+    let mut again = subscribe(&["default", "ROOTCA"], "");
+    again
+        .initial_resource_versions
+        .insert("default".into(), default_version);
+    tx2.send(again).await.unwrap();
+    let mut stream2 = sds(&h)
+        .await
+        .delta_secrets(ReceiverStream::new(rx2))
+        .await
+        .unwrap()
+        .into_inner();
+    let got = delta_resources(&next_delta(&mut stream2).await);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0, "ROOTCA");
+
+    // A malformed name ends the stream.
+    tx2.send(subscribe(&["not a name"], "")).await.unwrap();
+    let end = tokio::time::timeout(WAIT, stream2.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(end.code(), tonic::Code::InvalidArgument, "{end:?}");
 }

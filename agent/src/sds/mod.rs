@@ -6,11 +6,12 @@
 //! (the pin taken at accept, [`crate::workload::attest`]); Envoy sends no
 //! `workload.spiffe.io` header and none is asked for. `StreamSecrets`
 //! pushes a full response on every change of what the caller resolves
-//! ([`stream`]); `FetchSecrets` answers once; `DeltaSecrets` is
-//! `Unimplemented`, as in SPIRE (Envoy uses it only when configured with
-//! `DELTA_GRPC`).
+//! ([`stream`]); `FetchSecrets` answers once; `DeltaSecrets` (which Envoy
+//! uses when configured with `DELTA_GRPC`; SPIRE answers `Unimplemented`)
+//! sends each changed resource on its own ([`delta`]).
 
 pub mod config;
+mod delta;
 mod names;
 mod secrets;
 mod stream;
@@ -31,7 +32,7 @@ use tonic::{Request, Response, Status, Streaming};
 pub use self::config::{SdsFile, SdsSettings};
 use crate::cache::Cache;
 use crate::workload::attest::UnixAttestor;
-use crate::workload::limits::StreamLimits;
+use crate::workload::limits::{StreamLimits, StreamPermit};
 
 /// How long `FetchSecrets` waits for names the caller does not hold yet.
 const FETCH_WAIT: Duration = Duration::from_secs(10);
@@ -71,6 +72,24 @@ impl Sds {
     }
 }
 
+impl Sds {
+    /// A stream's slot under the caller's uid, and the attested caller.
+    #[allow(clippy::result_large_err)]
+    fn open<T>(&self, req: &Request<T>) -> Result<(stream::Caller, StreamPermit), Status> {
+        let peer = crate::workload::peer(req)?.clone();
+        let uid = peer.cred().ok_or_else(crate::workload::unidentified)?.uid;
+        let permit = self.streams.acquire(uid)?;
+        let selectors = crate::workload::caller_selectors(&self.attestor, &self.cache, req)?;
+        let caller = stream::Caller {
+            cache: self.cache.clone(),
+            settings: self.settings.clone(),
+            peer,
+            selectors,
+        };
+        Ok((caller, permit))
+    }
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -80,27 +99,22 @@ impl SecretDiscoveryService for Sds {
 
     async fn delta_secrets(
         &self,
-        _req: Request<Streaming<DeltaDiscoveryRequest>>,
+        req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
-        Err(Status::unimplemented(
-            "DeltaSecrets is not implemented: configure Envoy's SDS with api_type GRPC",
-        ))
+        let (caller, permit) = self.open(&req)?;
+        Ok(Response::new(delta::spawn(
+            caller,
+            req.into_inner(),
+            permit,
+            self.stopping.clone(),
+        )))
     }
 
     async fn stream_secrets(
         &self,
         req: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let peer = crate::workload::peer(&req)?.clone();
-        let uid = peer.cred().ok_or_else(crate::workload::unidentified)?.uid;
-        let permit = self.streams.acquire(uid)?;
-        let selectors = crate::workload::caller_selectors(&self.attestor, &self.cache, &req)?;
-        let caller = stream::Caller {
-            cache: self.cache.clone(),
-            settings: self.settings.clone(),
-            peer,
-            selectors,
-        };
+        let (caller, permit) = self.open(&req)?;
         Ok(Response::new(stream::spawn(
             caller,
             req.into_inner(),

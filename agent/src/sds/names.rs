@@ -165,7 +165,13 @@ impl<'a> View<'a> {
         })
     }
 
-    fn one(&self, raw: &str, name: &Name, validator: bool) -> Result<Option<Resolved>, NameError> {
+    /// One name: `None` while the caller does not hold it.
+    pub(crate) fn one(
+        &self,
+        raw: &str,
+        name: &Name,
+        validator: bool,
+    ) -> Result<Option<Resolved>, NameError> {
         let svid = |held: &Arc<HeldSvid>| Resolved::Svid {
             name: raw.to_owned(),
             held: held.clone(),

@@ -55,7 +55,7 @@ struct State {
 }
 
 #[allow(clippy::result_large_err)]
-fn refuse(e: &NameError) -> Status {
+pub(crate) fn refuse(e: &NameError) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
@@ -77,7 +77,7 @@ fn parse_names(
         .map_err(|e| refuse(&e))
 }
 
-fn nonce() -> String {
+pub(crate) fn nonce() -> String {
     let mut b = [0u8; 8];
     // SystemRandom fails only without a kernel RNG; a zero nonce still
     // works for the protocol (it only has to differ from stale ones,
