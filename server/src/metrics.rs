@@ -48,7 +48,11 @@ impl ServerState {
 
 impl ComponentState for ServerState {
     fn ready(&self) -> bool {
-        crate::admin::not_ready(self.store.as_ref(), &self.ca).is_none()
+        self.not_ready_reason().is_none()
+    }
+
+    fn not_ready_reason(&self) -> Option<String> {
+        crate::admin::not_ready(self.store.as_ref(), &self.ca)
     }
 }
 
@@ -125,6 +129,14 @@ impl Collector for ServerState {
             "oxid_store_revision",
             "Latest durable datastore revision",
             secs(revision),
+        )?;
+        single(
+            &mut encoder,
+            "oxid_feed_lag_seconds",
+            "How far the entry index may be behind the newest committed datastore change: how \
+             long a known change has waited to be applied, or the database has been unreachable; \
+             0 when caught up",
+            ConstGauge::new(self.index.feed_lag(self.store.as_ref()).as_secs_f64()),
         )?;
         single(
             &mut encoder,

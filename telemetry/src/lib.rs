@@ -39,6 +39,11 @@ pub trait MetricsSource: Send + Sync + 'static {
     /// True when the component can serve (the server: active CA and a
     /// writable store; the agent: synced and connected).
     fn ready(&self) -> bool;
+    /// Why it is not ready, for the body of `/ready`'s 503, if the
+    /// component can say.
+    fn not_ready_reason(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A component's scrape-time state: the families it encodes when scraped
@@ -46,6 +51,10 @@ pub trait MetricsSource: Send + Sync + 'static {
 pub trait ComponentState: prometheus_client::collector::Collector {
     /// What `/ready` answers.
     fn ready(&self) -> bool;
+    /// Why it is not ready, if it can say (see [`MetricsSource`]).
+    fn not_ready_reason(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A component's registry: the RPC families its [`RpcLayer`] counts into
@@ -75,6 +84,10 @@ impl<S: ComponentState> MetricsSource for ComponentMetrics<S> {
 
     fn ready(&self) -> bool {
         self.state.ready()
+    }
+
+    fn not_ready_reason(&self) -> Option<String> {
+        self.state.not_ready_reason()
     }
 }
 
@@ -182,7 +195,14 @@ fn answer<B>(req: &hyper::Request<B>, source: &dyn MetricsSource) -> hyper::Resp
         ),
         "/live" => (200, "text/plain", "live\n".to_owned()),
         "/ready" if source.ready() => (200, "text/plain", "ready\n".to_owned()),
-        "/ready" => (503, "text/plain", "not ready\n".to_owned()),
+        "/ready" => (
+            503,
+            "text/plain",
+            match source.not_ready_reason() {
+                Some(reason) => format!("not ready: {reason}\n"),
+                None => "not ready\n".to_owned(),
+            },
+        ),
         _ => (404, "text/plain", "not found\n".to_owned()),
     };
     let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));

@@ -216,9 +216,18 @@ pub trait DataStore: Send + Sync + 'static {
     fn revision(&self) -> watch::Receiver<u64>;
 
     /// Why the store refuses writes, if it does (a write that could not be
-    /// made durable, such as on a full disk), as a message for the
-    /// operator. Reads are still served.
+    /// made durable, such as on a full disk; a database that cannot be
+    /// reached), as a message for the operator. Reads are still served
+    /// where they can be.
     fn write_failure(&self) -> Option<String> {
+        None
+    }
+
+    /// While the store cannot learn the newest committed revision (its
+    /// database unreachable), the last time it did: other writers' changes
+    /// since may be missing from `revision()`. `None` when `revision()` is
+    /// current, as it always is for a store this process alone writes.
+    fn feed_stale_since(&self) -> Option<std::time::Instant> {
         None
     }
 }

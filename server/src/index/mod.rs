@@ -5,6 +5,7 @@
 pub mod authz;
 
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use oxid_pki::SpiffeId;
 use tokio::sync::watch;
@@ -20,6 +21,9 @@ const PAGE: usize = 4096;
 pub struct IndexHandle {
     index: RwLock<EntryIndex>,
     revision_tx: watch::Sender<u64>,
+    /// Since when the store has held a revision the index has not applied
+    /// (set by `follow` when the store moves, cleared once caught up).
+    behind_since: std::sync::Mutex<Option<Instant>>,
 }
 
 impl IndexHandle {
@@ -34,6 +38,7 @@ impl IndexHandle {
         Ok(Arc::new(Self {
             index: RwLock::new(index),
             revision_tx,
+            behind_since: std::sync::Mutex::new(None),
         }))
     }
 
@@ -112,16 +117,53 @@ impl IndexHandle {
         tokio::spawn(async move {
             let mut rx = store.revision();
             loop {
+                let target = *rx.borrow_and_update();
+                self.note_behind(target);
                 if let Err(e) = self.catch_up(store.as_ref()).await {
                     tracing::error!(error = %e, "entry index cannot follow the store; retrying");
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
+                }
+                if self.read().revision() >= target {
+                    *self.behind() = None;
                 }
                 if rx.changed().await.is_err() {
                     return;
                 }
             }
         })
+    }
+
+    fn behind(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        // Holds a plain value: a panic elsewhere cannot leave it half-set.
+        self.behind_since.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts the lag clock when the store holds `target` and the index
+    /// has not reached it (and the clock is not already running).
+    fn note_behind(&self, target: u64) {
+        if self.read().revision() < target {
+            self.behind().get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// How far this server may be behind the newest committed change
+    /// (`oxid_feed_lag_seconds`): how long the store has held a revision
+    /// the index has not applied, or, if longer, how long the store has
+    /// been unable to learn the newest committed revision (another
+    /// server's writes it cannot see: `DataStore::feed_stale_since`).
+    /// Zero when caught up.
+    pub fn feed_lag(&self, store: &dyn DataStore) -> Duration {
+        let known = *store.revision().borrow();
+        let index = if self.read().revision() < known {
+            self.behind().map_or(Duration::ZERO, |t| t.elapsed())
+        } else {
+            Duration::ZERO
+        };
+        let stale = store
+            .feed_stale_since()
+            .map_or(Duration::ZERO, |t| t.elapsed());
+        index.max(stale)
     }
 }
 

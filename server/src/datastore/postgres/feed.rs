@@ -4,7 +4,7 @@
 //! it has no gaps: the module doc of `postgres/`.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
 use tokio_postgres::AsyncMessage;
@@ -172,6 +172,64 @@ pub(super) struct Listener {
     /// Longest wait for an answer: past it the connection is taken for
     /// dead (a silent network drops no TCP connection for minutes).
     pub(super) timeout: Duration,
+    pub(super) health: Arc<FeedHealth>,
+}
+
+/// Whether the listener can see the database, for readiness and
+/// `oxid_feed_lag_seconds`. While it listens, NOTIFY and the poll keep the
+/// revision watch current; while it cannot, other servers' writes go
+/// unseen, and so do this server's chances of writing.
+#[derive(Debug)]
+pub(super) struct FeedHealth(std::sync::Mutex<HealthState>);
+
+#[derive(Debug)]
+struct HealthState {
+    /// The last read of the committed revision.
+    confirmed: Instant,
+    /// Why the listener is not listening, while it is not.
+    down: Option<String>,
+}
+
+impl FeedHealth {
+    /// Healthy as of now (the store just read the revision).
+    pub(super) fn new() -> Self {
+        Self(std::sync::Mutex::new(HealthState {
+            confirmed: Instant::now(),
+            down: None,
+        }))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        // Plain values: a panic elsewhere cannot leave them half-set.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn confirm(&self) {
+        let mut state = self.state();
+        state.confirmed = Instant::now();
+        state.down = None;
+    }
+
+    fn lost(&self, reason: String) {
+        self.state().down = Some(reason);
+    }
+
+    /// The last confirmed read, while the listener is down.
+    pub(super) fn stale_since(&self) -> Option<Instant> {
+        let state = self.state();
+        state.down.as_ref().map(|_| state.confirmed)
+    }
+
+    /// Why the database is unusable, while the listener cannot reach it.
+    pub(super) fn failure(&self) -> Option<String> {
+        let state = self.state();
+        state.down.as_ref().map(|reason| {
+            format!(
+                "PostgreSQL unreachable for {} s ({reason}); the server reconnects by itself",
+                state.confirmed.elapsed().as_secs()
+            )
+        })
+    }
 }
 
 /// Backoff between listener reconnects.
@@ -188,10 +246,12 @@ pub(super) async fn follow(listener: Listener) {
         match listen(&listener).await {
             Ok(reason) => {
                 tracing::warn!(%reason, "datastore change feed: listener connection lost, reconnecting");
+                listener.health.lost(reason);
                 retry = RETRY_MIN;
             }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?retry, "datastore change feed: cannot listen");
+                listener.health.lost(e);
                 retry = (retry * 2).min(RETRY_MAX);
             }
         }
@@ -252,7 +312,10 @@ where
         // committed before (while we were away) is in this first read.
         loop {
             match tokio::time::timeout(listener.timeout, current(&client)).await {
-                Ok(Ok(revision)) => advance(&listener.revision, revision),
+                Ok(Ok(revision)) => {
+                    advance(&listener.revision, revision);
+                    listener.health.confirm();
+                }
                 Ok(Err(e)) => return Ok(e.to_string()),
                 Err(_) => return Ok("no answer within the statement_timeout".to_owned()),
             }

@@ -110,6 +110,8 @@ pub struct PgStore {
     revision: Arc<watch::Sender<u64>>,
     /// The listener task, stopped when the store is dropped.
     listener: tokio::task::AbortHandle,
+    /// Whether the listener reaches the database.
+    health: Arc<feed::FeedHealth>,
 }
 
 impl Drop for PgStore {
@@ -160,6 +162,7 @@ impl PgStore {
         let (revision, _) = watch::channel(feed::current(&client).await?);
         drop(client);
         let revision = Arc::new(revision);
+        let health = Arc::new(feed::FeedHealth::new());
         let listener = tokio::spawn(feed::follow(feed::Listener {
             config: config.client_config(
                 password.as_deref(),
@@ -169,12 +172,14 @@ impl PgStore {
             revision: revision.clone(),
             poll: config.feed_poll,
             timeout: config.statement_timeout,
+            health: health.clone(),
         }))
         .abort_handle();
         Ok(Self {
             pool,
             revision,
             listener,
+            health,
         })
     }
 
@@ -298,6 +303,16 @@ impl DataStore for PgStore {
 
     fn revision(&self) -> watch::Receiver<u64> {
         self.revision.subscribe()
+    }
+
+    /// The listener's connection is the probe: it is dropped at once when
+    /// the database goes away, and every `feed_poll` it proves a read.
+    fn write_failure(&self) -> Option<String> {
+        self.health.failure()
+    }
+
+    fn feed_stale_since(&self) -> Option<std::time::Instant> {
+        self.health.stale_since()
     }
 }
 
