@@ -20,6 +20,7 @@ mod issuance;
 mod propagation;
 mod raw;
 mod scale;
+mod sds;
 mod spire;
 mod stats;
 mod workload;
@@ -59,6 +60,9 @@ enum Command {
     /// another uid holds its maximum, admin latency while unauthenticated
     /// TLS peers hold the server's, and RSS before, during and after.
     Flood,
+    /// Envoy SDS: 1,000 StreamSecrets streams on one agent, its memory per
+    /// stream, and rotation to every stream updated.
+    Sds,
     /// oxid and SPIRE v1.13.3 side by side (not part of `all`; SPIRE must
     /// be built first, `scripts/bench spire` does).
     Spire(spire::SpireArgs),
@@ -103,6 +107,9 @@ async fn run(cli: Cli) -> BenchResult<()> {
     }
     if all || cli.command == Command::Flood {
         flood::run().await?;
+    }
+    if all || cli.command == Command::Sds {
+        sds::run(rounds).await?;
     }
     if let Command::Spire(args) = cli.command {
         spire::run(args, rounds).await?;
