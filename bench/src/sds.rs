@@ -122,10 +122,10 @@ async fn sds_agent(
     for conn in 0..STREAMS / per {
         let (socket, tx) = (agent.socket.clone(), tx.clone());
         tokio::spawn(async move {
-            if let Err(e) = hold(conn * per, per, &socket, name, tx).await {
-                if !DONE.load(std::sync::atomic::Ordering::Relaxed) {
-                    eprintln!("sds: connection {conn}: {e}");
-                }
+            if let Err(e) = hold(conn * per, per, &socket, name, tx).await
+                && !DONE.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                eprintln!("sds: connection {conn}: {e}");
             }
         });
     }
