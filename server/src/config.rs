@@ -12,6 +12,8 @@ use serde::Deserialize;
 
 /// Default trust domain.
 pub const DEFAULT_TRUST_DOMAIN: &str = "example.org";
+/// The name a server goes by unless told otherwise (`server_name`).
+pub const DEFAULT_SERVER_NAME: &str = "default";
 /// Default data directory (relative to the working directory).
 pub const DEFAULT_DATA_DIR: &str = "./.oxid/server";
 /// Default agent API address.
@@ -177,6 +179,10 @@ pub struct CaFile {
 pub struct ConfigFile {
     /// Trust domain name.
     pub trust_domain: Option<String>,
+    /// This server's name among the servers of its trust domain sharing one
+    /// PostgreSQL database (default `default`): the key of its CA journal
+    /// and of its authorities in the shared bundle. Each must differ.
+    pub server_name: Option<String>,
     /// Data directory.
     pub data_dir: Option<PathBuf>,
     /// Agent API listen address.
@@ -245,6 +251,8 @@ pub struct Overrides {
     pub metrics_address: Option<String>,
     /// `--datastore-url`.
     pub datastore_url: Option<String>,
+    /// `--server-name`.
+    pub server_name: Option<String>,
 }
 
 /// The resolved configuration.
@@ -252,6 +260,8 @@ pub struct Overrides {
 pub struct Config {
     /// Trust domain.
     pub trust_domain: TrustDomain,
+    /// This server's name (see [`ConfigFile::server_name`]).
+    pub server_name: String,
     /// Data directory (datastore, CA keys).
     pub data_dir: PathBuf,
     /// Agent API listen address.
@@ -301,6 +311,22 @@ pub struct Config {
     pub upstream: Option<UpstreamFile>,
 }
 
+/// A server name: 1 to 64 of `a-z`, `0-9`, `.`, `_`, `-` (it shows in
+/// logs, metrics and the database).
+fn server_name(name: Option<String>) -> Result<String, ConfigError> {
+    let name = name.unwrap_or_else(|| DEFAULT_SERVER_NAME.into());
+    let valid = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if !valid {
+        return Err(ConfigError::Invalid(format!(
+            "server_name {name:?}: expected 1 to 64 of a-z, 0-9, '.', '_', '-'"
+        )));
+    }
+    Ok(name)
+}
+
 impl Config {
     /// Reads `path` (if given), applies `overrides`, fills defaults, checks.
     pub fn load(path: Option<&Path>, overrides: Overrides) -> Result<Self, ConfigError> {
@@ -331,8 +357,13 @@ impl Config {
 
     fn resolve(file: ConfigFile, o: Overrides) -> Result<Self, ConfigError> {
         let connections = conn_settings(&file)?;
-        let postgres = crate::datastore::PgConfig::resolve(file.datastore.clone(), o.datastore_url)
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let server_name = server_name(o.server_name.or(file.server_name.clone()))?;
+        let mut postgres =
+            crate::datastore::PgConfig::resolve(file.datastore.clone(), o.datastore_url)
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if let Some(pg) = &mut postgres {
+            pg.server_name.clone_from(&server_name);
+        }
         let td_name = o
             .trust_domain
             .or(file.trust_domain)
@@ -405,6 +436,7 @@ impl Config {
         Ok(Self {
             connections,
             trust_domain,
+            server_name,
             bind_address,
             metrics_address,
             x509pop_ca_bundle: file.x509pop_ca_bundle,
@@ -619,6 +651,24 @@ mod tests {
         let c = Config::resolve(file.clone(), flag("127.0.0.1:9100")).unwrap();
         assert_eq!(c.metrics_address, Some("127.0.0.1:9100".parse().unwrap()));
         assert!(Config::resolve(file, flag("nowhere")).is_err());
+    }
+
+    #[test]
+    fn server_names_are_checked_and_reach_the_datastore() {
+        let load = |text: &str| Config::from_toml(text, Path::new("t.toml"), Overrides::default());
+        assert_eq!(load("").unwrap().server_name, DEFAULT_SERVER_NAME);
+        let c = load(
+            "server_name = \"ca-2.eu\"\n[datastore]\nurl = \"postgresql://a@db/x?sslmode=disable\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.server_name, "ca-2.eu");
+        assert_eq!(c.postgres.unwrap().server_name, "ca-2.eu");
+        for bad in ["", "Upper", "a/b", &"x".repeat(65)] {
+            assert!(
+                load(&format!("server_name = {bad:?}\n")).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -312,6 +312,7 @@ impl Built {
 
         let rotation = spawn_rotation(ca.clone(), config.ca_ttl);
         let follower = index.clone().follow(store.clone());
+        let peers = ca.clone().follow_peers(index.authorities_changed());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
@@ -381,8 +382,10 @@ impl Built {
         // reopens it).
         rotation.abort();
         follower.abort();
+        peers.abort();
         let _ = rotation.await;
         let _ = follower.await;
+        let _ = peers.await;
         if let Some(task) = metrics_server {
             let _ = task.await;
         }

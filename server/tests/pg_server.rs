@@ -107,7 +107,7 @@ fn run_with_a_datastore_url_serves_an_entry_to_an_agent() {
         let row = raw
             .query_one(
                 "SELECT (SELECT count(*) FROM oxid_entries), (SELECT count(*) FROM oxid_agents), \
-                 (SELECT count(*) FROM oxid_ca_journal)",
+                 (SELECT count(*) FROM oxid_server_journals)",
                 &[],
             )
             .await

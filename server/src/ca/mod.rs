@@ -11,6 +11,7 @@
 //! signing and every reader of the bundle use the latest snapshot.
 
 mod journal;
+mod peers;
 mod schedule;
 mod snapshot;
 
@@ -116,6 +117,9 @@ pub struct CaManager {
     published: watch::Sender<Arc<CaSnapshot>>,
     /// Serialises rotation steps (timer and operator) so each persists whole.
     rotation: tokio::sync::Mutex<()>,
+    /// The other servers' authorities (several servers on one database),
+    /// published in the bundle beside this server's.
+    peers: RwLock<Arc<Vec<peers::Peer>>>,
     /// X509-SVIDs signed since start (metrics).
     x509_signed: std::sync::atomic::AtomicU64,
     /// JWT-SVIDs minted since start (metrics).
@@ -180,7 +184,14 @@ impl CaManager {
                 state.generations.push(generation);
             }
         }
-        let (published, _) = watch::channel(Arc::new(snapshot_of(&config.trust_domain, &state)));
+        let peers = peers::parse(store.peer_authorities().await?);
+        let now = unix_secs(clock.now());
+        let (published, _) = watch::channel(Arc::new(snapshot_of(
+            &config.trust_domain,
+            &state,
+            &peers,
+            now,
+        )));
         let manager = Arc::new(Self {
             config,
             clock,
@@ -189,6 +200,7 @@ impl CaManager {
             state: RwLock::new(state),
             published,
             rotation: tokio::sync::Mutex::new(()),
+            peers: RwLock::new(Arc::new(peers)),
             x509_signed: std::sync::atomic::AtomicU64::new(0),
             jwt_signed: std::sync::atomic::AtomicU64::new(0),
         });
@@ -456,22 +468,32 @@ impl CaManager {
         })
     }
 
-    /// Writes the journal durably, publishes the new state, then writes the
-    /// bundle durably. Published only once the journal holds it, so nothing
-    /// is signed by an authority a restart would not know; published before
-    /// the bundle write, so a sync stream woken by that write (through the
+    /// Writes the journal durably, then this server's rows of the shared
+    /// bundle, publishes the new state, then writes the bundle durably.
+    /// Published only once the journal holds it, so nothing is signed by an
+    /// authority a restart would not know, and only once the shared bundle
+    /// holds it, so nothing is signed by an authority the other servers
+    /// (and, through them, their agents) cannot learn; published before the
+    /// bundle write, so a sync stream woken by that write (through the
     /// index) reads the new bundle. Called with `rotation` held, so `state`
     /// does not change meanwhile.
     async fn persist(&self) -> Result<(), CaError> {
-        let (journal, snapshot) = {
+        let (journal, rows, snapshot) = {
             let state = self.read();
             let journal = Journal {
                 version: state.version,
                 entries: state.generations.iter().map(|g| g.entry.clone()).collect(),
             };
-            (journal, snapshot_of(&self.config.trust_domain, &state))
+            let snapshot = snapshot_of(
+                &self.config.trust_domain,
+                &state,
+                &self.peers(),
+                self.now_secs(),
+            );
+            (journal, peers::own_rows(&state), snapshot)
         };
         self.store.put_ca_journal(journal.encode()?).await?;
+        self.store.put_own_authorities(rows).await?;
         let spiffe_json = snapshot.spiffe_json().to_string();
         self.published.send_replace(Arc::new(snapshot));
         self.store
@@ -492,9 +514,26 @@ impl CaManager {
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
         self.state.write().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// The snapshot of the current state and peers (with `rotation` held).
+    fn snapshot_now(&self) -> CaSnapshot {
+        snapshot_of(
+            &self.config.trust_domain,
+            &self.read(),
+            &self.peers(),
+            self.now_secs(),
+        )
+    }
 }
 
-fn snapshot_of(trust_domain: &TrustDomain, state: &State) -> CaSnapshot {
+/// The published state: this server's generations (the signers among
+/// them), and the other servers' unexpired authorities in the bundle.
+fn snapshot_of(
+    trust_domain: &TrustDomain,
+    state: &State,
+    peers: &[peers::Peer],
+    now_secs: u64,
+) -> CaSnapshot {
     let mut bundle = Bundle::new(trust_domain.clone());
     bundle.set_sequence_number(state.version);
     for g in &state.generations {
@@ -502,6 +541,7 @@ fn snapshot_of(trust_domain: &TrustDomain, state: &State) -> CaSnapshot {
         let _ = bundle.add_x509_authority(g.root.clone());
         let _ = bundle.add_jwt_authority(g.jwt_authority.clone());
     }
+    peers::add_to(&mut bundle, peers, now_secs);
     let active = state
         .generations
         .iter()

@@ -61,6 +61,7 @@ fn run(args: RunArgs) -> CliResult {
             log_format: args.log_format,
             metrics_address: args.metrics_address,
             datastore_url: args.datastore_url,
+            server_name: args.server_name,
         },
     )
     .map_err(|e| e.to_string())?;

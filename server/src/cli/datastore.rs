@@ -46,6 +46,10 @@ pub struct MigrateArgs {
     /// password file, sslmode and CA file, as for `run`.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// The name the server will run under on PostgreSQL (its CA journal
+    /// is stored under it); as `run --server-name`, default `default`.
+    #[arg(long)]
+    pub server_name: Option<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Pretty)]
     pub output: Output,
@@ -71,6 +75,7 @@ async fn migrate(args: MigrateArgs) -> CliResult {
         Overrides {
             data_dir: Some(args.from_data_dir.clone()),
             datastore_url: Some(args.to),
+            server_name: args.server_name,
             ..Overrides::default()
         },
     )

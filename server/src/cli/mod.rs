@@ -119,6 +119,10 @@ pub struct RunArgs {
     /// [datastore] table. Unset: the embedded store in the data directory.
     #[arg(long)]
     pub datastore_url: Option<String>,
+    /// This server's name among the servers sharing one PostgreSQL
+    /// database (each its own); overrides server_name in the file.
+    #[arg(long)]
+    pub server_name: Option<String>,
 }
 
 /// The fields of an entry, for create and update.

@@ -24,7 +24,7 @@ pub use self::postgres::{PgConfig, PgStore};
 pub use self::sled_store::SledStore;
 pub use self::types::{
     Agent, Change, ChangeEvent, Entry, EntryId, InvalidEntryId, JoinToken, SelectorSet,
-    StoredBundle,
+    ServerAuthority, StoredBundle,
 };
 
 /// Why a datastore operation failed.
@@ -203,6 +203,23 @@ pub trait DataStore: Send + Sync + 'static {
 
     /// The CA journal, if one was ever stored.
     async fn get_ca_journal(&self) -> Result<Option<Vec<u8>>, DataStoreError>;
+
+    /// Replaces this server's rows in the trust domain's shared bundle (the
+    /// store knows which server it serves) and enters the change feed;
+    /// other servers' rows are untouched. A store only one server uses
+    /// (sled) keeps none: that server's bundle is its own.
+    async fn put_own_authorities(
+        &self,
+        authorities: Vec<ServerAuthority>,
+    ) -> Result<(), DataStoreError> {
+        let _ = authorities;
+        Ok(())
+    }
+
+    /// The other servers' rows of the shared bundle.
+    async fn peer_authorities(&self) -> Result<Vec<ServerAuthority>, DataStoreError> {
+        Ok(Vec::new())
+    }
 
     /// Changes with revision greater than `after`, oldest first, at most
     /// `limit`. Fails with `RevisionGone` if changes after `after` were pruned.

@@ -291,4 +291,31 @@ pub enum ChangeEvent {
     },
     /// The CA journal changed (rotation).
     CaJournalUpdated,
+    /// A server's authorities in the trust domain's shared bundle changed
+    /// (several servers on one database; see [`ServerAuthority`]).
+    AuthoritiesChanged {
+        /// The server whose rows changed.
+        server: String,
+    },
+}
+
+/// One CA authority of one server, as the trust domain's shared bundle
+/// stores it: one row per server and authority, so servers rotating at
+/// once each replace only their own rows. Public parts only: the keys stay
+/// on the disk of the server that made them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerAuthority {
+    /// The server's name (`server_name`); filled in by the store.
+    pub server: String,
+    /// The authority's sequence on that server.
+    pub sequence: u64,
+    /// The X.509 root (or upstream root) of the authority, base64 DER.
+    pub x509_authority: String,
+    /// The JWT key ID.
+    pub jwt_key_id: String,
+    /// The JWT public key, base64 SubjectPublicKeyInfo DER.
+    pub jwt_public_key: String,
+    /// Unix seconds; nothing the authority signed outlives it.
+    pub not_after: u64,
 }

@@ -11,7 +11,7 @@ use oxid_pki::SpiffeId;
 use tokio::sync::watch;
 
 pub use self::authz::EntryIndex;
-use crate::datastore::{Agent, DataStore, DataStoreError, EntryFilter};
+use crate::datastore::{Agent, ChangeEvent, DataStore, DataStoreError, EntryFilter};
 
 /// Changes read per feed request.
 const PAGE: usize = 4096;
@@ -24,6 +24,9 @@ pub struct IndexHandle {
     /// Since when the store has held a revision the index has not applied
     /// (set by `follow` when the store moves, cleared once caught up).
     behind_since: std::sync::Mutex<Option<Instant>>,
+    /// Moves when another server's CA authorities may have changed (a
+    /// change of the feed said so, or the index reloaded).
+    authorities_tx: watch::Sender<u64>,
 }
 
 impl IndexHandle {
@@ -39,6 +42,7 @@ impl IndexHandle {
             index: RwLock::new(index),
             revision_tx,
             behind_since: std::sync::Mutex::new(None),
+            authorities_tx: watch::channel(0).0,
         }))
     }
 
@@ -82,8 +86,14 @@ impl IndexHandle {
         self.revision_tx.subscribe()
     }
 
+    /// Wakes when another server's CA authorities may have changed.
+    pub fn authorities_changed(&self) -> watch::Receiver<u64> {
+        self.authorities_tx.subscribe()
+    }
+
     /// Brings the index up to the store's latest revision.
     pub async fn catch_up(&self, store: &dyn DataStore) -> Result<(), DataStoreError> {
+        let authorities = || self.authorities_tx.send_modify(|n| *n += 1);
         loop {
             let from = self.read().revision();
             match store.changes_since(from, PAGE).await {
@@ -93,11 +103,19 @@ impl IndexHandle {
                     for change in &changes {
                         index.apply(change.revision, &change.event);
                     }
+                    drop(index);
+                    if changes
+                        .iter()
+                        .any(|c| matches!(c.event, ChangeEvent::AuthoritiesChanged { .. }))
+                    {
+                        authorities();
+                    }
                 }
                 Err(DataStoreError::RevisionGone { .. }) => {
                     let mut fresh = self.read().clone();
                     reload(store, &mut fresh).await?;
                     *self.index.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+                    authorities();
                     break;
                 }
                 Err(e) => return Err(e),

@@ -130,6 +130,9 @@ pub struct PgConfig {
     /// How this server's sessions show in `pg_stat_activity`; the
     /// listener's is this with ` feed` added.
     pub application_name: String,
+    /// The server this store serves (`server_name`): the key of its CA
+    /// journal and of its rows in the shared bundle.
+    pub server_name: String,
 }
 
 impl fmt::Display for PgConfig {
@@ -240,6 +243,7 @@ impl PgConfig {
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
             feed_poll: DEFAULT_FEED_POLL,
             application_name: "oxid-server".into(),
+            server_name: crate::config::DEFAULT_SERVER_NAME.into(),
         })
     }
 

@@ -6,12 +6,13 @@ use super::{PgStore, db, encode, entries, int};
 use crate::datastore::{ChangeEvent, DataStoreError, StoreContents};
 
 /// The tables whose rows make a database "in use".
-const TABLES: [(&str, &str); 5] = [
+const TABLES: [(&str, &str); 6] = [
     ("oxid_entries", "entries"),
     ("oxid_agents", "agents"),
     ("oxid_join_tokens", "join tokens"),
     ("oxid_bundles", "bundles"),
-    ("oxid_ca_journal", "CA journals"),
+    ("oxid_server_journals", "CA journals"),
+    ("oxid_authorities", "CA authorities"),
 ];
 
 impl PgStore {
@@ -73,8 +74,8 @@ impl PgStore {
         }
         if let Some(journal) = &contents.ca_journal {
             tx.execute(
-                "INSERT INTO oxid_ca_journal (journal) VALUES ($1)",
-                &[journal],
+                "INSERT INTO oxid_server_journals (server, journal) VALUES ($1, $2)",
+                &[&self.server_name, journal],
             )
             .await
             .map_err(db)?;

@@ -4,8 +4,9 @@
 //! # Tables
 //!
 //! One row per entry, agent, join token and bundle (the value as JSONB, and
-//! the columns that are looked up or must be unique); one row for the CA
-//! journal; `oxid_feed`, one row holding the last revision and the
+//! the columns that are looked up or must be unique); one row per server
+//! for its CA journal (`server_name`), and one per server and authority for
+//! the trust domain's shared bundle (`authorities.rs`); `oxid_feed`, one row holding the last revision and the
 //! retention mark; `oxid_changes`, the feed (revision → event). Schema
 //! versions and migrations: `schema.rs`.
 //!
@@ -78,6 +79,7 @@
 //! loads the current rows (`list_entries`, `list_agents`) and follows from
 //! the revision read before them.
 
+mod authorities;
 mod config;
 mod entries;
 mod feed;
@@ -101,7 +103,7 @@ pub use self::config::{
 pub use self::schema::SCHEMA_VERSION;
 use super::{
     Agent, Change, ChangeEvent, CreateMode, DataStore, DataStoreError, Entry, EntryFilter, EntryId,
-    JoinToken, StoredBundle,
+    JoinToken, ServerAuthority, StoredBundle,
 };
 
 /// The PostgreSQL store.
@@ -112,6 +114,8 @@ pub struct PgStore {
     listener: tokio::task::AbortHandle,
     /// Whether the listener reaches the database.
     health: Arc<feed::FeedHealth>,
+    /// The server this store serves: its journal row and bundle rows.
+    server_name: String,
 }
 
 impl Drop for PgStore {
@@ -180,6 +184,7 @@ impl PgStore {
             revision,
             listener,
             health,
+            server_name: config.server_name.clone(),
         })
     }
 
@@ -289,6 +294,17 @@ impl DataStore for PgStore {
 
     async fn get_ca_journal(&self) -> Result<Option<Vec<u8>>, DataStoreError> {
         self.journal().await
+    }
+
+    async fn put_own_authorities(
+        &self,
+        authorities: Vec<ServerAuthority>,
+    ) -> Result<(), DataStoreError> {
+        self.set_authorities(authorities).await
+    }
+
+    async fn peer_authorities(&self) -> Result<Vec<ServerAuthority>, DataStoreError> {
+        self.others_authorities().await
     }
 
     async fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<Change>, DataStoreError> {

@@ -221,9 +221,9 @@ impl PgStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db)?;
         tx.execute(
-            "INSERT INTO oxid_ca_journal (journal) VALUES ($1) \
-             ON CONFLICT (one) DO UPDATE SET journal = EXCLUDED.journal",
-            &[&journal],
+            "INSERT INTO oxid_server_journals (server, journal) VALUES ($1, $2) \
+             ON CONFLICT (server) DO UPDATE SET journal = EXCLUDED.journal",
+            &[&self.server_name, &journal],
         )
         .await
         .map_err(db)?;
@@ -234,7 +234,10 @@ impl PgStore {
     pub(super) async fn journal(&self) -> Result<Option<Vec<u8>>, DataStoreError> {
         let client = self.client().await?;
         Ok(client
-            .query_opt("SELECT journal FROM oxid_ca_journal", &[])
+            .query_opt(
+                "SELECT journal FROM oxid_server_journals WHERE server = $1",
+                &[&self.server_name],
+            )
             .await
             .map_err(db)?
             .map(|row| row.get(0)))

@@ -64,8 +64,29 @@ CREATE TABLE oxid_ca_journal (
 );
 ";
 
+/// Version 2: several servers of one trust domain. Each server's CA
+/// journal is a row under its name, and the shared bundle is one row per
+/// server and authority, so two servers rotating at once each replace only
+/// their own rows. The one journal of version 1 becomes the journal of the
+/// server named `default` (what a server is called unless told otherwise);
+/// `oxid_ca_journal` stays for servers of version 1 during an upgrade.
+const V2: &str = r"
+CREATE TABLE oxid_server_journals (
+    server text PRIMARY KEY,
+    journal bytea NOT NULL
+);
+INSERT INTO oxid_server_journals (server, journal)
+    SELECT 'default', journal FROM oxid_ca_journal;
+CREATE TABLE oxid_authorities (
+    server text NOT NULL,
+    sequence bigint NOT NULL,
+    authority jsonb NOT NULL,
+    PRIMARY KEY (server, sequence)
+);
+";
+
 /// Every migration, in order: index + 1 is the version it brings.
-const MIGRATIONS: &[&str] = &[V1];
+const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
