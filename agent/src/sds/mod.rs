@@ -14,6 +14,7 @@ pub mod config;
 mod delta;
 mod names;
 mod secrets;
+mod service;
 mod stream;
 
 use std::pin::Pin;
@@ -23,9 +24,7 @@ use std::time::Duration;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
-use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::{
-    SecretDiscoveryService, SecretDiscoveryServiceServer,
-};
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -67,8 +66,8 @@ impl Sds {
     }
 
     /// The tonic service, decoding requests up to `max_request_bytes`.
-    pub fn into_server(self, max_request_bytes: usize) -> SecretDiscoveryServiceServer<Self> {
-        SecretDiscoveryServiceServer::new(self).max_decoding_message_size(max_request_bytes)
+    pub fn into_server(self, max_request_bytes: usize) -> service::SdsService {
+        service::SdsService::new(self, max_request_bytes)
     }
 }
 
