@@ -18,6 +18,7 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
@@ -40,7 +41,8 @@ struct State {
     system_version: u64,
 }
 
-type Tx = tokio::sync::mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>;
+/// Boxed items, as in `stream.rs`: a channel's slots come 32 at a time.
+type Tx = tokio::sync::mpsc::Sender<Box<Result<DeltaDiscoveryResponse, Status>>>;
 
 /// Serves one DeltaSecrets stream in its own task.
 pub(crate) fn spawn(
@@ -54,10 +56,10 @@ pub(crate) fn spawn(
         // Held for as long as the stream lives.
         let _permit = permit;
         if let Err(status) = caller.serve_delta(requests, &tx, stopping).await {
-            let _ = tx.send(Err(status)).await;
+            let _ = tx.send(Box::new(Err(status))).await;
         }
     });
-    Box::pin(ReceiverStream::new(rx))
+    Box::pin(ReceiverStream::new(rx).map(|item| *item))
 }
 
 /// A resource version: a digest of its encoding, so equal secrets have
@@ -196,7 +198,7 @@ impl Caller {
             nonce: format!("{}-{}", state.system_version, nonce()),
             ..DeltaDiscoveryResponse::default()
         };
-        if tx.send(Ok(response)).await.is_err() {
+        if tx.send(Box::new(Ok(response))).await.is_err() {
             return Ok(false);
         }
         // A NACKed version is still the one sent: it is not sent again
