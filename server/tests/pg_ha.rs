@@ -251,6 +251,49 @@ fn two_servers_on_one_database_trust_each_other_and_rotations_reach_every_agent(
     }
 }
 
+/// A second server started under a name already in use is refused at
+/// start, saying why, instead of taking the other's journal over.
+#[test]
+fn a_server_under_another_ones_name_is_refused() {
+    let rt = runtime();
+    let db = rt.block_on(pg_cluster::fresh());
+    let (port, ca, password) = pg_cluster::tcp();
+    let url = format!("postgresql://postgres@localhost:{port}/{}", db.dbname);
+    let first = server("a", &url, &password, &ca);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pg-password");
+    std::fs::write(&file, format!("{password}\n")).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(
+        dir.path().join("server.toml"),
+        format!(
+            "server_name = \"a\"\n[datastore]\npassword_file = {:?}\nca_file = {:?}\n",
+            file.display().to_string(),
+            ca.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(support::cli_process::BIN)
+        .args(["run", "--bind-address", "127.0.0.1:0", "--config"])
+        .arg(dir.path().join("server.toml"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--socket-path")
+        .arg(dir.path().join("admin.sock"))
+        .args(["--datastore-url", &url])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("another server may be running under this server_name"),
+        "{err}"
+    );
+    // The first is untouched.
+    first.ok(&["healthcheck"]);
+    assert_eq!(until_authorities(&first, 1).x509_authorities().len(), 1);
+}
+
 /// A server's own authority alone: a server lists its own authorities
 /// before the other servers'.
 fn own_only(published: &Bundle) -> Bundle {
@@ -258,4 +301,66 @@ fn own_only(published: &Bundle) -> Bundle {
     only.add_x509_authority(published.x509_authorities()[0].clone())
         .unwrap();
     only
+}
+
+/// A row of server `name`'s authority `sequence` (the key material does
+/// not matter to the store).
+fn row(sequence: u64) -> oxid_server::datastore::ServerAuthority {
+    oxid_server::datastore::ServerAuthority {
+        server: String::new(),
+        sequence,
+        x509_authority: format!("x509-{sequence}"),
+        jwt_key_id: format!("kid-{sequence}"),
+        jwt_public_key: format!("jwt-{sequence}"),
+        not_after: 4_000_000_000,
+    }
+}
+
+/// Two servers replacing their rows at once, round after round (each
+/// rotation is such a replacement), never drop each other's: each store
+/// ends with exactly its last rows, and sees exactly the other's as peers.
+#[test]
+fn two_servers_rotating_at_once_keep_each_others_authorities() {
+    use oxid_server::datastore::DataStore as _;
+    let rt = runtime();
+    rt.block_on(async {
+        let db = pg_cluster::fresh().await;
+        let open = |name: &str| {
+            let mut config = db.clone();
+            config.server_name = name.to_owned();
+            config.application_name = name.to_owned();
+            async move {
+                Arc::new(
+                    oxid_server::datastore::PgStore::open(&config)
+                        .await
+                        .unwrap(),
+                )
+            }
+        };
+        let (a, b) = (open("a").await, open("b").await);
+        let rounds = |store: Arc<oxid_server::datastore::PgStore>, base: u64| {
+            tokio::spawn(async move {
+                for round in 0..50 {
+                    let rows = vec![row(base + round), row(base + round + 1)];
+                    store.put_own_authorities(rows).await.unwrap();
+                }
+            })
+        };
+        let (ra, rb) = (rounds(a.clone(), 0), rounds(b.clone(), 1000));
+        ra.await.unwrap();
+        rb.await.unwrap();
+        let seqs = |rows: Vec<oxid_server::datastore::ServerAuthority>| {
+            rows.into_iter()
+                .map(|r| (r.server, r.sequence))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            seqs(a.peer_authorities().await.unwrap()),
+            [("b".to_owned(), 1049), ("b".to_owned(), 1050)]
+        );
+        assert_eq!(
+            seqs(b.peer_authorities().await.unwrap()),
+            [("a".to_owned(), 49), ("a".to_owned(), 50)]
+        );
+    });
 }

@@ -550,6 +550,27 @@ fn snapshot_of(
     CaSnapshot::new(bundle, active)
 }
 
+/// A key file the journal names, read from this server's key directory
+/// (where it was written, unless the data directory was moved with its
+/// keys). Not there, it is most often a second server started under
+/// another one's `server_name` (several servers on one database), reading
+/// that server's journal without its keys: say so rather than share them.
+fn load_key(key_dir: &std::path::Path, recorded: &str, sequence: u64) -> Result<KeyPair, CaError> {
+    let recorded = std::path::Path::new(recorded);
+    let local = recorded.file_name().map(|name| key_dir.join(name));
+    match local {
+        Some(path) if path.exists() => Ok(KeyPair::load(&path)?),
+        _ => Err(CaError::Journal(format!(
+            "the journal's authority {sequence} has its key in {}, which is not in this \
+             server's key directory {}: another server may be running under this server_name \
+             on the same database (give each its own), or this is not the data directory the \
+             journal was written from",
+            recorded.display(),
+            key_dir.display()
+        ))),
+    }
+}
+
 /// Rebuilds a generation from its journal entry, with its keys if they are
 /// on disk. A generation whose keys are gone keeps its public parts.
 fn restore(config: &CaConfig, entry: JournalEntry) -> Result<Generation, CaError> {
@@ -566,16 +587,16 @@ fn restore(config: &CaConfig, entry: JournalEntry) -> Result<Generation, CaError
         .map_err(|e| CaError::Journal(e.to_string()))?;
     let jwt_authority = JwtAuthority::new(entry.jwt_key_id.clone(), jwt_public)
         .map_err(|e| CaError::Journal(e.to_string()))?;
-    let signers = match &entry.key_files {
-        Some((x, j)) if config.key_dir.is_some() => {
+    let signers = match (&entry.key_files, &config.key_dir) {
+        (Some((x, j)), Some(key_dir)) => {
             let x509 = X509Ca::restore(
                 config.trust_domain.clone(),
                 chain,
-                KeyPair::load(std::path::Path::new(x))?,
+                load_key(key_dir, x, entry.sequence)?,
             )?;
             let jwt = JwtSigner::new(
                 config.trust_domain.clone(),
-                KeyPair::load(std::path::Path::new(j))?,
+                load_key(key_dir, j, entry.sequence)?,
                 entry.jwt_key_id.clone(),
                 None,
                 x509.not_after(),
