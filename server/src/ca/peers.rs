@@ -96,15 +96,18 @@ impl CaManager {
         Ok(())
     }
 
-    /// Refreshes the peers each time `changed` moves (the index saw
-    /// another server's authorities change), until the task is aborted.
+    /// Refreshes the peers now, then each time `changed` moves (the index
+    /// saw another server's authorities change), until the task is aborted.
     pub fn follow_peers(
         self: Arc<Self>,
         mut changed: watch::Receiver<u64>,
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
+            // Once first: rows written between `start`'s read and the
+            // index's load carry a change the index never replays.
+            let mut first = true;
             loop {
-                if changed.changed().await.is_err() {
+                if !std::mem::take(&mut first) && changed.changed().await.is_err() {
                     return;
                 }
                 while let Err(e) = self.refresh_peers().await {
