@@ -23,14 +23,6 @@ use oxid_proto::agent as pb;
 use oxid_tls::SvidResolver;
 use support::cli_process::Server;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn td() -> TrustDomain {
     TrustDomain::new("example.org").unwrap()
 }
@@ -38,9 +30,7 @@ fn td() -> TrustDomain {
 /// A server named `name` on the test database, over TLS with a password.
 fn server(name: &str, url: &str, password: &str, ca: &std::path::Path) -> Server {
     let secrets = tempfile::tempdir().unwrap();
-    let file = secrets.path().join("pg-password");
-    std::fs::write(&file, format!("{password}\n")).unwrap();
-    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let file = pg_cluster::password_file(secrets.path(), password);
     let config = format!(
         "server_name = {name:?}\n[datastore]\npassword_file = {:?}\nca_file = {:?}\n",
         file.display().to_string(),
@@ -52,16 +42,11 @@ fn server(name: &str, url: &str, password: &str, ca: &std::path::Path) -> Server
     s
 }
 
-fn bundle_of(s: &Server) -> Bundle {
-    let json = s.ok(&["bundle", "show", "--format", "spiffe"]);
-    Bundle::from_spiffe_json(td(), json.as_bytes()).unwrap()
-}
-
 /// Polls `s`'s bundle until it holds `n` X.509 authorities.
 fn until_authorities(s: &Server, n: usize) -> Bundle {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let bundle = bundle_of(s);
+        let bundle = s.spiffe_bundle();
         if bundle.x509_authorities().len() == n {
             return bundle;
         }
@@ -137,7 +122,7 @@ async fn sign(
 
 #[test]
 fn two_servers_on_one_database_trust_each_other_and_rotations_reach_every_agent() {
-    let rt = runtime();
+    let rt = pg_cluster::runtime();
     let db = rt.block_on(pg_cluster::fresh());
     let (port, ca, password) = pg_cluster::tcp();
     let url = format!("postgresql://postgres@localhost:{port}/{}", db.dbname);
@@ -238,7 +223,7 @@ fn two_servers_on_one_database_trust_each_other_and_rotations_reach_every_agent(
     let stream = std::thread::spawn({
         let bundle = on_a.clone();
         let certs = agent.certs.clone();
-        move || runtime().block_on(synced_bundle(addr_a, bundle, certs, 3))
+        move || pg_cluster::runtime().block_on(synced_bundle(addr_a, bundle, certs, 3))
     });
     b.ok(&["ca", "rotate", "--prepare"]);
     let after = stream.join().unwrap();
@@ -255,7 +240,7 @@ fn two_servers_on_one_database_trust_each_other_and_rotations_reach_every_agent(
 /// start, saying why, instead of taking the other's journal over.
 #[test]
 fn a_server_under_another_ones_name_is_refused() {
-    let rt = runtime();
+    let rt = pg_cluster::runtime();
     let db = rt.block_on(pg_cluster::fresh());
     let (port, ca, password) = pg_cluster::tcp();
     let url = format!("postgresql://postgres@localhost:{port}/{}", db.dbname);
@@ -322,7 +307,7 @@ fn row(sequence: u64) -> oxid_server::datastore::ServerAuthority {
 #[test]
 fn two_servers_rotating_at_once_keep_each_others_authorities() {
     use oxid_server::datastore::DataStore as _;
-    let rt = runtime();
+    let rt = pg_cluster::runtime();
     rt.block_on(async {
         let db = pg_cluster::fresh().await;
         let open = |name: &str| {

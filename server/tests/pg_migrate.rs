@@ -13,36 +13,13 @@
 mod pg_cluster;
 mod support;
 
-use std::os::unix::fs::PermissionsExt as _;
 use std::process::{Command, Output};
 use std::time::{Duration, SystemTime};
 
-use oxid_pki::bundle::Bundle;
 use oxid_pki::x509::{Csr, ExtendedKeyUsage, verify_x509_svid};
-use oxid_pki::{KeyAlgorithm, KeyPair, TrustDomain};
+use oxid_pki::{KeyAlgorithm, KeyPair};
 use oxid_proto::agent as pb;
 use support::cli_process::{BIN, Server};
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// The `[datastore]` table `run` and `migrate` both read: a password file
-/// and the cluster's CA, verify-full.
-fn datastore_table(dir: &std::path::Path, password: &str, ca: &std::path::Path) -> String {
-    let file = dir.join("pg-password");
-    std::fs::write(&file, format!("{password}\n")).unwrap();
-    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    format!(
-        "[datastore]\npassword_file = {:?}\nca_file = {:?}\nsslmode = \"verify-full\"\n",
-        file.display().to_string(),
-        ca.display().to_string()
-    )
-}
 
 fn migrate(dir: &std::path::Path, url: &str) -> Output {
     Command::new(BIN)
@@ -68,14 +45,9 @@ fn error_line(out: &Output) -> String {
     err
 }
 
-fn bundle_of(s: &Server) -> Bundle {
-    let json = s.ok(&["bundle", "show", "--format", "spiffe"]);
-    Bundle::from_spiffe_json(TrustDomain::new("example.org").unwrap(), json.as_bytes()).unwrap()
-}
-
 #[test]
 fn a_sled_server_moves_to_postgres_and_its_agent_keeps_its_svids() {
-    let rt = runtime();
+    let rt = pg_cluster::runtime();
     let db = rt.block_on(pg_cluster::fresh());
     let (port, ca, password) = pg_cluster::tcp();
     let url = format!("postgresql://postgres@localhost:{port}/{}", db.dbname);
@@ -85,7 +57,7 @@ fn a_sled_server_moves_to_postgres_and_its_agent_keeps_its_svids() {
     let token = sled.json(&["token", "generate"]);
     let spare = sled.json(&["token", "generate"]);
     let addr = sled.ready_field("agent_api").parse().unwrap();
-    let bundle = bundle_of(&sled);
+    let bundle = sled.spiffe_bundle();
     let agent = rt.block_on(async {
         let client = support::agent_api_client(addr, bundle.clone(), support::SERVER_ID, None)
             .await
@@ -108,7 +80,7 @@ fn a_sled_server_moves_to_postgres_and_its_agent_keeps_its_svids() {
         .as_str()
         .unwrap()
         .to_owned();
-    let config = datastore_table(sled.dir.path(), &password, &ca);
+    let config = pg_cluster::datastore_table(sled.dir.path(), &password, &ca);
     std::fs::write(sled.dir.path().join("migrate.toml"), &config).unwrap();
 
     // While the server runs, its store is refused.
@@ -140,7 +112,7 @@ fn a_sled_server_moves_to_postgres_and_its_agent_keeps_its_svids() {
     // The same data directory (its CA keys), now on PostgreSQL.
     let pg = Server::start_in(dir, &config, &["--datastore-url", &url]);
     let addr = pg.ready_field("agent_api").parse().unwrap();
-    assert_eq!(bundle_of(&pg), bundle, "the same CA");
+    assert_eq!(pg.spiffe_bundle(), bundle, "the same CA");
     rt.block_on(async {
         // The agent's old SVID is accepted and the old bundle verifies the
         // new server: no re-attestation, no new trust.

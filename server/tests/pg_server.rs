@@ -15,34 +15,13 @@ use std::process::Command;
 use oxid_proto::agent as pb;
 use support::cli_process::{BIN, Server};
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// A password file (0600) and the `[datastore]` table naming it and the
-/// cluster's CA.
-fn datastore_table(dir: &std::path::Path, password: &str, ca: &std::path::Path) -> String {
-    let file = dir.join("pg-password");
-    std::fs::write(&file, format!("{password}\n")).unwrap();
-    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    format!(
-        "[datastore]\npassword_file = {:?}\nca_file = {:?}\nsslmode = \"verify-full\"\n",
-        file.display().to_string(),
-        ca.display().to_string()
-    )
-}
-
 #[test]
 fn run_with_a_datastore_url_serves_an_entry_to_an_agent() {
-    let rt = runtime();
+    let rt = pg_cluster::runtime();
     let db = rt.block_on(pg_cluster::fresh());
     let (port, ca, password) = pg_cluster::tcp();
     let secrets = tempfile::tempdir().unwrap();
-    let config = datastore_table(secrets.path(), &password, &ca);
+    let config = pg_cluster::datastore_table(secrets.path(), &password, &ca);
     let url = format!("postgresql://postgres@localhost:{port}/{}", db.dbname);
     let s = Server::start_with_config(&config, &["--datastore-url", &url]);
 
@@ -125,7 +104,7 @@ fn run_with_a_datastore_url_serves_an_entry_to_an_agent() {
 
 #[test]
 fn pgpassword_is_read_and_never_printed() {
-    let rt = runtime();
+    let rt = pg_cluster::runtime();
     let db = rt.block_on(pg_cluster::fresh());
     let (port, ca, password) = pg_cluster::tcp();
     let dir = tempfile::tempdir().unwrap();

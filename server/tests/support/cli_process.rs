@@ -141,6 +141,13 @@ impl Server {
         r["results"][0]["entry"].clone()
     }
 
+    /// The server's own bundle, from `bundle show --format spiffe`.
+    pub(crate) fn spiffe_bundle(&self) -> oxid_pki::bundle::Bundle {
+        let json = self.ok(&["bundle", "show", "--format", "spiffe"]);
+        let td = oxid_pki::TrustDomain::new("example.org").unwrap();
+        oxid_pki::bundle::Bundle::from_spiffe_json(td, json.as_bytes()).unwrap()
+    }
+
     pub(crate) async fn admin(&self) -> AdminClient<Channel> {
         let path = self.socket();
         let channel = Endpoint::try_from("http://admin.invalid")

@@ -18,6 +18,34 @@ use std::time::{Duration, Instant};
 use oxid_server::datastore::postgres::{PgHost, SslMode};
 use oxid_server::datastore::{DataStore, Entry, EntryId, PgConfig, PgStore};
 
+/// A runtime for the tests that drive processes from synchronous code.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// `password` in `dir/pg-password`, mode 0600 (a looser file is refused).
+pub fn password_file(dir: &std::path::Path, password: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let file = dir.join("pg-password");
+    std::fs::write(&file, format!("{password}\n")).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    file
+}
+
+/// The `[datastore]` table `run` and `migrate` both read: a password file
+/// in `dir` and the cluster's CA, verify-full.
+pub fn datastore_table(dir: &std::path::Path, password: &str, ca: &std::path::Path) -> String {
+    format!(
+        "[datastore]\npassword_file = {:?}\nca_file = {:?}\nsslmode = \"verify-full\"\n",
+        password_file(dir, password).display().to_string(),
+        ca.display().to_string()
+    )
+}
+
 /// The parent of the test entries.
 pub const AGENT: &str = "spiffe://example.org/oxid/agent/join_token/abc";
 
