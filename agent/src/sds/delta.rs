@@ -18,15 +18,13 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
-use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
 use crate::cache::Snapshot;
 use crate::sds::BoxStream;
 use crate::sds::names::{self, Name, View};
 use crate::sds::secrets::{self, SECRET_TYPE_URL};
-use crate::sds::stream::{Caller, nonce, refuse};
+use crate::sds::stream::{Caller, Event, next_event, nonce, refuse, spawn_stream};
 use crate::workload::limits::StreamPermit;
 
 /// What one delta stream's client holds and wants.
@@ -41,8 +39,7 @@ struct State {
     system_version: u64,
 }
 
-/// Boxed items, as in `stream.rs`: a channel's slots come 32 at a time.
-type Tx = tokio::sync::mpsc::Sender<Box<Result<DeltaDiscoveryResponse, Status>>>;
+type Tx = crate::sds::stream::Tx<DeltaDiscoveryResponse>;
 
 /// Serves one DeltaSecrets stream in its own task.
 pub(crate) fn spawn(
@@ -51,15 +48,9 @@ pub(crate) fn spawn(
     permit: StreamPermit,
     stopping: tokio::sync::watch::Receiver<bool>,
 ) -> BoxStream<DeltaDiscoveryResponse> {
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(async move {
-        // Held for as long as the stream lives.
-        let _permit = permit;
-        if let Err(status) = caller.serve_delta(requests, &tx, stopping).await {
-            let _ = tx.send(Box::new(Err(status))).await;
-        }
-    });
-    Box::pin(ReceiverStream::new(rx).map(|item| *item))
+    spawn_stream(permit, move |tx| async move {
+        caller.serve_delta(requests, &tx, stopping).await
+    })
 }
 
 /// A resource version: a digest of its encoding, so equal secrets have
@@ -84,18 +75,10 @@ impl Caller {
                 return Ok(());
             }
             let wake = crate::workload::recheck_at(&snapshot, None);
-            tokio::select! {
-                req = requests.message() => match req {
-                    Ok(Some(req)) => self.on_delta_request(req, &mut state)?,
-                    Ok(None) | Err(_) => return Ok(()),
-                },
-                r = changes.changed() => if r.is_err() { return Ok(()) },
-                () = tx.closed() => return Ok(()),
-                () = async { let _ = stopping.wait_for(|stop| *stop).await; } => {
-                    return Err(Status::unavailable("the agent is shutting down"));
-                }
-                // SVIDs expire without a snapshot change.
-                () = tokio::time::sleep_until(wake) => {}
+            match next_event(&mut requests, &mut changes, tx, &mut stopping, wake).await? {
+                Event::Request(req) => self.on_delta_request(req, &mut state)?,
+                Event::Recompute => {}
+                Event::Ended => return Ok(()),
             }
         }
     }

@@ -179,27 +179,73 @@ pub(crate) fn spawn(
     permit: StreamPermit,
     stopping: tokio::sync::watch::Receiver<bool>,
 ) -> BoxStream<DiscoveryResponse> {
+    spawn_stream(permit, move |tx| async move {
+        caller.serve(requests, &tx, stopping).await
+    })
+}
+
+/// A stream's responses. Items are boxed: a channel allocates its slots 32
+/// at a time, and 32 unboxed responses (with room for a `Status`) were 4.9
+/// KB per stream.
+pub(crate) type Tx<T> = tokio::sync::mpsc::Sender<Box<Result<T, Status>>>;
+
+/// Runs `serve` in a task of its own, holding `permit` for as long as it
+/// runs, and streams what it sends; an error it returns is the last item.
+pub(crate) fn spawn_stream<T, F, Fut>(permit: StreamPermit, serve: F) -> BoxStream<T>
+where
+    T: Send + 'static,
+    F: FnOnce(Tx<T>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), Status>> + Send + 'static,
+{
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
-        // Held for as long as the stream lives.
         let _permit = permit;
-        if let Err(status) = caller.serve(requests, &tx, stopping).await {
+        if let Err(status) = serve(tx.clone()).await {
             let _ = tx.send(Box::new(Err(status))).await;
         }
     });
     Box::pin(ReceiverStream::new(rx).map(|item| *item))
 }
 
-/// Items are boxed: a channel allocates its slots 32 at a time, and 32
-/// unboxed responses (with room for a `Status`) were 4.9 KB per stream.
-type Tx = tokio::sync::mpsc::Sender<Box<Result<DiscoveryResponse, Status>>>;
+/// What a stream's loop wakes for.
+pub(crate) enum Event<R> {
+    /// The client sent this request.
+    Request(R),
+    /// The snapshot changed, or an SVID expired: compute again.
+    Recompute,
+    /// The client left, or the cache closed.
+    Ended,
+}
+
+/// Waits for the next request, snapshot change or `wake` (the next SVID
+/// expiry, which changes no snapshot); an error once the agent shuts down.
+pub(crate) async fn next_event<R, T>(
+    requests: &mut Streaming<R>,
+    changes: &mut tokio::sync::watch::Receiver<Arc<Snapshot>>,
+    tx: &Tx<T>,
+    stopping: &mut tokio::sync::watch::Receiver<bool>,
+    wake: tokio::time::Instant,
+) -> Result<Event<R>, Status> {
+    tokio::select! {
+        req = requests.message() => Ok(match req {
+            Ok(Some(req)) => Event::Request(req),
+            Ok(None) | Err(_) => Event::Ended,
+        }),
+        r = changes.changed() => Ok(if r.is_err() { Event::Ended } else { Event::Recompute }),
+        () = tx.closed() => Ok(Event::Ended),
+        () = async { let _ = stopping.wait_for(|stop| *stop).await; } => {
+            Err(Status::unavailable("the agent is shutting down"))
+        }
+        () = tokio::time::sleep_until(wake) => Ok(Event::Recompute),
+    }
+}
 
 impl Caller {
     /// The stream's loop; `Ok` when the client left, else why it ends.
     async fn serve(
         &self,
         mut requests: Streaming<DiscoveryRequest>,
-        tx: &Tx,
+        tx: &Tx<DiscoveryResponse>,
         mut stopping: tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), Status> {
         let mut changes = self.cache.subscribe();
@@ -210,18 +256,10 @@ impl Caller {
                 return Ok(());
             }
             let wake = crate::workload::recheck_at(&snapshot, None);
-            tokio::select! {
-                req = requests.message() => match req {
-                    Ok(Some(req)) => self.on_request(req, &mut state)?,
-                    Ok(None) | Err(_) => return Ok(()),
-                },
-                r = changes.changed() => if r.is_err() { return Ok(()) },
-                () = tx.closed() => return Ok(()),
-                () = async { let _ = stopping.wait_for(|stop| *stop).await; } => {
-                    return Err(Status::unavailable("the agent is shutting down"));
-                }
-                // SVIDs expire without a snapshot change.
-                () = tokio::time::sleep_until(wake) => {}
+            match next_event(&mut requests, &mut changes, tx, &mut stopping, wake).await? {
+                Event::Request(req) => self.on_request(req, &mut state)?,
+                Event::Recompute => {}
+                Event::Ended => return Ok(()),
             }
         }
     }
@@ -260,7 +298,12 @@ impl Caller {
 
     /// Sends a response if the caller's secrets changed (or its names did).
     /// `Ok(false)` when the client is gone.
-    async fn push(&self, snapshot: &Snapshot, state: &mut State, tx: &Tx) -> Result<bool, Status> {
+    async fn push(
+        &self,
+        snapshot: &Snapshot,
+        state: &mut State,
+        tx: &Tx<DiscoveryResponse>,
+    ) -> Result<bool, Status> {
         let Some(names) = &state.names else {
             return Ok(true);
         };
