@@ -387,6 +387,8 @@ impl files::Source for ApiArgs {
 
 /// `api watch --write DIR`: runs until stopped, or until its child exits.
 async fn watch_files(args: WatchArgs) -> Result<(), AgentError> {
+    // Started by the agent for a `[[files]]` table: it ends with the agent.
+    files::supervise::exit_with_parent()?;
     let dir = args
         .write
         .ok_or_else(|| AgentError::Internal("watch_files without --write".into()))?;
@@ -440,18 +442,11 @@ async fn watch_files(args: WatchArgs) -> Result<(), AgentError> {
 
 /// `--group`: a gid, or a group name from /etc/group.
 fn group_id(group: &str) -> Result<u32, AgentError> {
-    if let Ok(gid) = group.parse::<u32>() {
-        return Ok(gid);
-    }
-    let text = std::fs::read_to_string("/etc/group")
-        .map_err(|e| AgentError::Config(format!("--group {group}: cannot read /etc/group: {e}")))?;
-    text.lines()
-        .filter_map(|line| {
-            let mut fields = line.split(':');
-            let name = fields.next()?;
-            let gid = fields.nth(1)?.parse::<u32>().ok()?;
-            (name == group).then_some(gid)
-        })
-        .next()
-        .ok_or_else(|| AgentError::Config(format!("--group {group}: no such group")))
+    let text = match group.parse::<u32>() {
+        Ok(_) => String::new(),
+        Err(_) => std::fs::read_to_string("/etc/group").map_err(|e| {
+            AgentError::Config(format!("--group {group}: cannot read /etc/group: {e}"))
+        })?,
+    };
+    files::config::group_id(&text, group).map_err(|e| AgentError::Config(format!("--group: {e}")))
 }

@@ -321,6 +321,7 @@ pub fn main() -> ExitCode {
         log_level: None,
         log_format: args.log_format,
         sds: Some(args.sds),
+        files: Vec::new(),
     };
     let result = AgentConfig::load(args.config.as_deref(), flags).and_then(|config| {
         init_logging(&config.log_level, &config.log_format)?;

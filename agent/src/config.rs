@@ -128,6 +128,9 @@ pub struct AgentFile {
     pub log_format: Option<String>,
     /// `[sds]`: Envoy SDS on the Workload API socket.
     pub sds: Option<crate::sds::SdsFile>,
+    /// `[[files]]`: SVIDs kept as files by writers the agent supervises.
+    #[serde(default)]
+    pub files: Vec<crate::files::config::FilesFile>,
 }
 
 /// The resolved configuration.
@@ -169,6 +172,8 @@ pub struct AgentConfig {
     pub log_format: String,
     /// Envoy SDS.
     pub sds: crate::sds::SdsSettings,
+    /// `[[files]]` writers (file only; no flags).
+    pub files: Vec<crate::files::config::FilesTable>,
     /// The wall clock (the system's; tests shift it to stage jumps).
     pub clock: crate::clock::WallClock,
 }
@@ -264,10 +269,12 @@ impl AgentConfig {
                 "max_streams_per_uid 0 would refuse every stream; use at least 1".into(),
             ));
         }
+        let files = crate::files::config::resolve(&file.files).map_err(AgentError::Config)?;
         let sds =
             crate::sds::SdsSettings::resolve(file.sds, flags.sds).map_err(AgentError::Config)?;
         Ok(Self {
             sds,
+            files,
             connections,
             jwt_svid_cache_size: jwt.cache_size,
             jwt_svid_cache_per_uid: jwt.cache_per_uid,

@@ -42,12 +42,16 @@ struct Local {
     socket: SocketLock,
     metrics_listener: Option<tokio::net::TcpListener>,
     bundle: Bundle,
+    /// The `[[files]]` writers, checked (root, directories), not started.
+    files: Option<crate::files::supervise::Writers>,
 }
 
 impl Local {
     /// Everything that could fail without the server, so a refusal never
     /// comes after the join token was used up.
     async fn check(config: &AgentConfig) -> Result<Self, AgentError> {
+        // First: whether this agent may start them at all (root).
+        let files = crate::files::supervise::Writers::check(&config.files)?;
         // Caps that leave no descriptors for the agent's own files.
         let connections = config
             .connections
@@ -82,6 +86,7 @@ impl Local {
             socket,
             metrics_listener,
             bundle,
+            files,
         })
     }
 }
@@ -188,11 +193,15 @@ impl Started {
             connections,
             mut socket,
             metrics_listener,
+            files,
             ..
         } = local;
         let listener = socket
             .bind(0o777)
             .map_err(|e| AgentError::Config(e.to_string()))?;
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        // The writers connect to the socket just bound, as workloads do.
+        let writers = files.map(|w| w.spawn(config.socket_path.clone(), stopping.clone()));
         let rpc = Arc::new(oxid_telemetry::RpcMetrics::default());
         let jwts = Arc::new(Mutex::new(JwtCache::new(
             config.jwt_svid_cache_size,
@@ -208,7 +217,6 @@ impl Started {
             let source = crate::metrics::AgentMetrics::new(&rpc, state);
             tasks.push(spawn_metrics(l, source));
         }
-        let (stop, stopping) = tokio::sync::watch::channel(false);
         // One stream cap per uid for the Workload API and SDS together.
         let streams = crate::workload::limits::StreamLimits::new(config.max_streams_per_uid);
         let attestor = Arc::new(UnixAttestor::default());
@@ -275,6 +283,12 @@ impl Started {
                 tokio::time::sleep(DRAIN_GRACE).await;
             } => Ok(()),
         };
+        // Each writer has had SIGTERM since the stop; they end by
+        // themselves within STOP_GRACE (killed after it).
+        if let Some(writers) = writers {
+            let grace = crate::files::supervise::STOP_GRACE + Duration::from_secs(1);
+            let _ = tokio::time::timeout(grace, writers).await;
+        }
         for task in tasks {
             task.abort();
             let _ = task.await;

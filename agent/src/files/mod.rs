@@ -9,6 +9,8 @@
 //! unreachable, it retries with backoff, and the last generation stays
 //! current.
 
+pub mod config;
+pub mod supervise;
 pub mod writer;
 
 use std::path::PathBuf;
@@ -442,6 +444,7 @@ async fn announce(
         Notify::Command(command) => {
             match tokio::process::Command::new("sh")
                 .args(["-c", command])
+                .env_remove(supervise::PARENT_ENV)
                 .status()
                 .await
             {
@@ -457,6 +460,7 @@ async fn announce(
                     .ok_or_else(|| AgentError::Config("no command after --".into()))?;
                 let spawned = tokio::process::Command::new(program)
                     .args(args)
+                    .env_remove(supervise::PARENT_ENV)
                     .spawn()
                     .map_err(|e| AgentError::Config(format!("cannot run {program:?}: {e}")))?;
                 *child = Some(spawned);

@@ -341,6 +341,13 @@ fn generations(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WriteError> {
 
 /// A directory this user owns (or root does) and no one else may write.
 fn check_dir(dir: &Path) -> Result<(), WriteError> {
+    check_dir_for(dir, rustix::process::geteuid().as_raw())
+}
+
+/// A directory `me` owns (or root does) and no one else may write: what
+/// the writer running as `me` accepts (the agent checks its `[[files]]`
+/// writers' directories with it before starting them).
+pub fn check_dir_for(dir: &Path, me: u32) -> Result<(), WriteError> {
     let refuse = |reason: String| WriteError::Directory {
         dir: dir.display().to_string(),
         reason,
@@ -357,7 +364,6 @@ fn check_dir(dir: &Path) -> Result<(), WriteError> {
             "not a directory (a symlink to one is refused too: give the real path)".into(),
         ));
     }
-    let me = rustix::process::geteuid().as_raw();
     if meta.uid() != me && meta.uid() != 0 {
         return Err(refuse(format!(
             "owned by uid {}, not by this user ({me}) or root",
