@@ -165,6 +165,13 @@ pub struct Counters {
     pub server_connected: std::sync::atomic::AtomicBool,
     /// SDS responses Envoy rejected (requests with `error_detail`).
     pub sds_nacks: std::sync::atomic::AtomicU64,
+    /// Times the sync stream came back up on another server than the one
+    /// it was lost from (not counting moves at the connection's maximum
+    /// age).
+    pub server_failovers: std::sync::atomic::AtomicU64,
+    /// The server the sync stream is (or was last) on, as
+    /// `address` or `address (ip:port)`.
+    pub server: std::sync::Mutex<Option<String>>,
 }
 
 /// The published snapshot.

@@ -199,9 +199,15 @@ pub struct RunArgs {
     /// Configuration file (TOML).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Server agent API address, host:port.
+    /// Server agent API address, host:port; give it once per server of
+    /// the trust domain to fail over between them (tried in this order).
+    #[arg(long = "server-address", value_name = "HOST:PORT")]
+    pub server_address: Vec<String>,
+    /// Seconds without a frame from the server before it is pinged
+    /// (default 2); unanswered for half as long again, the next server is
+    /// tried.
     #[arg(long)]
-    pub server_address: Option<String>,
+    pub server_keepalive_secs: Option<u64>,
     /// Trust domain.
     #[arg(long)]
     pub trust_domain: Option<String>,
@@ -283,9 +289,9 @@ pub fn main() -> ExitCode {
             return finish(
                 AgentConfig::load(config.as_deref(), AgentFile::default()).map(|c| {
                     crate::api_cli::say(&format!(
-                        "configuration is valid: trust domain {}, server {}, socket {}",
+                        "configuration is valid: trust domain {}, servers {}, socket {}",
                         c.trust_domain,
-                        c.server_address,
+                        c.server_addresses,
                         c.socket_path.display()
                     ));
                 }),
@@ -297,7 +303,10 @@ pub fn main() -> ExitCode {
         Command::Api(cmd) => return finish(block_on(crate::api_cli::run(cmd))),
     };
     let flags = AgentFile {
-        server_address: args.server_address,
+        server_address: None,
+        // Empty when none is given: the file's (or the default) is used.
+        server_addresses: (!args.server_address.is_empty()).then_some(args.server_address),
+        server_keepalive_secs: args.server_keepalive_secs,
         trust_domain: args.trust_domain,
         trust_bundle: args.trust_bundle,
         join_token: args.join_token,

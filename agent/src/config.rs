@@ -11,6 +11,9 @@ use crate::identity::Attestation;
 
 /// Default server address.
 pub const DEFAULT_SERVER_ADDRESS: &str = "127.0.0.1:8081";
+/// Default `server_keepalive_secs`: a server that stops answering is left
+/// within about 5 s.
+pub const DEFAULT_SERVER_KEEPALIVE_SECS: u64 = 2;
 /// Default data directory.
 pub const DEFAULT_DATA_DIR: &str = "./.oxid/agent";
 /// Default Workload API socket.
@@ -64,8 +67,16 @@ pub const DEFAULT_MAX_REQUEST_KIB: usize = 4096;
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentFile {
-    /// host:port of the server's agent API.
+    /// host:port of the server's agent API (one server).
     pub server_address: Option<String>,
+    /// host:port of each server's agent API (several servers of one trust
+    /// domain; the agent fails over between them). Not with
+    /// `server_address`.
+    pub server_addresses: Option<Vec<String>>,
+    /// Seconds without a frame from the server before the agent pings it
+    /// (default 2, 1 to 60); unanswered for half as long again, the
+    /// connection is dropped and the next server tried.
+    pub server_keepalive_secs: Option<u64>,
     /// Trust domain.
     pub trust_domain: Option<String>,
     /// Bootstrap bundle (PEM).
@@ -136,8 +147,10 @@ pub struct AgentFile {
 /// The resolved configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// Server address.
-    pub server_address: String,
+    /// The servers' addresses, checked, in the order given.
+    pub server_addresses: crate::servers::ServerAddresses,
+    /// HTTP/2 keepalive ping interval on the connection to the server.
+    pub server_keepalive: std::time::Duration,
     /// Trust domain.
     pub trust_domain: TrustDomain,
     /// Bootstrap bundle file.
@@ -204,6 +217,16 @@ impl AgentConfig {
     fn resolve(file: AgentFile, flags: AgentFile) -> Result<Self, AgentError> {
         let jwt = JwtLimits::resolve(&file, &flags)?;
         let connections = conn_settings(&file, &flags)?;
+        let server_addresses = server_addresses(&file, &flags)?;
+        let keepalive = flags
+            .server_keepalive_secs
+            .or(file.server_keepalive_secs)
+            .unwrap_or(DEFAULT_SERVER_KEEPALIVE_SECS);
+        if !(1..=60).contains(&keepalive) {
+            return Err(AgentError::Config(format!(
+                "server_keepalive_secs {keepalive} must be between 1 and 60"
+            )));
+        }
         let pick = |f: Option<String>, d: Option<String>| f.or(d);
         let td_name =
             pick(flags.trust_domain, file.trust_domain).unwrap_or_else(|| "example.org".into());
@@ -269,9 +292,9 @@ impl AgentConfig {
                 "max_streams_per_uid 0 would refuse every stream; use at least 1".into(),
             ));
         }
-        let files = crate::files::config::resolve(&file.files).map_err(AgentError::Config)?;
         let sds =
             crate::sds::SdsSettings::resolve(file.sds, flags.sds).map_err(AgentError::Config)?;
+        let files = crate::files::config::resolve(&file.files).map_err(AgentError::Config)?;
         Ok(Self {
             sds,
             files,
@@ -287,8 +310,8 @@ impl AgentConfig {
                 .max_presigned_svids
                 .or(file.max_presigned_svids)
                 .unwrap_or(1000),
-            server_address: pick(flags.server_address, file.server_address)
-                .unwrap_or_else(|| DEFAULT_SERVER_ADDRESS.into()),
+            server_addresses,
+            server_keepalive: std::time::Duration::from_secs(keepalive),
             trust_domain,
             trust_bundle: flags.trust_bundle.or(file.trust_bundle),
             attestation,
@@ -302,6 +325,35 @@ impl AgentConfig {
             clock: crate::clock::WallClock::default(),
         })
     }
+}
+
+/// The server addresses: the flags' if any are given (all of them: flags
+/// replace the file's list, they do not add to it), else the file's, else
+/// [`DEFAULT_SERVER_ADDRESS`]. `server_address` and `server_addresses`
+/// together in one place is an error, as is an empty list.
+fn server_addresses(
+    file: &AgentFile,
+    flags: &AgentFile,
+) -> Result<crate::servers::ServerAddresses, AgentError> {
+    let one_place = |f: &AgentFile, place: &str| -> Result<Option<Vec<String>>, AgentError> {
+        match (&f.server_address, &f.server_addresses) {
+            (Some(_), Some(_)) => Err(AgentError::Config(format!(
+                "{place}: give either server_address or server_addresses, not both"
+            ))),
+            (Some(one), None) => Ok(Some(vec![one.clone()])),
+            (None, Some(list)) if list.is_empty() => Err(AgentError::Config(format!(
+                "{place}: server_addresses is empty; give at least one host:port"
+            ))),
+            (None, Some(list)) => Ok(Some(list.clone())),
+            (None, None) => Ok(None),
+        }
+    };
+    let given = match one_place(flags, "flags")? {
+        Some(list) => list,
+        None => one_place(file, "agent.toml")?
+            .unwrap_or_else(|| vec![DEFAULT_SERVER_ADDRESS.to_owned()]),
+    };
+    crate::servers::ServerAddresses::new(&given).map_err(AgentError::Config)
 }
 
 /// Largest join token file read; a token is a few dozen bytes.
@@ -520,7 +572,7 @@ mod tests {
     #[test]
     fn defaults_and_conflicts() {
         let c = AgentConfig::load(None, AgentFile::default()).unwrap();
-        assert_eq!(c.server_address, "127.0.0.1:8081");
+        assert_eq!(c.server_addresses.to_string(), "127.0.0.1:8081");
         assert!(c.attestation.is_none());
         assert_eq!(c.jwt_svid_cache_size, DEFAULT_JWT_SVID_CACHE_SIZE);
         let both = AgentFile {
@@ -542,6 +594,56 @@ mod tests {
         assert_eq!(c.jwt_svid_cache_size, 7);
         std::fs::write(&f, "sever_address = \"x\"\n").unwrap();
         assert!(AgentConfig::load(Some(&f), AgentFile::default()).is_err());
+    }
+
+    #[test]
+    fn server_addresses_come_from_one_place_and_are_checked() {
+        let toml = |text: &str, flags: AgentFile| AgentConfig::from_toml(text, flags);
+        let list = |c: AgentConfig| c.server_addresses.to_string();
+        assert_eq!(
+            list(toml("server_address = \"a.example:1\"\n", AgentFile::default()).unwrap()),
+            "a.example:1"
+        );
+        let three = "server_addresses = [\"a.example:1\", \"10.0.0.2:1\", \"[::1]:1\"]\n";
+        assert_eq!(
+            list(toml(three, AgentFile::default()).unwrap()),
+            "a.example:1, 10.0.0.2:1, [::1]:1"
+        );
+        // Flags replace the file's list.
+        let flags = AgentFile {
+            server_addresses: Some(vec!["b.example:2".into(), "c.example:3".into()]),
+            ..Default::default()
+        };
+        assert_eq!(
+            list(toml(three, flags).unwrap()),
+            "b.example:2, c.example:3"
+        );
+        for (text, why) in [
+            (
+                "server_address = \"a:1\"\nserver_addresses = [\"b:1\"]\n",
+                "either server_address or server_addresses",
+            ),
+            ("server_addresses = []\n", "server_addresses is empty"),
+            ("server_addresses = [\"a:1\", \"A:1\"]\n", "given twice"),
+            (
+                "server_addresses = [\"a:1\", \"http://b:1\"]\n",
+                "not a URL",
+            ),
+            ("server_address = \"a\"\n", "no port"),
+            ("server_addresses = \"a:1\"\n", "sequence"),
+            ("server_keepalive_secs = 0\n", "between 1 and 60"),
+            ("server_keepalive_secs = 61\n", "between 1 and 60"),
+        ] {
+            let e = toml(text, AgentFile::default()).unwrap_err().to_string();
+            assert!(e.contains(why), "{text:?}: {e}");
+        }
+        let both = AgentFile {
+            server_address: Some("a:1".into()),
+            server_addresses: Some(vec!["b:1".into()]),
+            ..Default::default()
+        };
+        let e = AgentConfig::load(None, both).unwrap_err().to_string();
+        assert!(e.contains("flags: give either"), "{e}");
     }
 
     #[test]

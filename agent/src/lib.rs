@@ -21,6 +21,7 @@ mod metrics;
 pub mod run;
 pub mod sds;
 pub mod server_client;
+pub mod servers;
 pub mod state;
 mod svids;
 mod sync;

@@ -155,6 +155,29 @@ impl Collector for AgentState {
         )?;
         single(
             &mut encoder,
+            "oxid_agent_server_failovers",
+            "Times the sync stream came back on another server than the one it was lost from (moves at the server's max_connection_age not counted)",
+            ConstCounter::new(counters.server_failovers.load(Relaxed)),
+        )?;
+        // Which server, while connected: an info metric, its one label
+        // bounded by the configured addresses.
+        let server = counters
+            .server
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .filter(|_| counters.server_connected.load(Relaxed));
+        let mut metric = encoder.encode_descriptor(
+            "oxid_agent_server",
+            "1 for the server the sync stream is on (label address: as configured, with the address dialled in brackets when it differs); absent while disconnected",
+            None,
+            MetricType::Gauge,
+        )?;
+        if let Some(server) = server {
+            ConstGauge::new(1).encode(metric.encode_family(&[("address", server.as_str())])?)?;
+        }
+        single(
+            &mut encoder,
             "oxid_agent_sync_age_seconds",
             "0 while the sync stream is up, else seconds since the agent's view was last current (-1: never synced)",
             ConstGauge::new(self.sync_age()),

@@ -129,12 +129,13 @@ impl Started {
             .map_err(|e| AgentError::Internal(e.to_string()))?;
         let server = Arc::new(
             ServerClient::new(
-                config.server_address.clone(),
+                config.server_addresses.clone(),
                 server_id,
                 tls_bundle.clone(),
                 Arc::new(SvidResolver::default()),
             )?
-            .with_clock(config.clock.clone()),
+            .with_clock(config.clock.clone())
+            .with_keepalive(config.server_keepalive)?,
         );
         let settings = identity::Settings {
             dir: config.data_dir.clone(),

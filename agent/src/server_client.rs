@@ -18,10 +18,11 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use crate::AgentError;
 use crate::clock::WallClock;
 use crate::identity::{Attestation, Identity};
+use crate::servers::{Connected, ServerAddresses, Servers, Start};
 
 /// A connection to the server.
 pub struct ServerClient {
-    address: String,
+    servers: Arc<Servers>,
     server_id: SpiffeId,
     bundle: Arc<SharedBundle>,
     certs: Arc<SvidResolver>,
@@ -44,28 +45,39 @@ pub struct ServerClient {
     /// so the server sees the new SVID used and the old one retired,
     /// instead of cutting the old stream at its expiry.
     identity_generation: tokio::sync::watch::Sender<u64>,
+    /// The keepalive ping interval.
+    keepalive: Duration,
 }
 
 impl std::fmt::Debug for ServerClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerClient")
-            .field("address", &self.address)
+            .field("servers", &self.servers.addresses().to_string())
             .finish_non_exhaustive()
     }
 }
 
 impl ServerClient {
-    /// A client for `address` (host:port) that trusts `bundle` (shared with
-    /// sync, so CA rotation is followed) and presents `certs` once set.
+    /// A client for `servers` (one connection, to one of them at a time)
+    /// that trusts `bundle` (shared with sync, so CA rotation is followed)
+    /// and presents `certs` once set.
     pub fn new(
-        address: String,
+        servers: ServerAddresses,
         server_id: SpiffeId,
         bundle: Arc<SharedBundle>,
         certs: Arc<SvidResolver>,
     ) -> Result<Self, AgentError> {
-        let channel = make_channel(&address, &server_id, &bundle, &certs)?;
+        let servers = Arc::new(Servers::new(servers));
+        let channel = make_channel(
+            &servers,
+            Start::Same,
+            DEFAULT_KEEPALIVE,
+            &server_id,
+            &bundle,
+            &certs,
+        )?;
         Ok(Self {
-            address,
+            servers,
             server_id,
             bundle,
             certs,
@@ -75,6 +87,7 @@ impl ServerClient {
             renewal_key: Mutex::new(None),
             identity_refused: tokio::sync::Notify::new(),
             identity_generation: tokio::sync::watch::Sender::new(0),
+            keepalive: DEFAULT_KEEPALIVE,
         })
     }
 
@@ -83,6 +96,14 @@ impl ServerClient {
     pub fn with_clock(mut self, wall: WallClock) -> Self {
         self.wall = wall;
         self
+    }
+
+    /// This client, pinging the server after `interval` without a frame
+    /// from it (see [`DEFAULT_KEEPALIVE`]).
+    pub fn with_keepalive(mut self, interval: Duration) -> Result<Self, AgentError> {
+        self.keepalive = interval;
+        self.replace_channel(Start::Same)?;
+        Ok(self)
     }
 
     /// An API client on the current channel.
@@ -130,11 +151,36 @@ impl ServerClient {
     }
 
     /// Replaces the channel so new calls present the current SVID (an
-    /// HTTP/2 connection keeps the certificate it was opened with).
+    /// HTTP/2 connection keeps the certificate it was opened with), on the
+    /// same server.
     pub fn reconnect(&self) -> Result<(), AgentError> {
-        let channel = make_channel(&self.address, &self.server_id, &self.bundle, &self.certs)?;
+        self.replace_channel(Start::Same)
+    }
+
+    /// Replaces the channel with one that tries the next server first:
+    /// the current one refused to serve (behind the agent's revision,
+    /// stopping, its database unreachable) or ended the connection at its
+    /// maximum age, so agents spread over the servers again.
+    pub fn move_on(&self) -> Result<(), AgentError> {
+        self.replace_channel(Start::Next)
+    }
+
+    fn replace_channel(&self, start: Start) -> Result<(), AgentError> {
+        let channel = make_channel(
+            &self.servers,
+            start,
+            self.keepalive,
+            &self.server_id,
+            &self.bundle,
+            &self.certs,
+        )?;
         *self.channel.write().unwrap_or_else(|e| e.into_inner()) = channel;
         Ok(())
+    }
+
+    /// The server the connection is on (or was on last).
+    pub fn connected(&self) -> Option<Connected> {
+        self.servers.connected()
     }
 
     /// Presents `identity` from now on.
@@ -307,16 +353,21 @@ const BUSY_BACKOFF_MAX: Duration = Duration::from_secs(4);
 /// retry takes over.
 const BUSY_TRIES: u32 = 7;
 
-/// Keepalive ping interval on the connection to the server.
-const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(15);
-/// How long a keepalive ping may go unanswered before the connection is
-/// dropped and Sync reconnects.
-const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-/// How long a TCP connect to the server may take.
-const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Keepalive: a ping after this long without a frame from the server,
+/// dropped when unanswered for half as long again, so a server that died
+/// without a reset (host gone, network cut) is left for another within
+/// about 5 s. A live server's HTTP/2 layer answers pings itself, however
+/// busy. (`server_keepalive_secs` in agent.toml.)
+pub const DEFAULT_KEEPALIVE: Duration =
+    Duration::from_secs(crate::config::DEFAULT_SERVER_KEEPALIVE_SECS);
 
+/// A lazy channel to one of `servers`: its first connection tries them
+/// from `start`, every later one (the connection failed) from the server
+/// after the one it was on.
 fn make_channel(
-    address: &str,
+    servers: &Arc<Servers>,
+    start: Start,
+    keepalive: Duration,
     server_id: &SpiffeId,
     bundle: &Arc<SharedBundle>,
     certs: &Arc<SvidResolver>,
@@ -326,32 +377,36 @@ fn make_channel(
         oxid_tls::client_config(verifier, Some(certs.clone()))
             .map_err(|e| AgentError::Internal(e.to_string()))?,
     );
-    let address = address.to_owned();
+    let servers = servers.clone();
+    let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let endpoint = Endpoint::try_from("http://oxid-server.invalid")
         .map_err(|e| AgentError::Internal(e.to_string()))?
         // A connection that dies silently (server host gone, NAT state
-        // dropped, a cut cable) must not leave Sync waiting forever: ping
-        // every KEEPALIVE, drop the connection after KEEPALIVE_TIMEOUT
-        // without an answer, even with only the Sync stream open.
-        .http2_keep_alive_interval(KEEPALIVE)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        // dropped, a cut cable) must not leave Sync waiting: ping after
+        // `keepalive`, drop the connection after half as long again without
+        // an answer, even with only the Sync stream open.
+        .http2_keep_alive_interval(keepalive)
+        .keep_alive_timeout(keepalive.mul_f64(1.5))
         .keep_alive_while_idle(true);
     Ok(
         endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
-            let (tls, address) = (tls.clone(), address.clone());
+            let (tls, servers) = (tls.clone(), servers.clone());
+            let start = match first.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                true => start,
+                false => Start::Next,
+            };
             async move {
-                let tcp = tokio::time::timeout(
-                    CONNECT_TIMEOUT,
-                    tokio::net::TcpStream::connect(address.as_str()),
-                )
-                .await
-                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-                // Small gRPC writes must not wait for the server's delayed
-                // ACK (Nagle): that cost 40 ms per SVID batch.
-                tcp.set_nodelay(true)?;
-                let name = ServerName::try_from("oxid-server").map_err(std::io::Error::other)?;
-                let stream = tokio_rustls::TlsConnector::from(tls)
-                    .connect(name, tcp)
+                let stream = servers
+                    .connect(start, |tcp| {
+                        let tls = tls.clone();
+                        async move {
+                            let name = ServerName::try_from("oxid-server")
+                                .map_err(std::io::Error::other)?;
+                            tokio_rustls::TlsConnector::from(tls)
+                                .connect(name, tcp)
+                                .await
+                        }
+                    })
                     .await?;
                 Ok::<_, std::io::Error>(TokioIo::new(stream))
             }

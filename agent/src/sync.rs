@@ -16,6 +16,7 @@ use oxid_tls::SharedBundle;
 
 use crate::cache::{Cache, Entries, Entry};
 use crate::server_client::ServerClient;
+use crate::servers::Connected;
 
 /// Bounds of the reconnect backoff.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -41,7 +42,17 @@ struct View {
     bundles: BTreeMap<TrustDomain, Arc<Bundle>>,
 }
 
-/// Runs forever: sync, apply, publish; on error, back off and retry.
+/// Since when, and from which server, the agent has had no sync stream.
+struct Lost {
+    at: std::time::Instant,
+    from: Option<Connected>,
+    /// The server ended the connection at its maximum age: a planned move,
+    /// not a failover.
+    aged: bool,
+}
+
+/// Runs forever: sync, apply, publish; on error, back off and retry, on
+/// the next server first unless the error was about the agent itself.
 pub(crate) async fn run(
     server: Arc<ServerClient>,
     cache: Arc<Cache>,
@@ -50,23 +61,53 @@ pub(crate) async fn run(
 ) {
     let mut backoff = BACKOFF_MIN;
     let mut view = View::default();
+    let mut lost: Option<Lost> = None;
     loop {
-        let outcome = follow(&server, &cache, &tls_bundle, &data_dir, &mut view).await;
+        let outcome = follow(
+            &server,
+            &cache,
+            &tls_bundle,
+            &data_dir,
+            &mut view,
+            &mut lost,
+        )
+        .await;
         // The view was current until a stream that was up ended: the sync
         // age counts from here.
         let was_up = cache.counters.server_connected.swap(false, Relaxed);
         if was_up && cache.current().synced {
             mark_synced(&cache);
         }
+        let aged = outcome
+            .as_ref()
+            .err()
+            .is_some_and(|s| StreamEnd::of(s) == Some(StreamEnd::ConnectionAged));
+        if was_up {
+            lost = Some(Lost {
+                at: std::time::Instant::now(),
+                from: server.connected(),
+                aged,
+            });
+        }
         match outcome {
             Ok(()) => backoff = BACKOFF_MIN,
             Err(status) => {
+                let mut move_on = true;
                 match StreamEnd::of(&status) {
                     // Normal events, not failures: the server stopping (a
-                    // restart), or this agent's own renewal retiring the
-                    // SVID the stream was opened with.
+                    // restart), the connection at its maximum age, or this
+                    // agent's own renewal retiring the SVID the stream was
+                    // opened with.
                     Some(StreamEnd::ShuttingDown) => {
-                        tracing::info!("the server is stopping; reconnecting");
+                        tracing::info!(
+                            "the server is stopping; reconnecting, to another server first"
+                        );
+                    }
+                    Some(StreamEnd::ConnectionAged) => {
+                        tracing::info!(
+                            "the server ended the connection at its maximum age; reconnecting, to the next server first"
+                        );
+                        backoff = BACKOFF_MIN;
                     }
                     // Only a stream that was up: refused at once, the SVID
                     // this agent holds is not current, which is a failure.
@@ -75,10 +116,22 @@ pub(crate) async fn run(
                             "sync stream ended after the agent SVID was renewed; reconnecting with the new one"
                         );
                         backoff = BACKOFF_MIN;
+                        move_on = false;
                     }
                     _ => {
                         server.note_sync_refusal(&status);
+                        // About the agent, not the server: another server
+                        // would say the same.
+                        move_on = !matches!(
+                            status.code(),
+                            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+                        );
                         tracing::warn!(code = ?status.code(), error = %status.message(), "sync interrupted; retrying");
+                    }
+                }
+                if move_on {
+                    if let Err(e) = server.move_on() {
+                        tracing::error!(error = %e, "cannot make a channel to the next server");
                     }
                 }
                 tokio::time::sleep(jittered(backoff)).await;
@@ -88,12 +141,59 @@ pub(crate) async fn run(
     }
 }
 
+/// Logs (and counts) where the new stream is, against where the last one
+/// was: a failover at INFO with both servers and how long the agent was
+/// without a stream, so its time can be read from the log.
+fn note_connected(
+    cache: &Cache,
+    lost: Option<Lost>,
+    now_on: Option<Connected>,
+    page: &pb::SyncResponse,
+) {
+    let server = now_on
+        .as_ref()
+        .map_or_else(|| "?".to_owned(), ToString::to_string);
+    *cache
+        .counters
+        .server
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Some(server.clone());
+    let Some(lost) = lost else {
+        tracing::info!(%server, revision = page.revision, "connected to the server");
+        return;
+    };
+    let after_ms = u64::try_from(lost.at.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let moved = lost.from.as_ref().map(|c| c.socket) != now_on.as_ref().map(|c| c.socket);
+    let from = lost
+        .from
+        .as_ref()
+        .map_or_else(|| "?".to_owned(), ToString::to_string);
+    match (moved, lost.aged) {
+        (true, false) => {
+            cache.counters.server_failovers.fetch_add(1, Relaxed);
+            tracing::info!(
+                %from, to = %server, after_ms, revision = page.revision, snapshot = page.snapshot,
+                "failed over to another server"
+            );
+        }
+        (true, true) => tracing::info!(
+            %from, to = %server, after_ms, revision = page.revision, snapshot = page.snapshot,
+            "moved to another server at the connection's maximum age"
+        ),
+        (false, _) => tracing::info!(
+            %server, after_ms, revision = page.revision, snapshot = page.snapshot,
+            "reconnected to the server"
+        ),
+    }
+}
+
 async fn follow(
     server: &ServerClient,
     cache: &Cache,
     tls_bundle: &SharedBundle,
     data_dir: &std::path::Path,
     view: &mut View,
+    lost: &mut Option<Lost>,
 ) -> Result<(), tonic::Status> {
     // Resume from what we hold: the server answers with a delta.
     let known_entry_ids = if view.revision > 0 {
@@ -127,7 +227,16 @@ async fn follow(
             }
         };
         if !cache.counters.server_connected.swap(true, Relaxed) {
-            tracing::info!(revision = page.revision, "connected to the server");
+            note_connected(cache, lost.take(), server.connected(), &page);
+        }
+        // A server never takes the agent back in time (it waits for its
+        // index, or refuses): a page older than the view is a server bug,
+        // and applying it could bring back a deleted entry.
+        if page.revision < view.revision && !page.snapshot {
+            return Err(tonic::Status::internal(format!(
+                "the server sent revision {} to an agent at {}",
+                page.revision, view.revision
+            )));
         }
         let target = if page.snapshot {
             staging.insert(View::default())

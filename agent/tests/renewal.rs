@@ -136,6 +136,10 @@ async fn a_lost_renewal_answer_is_recovered_with_the_same_key() {
     h.stop_agent().await;
     let proxy = LossyProxy::start(h.server_addr).await;
     h.agent_server_addr = Some(proxy.addr);
+    // A server whose answers are lost is also silent to keepalive pings:
+    // with the default (left after about 5 s) the agent would drop the
+    // connection before its renewal is due, and nothing would be lost.
+    h.agent_extra.server_keepalive_secs = Some(15);
     h.start_agent(None);
     let client = h.client().await;
     eventually(|| client.fetch_x509_svid()).await;

@@ -161,7 +161,7 @@ impl SimAgent {
         let bundle = Bundle::from_x509_pem(td.clone(), bundle_pem)?;
         let server_id: SpiffeId = td.spiffe_id("/oxid/server")?;
         let client = ServerClient::new(
-            address.to_owned(),
+            oxid_agent::servers::ServerAddresses::new(&[address])?,
             server_id,
             Arc::new(SharedBundle::new(bundle)),
             Arc::new(SvidResolver::default()),

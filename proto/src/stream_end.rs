@@ -26,6 +26,10 @@ pub enum StreamEnd {
     /// The stream's agent SVID was replaced by a renewed one
     /// (`PermissionDenied`): the agent reconnects with the new one.
     SvidReplaced,
+    /// The connection reached the server's `max_connection_age`
+    /// (`Unavailable`): the agent reconnects, to the next server first, so
+    /// agents spread over the servers again.
+    ConnectionAged,
 }
 
 impl StreamEnd {
@@ -34,6 +38,7 @@ impl StreamEnd {
         match self {
             Self::ShuttingDown => "shutting-down",
             Self::SvidReplaced => "svid-replaced",
+            Self::ConnectionAged => "connection-aged",
         }
     }
 
@@ -51,6 +56,7 @@ impl StreamEnd {
         match status.metadata().get(END_KEY)?.to_str().ok()? {
             "shutting-down" => Some(Self::ShuttingDown),
             "svid-replaced" => Some(Self::SvidReplaced),
+            "connection-aged" => Some(Self::ConnectionAged),
             _ => None,
         }
     }
@@ -62,7 +68,11 @@ mod tests {
 
     #[test]
     fn round_trips_and_ignores_what_it_does_not_know() {
-        for end in [StreamEnd::ShuttingDown, StreamEnd::SvidReplaced] {
+        for end in [
+            StreamEnd::ShuttingDown,
+            StreamEnd::SvidReplaced,
+            StreamEnd::ConnectionAged,
+        ] {
             assert_eq!(
                 StreamEnd::of(&end.attach(Status::unavailable("x"))),
                 Some(end)

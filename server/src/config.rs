@@ -230,6 +230,11 @@ pub struct ConfigFile {
     /// Time a connection may stay open with no call in flight (default
     /// `2m`); an open Sync stream is a call in flight.
     pub connection_idle_timeout: Option<HumanDuration>,
+    /// Age at which an agent-API connection is closed (default `30m`,
+    /// each connection ±10 % at random): its Sync stream ends saying so and
+    /// the agent reconnects, to the next server first, so agents spread
+    /// over the servers again after one returns.
+    pub max_connection_age: Option<HumanDuration>,
     /// The CA.
     pub ca: Option<CaFile>,
 }
@@ -515,9 +520,19 @@ fn conn_settings(file: &ConfigFile) -> Result<crate::agent_api::ConnSettings, Co
         }
         Ok(d)
     };
+    let max_age = file
+        .max_connection_age
+        .map_or(crate::agent_api::DEFAULT_MAX_CONNECTION_AGE, |d| d.0);
+    if max_age.is_zero() || max_age > Duration::from_secs(7 * 86_400) {
+        return Err(ConfigError::Invalid(format!(
+            "max_connection_age {} must be between 1s and 7d",
+            HumanDuration(max_age)
+        )));
+    }
     Ok(crate::agent_api::ConnSettings {
         max,
         per_address,
+        max_age,
         timeouts: oxid_telemetry::conn::Timeouts {
             preface: timeout(
                 "connection_preface_timeout",

@@ -739,7 +739,8 @@ async fn a_reconnecting_agent_resumes_with_a_delta() {
         [new.as_str()],
         "unchanged entries are not sent again"
     );
-    // A revision the server never reached means a snapshot.
+    // A revision the store never reached (a restored backup) means a
+    // snapshot, once the server has waited for its index (sync::CATCH_UP).
     let mut c = s.client(Some(agent.certs.clone())).await;
     let mut future = c
         .sync(pb::SyncRequest {

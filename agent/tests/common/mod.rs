@@ -195,11 +195,12 @@ impl Harness {
                 jwt_svid_cache_size: self.jwt_cache_size,
                 max_streams_per_uid: self.max_streams_per_uid,
                 max_request_kib: self.max_request_kib,
-                server_address: Some(
+                // A test giving several addresses (agent_extra) gives them all.
+                server_address: self.agent_extra.server_addresses.is_none().then(|| {
                     self.agent_server_addr
                         .unwrap_or(self.server_addr)
-                        .to_string(),
-                ),
+                        .to_string()
+                }),
                 trust_bundle: Some(self.dir.path().join("bundle.pem")),
                 join_token: token,
                 node_cert: self.node_credentials.as_ref().map(|c| c.0.clone()),

@@ -51,6 +51,41 @@ pub struct ConnSettings {
     pub per_address: usize,
     /// Preface and idle timeouts.
     pub timeouts: Timeouts,
+    /// Connections end at about this age (±[`MAX_AGE_JITTER`]): the Sync
+    /// stream ends with `StreamEnd::ConnectionAged`, the agent moves on,
+    /// and HTTP/2 GOAWAY closes what is left once its calls finish.
+    pub max_age: Duration,
+}
+
+/// Default `max_connection_age`.
+pub const DEFAULT_MAX_CONNECTION_AGE: Duration = Duration::from_secs(30 * 60);
+
+/// Each connection's age is `max_age` times a random factor in 1 ± this,
+/// so agents that connected together (after a restart) do not all move
+/// together.
+pub(super) const MAX_AGE_JITTER: f64 = 0.1;
+
+/// How long after the latest a connection can reach its age (the Sync
+/// stream ended) the server sends GOAWAY regardless, for a client that did
+/// not move on by itself; in-flight calls still finish.
+pub(super) fn goaway_after(max_age: Duration) -> Duration {
+    max_age.mul_f64(1.0 + MAX_AGE_JITTER) + Duration::from_secs(1)
+}
+
+/// `max_age` scaled by `1 + MAX_AGE_JITTER * (2 * unit - 1)`, `unit` in
+/// [0, 1).
+fn jittered_age(max_age: Duration, unit: f64) -> Duration {
+    max_age.mul_f64(1.0 + MAX_AGE_JITTER * (2.0 * unit - 1.0))
+}
+
+/// A random number in [0, 1).
+fn random_unit() -> f64 {
+    let mut bytes = [0u8; 2];
+    // No randomness: no jitter; the age itself still holds.
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
+        return 0.5;
+    }
+    f64::from(u16::from_le_bytes(bytes)) / 65_536.0
 }
 
 impl ConnSettings {
@@ -82,6 +117,8 @@ pub struct PeerInfo {
     pub addr: Option<SocketAddr>,
     /// Calls in flight on the connection, for the idle timeout.
     activity: Arc<Activity>,
+    /// When the connection reaches its maximum age (jittered).
+    pub aged_at: tokio::time::Instant,
 }
 
 impl Tracked for PeerInfo {
@@ -273,6 +310,8 @@ pub(crate) fn incoming(
                     chain,
                     addr: Some(addr),
                     activity: activity.clone(),
+                    aged_at: tokio::time::Instant::now()
+                        + jittered_age(settings.max_age, random_unit()),
                 };
                 let conn = AgentConn {
                     tls,
@@ -321,5 +360,26 @@ fn refusal(refused: Refused) -> String {
             "{n} connections without an agent SVID open or handshaking from this address, \
              the limit (max_connections_per_address)"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_stay_within_ten_percent_and_goaway_comes_after_the_latest() {
+        let age = Duration::from_secs(1800);
+        assert_eq!(jittered_age(age, 0.0), Duration::from_secs(1620));
+        assert_eq!(jittered_age(age, 0.5), age);
+        assert!(jittered_age(age, 65_535.0 / 65_536.0) < Duration::from_secs(1980));
+        for _ in 0..1000 {
+            let a = jittered_age(age, random_unit());
+            assert!(
+                a >= Duration::from_secs(1620) && a < Duration::from_secs(1980),
+                "{a:?}"
+            );
+            assert!(goaway_after(age) > a);
+        }
     }
 }

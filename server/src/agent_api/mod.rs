@@ -29,7 +29,7 @@ use crate::ca::{CaManager, CaSnapshot};
 use crate::clock::Clock;
 use crate::datastore::DataStore;
 
-pub use self::conn::{ConnSettings, PeerInfo};
+pub use self::conn::{ConnSettings, DEFAULT_MAX_CONNECTION_AGE, PeerInfo};
 pub use self::error::AgentApiError;
 pub use self::service::AgentApiService;
 pub use crate::index::IndexHandle;
@@ -134,6 +134,10 @@ pub async fn serve(
         // dropped) is noticed and its Sync stream freed.
         .http2_keepalive_interval(Some(KEEPALIVE))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        // The Sync stream ends at the connection's own (jittered) age and
+        // the agent moves on; GOAWAY after the latest such age closes what
+        // a client left open, letting its calls in flight finish.
+        .max_connection_age(conn::goaway_after(connections.max_age))
         .layer(oxid_telemetry::conn::ActivityLayer::<PeerInfo>::new())
         .layer(rpc_layer)
         .add_service(

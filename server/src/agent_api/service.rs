@@ -382,6 +382,7 @@ impl pb::agent_api_server::AgentApi for AgentApiService {
         req: Request<pb::SyncRequest>,
     ) -> Result<Response<Self::SyncStream>, Status> {
         let (agent, caller) = self.0.authenticate(&req).await?;
+        let aged_at = req.extensions().get::<super::PeerInfo>().map(|p| p.aged_at);
         let r = req.into_inner();
         let rx = sync::start(
             self.0.sync.clone(),
@@ -389,6 +390,7 @@ impl pb::agent_api_server::AgentApi for AgentApiService {
             caller,
             r.revision,
             r.known_entry_ids,
+            aged_at,
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -2,8 +2,10 @@
 //! bundles it needs, then a delta whenever the index moves. Computed as a
 //! diff against what this stream already sent, so every way an entry can
 //! leave the authorised set (deleted, re-parented, alias or node selectors
-//! changed, expired) is a removal. A reconnecting agent gets a fresh
-//! snapshot, which it applies in place of its view: nothing is lost.
+//! changed, expired) is a removal. A reconnecting agent resumes from the
+//! revision it holds (a delta); a server whose index is behind that
+//! revision waits for it, bounded, then refuses, so an agent's view never
+//! goes back in time.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -29,6 +31,11 @@ const EXPIRY_MARGIN: Duration = Duration::from_millis(10);
 
 /// Page size bound: the sync contract (ARCHITECTURE.md) caps pages at 1 MiB.
 const MAX_PAGE_BYTES: usize = 1024 * 1024;
+
+/// How long a stream whose agent is at a revision this server's index has
+/// not reached waits for the index before refusing, so the agent tries
+/// another server instead of being taken back in time.
+pub(crate) const CATCH_UP: Duration = Duration::from_secs(5);
 
 /// What a sync stream reads: the index, the store (agent records while the
 /// index trails, federated bundles), the CA's published bundle, the clock
@@ -107,6 +114,42 @@ fn resume_point(inner: &SyncDeps, revision: u64, known: Vec<String>) -> Option<S
     })
 }
 
+/// Waits (at most [`CATCH_UP`]) until the index has reached the agent's
+/// `revision`. A server whose index stays behind refuses with
+/// `Unavailable`: answering would take the agent back in time (an entry
+/// deleted since could come back and be signed). Only when the store
+/// itself is behind the agent (its newest committed revision is older and
+/// its feed is not stale: a restored backup) does the stream go on, with a
+/// snapshot.
+async fn catch_up(inner: &SyncDeps, revision: u64) -> Result<(), Status> {
+    if revision <= inner.index.read().revision() {
+        return Ok(());
+    }
+    let mut index = inner.index.subscribe();
+    if tokio::time::timeout(CATCH_UP, index.wait_for(|r| *r >= revision))
+        .await
+        .is_ok_and(|r| r.is_ok())
+    {
+        return Ok(());
+    }
+    let reached = inner.index.read().revision();
+    let committed = *inner.store.revision().borrow();
+    if committed >= revision || inner.store.feed_stale_since().is_some() {
+        return Err(Status::unavailable(format!(
+            "this server is behind the agent: its index is at revision {reached}, the agent \
+             holds revision {revision}, and it did not catch up within {} s (its change feed \
+             lags); the agent tries another server",
+            CATCH_UP.as_secs()
+        )));
+    }
+    tracing::warn!(
+        agent_revision = revision,
+        store_revision = committed,
+        "an agent holds a revision newer than the store's (a restored backup?); sending it a snapshot"
+    );
+    Ok(())
+}
+
 /// Starts the stream for `agent`, called by `caller`: a snapshot, or, for
 /// an agent that says which revision and entries it holds, a delta from
 /// there. It ends when the caller's SVID expires or is retired (the
@@ -117,9 +160,14 @@ pub(crate) fn start(
     caller: Caller,
     revision: u64,
     known: Vec<String>,
+    aged_at: Option<tokio::time::Instant>,
 ) -> mpsc::Receiver<Result<pb::SyncResponse, Status>> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
+        if let Err(status) = catch_up(&inner, revision).await {
+            let _ = tx.send(Err(status)).await;
+            return;
+        }
         let resumed = resume_point(&inner, revision, known);
         let mut snapshot = resumed.is_none();
         let mut sent = resumed.unwrap_or_default();
@@ -226,11 +274,30 @@ pub(crate) fn start(
                         }
                     }
                     () = &mut recheck => break,
+                    // The connection's maximum age: the agent reconnects,
+                    // to the next server first.
+                    () = until(aged_at) => {
+                        let end = oxid_proto::stream_end::StreamEnd::ConnectionAged.attach(
+                            Status::unavailable(
+                                "the connection reached the server's max_connection_age; reconnect",
+                            ),
+                        );
+                        let _ = tx.send(Err(end)).await;
+                        return;
+                    }
                 }
             }
         }
     });
     rx
+}
+
+/// Completes at `at`, never without one.
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn to_pb(e: &Entry, inner: &SyncDeps) -> pb::Entry {
