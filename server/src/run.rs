@@ -313,6 +313,8 @@ impl Built {
         let rotation = spawn_rotation(ca.clone(), config.ca_ttl);
         let follower = index.clone().follow(store.clone());
         let peers = ca.clone().follow_peers(index.authorities_changed());
+        let heartbeat = ca.clone().keep_beating();
+        let beating = ca.clone();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
@@ -383,9 +385,13 @@ impl Built {
         rotation.abort();
         follower.abort();
         peers.abort();
+        heartbeat.abort();
         let _ = rotation.await;
         let _ = follower.await;
         let _ = peers.await;
+        let _ = heartbeat.await;
+        // No agent is served any more: no server need wait for this one.
+        beating.stop_beating().await;
         if let Some(task) = metrics_server {
             let _ = task.await;
         }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use oxid_pki::{Selector, SpiffeId, TrustDomain};
 use oxid_server::datastore::{
     Agent, ChangeEvent, CreateMode, DataStore, DataStoreError, Entry, EntryFilter, EntryId,
-    JoinToken, PgConfig, PgStore, SledStore, StoredBundle,
+    JoinToken, PgConfig, PgStore, ServerAuthority, SledStore, StoredBundle,
 };
 
 #[path = "support/pg.rs"]
@@ -106,6 +106,10 @@ contract!(
     agents_and_bundles_round_trip,
     a_corrupt_record_is_an_error_not_a_crash,
     concurrent_writers_all_finish_and_persist,
+    a_stores_own_authorities_are_never_its_peers,
+    a_store_beats_but_never_counts_itself_among_its_peers,
+    a_store_never_forgets_its_own_server,
+    the_ca_journal_is_replaced_whole,
 );
 
 fn id(s: &str) -> SpiffeId {
@@ -636,6 +640,92 @@ async fn agents_and_bundles_round_trip(b: Backend) {
             "BundleUpserted",
             "BundleDeleted"
         ]
+    );
+}
+
+/// A row of this server's authority `sequence` (the store does not look
+/// inside the key material).
+fn authority(sequence: u64) -> ServerAuthority {
+    ServerAuthority {
+        server: String::new(),
+        sequence,
+        x509_authority: format!("x509-{sequence}"),
+        jwt_key_id: format!("kid-{sequence}"),
+        jwt_public_key: format!("jwt-{sequence}"),
+        not_after: 4_000_000_000,
+    }
+}
+
+/// `put_own_authorities` gives a revision the store has reached (where
+/// the rows entered the feed, on a store that keeps them), and a store's
+/// own rows are never among its peers, read with a revision at least that.
+async fn a_stores_own_authorities_are_never_its_peers(b: Backend) {
+    let store = b.open().await;
+    let at = store
+        .put_own_authorities(vec![authority(1), authority(2)])
+        .await
+        .unwrap();
+    assert!(at <= *store.revision().borrow());
+    let (peers, current) = store.peer_authorities_at().await.unwrap();
+    assert!(peers.is_empty(), "{peers:?}");
+    assert!(current >= at);
+    assert!(store.peer_authorities().await.unwrap().is_empty());
+    // Replaced whole: the second write leaves no row of the first.
+    let again = store.put_own_authorities(vec![authority(3)]).await.unwrap();
+    assert!(again >= at);
+    if let Backend::Pg(_) = b {
+        assert!(again > at, "each write of the rows enters the feed");
+        let last = store.changes_since(again - 1, 10).await.unwrap();
+        assert!(
+            matches!(&last[0].event, ChangeEvent::AuthoritiesChanged { server } if server == "default"),
+            "{last:?}"
+        );
+    }
+}
+
+/// A store's own heartbeat is never among its peers', and stopping is
+/// always accepted.
+async fn a_store_beats_but_never_counts_itself_among_its_peers(b: Backend) {
+    let store = b.open().await;
+    store.beat(7).await.unwrap();
+    store.beat(3).await.unwrap();
+    assert!(store.peer_heartbeats().await.unwrap().is_empty());
+    store.stop_beating().await.unwrap();
+    assert!(store.peer_heartbeats().await.unwrap().is_empty());
+}
+
+/// Forgetting the store's own server is refused, saying why, and changes
+/// nothing.
+async fn a_store_never_forgets_its_own_server(b: Backend) {
+    let store = b.open().await;
+    store.put_ca_journal(b"journal".to_vec()).await.unwrap();
+    let before = *store.revision().borrow();
+    let refused = store.forget_server("default", u64::MAX, true).await;
+    let Err(DataStoreError::Refused(why)) = refused else {
+        panic!("{refused:?}");
+    };
+    assert!(why.contains("\"default\""), "{why}");
+    assert_eq!(*store.revision().borrow(), before);
+    assert_eq!(store.get_ca_journal().await.unwrap().unwrap(), b"journal");
+}
+
+/// The CA journal is one value, replaced whole, and its write enters the
+/// feed.
+async fn the_ca_journal_is_replaced_whole(b: Backend) {
+    let store = b.open().await;
+    assert!(store.get_ca_journal().await.unwrap().is_none());
+    store
+        .put_ca_journal(b"first, longer".to_vec())
+        .await
+        .unwrap();
+    store.put_ca_journal(b"second".to_vec()).await.unwrap();
+    assert_eq!(store.get_ca_journal().await.unwrap().unwrap(), b"second");
+    let changes = store.changes_since(0, 10).await.unwrap();
+    assert_eq!(changes.len(), 2);
+    assert!(
+        changes
+            .iter()
+            .all(|c| matches!(c.event, ChangeEvent::CaJournalUpdated))
     );
 }
 

@@ -12,6 +12,7 @@
 
 mod journal;
 mod peers;
+mod propagation;
 mod schedule;
 mod snapshot;
 
@@ -31,6 +32,7 @@ use crate::datastore::{DataStore, DataStoreError, StoredBundle};
 
 pub use self::journal::{AuthorityState, Journal, JournalEntry};
 use self::journal::{b64, unb64};
+pub use self::propagation::Propagation;
 pub use self::schedule::{Action, plan};
 pub use self::snapshot::CaSnapshot;
 
@@ -98,6 +100,11 @@ struct Generation {
     jwt_authority: JwtAuthority,
     /// Absent for an authority whose keys were in memory before a restart.
     signers: Option<Arc<Signers>>,
+    /// The revision at which this process first wrote the generation into
+    /// the shared bundle (`propagation.rs`).
+    shared_at: Option<u64>,
+    /// Every live server has applied `shared_at`: it may sign.
+    cleared: bool,
 }
 
 #[derive(Default)]
@@ -120,6 +127,11 @@ pub struct CaManager {
     /// The other servers' authorities (several servers on one database),
     /// published in the bundle beside this server's.
     peers: RwLock<Arc<Vec<peers::Peer>>>,
+    /// How a new authority waits for the other servers.
+    propagation: Propagation,
+    /// The revision as of which the published bundle holds every other
+    /// server's authorities (reported in the heartbeat).
+    applied: std::sync::atomic::AtomicU64,
     /// X509-SVIDs signed since start (metrics).
     x509_signed: std::sync::atomic::AtomicU64,
     /// JWT-SVIDs minted since start (metrics).
@@ -147,9 +159,20 @@ pub struct AuthorityStatus {
 
 impl CaManager {
     /// Loads the journal (or starts fresh), restores what it can, and makes
-    /// sure an authority is active.
+    /// sure an authority is active, with the default [`Propagation`].
     pub async fn start(
         config: CaConfig,
+        clock: Arc<dyn Clock>,
+        store: Arc<dyn DataStore>,
+    ) -> Result<Arc<Self>, CaError> {
+        Self::start_with(config, Propagation::default(), clock, store).await
+    }
+
+    /// [`Self::start`] with `propagation`. Returns once the active
+    /// authority may sign: every live server has applied it (bounded).
+    pub async fn start_with(
+        config: CaConfig,
+        propagation: Propagation,
         clock: Arc<dyn Clock>,
         store: Arc<dyn DataStore>,
     ) -> Result<Arc<Self>, CaError> {
@@ -184,7 +207,9 @@ impl CaManager {
                 state.generations.push(generation);
             }
         }
-        let peers = peers::parse(store.peer_authorities().await?);
+        let (rows, applied) = store.peer_authorities_at().await?;
+        let peers = peers::parse(rows);
+        let restored = !state.generations.is_empty();
         let now = unix_secs(clock.now());
         let (published, _) = watch::channel(Arc::new(snapshot_of(
             &config.trust_domain,
@@ -201,13 +226,33 @@ impl CaManager {
             published,
             rotation: tokio::sync::Mutex::new(()),
             peers: RwLock::new(Arc::new(peers)),
+            propagation,
+            applied: std::sync::atomic::AtomicU64::new(applied),
             x509_signed: std::sync::atomic::AtomicU64::new(0),
             jwt_signed: std::sync::atomic::AtomicU64::new(0),
         });
+        // Live from now: another server's new authority waits for us too.
+        manager.beat().await;
+        {
+            let _guard = manager.rotation.lock().await;
+            if restored {
+                // Shares what was restored (the bundle write may also have
+                // been lost with a crash after the journal write).
+                manager.persist().await?;
+            }
+        }
         manager.rotate().await?;
-        // The bundle write may have been lost with a crash after the journal
-        // write: publish it again from the journal.
-        manager.persist().await?;
+        let _guard = manager.rotation.lock().await;
+        let uncleared = manager
+            .read()
+            .generations
+            .iter()
+            .find(|g| g.entry.state == AuthorityState::Active && !g.cleared)
+            .map(|g| g.entry.sequence);
+        if let Some(sequence) = uncleared {
+            manager.clear(sequence).await?;
+        }
+        drop(_guard);
         Ok(manager)
     }
 
@@ -368,18 +413,33 @@ impl CaManager {
                     AuthorityState::Prepared
                 };
                 let generation = self.mint_generation(state, now)?;
-                let mut s = self.write();
-                if state == AuthorityState::Active {
-                    for g in &mut s.generations {
-                        if g.entry.state == AuthorityState::Active {
-                            g.entry.state = AuthorityState::Old;
+                let sequence = generation.entry.sequence;
+                {
+                    let mut s = self.write();
+                    if state == AuthorityState::Active {
+                        for g in &mut s.generations {
+                            if g.entry.state == AuthorityState::Active {
+                                g.entry.state = AuthorityState::Old;
+                            }
                         }
                     }
+                    s.generations.push(generation);
+                    s.version += 1;
                 }
-                s.generations.push(generation);
-                s.version += 1;
+                self.persist().await?;
+                if state == AuthorityState::Active {
+                    // Nothing else can sign: this one may once it has
+                    // reached every live server's agents.
+                    self.clear(sequence).await?;
+                }
+                return Ok(());
             }
             Action::Activate => {
+                // The old authority signs until the prepared one has
+                // reached every live server's agents.
+                if let Some(prepared) = self.find(AuthorityState::Prepared) {
+                    self.clear(prepared).await?;
+                }
                 let mut s = self.write();
                 for g in &mut s.generations {
                     g.entry.state = match g.entry.state {
@@ -465,6 +525,8 @@ impl CaManager {
             jwt_authority: jwt.authority().clone(),
             entry,
             signers: Some(Arc::new(Signers { x509, jwt })),
+            shared_at: None,
+            cleared: false,
         })
     }
 
@@ -493,7 +555,10 @@ impl CaManager {
             (journal, peers::own_rows(&state), snapshot)
         };
         self.store.put_ca_journal(journal.encode()?).await?;
-        self.store.put_own_authorities(rows).await?;
+        let shared_at = self.store.put_own_authorities(rows).await?;
+        for g in &mut self.write().generations {
+            g.shared_at.get_or_insert(shared_at);
+        }
         let spiffe_json = snapshot.spiffe_json().to_string();
         self.published.send_replace(Arc::new(snapshot));
         self.store
@@ -545,7 +610,7 @@ fn snapshot_of(
     let active = state
         .generations
         .iter()
-        .find(|g| g.entry.state == AuthorityState::Active)
+        .find(|g| g.entry.state == AuthorityState::Active && g.cleared)
         .and_then(|g| Some((g.entry.sequence, g.signers.clone()?)));
     CaSnapshot::new(bundle, active)
 }
@@ -610,5 +675,7 @@ fn restore(config: &CaConfig, entry: JournalEntry) -> Result<Generation, CaError
         root,
         jwt_authority,
         signers,
+        shared_at: None,
+        cleared: false,
     })
 }

@@ -88,11 +88,22 @@ impl CaManager {
     /// with them. Under the rotation lock, so it never races a rotation's
     /// publish.
     pub async fn refresh_peers(&self) -> Result<(), CaError> {
-        let rows = self.store.peer_authorities().await?;
         let _guard = self.rotation.lock().await;
+        self.reload_peers().await
+    }
+
+    /// `refresh_peers` with `rotation` held by the caller: reads the rows
+    /// with the revision they are current as of, publishes, and then
+    /// reports that revision as applied (`propagation.rs`): the sync
+    /// streams, woken by the publish, push the new bundle to the agents.
+    pub(super) async fn reload_peers(&self) -> Result<(), CaError> {
+        let (rows, revision) = self.store.peer_authorities_at().await?;
         *self.peers.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(parse(rows));
         let snapshot = self.snapshot_now();
         self.published.send_replace(Arc::new(snapshot));
+        self.applied
+            .fetch_max(revision, std::sync::atomic::Ordering::AcqRel);
+        self.beat().await;
         Ok(())
     }
 

@@ -209,6 +209,7 @@ async fn operator(command: Command) -> CliResult {
         }
         Command::Ca(cmd) => ca(cmd).await,
         Command::Datastore(cmd) => super::datastore::datastore(cmd).await,
+        Command::Server(cmd) => super::servers::servers(cmd).await,
         Command::Run(_) | Command::Validate { .. } => Ok(()),
     }
 }

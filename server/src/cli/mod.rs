@@ -10,6 +10,7 @@ mod datastore;
 mod entry;
 mod import;
 mod output;
+mod servers;
 mod spire_json;
 mod time;
 
@@ -19,6 +20,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub use self::commands::main;
 pub use self::datastore::{DatastoreCommand, MigrateArgs};
+pub use self::servers::{ServerArgs, ServerCommand};
 
 /// oxid-server: the SPIFFE certificate authority of one trust domain.
 #[derive(Debug, Parser)]
@@ -87,6 +89,10 @@ pub enum Command {
     /// The datastore itself (the server need not run; see `migrate`).
     #[command(subcommand)]
     Datastore(DatastoreCommand),
+    /// The servers sharing one PostgreSQL database (read and changed in
+    /// the database: list them, forget a decommissioned one).
+    #[command(subcommand)]
+    Server(ServerCommand),
 }
 
 /// `run` flags; they win over the configuration file.

@@ -23,8 +23,8 @@ pub use self::contents::StoreContents;
 pub use self::postgres::{PgConfig, PgStore};
 pub use self::sled_store::SledStore;
 pub use self::types::{
-    Agent, Change, ChangeEvent, Entry, EntryId, InvalidEntryId, JoinToken, SelectorSet,
-    ServerAuthority, StoredBundle,
+    Agent, Change, ChangeEvent, Entry, EntryId, Forgotten, Heartbeat, InvalidEntryId, JoinToken,
+    SelectorSet, ServerAuthority, ServerInfo, StoredBundle,
 };
 
 /// Why a datastore operation failed.
@@ -65,7 +65,18 @@ pub enum DataStoreError {
     /// A stored record does not decode: the store is damaged.
     #[error("datastore record is corrupt: {0}")]
     Corrupt(String),
+    /// The operation is refused as asked (forgetting a live server, or
+    /// this server itself); the message says why and what to do.
+    #[error("{0}")]
+    Refused(String),
 }
+
+/// How long a server's heartbeat counts: one older than this (and one
+/// marked stopped) is of a server that is not live. Ten beats.
+pub const LIVENESS: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How often a server beats.
+pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Filters for listing entries. Every set filter must match.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -206,19 +217,70 @@ pub trait DataStore: Send + Sync + 'static {
 
     /// Replaces this server's rows in the trust domain's shared bundle (the
     /// store knows which server it serves) and enters the change feed;
-    /// other servers' rows are untouched. A store only one server uses
-    /// (sled) keeps none: that server's bundle is its own.
+    /// other servers' rows are untouched. Returns the revision the change
+    /// took: once every live server has applied it, their agents hold
+    /// these authorities. A store only one server uses (sled) keeps none:
+    /// that server's bundle is its own.
     async fn put_own_authorities(
         &self,
         authorities: Vec<ServerAuthority>,
-    ) -> Result<(), DataStoreError> {
+    ) -> Result<u64, DataStoreError> {
         let _ = authorities;
-        Ok(())
+        Ok(*self.revision().borrow())
     }
 
     /// The other servers' rows of the shared bundle.
     async fn peer_authorities(&self) -> Result<Vec<ServerAuthority>, DataStoreError> {
+        Ok(self.peer_authorities_at().await?.0)
+    }
+
+    /// The other servers' rows, and the revision they are current as of
+    /// (read in one snapshot: every row committed at or below it is in).
+    async fn peer_authorities_at(&self) -> Result<(Vec<ServerAuthority>, u64), DataStoreError> {
+        Ok((Vec::new(), *self.revision().borrow()))
+    }
+
+    /// Records this server as live, its published bundle current as of
+    /// `applied_revision`. Outside the change feed. A single-server store
+    /// has no one to tell.
+    async fn beat(&self, applied_revision: u64) -> Result<(), DataStoreError> {
+        let _ = applied_revision;
+        Ok(())
+    }
+
+    /// Records a clean stop: this server is not live from now on.
+    async fn stop_beating(&self) -> Result<(), DataStoreError> {
+        Ok(())
+    }
+
+    /// The other servers' heartbeats.
+    async fn peer_heartbeats(&self) -> Result<Vec<Heartbeat>, DataStoreError> {
         Ok(Vec::new())
+    }
+
+    /// Every server the database knows (a journal row, a heartbeat or
+    /// authority rows), this one included, by name. Empty for a
+    /// single-server store.
+    async fn servers(&self) -> Result<Vec<ServerInfo>, DataStoreError> {
+        Ok(Vec::new())
+    }
+
+    /// Removes a stopped server: its journal row and heartbeat, and its
+    /// authority rows that expired by `now_secs` (all of them with
+    /// `force`), in one transaction that enters the feed, so the other
+    /// servers drop what it removed from their bundles. Refused for this
+    /// server's own name, and for a live server ([`LIVENESS`]).
+    async fn forget_server(
+        &self,
+        name: &str,
+        now_secs: u64,
+        force: bool,
+    ) -> Result<Forgotten, DataStoreError> {
+        let _ = (now_secs, force);
+        Err(DataStoreError::Refused(format!(
+            "cannot forget server {name:?}: this datastore has one server only (the embedded \
+             store); forgetting servers is for several servers on one PostgreSQL database"
+        )))
     }
 
     /// Changes with revision greater than `after`, oldest first, at most

@@ -319,3 +319,56 @@ pub struct ServerAuthority {
     /// Unix seconds; nothing the authority signed outlives it.
     pub not_after: u64,
 }
+
+/// What another server last reported of itself (several servers on one
+/// database; `DataStore::peer_heartbeats`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Heartbeat {
+    /// The server's name.
+    pub server: String,
+    /// The feed revision as of which its published bundle holds every
+    /// server's authorities: its sync streams have pushed them.
+    pub applied_revision: u64,
+    /// How long ago it beat, by the database's clock (so the servers'
+    /// clocks need not agree).
+    pub age: std::time::Duration,
+    /// It stopped cleanly: not live, however recent its last beat.
+    pub stopped: bool,
+}
+
+impl Heartbeat {
+    /// Running, as far as anyone can tell: not stopped, and beat within
+    /// `bound`. A server killed without a clean stop stays live until its
+    /// heartbeat is `bound` old.
+    pub fn is_live(&self, bound: std::time::Duration) -> bool {
+        !self.stopped && self.age < bound
+    }
+}
+
+/// One server of the database as `server list` shows it: its journal
+/// row, its heartbeat and its rows of the shared bundle.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerInfo {
+    /// The server's name.
+    pub server: String,
+    /// It has a CA journal row (false: forgotten, its unexpired
+    /// authorities kept until they expire).
+    pub has_journal: bool,
+    /// Its heartbeat; `None` if it never beat (a server of schema 2, or
+    /// one forgotten).
+    pub heartbeat: Option<Heartbeat>,
+    /// Its authorities, by sequence.
+    pub authorities: Vec<ServerAuthority>,
+}
+
+/// What `DataStore::forget_server` removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forgotten {
+    /// The journal row was removed (false: it had none left).
+    pub journal: bool,
+    /// Authority rows removed.
+    pub removed: Vec<u64>,
+    /// Authority rows kept because they have not expired (SVIDs they
+    /// signed may still be in use), by sequence; `--force` removes them.
+    pub kept: Vec<u64>,
+}

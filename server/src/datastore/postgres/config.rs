@@ -133,6 +133,11 @@ pub struct PgConfig {
     /// The server this store serves (`server_name`): the key of its CA
     /// journal and of its rows in the shared bundle.
     pub server_name: String,
+    /// The schema version this server migrates to and speaks:
+    /// [`super::SCHEMA_VERSION`]. Not a setting of the file: the tests set
+    /// an older version to play a server of the previous release during a
+    /// rolling upgrade (`schema.rs`, the version policy).
+    pub schema_version: i32,
 }
 
 impl fmt::Display for PgConfig {
@@ -244,6 +249,7 @@ impl PgConfig {
             feed_poll: DEFAULT_FEED_POLL,
             application_name: "oxid-server".into(),
             server_name: crate::config::DEFAULT_SERVER_NAME.into(),
+            schema_version: super::SCHEMA_VERSION,
         })
     }
 

@@ -6,9 +6,11 @@
 //! One row per entry, agent, join token and bundle (the value as JSONB, and
 //! the columns that are looked up or must be unique); one row per server
 //! for its CA journal (`server_name`), and one per server and authority for
-//! the trust domain's shared bundle (`authorities.rs`); `oxid_feed`, one row holding the last revision and the
-//! retention mark; `oxid_changes`, the feed (revision → event). Schema
-//! versions and migrations: `schema.rs`.
+//! the trust domain's shared bundle (`authorities.rs`); one per server for
+//! its heartbeat, outside the feed (`servers.rs`); `oxid_feed`, one row
+//! holding the last revision and the retention mark; `oxid_changes`, the
+//! feed (revision → event). Schema versions, migrations and the version
+//! policy of rolling upgrades: `schema.rs`.
 //!
 //! # The contract
 //!
@@ -86,6 +88,7 @@ mod feed;
 mod import;
 mod records;
 mod schema;
+mod servers;
 mod tls;
 
 use std::sync::Arc;
@@ -103,7 +106,7 @@ pub use self::config::{
 pub use self::schema::SCHEMA_VERSION;
 use super::{
     Agent, Change, ChangeEvent, CreateMode, DataStore, DataStoreError, Entry, EntryFilter, EntryId,
-    JoinToken, ServerAuthority, StoredBundle,
+    Forgotten, Heartbeat, JoinToken, ServerAuthority, ServerInfo, StoredBundle,
 };
 
 /// The PostgreSQL store.
@@ -116,6 +119,8 @@ pub struct PgStore {
     health: Arc<feed::FeedHealth>,
     /// The server this store serves: its journal row and bundle rows.
     server_name: String,
+    /// The schema version this server speaks (`PgConfig::schema_version`).
+    schema_version: i32,
 }
 
 impl Drop for PgStore {
@@ -162,7 +167,7 @@ impl PgStore {
         let mut client = pool.get().await.map_err(|e| {
             DataStoreError::Backend(format!("cannot connect to {config}: {}", pool_message(&e)))
         })?;
-        schema::migrate(&mut client).await?;
+        schema::migrate(&mut client, config.schema_version).await?;
         let (revision, _) = watch::channel(feed::current(&client).await?);
         drop(client);
         let revision = Arc::new(revision);
@@ -185,6 +190,7 @@ impl PgStore {
             listener,
             health,
             server_name: config.server_name.clone(),
+            schema_version: config.schema_version,
         })
     }
 
@@ -299,12 +305,42 @@ impl DataStore for PgStore {
     async fn put_own_authorities(
         &self,
         authorities: Vec<ServerAuthority>,
-    ) -> Result<(), DataStoreError> {
+    ) -> Result<u64, DataStoreError> {
         self.set_authorities(authorities).await
     }
 
-    async fn peer_authorities(&self) -> Result<Vec<ServerAuthority>, DataStoreError> {
+    async fn peer_authorities_at(&self) -> Result<(Vec<ServerAuthority>, u64), DataStoreError> {
         self.others_authorities().await
+    }
+
+    async fn beat(&self, applied_revision: u64) -> Result<(), DataStoreError> {
+        self.heartbeat(applied_revision).await
+    }
+
+    async fn stop_beating(&self) -> Result<(), DataStoreError> {
+        self.mark_stopped().await
+    }
+
+    async fn peer_heartbeats(&self) -> Result<Vec<Heartbeat>, DataStoreError> {
+        Ok(self
+            .heartbeats()
+            .await?
+            .into_iter()
+            .filter(|b| b.server != self.server_name)
+            .collect())
+    }
+
+    async fn servers(&self) -> Result<Vec<ServerInfo>, DataStoreError> {
+        self.list_servers().await
+    }
+
+    async fn forget_server(
+        &self,
+        name: &str,
+        now_secs: u64,
+        force: bool,
+    ) -> Result<Forgotten, DataStoreError> {
+        self.forget(name, now_secs, force).await
     }
 
     async fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<Change>, DataStoreError> {

@@ -10,6 +10,23 @@
 //!
 //! Migrations are only ever appended, never edited: a deployed database
 //! has run the old text.
+//!
+//! # Version policy (rolling upgrades)
+//!
+//! - A server refuses a schema newer than it knows (above).
+//! - Each migration is additive for one step: it adds tables or columns
+//!   and leaves everything the previous version reads and writes in place
+//!   and meaning the same. So servers of version N-1 that are already
+//!   running keep serving while the first server of version N migrates,
+//!   and the servers are then restarted on N one at a time (a server of
+//!   N-1 restarted after the migration is refused: upgrade it instead).
+//! - What a new version adds, the older servers neither write nor read,
+//!   and the newer ones must cope with its absence for the servers of
+//!   N-1 (version 3's heartbeats: a server without one is not waited on).
+//! - A server speaks [`SCHEMA_VERSION`] unless told otherwise
+//!   (`PgConfig::schema_version`, which the tests set to play a server of
+//!   the previous version: it migrates only that far and uses only what
+//!   that version had).
 
 use tokio_postgres::Client;
 
@@ -85,16 +102,44 @@ CREATE TABLE oxid_authorities (
 );
 ";
 
+/// Version 3: each server's heartbeat, so a new or rotated authority signs
+/// only once every live server has applied the feed revision that carries
+/// it (`ca::propagation`). Not in the change feed: a heartbeat every second
+/// per server would otherwise take a revision and wake every index.
+const V3: &str = r"
+CREATE TABLE oxid_server_heartbeats (
+    server text PRIMARY KEY,
+    -- The feed revision as of which the server's published bundle holds
+    -- every server's authorities.
+    applied_revision bigint NOT NULL,
+    -- By the database's clock, so servers' clocks need not agree.
+    beat_at timestamptz NOT NULL,
+    -- Set by a clean stop: not live, whatever beat_at says.
+    stopped boolean NOT NULL DEFAULT false
+);
+";
+
 /// Every migration, in order: index + 1 is the version it brings.
-const MIGRATIONS: &[&str] = &[V1, V2];
+const MIGRATIONS: &[&str] = &[V1, V2, V3];
+
+/// The first version with server heartbeats.
+pub(super) const HEARTBEATS: i32 = 3;
 
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
-/// Brings the database to [`SCHEMA_VERSION`], or refuses a newer one.
-/// Returns the version found before.
-pub(super) async fn migrate(client: &mut Client) -> Result<i32, DataStoreError> {
-    migrate_to(client, MIGRATIONS).await
+/// Brings the database to `version` (at most [`SCHEMA_VERSION`]), or
+/// refuses a newer one. Returns the version found before.
+pub(super) async fn migrate(client: &mut Client, version: i32) -> Result<i32, DataStoreError> {
+    let known = usize::try_from(version)
+        .ok()
+        .filter(|v| (1..=MIGRATIONS.len()).contains(v))
+        .ok_or_else(|| {
+            DataStoreError::Backend(format!(
+                "schema version {version} is not one this oxid-server has (1 to {SCHEMA_VERSION})"
+            ))
+        })?;
+    migrate_to(client, &MIGRATIONS[..known]).await
 }
 
 /// `migrate` with a given list (tests: an older binary).

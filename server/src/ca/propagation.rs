@@ -1,0 +1,206 @@
+//! When a new authority may sign: only once it has reached the agents of
+//! every live server of the trust domain (several servers on one database).
+//!
+//! Being in the shared bundle is not enough: an agent learns an authority
+//! from its own server's sync stream, which pushes it when that server's
+//! CA snapshot changes, which happens when its index has applied the feed
+//! change holding the rows and it has re-read them. So each server
+//! reports, in its heartbeat row (`DataStore::beat`, outside the feed),
+//! the revision as of which its published bundle holds every server's
+//! authorities (`applied`: the snapshot revision of its last read of the
+//! rows, `DataStore::peer_authorities_at`), written right after it
+//! publishes, and once a second to show it is live.
+//!
+//! A generation records the revision its rows first entered the feed at
+//! (`shared_at`). It signs only once `cleared`: every live server's
+//! applied revision has reached `shared_at` (`await_peers`), and then a
+//! short grace has passed for the sync streams' push to reach the agents.
+//! That is checked for the authority a new server creates at start (it
+//! serves nothing until then), for one restored at start, and before a
+//! prepared authority is activated (the old one signs meanwhile; on
+//! schedule the prepared one has been shared for 1/3 of a lifetime, so the
+//! wait is over at once). A server is live while its heartbeat is fresher
+//! than `liveness` and it has not stopped cleanly; a server of schema 2
+//! (rolling upgrade) has none and is not waited on. The wait is bounded:
+//! past `timeout` a live server still behind is named in a warning and the
+//! authority signs anyway (that server's agents may then refuse what it
+//! signs until it catches up). While waiting, the waiting server keeps its
+//! own view and heartbeat current, so servers starting at once never wait
+//! on each other forever.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::{CaError, CaManager};
+use crate::datastore::{HEARTBEAT_INTERVAL, Heartbeat, LIVENESS};
+
+/// How a new authority waits for the other servers.
+#[derive(Debug, Clone)]
+pub struct Propagation {
+    /// A heartbeat older than this is of a server that is not live.
+    pub liveness: Duration,
+    /// How long a new authority waits for the live servers at most.
+    pub timeout: Duration,
+    /// How often the heartbeats are read while waiting.
+    pub poll: Duration,
+    /// After every live server has applied the revision, for its sync
+    /// streams' push to reach the agents.
+    pub grace: Duration,
+    /// How often this server beats.
+    pub heartbeat: Duration,
+}
+
+impl Default for Propagation {
+    fn default() -> Self {
+        Self {
+            liveness: LIVENESS,
+            timeout: Duration::from_secs(30),
+            poll: Duration::from_millis(50),
+            grace: Duration::from_millis(500),
+            heartbeat: HEARTBEAT_INTERVAL,
+        }
+    }
+}
+
+/// After this long, a wait is logged.
+const LOG_AFTER: Duration = Duration::from_secs(1);
+
+impl CaManager {
+    /// Lets generation `sequence` sign once every live server has applied
+    /// the revision that shared it (bounded), and publishes. Called with
+    /// `rotation` held.
+    pub(super) async fn clear(&self, sequence: u64) -> Result<(), CaError> {
+        let shared_at = self
+            .read()
+            .generations
+            .iter()
+            .find(|g| g.entry.sequence == sequence)
+            .and_then(|g| g.shared_at);
+        if let Some(revision) = shared_at {
+            self.await_peers(sequence, revision).await;
+        }
+        {
+            let mut state = self.write();
+            if let Some(g) = state
+                .generations
+                .iter_mut()
+                .find(|g| g.entry.sequence == sequence)
+            {
+                g.cleared = true;
+            }
+        }
+        self.published.send_replace(Arc::new(self.snapshot_now()));
+        Ok(())
+    }
+
+    /// Waits until every live server other than this one has applied
+    /// `revision`, at most `timeout`, then the grace if it waited on any.
+    async fn await_peers(&self, sequence: u64, revision: u64) {
+        let p = &self.propagation;
+        let started = Instant::now();
+        let mut logged_wait = false;
+        let mut logged_stale: Vec<String> = Vec::new();
+        loop {
+            // Our own view first: a server waiting on us while we wait on
+            // it must see us apply its change.
+            if *self.store.revision().borrow() > self.applied.load(Ordering::Acquire) {
+                if let Err(e) = self.reload_peers().await {
+                    tracing::warn!(error = %e, "cannot read the other servers' CA authorities");
+                }
+            }
+            let beats = match self.store.peer_heartbeats().await {
+                Ok(beats) => beats,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the other servers' heartbeats");
+                    Vec::new()
+                }
+            };
+            for stale in beats
+                .iter()
+                .filter(|b| !b.stopped && !b.is_live(p.liveness))
+            {
+                if !logged_stale.contains(&stale.server) {
+                    tracing::info!(
+                        server = %stale.server,
+                        heartbeat_age_s = stale.age.as_secs(),
+                        "not waiting for a server whose heartbeat is stale (not live); if it \
+                         is gone for good, remove it with `oxid-server server forget`"
+                    );
+                    logged_stale.push(stale.server.clone());
+                }
+            }
+            let live: Vec<&Heartbeat> = beats.iter().filter(|b| b.is_live(p.liveness)).collect();
+            let behind: Vec<String> = live
+                .iter()
+                .filter(|b| b.applied_revision < revision)
+                .map(|b| b.server.clone())
+                .collect();
+            if behind.is_empty() {
+                if !live.is_empty() {
+                    tokio::time::sleep(p.grace).await;
+                }
+                if logged_wait {
+                    tracing::info!(
+                        sequence,
+                        revision,
+                        waited_ms = started.elapsed().as_millis() as u64,
+                        "every live server has this server's new CA authority; it may sign"
+                    );
+                }
+                return;
+            }
+            if started.elapsed() >= p.timeout {
+                tracing::warn!(
+                    sequence,
+                    revision,
+                    servers = ?behind,
+                    "live servers have not applied this server's new CA authority after {} s; \
+                     signing with it anyway: their agents may refuse what it signs until they \
+                     catch up (is their feed following? see oxid_feed_lag_seconds)",
+                    p.timeout.as_secs()
+                );
+                return;
+            }
+            if !logged_wait && started.elapsed() >= LOG_AFTER {
+                tracing::info!(
+                    sequence,
+                    revision,
+                    servers = ?behind,
+                    "waiting for the other live servers to apply this server's new CA \
+                     authority before it signs"
+                );
+                logged_wait = true;
+            }
+            tokio::time::sleep(p.poll).await;
+        }
+    }
+
+    /// Beats every `heartbeat` until the task is aborted.
+    pub fn keep_beating(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(self.propagation.heartbeat);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                self.beat().await;
+            }
+        })
+    }
+
+    /// Reports this server live, its bundle current as of `applied`.
+    pub(super) async fn beat(&self) {
+        let applied = self.applied.load(Ordering::Acquire);
+        if let Err(e) = self.store.beat(applied).await {
+            tracing::warn!(error = %e, "cannot record this server's heartbeat");
+        }
+    }
+
+    /// Records a clean stop, so no server waits for this one and it may be
+    /// forgotten at once. Call once nothing serves agents any more.
+    pub async fn stop_beating(&self) {
+        if let Err(e) = self.store.stop_beating().await {
+            tracing::warn!(error = %e, "cannot record this server's stop");
+        }
+    }
+}
