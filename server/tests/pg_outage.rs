@@ -1,12 +1,14 @@
 //! PostgreSQL stopped and started again under a running server and load
 //! (issue 15, "Tests" and item 6), on a cluster of this test's own
-//! (`support/private_pg.rs`): while it is down, writes are refused with
-//! a message naming PostgreSQL (`Unavailable` where the call has a status
-//! of its own, a token), `healthcheck` says why,
-//! and the agent keeps its open Sync stream and still gets SVIDs signed;
-//! once it is back, writes succeed, a new entry reaches the stream opened
-//! before the outage, and no acknowledged write is lost, all without a
-//! restart of the server.
+//! (`support/private_pg.rs`). While it is down: entry writes are refused
+//! with a message naming PostgreSQL (`Unavailable` where the call has a
+//! status of its own: a token, an attestation, whose token is kept for
+//! later), `healthcheck` says why, the agent keeps its open Sync stream,
+//! and SVID signing either goes on or is refused `Unavailable` for the
+//! database (see `check_outcomes`). Once it is back, with no restart of the
+//! server: writes and signing succeed, a new entry reaches the stream
+//! opened before, the refused token attests, and no acknowledged write is
+//! lost.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -27,41 +29,35 @@ use oxid_pki::x509::Csr;
 use oxid_pki::{KeyAlgorithm, KeyPair};
 use oxid_proto::admin as admin_pb;
 use oxid_proto::agent as pb;
+use private_pg::PrivateCluster;
 use support::cli_process::Server;
 use tokio::sync::watch;
 
-/// Where the database is when a call starts.
+/// Where the database is while a call runs.
 const UP: u8 = 0;
-const STOPPING: u8 = 1;
-const DOWN: u8 = 2;
-const STARTING: u8 = 3;
-const BACK: u8 = 4;
+const DOWN: u8 = 1;
+const BACK: u8 = 2;
+/// While pg_ctl stops or starts it.
+const MOVING: u8 = 3;
 /// A call that started in one phase and ended in another.
-const SPANNED: u8 = 5;
-/// A failed call, in the list of successes [`load`] publishes.
-const FAILED: u8 = u8::MAX;
+const SPANNED: u8 = 4;
 
 /// One call of the load: the phase it ran in, and its outcome.
 type Outcome = (u8, Result<String, String>);
 
-/// Runs `call` in a loop until `stop`, recording each outcome; a
-/// channel that counts them, so the test waits on outcomes, not time.
+/// Runs `call` in a loop until `stop`; every outcome so far, on a channel
+/// the test waits on (outcomes, not time).
 fn load<F, Fut>(
     phase: Arc<AtomicU8>,
     mut stop: watch::Receiver<bool>,
     mut call: F,
-) -> (
-    tokio::task::JoinHandle<Vec<Outcome>>,
-    watch::Receiver<Vec<u8>>,
-)
+) -> (tokio::task::JoinHandle<()>, watch::Receiver<Vec<Outcome>>)
 where
     F: FnMut(u64) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<String, String>> + Send + 'static,
 {
-    // The phases of the successful calls so far, for waiting.
     let (tx, rx) = watch::channel(Vec::new());
     let task = tokio::spawn(async move {
-        let mut outcomes = Vec::new();
         let mut n = 0;
         while !*stop.borrow_and_update() {
             let started = phase.load(Ordering::SeqCst);
@@ -73,28 +69,42 @@ where
             } else {
                 SPANNED
             };
-            tx.send_modify(|ok| ok.push(if result.is_ok() { at } else { FAILED }));
-            outcomes.push((at, result));
+            let failed = result.is_err();
+            tx.send_modify(|all| all.push((at, result)));
             // A refused call returns at once: pace the retries a little.
-            if outcomes.last().is_some_and(|(_, r)| r.is_err()) {
+            if failed {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-        outcomes
     });
     (task, rx)
 }
 
-/// Waits until `outcomes` holds `n` successes of calls started in `phase`.
-async fn successes(outcomes: &mut watch::Receiver<Vec<u8>>, phase: u8, n: usize, what: &str) {
+/// Waits until `outcomes` holds `n` calls of `phase` that `ok` or failed.
+async fn until_n(
+    outcomes: &mut watch::Receiver<Vec<Outcome>>,
+    phase: u8,
+    ok: bool,
+    n: usize,
+    what: &str,
+) {
+    let count = |all: &Vec<Outcome>| {
+        all.iter()
+            .filter(|(at, r)| *at == phase && r.is_ok() == ok)
+            .count()
+    };
     let reached = tokio::time::timeout(
         Duration::from_secs(60),
-        outcomes.wait_for(|o| o.iter().filter(|p| **p == phase).count() >= n),
+        outcomes.wait_for(|all| count(all) >= n),
     )
-    .await;
+    .await
+    .is_ok();
+    let all = outcomes.borrow();
     assert!(
-        reached.is_ok(),
-        "never {n} successful {what} in phase {phase}"
+        reached,
+        "never {n} {what} in phase {phase} ({} so far); the last calls: {:?}",
+        count(&all),
+        &all[all.len().saturating_sub(3)..]
     );
 }
 
@@ -120,7 +130,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_stopped_and_started_under_load_refuses_writes_clearly_then_recovers() {
-    let cluster = Arc::new(blocking(private_pg::PrivateCluster::start).await);
+    let cluster = Arc::new(blocking(PrivateCluster::start).await);
     let db = cluster.create_database("oxid_outage").await;
     let url = cluster.url(&db);
     let s = Arc::new(
@@ -135,6 +145,11 @@ async fn postgres_stopped_and_started_under_load_refuses_writes_clearly_then_rec
     let addr: SocketAddr = s.ready_field("agent_api").parse().unwrap();
     let bundle = s.spiffe_bundle();
     let token = s.json(&["token", "generate"]);
+    // For a node that attests during the outage.
+    let spare = s.json(&["token", "generate"])["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let client = support::agent_api_client(addr, bundle.clone(), support::SERVER_ID, None)
         .await
         .unwrap();
@@ -169,18 +184,11 @@ async fn postgres_stopped_and_started_under_load_refuses_writes_clearly_then_rec
         let first = first.clone();
         move |_| sign(api.clone(), first.clone())
     });
-    successes(&mut written, UP, 20, "writes").await;
-    successes(&mut signed, UP, 5, "signatures").await;
-    view.wait_for(|v| v.len() > 20).await.unwrap();
+    until_n(&mut written, UP, true, 20, "writes").await;
+    until_n(&mut signed, UP, true, 5, "signatures").await;
 
-    // Down.
-    phase.store(STOPPING, Ordering::SeqCst);
-    blocking({
-        let cluster = cluster.clone();
-        move || cluster.stop()
-    })
-    .await;
-    phase.store(DOWN, Ordering::SeqCst);
+    // Down, under the load.
+    move_db(&cluster, &phase, DOWN, PrivateCluster::stop).await;
     eventually("healthcheck fails", {
         let s = s.clone();
         move || !s.cli(&["healthcheck"]).status.success()
@@ -199,34 +207,32 @@ async fn postgres_stopped_and_started_under_load_refuses_writes_clearly_then_rec
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert!(refused.message().contains("PostgreSQL"), "{refused:?}");
-    let refused = tokio::time::timeout(
-        Duration::from_secs(60),
-        written.wait_for(|o| o.iter().filter(|p| **p == FAILED).count() >= 5),
-    )
-    .await
-    .is_ok();
-    assert!(refused, "writes were not refused while PostgreSQL was down");
-    successes(&mut signed, DOWN, 5, "signatures").await;
+    // A node attesting now is refused the same way (its token's use and
+    // its record are writes), and its token is not spent.
+    let refused = attest(addr, &bundle, &spare).await.err().unwrap();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("PostgreSQL"), "{refused:?}");
+    until_n(&mut written, DOWN, false, 5, "refused writes").await;
+    let signing = |all: &Vec<Outcome>| all.iter().filter(|(at, _)| *at == DOWN).count();
+    signed.wait_for(|all| signing(all) >= 5).await.unwrap();
     assert!(
         view.has_changed().is_ok(),
         "the Sync stream ended in the outage"
     );
 
     // Back, with no restart of the server.
-    phase.store(STARTING, Ordering::SeqCst);
-    blocking({
-        let cluster = cluster.clone();
-        move || cluster.start_again()
-    })
-    .await;
-    phase.store(BACK, Ordering::SeqCst);
-    successes(&mut written, BACK, 5, "writes").await;
+    move_db(&cluster, &phase, BACK, PrivateCluster::start_again).await;
+    until_n(&mut written, BACK, true, 5, "writes").await;
+    until_n(&mut signed, BACK, true, 5, "signatures").await;
     eventually("healthcheck passes again", {
         let s = s.clone();
         move || s.cli(&["healthcheck"]).status.success()
     })
     .await;
     let after = create(admin.clone(), &parent, "after").await.unwrap();
+    attest(addr, &bundle, &spare)
+        .await
+        .expect("the token refused in the outage attests once the database is back");
     // The stream opened before the outage carries it.
     let reached = tokio::time::timeout(
         Duration::from_secs(30),
@@ -240,27 +246,73 @@ async fn postgres_stopped_and_started_under_load_refuses_writes_clearly_then_rec
     );
 
     stop_tx.send_replace(true);
-    let (writes, signs) = (writes.await.unwrap(), signs.await.unwrap());
-    for (at, result) in &writes {
+    writes.await.unwrap();
+    signs.await.unwrap();
+    let (writes, signs) = (written.borrow().clone(), signed.borrow().clone());
+    check_outcomes(&writes, &signs);
+    every_acknowledged_write_is_kept(&cluster, &db, &writes, [&first, &after]).await;
+    let mut s = Arc::into_inner(s).unwrap();
+    let child = s.child.as_mut().unwrap();
+    assert!(child.try_wait().unwrap().is_none(), "the server exited");
+}
+
+/// Stops or starts the cluster (`how`, blocking), the phase `MOVING`
+/// meanwhile and `then` after.
+async fn move_db(
+    cluster: &Arc<PrivateCluster>,
+    phase: &AtomicU8,
+    then: u8,
+    how: fn(&PrivateCluster),
+) {
+    phase.store(MOVING, Ordering::SeqCst);
+    let cluster = cluster.clone();
+    blocking(move || how(&cluster)).await;
+    phase.store(then, Ordering::SeqCst);
+}
+
+/// What each phase allows: writes succeed while the database is up and
+/// are refused, saying why, while it is down. While it is down, SVIDs are
+/// signed from the server's view in memory, or, when the store knows of a
+/// commit that view has not applied (a write that committed as the
+/// database went away), refused `Unavailable` for the database rather
+/// than signed on a view known to be behind: a refusal must be that one.
+fn check_outcomes(writes: &[Outcome], signs: &[Outcome]) {
+    let refused_for_the_database =
+        |why: &str| why.contains("datastore unavailable: ") && why.contains("PostgreSQL");
+    for (at, result) in writes {
         match (*at, result) {
             (UP, r) => assert!(r.is_ok(), "a write before the outage failed: {r:?}"),
-            (DOWN, Ok(id)) => panic!("a write while PostgreSQL was down succeeded: {id}"),
+            (DOWN, Ok(id)) => {
+                panic!("a write while PostgreSQL was down succeeded: {id}")
+            }
             (DOWN, Err(why)) => assert!(
-                why.contains("datastore unavailable: ") && why.contains("PostgreSQL"),
+                refused_for_the_database(why),
                 "the refusal does not say why: {why}"
             ),
             _ => {}
         }
     }
-    for (at, result) in &signs {
-        if matches!(*at, UP | DOWN) {
-            assert!(result.is_ok(), "signing failed in phase {at}: {result:?}");
+    for (at, result) in signs {
+        match (*at, result) {
+            (UP, r) => assert!(r.is_ok(), "signing failed before the outage: {r:?}"),
+            (DOWN, Err(why)) => assert!(
+                why.contains("Unavailable") && refused_for_the_database(why),
+                "signing refused for another reason: {why}"
+            ),
+            _ => {}
         }
     }
+}
 
-    // Every acknowledged write is in the table.
+/// Every write the load saw acknowledged, and `more`, are in the table.
+async fn every_acknowledged_write_is_kept<'a>(
+    cluster: &PrivateCluster,
+    db: &str,
+    writes: &'a [Outcome],
+    more: [&'a String; 2],
+) {
     let table: std::collections::BTreeSet<String> = cluster
-        .raw(&db)
+        .raw(db)
         .await
         .query("SELECT id FROM oxid_entries", &[])
         .await
@@ -270,15 +322,24 @@ async fn postgres_stopped_and_started_under_load_refuses_writes_clearly_then_rec
         .collect();
     let acked: Vec<&String> = writes.iter().filter_map(|(_, r)| r.as_ref().ok()).collect();
     assert!(acked.len() > 25, "{} writes acknowledged", acked.len());
-    for id in acked.into_iter().chain([&first, &after]) {
+    for id in acked.into_iter().chain(more) {
         assert!(
             table.contains(id),
             "acknowledged entry {id} is not in the table"
         );
     }
-    let mut s = Arc::into_inner(s).unwrap();
-    let child = s.child.as_mut().unwrap();
-    assert!(child.try_wait().unwrap().is_none(), "the server exited");
+}
+
+/// Attests a new node with join token `token`.
+async fn attest(
+    addr: SocketAddr,
+    bundle: &oxid_pki::bundle::Bundle,
+    token: &str,
+) -> Result<support::Agent, tonic::Status> {
+    let client = support::agent_api_client(addr, bundle.clone(), support::SERVER_ID, None)
+        .await
+        .unwrap();
+    support::attest_token_with(client, token, |c| c).await
 }
 
 /// Creates `spiffe://example.org/<name>` under `parent`: its entry ID, or
