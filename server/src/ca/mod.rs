@@ -10,6 +10,7 @@
 //! ([`CaManager::subscribe`]) once the journal holding it is durable;
 //! signing and every reader of the bundle use the latest snapshot.
 
+mod generation;
 mod journal;
 mod peers;
 mod propagation;
@@ -20,18 +21,17 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use oxid_pki::bundle::{Bundle, JwtAuthority, JwtPublicKey};
-use oxid_pki::jwt::{JwtError, JwtSigner, JwtSvid};
+use oxid_pki::bundle::Bundle;
+use oxid_pki::jwt::{JwtError, JwtSvid};
 use oxid_pki::x509::{SvidParams, X509Ca, X509Error, X509Svid};
-use oxid_pki::{KeyAlgorithm, KeyError, KeyPair, SpiffeId, TrustDomain};
-use rustls_pki_types::CertificateDer;
+use oxid_pki::{KeyAlgorithm, KeyError, SpiffeId, TrustDomain};
 use tokio::sync::watch;
 
 use crate::clock::{Clock, unix_secs};
 use crate::datastore::{DataStore, DataStoreError, StoredBundle};
 
+use self::generation::{Generation, Signers};
 pub use self::journal::{AuthorityState, Journal, JournalEntry};
-use self::journal::{b64, unb64};
 pub use self::propagation::Propagation;
 pub use self::schedule::{Action, plan};
 pub use self::snapshot::CaSnapshot;
@@ -87,24 +87,6 @@ pub struct CaConfig {
     pub key_dir: Option<PathBuf>,
     /// Sign intermediates with this upstream CA instead of self-signing.
     pub upstream: Option<UpstreamConfig>,
-}
-
-struct Signers {
-    x509: X509Ca,
-    jwt: JwtSigner,
-}
-
-struct Generation {
-    entry: JournalEntry,
-    root: CertificateDer<'static>,
-    jwt_authority: JwtAuthority,
-    /// Absent for an authority whose keys were in memory before a restart.
-    signers: Option<Arc<Signers>>,
-    /// The revision at which this process first wrote the generation into
-    /// the shared bundle (`propagation.rs`).
-    shared_at: Option<u64>,
-    /// Every live server has applied `shared_at`: it may sign.
-    cleared: bool,
 }
 
 #[derive(Default)]
@@ -192,21 +174,10 @@ impl CaManager {
                 ))
             })?;
         }
-        let mut state = State::default();
-        if let Some(bytes) = store.get_ca_journal().await? {
-            let journal = Journal::decode(&bytes)?;
-            state.version = journal.version;
-            for entry in journal.entries {
-                let mut generation = restore(&config, entry)?;
-                if generation.signers.is_none() && generation.entry.state != AuthorityState::Old {
-                    // Its keys were in memory: it can no longer sign, but what
-                    // it signed stays trusted until it expires.
-                    generation.entry.state = AuthorityState::Old;
-                    state.version += 1;
-                }
-                state.generations.push(generation);
-            }
-        }
+        let state = match store.get_ca_journal().await? {
+            Some(bytes) => generation::restore_state(&config, &bytes)?,
+            None => State::default(),
+        };
         let (rows, applied) = store.peer_authorities_at().await?;
         let peers = peers::parse(rows);
         let restored = !state.generations.is_empty();
@@ -231,29 +202,33 @@ impl CaManager {
             x509_signed: std::sync::atomic::AtomicU64::new(0),
             jwt_signed: std::sync::atomic::AtomicU64::new(0),
         });
-        // Live from now: another server's new authority waits for us too.
-        manager.beat().await;
-        {
-            let _guard = manager.rotation.lock().await;
-            if restored {
-                // Shares what was restored (the bundle write may also have
-                // been lost with a crash after the journal write).
-                manager.persist().await?;
-            }
+        manager.share_and_clear(restored).await?;
+        Ok(manager)
+    }
+
+    /// The end of a start: this server is live from now (another server's
+    /// new authority waits for it too); what was restored is shared again
+    /// (the bundle write may have been lost with a crash after the journal
+    /// write); a due rotation step runs; and the active authority signs
+    /// once every live server has it.
+    async fn share_and_clear(&self, restored: bool) -> Result<(), CaError> {
+        self.beat().await;
+        if restored {
+            let _guard = self.rotation.lock().await;
+            self.persist().await?;
         }
-        manager.rotate().await?;
-        let _guard = manager.rotation.lock().await;
-        let uncleared = manager
+        self.rotate().await?;
+        let _guard = self.rotation.lock().await;
+        let uncleared = self
             .read()
             .generations
             .iter()
             .find(|g| g.entry.state == AuthorityState::Active && !g.cleared)
             .map(|g| g.entry.sequence);
         if let Some(sequence) = uncleared {
-            manager.clear(sequence).await?;
+            self.clear(sequence).await?;
         }
-        drop(_guard);
-        Ok(manager)
+        Ok(())
     }
 
     /// One scheduled rotation step, if one is due. Returns what was done.
@@ -487,47 +462,7 @@ impl CaManager {
             .max()
             .unwrap_or(0)
             + 1;
-        let td = self.config.trust_domain.clone();
-        let x509_key = KeyPair::generate(self.config.key_type)?;
-        let jwt_key = KeyPair::generate(self.config.key_type)?;
-        let key_files = match &self.config.key_dir {
-            Some(dir) => {
-                let x = dir.join(format!("ca-{sequence}-x509.key"));
-                let j = dir.join(format!("ca-{sequence}-jwt.key"));
-                x509_key.store(&x)?;
-                jwt_key.store(&j)?;
-                Some((x.display().to_string(), j.display().to_string()))
-            }
-            None => None,
-        };
-        let x509 = match &self.upstream {
-            Some(up) => {
-                X509Ca::new_intermediate(up, td.clone(), x509_key, self.config.ca_ttl, now)?
-            }
-            None => X509Ca::new_root(td.clone(), x509_key, self.config.ca_ttl, now)?,
-        };
-        let jwt_public_key = b64(jwt_key.public_key_spki());
-        let kid = JwtSigner::key_id_for(&jwt_key);
-        let jwt = JwtSigner::new(td, jwt_key, kid.clone(), None, x509.not_after())?;
-        let entry = JournalEntry {
-            sequence,
-            state,
-            tainted: false,
-            x509_chain: x509.chain().iter().map(|c| b64(c)).collect(),
-            jwt_key_id: kid,
-            jwt_public_key,
-            not_before: unix_secs(x509.not_before()),
-            not_after: unix_secs(x509.not_after()),
-            key_files,
-        };
-        Ok(Generation {
-            root: x509.root().clone(),
-            jwt_authority: jwt.authority().clone(),
-            entry,
-            signers: Some(Arc::new(Signers { x509, jwt })),
-            shared_at: None,
-            cleared: false,
-        })
+        generation::mint(&self.config, self.upstream.as_ref(), sequence, state, now)
     }
 
     /// Writes the journal durably, then this server's rows of the shared
@@ -613,69 +548,4 @@ fn snapshot_of(
         .find(|g| g.entry.state == AuthorityState::Active && g.cleared)
         .and_then(|g| Some((g.entry.sequence, g.signers.clone()?)));
     CaSnapshot::new(bundle, active)
-}
-
-/// A key file the journal names, read from this server's key directory
-/// (where it was written, unless the data directory was moved with its
-/// keys). Not there, it is most often a second server started under
-/// another one's `server_name` (several servers on one database), reading
-/// that server's journal without its keys: say so rather than share them.
-fn load_key(key_dir: &std::path::Path, recorded: &str, sequence: u64) -> Result<KeyPair, CaError> {
-    let recorded = std::path::Path::new(recorded);
-    let local = recorded.file_name().map(|name| key_dir.join(name));
-    match local {
-        Some(path) if path.exists() => Ok(KeyPair::load(&path)?),
-        _ => Err(CaError::Journal(format!(
-            "the journal's authority {sequence} has its key in {}, which is not in this \
-             server's key directory {}: another server may be running under this server_name \
-             on the same database (give each its own), or this is not the data directory the \
-             journal was written from",
-            recorded.display(),
-            key_dir.display()
-        ))),
-    }
-}
-
-/// Rebuilds a generation from its journal entry, with its keys if they are
-/// on disk. A generation whose keys are gone keeps its public parts.
-fn restore(config: &CaConfig, entry: JournalEntry) -> Result<Generation, CaError> {
-    let chain: Vec<CertificateDer<'static>> = entry
-        .x509_chain
-        .iter()
-        .map(|c| unb64(c).map(CertificateDer::from))
-        .collect::<Result<_, _>>()?;
-    let root = chain
-        .last()
-        .cloned()
-        .ok_or_else(|| CaError::Journal(format!("authority {} has no chain", entry.sequence)))?;
-    let jwt_public = JwtPublicKey::from_spki_der(&unb64(&entry.jwt_public_key)?)
-        .map_err(|e| CaError::Journal(e.to_string()))?;
-    let jwt_authority = JwtAuthority::new(entry.jwt_key_id.clone(), jwt_public)
-        .map_err(|e| CaError::Journal(e.to_string()))?;
-    let signers = match (&entry.key_files, &config.key_dir) {
-        (Some((x, j)), Some(key_dir)) => {
-            let x509 = X509Ca::restore(
-                config.trust_domain.clone(),
-                chain,
-                load_key(key_dir, x, entry.sequence)?,
-            )?;
-            let jwt = JwtSigner::new(
-                config.trust_domain.clone(),
-                load_key(key_dir, j, entry.sequence)?,
-                entry.jwt_key_id.clone(),
-                None,
-                x509.not_after(),
-            )?;
-            Some(Arc::new(Signers { x509, jwt }))
-        }
-        _ => None,
-    };
-    Ok(Generation {
-        entry,
-        root,
-        jwt_authority,
-        signers,
-        shared_at: None,
-        cleared: false,
-    })
 }

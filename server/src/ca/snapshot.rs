@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use oxid_pki::bundle::Bundle;
 
-use super::Signers;
+use super::generation::Signers;
 
 /// The CA at one moment: the bundle, its encodings, and the active signers.
 /// Built once per change by [`super::CaManager`]; cheap to clone out of the
