@@ -268,26 +268,11 @@ impl Servers {
     /// socket addresses (an address that does not resolve is skipped and
     /// reported), without repeats.
     async fn candidates(&self, errors: &mut Vec<String>) -> Vec<Connected> {
-        let mut out: Vec<Connected> = vec![];
+        let mut resolved = Vec::with_capacity(self.addresses.len());
         for address in self.addresses.iter() {
-            match address.resolve().await {
-                Ok(sockets) if sockets.is_empty() => {
-                    errors.push(format!("{address}: resolves to no address"));
-                }
-                Ok(sockets) => {
-                    for socket in sockets {
-                        if !out.iter().any(|c| c.socket == socket) {
-                            out.push(Connected {
-                                address: address.to_string(),
-                                socket,
-                            });
-                        }
-                    }
-                }
-                Err(e) => errors.push(format!("{address}: {e}")),
-            }
+            resolved.push((address.to_string(), address.resolve().await));
         }
-        out
+        flatten(resolved, errors)
     }
 
     /// The candidates in the order to try them from `start`.
@@ -333,6 +318,36 @@ impl Servers {
             format!("no server reachable: {}", errors.join("; ")),
         ))
     }
+}
+
+/// The candidates from each configured address's lookup, in order: every
+/// socket address a name resolved to is one candidate (tried address by
+/// address), a socket address already listed is not repeated, and an
+/// address that resolved to nothing or failed goes to `errors`.
+fn flatten(
+    resolved: Vec<(String, std::io::Result<Vec<SocketAddr>>)>,
+    errors: &mut Vec<String>,
+) -> Vec<Connected> {
+    let mut out: Vec<Connected> = vec![];
+    for (address, sockets) in resolved {
+        match sockets {
+            Ok(sockets) if sockets.is_empty() => {
+                errors.push(format!("{address}: resolves to no address"));
+            }
+            Ok(sockets) => {
+                for socket in sockets {
+                    if !out.iter().any(|c| c.socket == socket) {
+                        out.push(Connected {
+                            address: address.clone(),
+                            socket,
+                        });
+                    }
+                }
+            }
+            Err(e) => errors.push(format!("{address}: {e}")),
+        }
+    }
+    out
 }
 
 /// One TCP connect and handshake, each bounded.
@@ -469,6 +484,47 @@ mod tests {
         assert_eq!(ports(servers.ordered(all(), Start::Next)), [1, 2, 3]);
     }
 
+    #[test]
+    fn a_name_resolving_to_several_addresses_gives_one_candidate_each() {
+        let socket = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let mut errors = vec![];
+        let found = flatten(
+            vec![
+                (
+                    "ca.example:8081".into(),
+                    Ok(vec![socket("10.0.0.1:8081"), socket("[2001:db8::1]:8081")]),
+                ),
+                ("gone.example:8081".into(), Ok(vec![])),
+                (
+                    "broken.example:8081".into(),
+                    Err(std::io::Error::other("lookup failed")),
+                ),
+                // The same server under another name is not dialled twice.
+                (
+                    "alias.example:8081".into(),
+                    Ok(vec![socket("10.0.0.1:8081"), socket("10.0.0.2:8081")]),
+                ),
+            ],
+            &mut errors,
+        );
+        let listed: Vec<String> = found.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            listed,
+            [
+                "ca.example:8081 (10.0.0.1:8081)",
+                "ca.example:8081 ([2001:db8::1]:8081)",
+                "alias.example:8081 (10.0.0.2:8081)",
+            ]
+        );
+        assert_eq!(
+            errors,
+            [
+                "gone.example:8081: resolves to no address",
+                "broken.example:8081: lookup failed"
+            ]
+        );
+    }
+
     #[tokio::test]
     async fn connect_goes_past_dead_addresses_and_names_them_all_when_none_answers() {
         let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -490,6 +546,18 @@ mod tests {
             .unwrap();
         assert_eq!(peer.port(), live_port);
         assert_eq!(servers.connected().unwrap().socket.port(), live_port);
+        // A DNS name goes through the resolver.
+        let by_name =
+            Servers::new(ServerAddresses::new(&[format!("localhost:{live_port}")]).unwrap());
+        let peer = by_name
+            .connect(Start::Same, |tcp| async move { tcp.peer_addr() })
+            .await
+            .unwrap();
+        assert_eq!(peer.port(), live_port);
+        assert_eq!(
+            by_name.connected().unwrap().address,
+            format!("localhost:{live_port}")
+        );
         drop(live);
         let e = servers
             .connect(Start::Next, |tcp| async move { tcp.peer_addr() })

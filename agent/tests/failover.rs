@@ -113,7 +113,8 @@ async fn agent_on_two(h: &mut Harness) -> (Proxy, Proxy, SocketAddr) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_server_gone_silent_is_left_for_the_next_address_and_workload_streams_go_on() {
-    let mut h = Harness::start().await;
+    // Agent SVIDs of 12 s: renewed every 3 to 9 s, so also after the move.
+    let mut h = Harness::start_with("[ca]\nagent_svid_ttl = \"12s\"\n").await;
     let _ = h.with_web_identity().await;
     let (first, second, metrics) = agent_on_two(&mut h).await;
     let mut watched = watch_contexts(h.client().await).await;
@@ -149,7 +150,32 @@ async fn a_server_gone_silent_is_left_for_the_next_address_and_workload_streams_
     watched
         .until_holds("spiffe://example.org/after-failover")
         .await;
+    // The agent renews its own SVID there too (the first address is still
+    // silent, so the renewal went through the second).
+    let moved = serial(&h).await;
+    common::eventually(|| async {
+        let now = serial(&h).await;
+        if now == moved {
+            Err(format!("still {now}"))
+        } else {
+            Ok(())
+        }
+    })
+    .await;
     watched.assert_open();
+}
+
+/// The agent's current serial, as the server stores it.
+async fn serial(h: &Harness) -> String {
+    common::admin(&h.admin_socket())
+        .await
+        .get_agent(oxid_proto::admin::AgentRequest {
+            spiffe_id: h.agent_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .serial
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
