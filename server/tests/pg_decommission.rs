@@ -140,6 +140,79 @@ async fn forgetting_a_server_refuses_a_live_one_and_keeps_its_unexpired_authorit
     ));
 }
 
+/// What `forget` kept goes by itself once it expires: every server's
+/// rotation check prunes the expired rows of servers without a journal,
+/// and leaves those of servers that have one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_servers_kept_authorities_go_once_they_expire() {
+    let db = pg_cluster::fresh().await;
+    let (a, gone, kept) = (
+        open(&db, "a").await,
+        open(&db, "gone").await,
+        open(&db, "kept").await,
+    );
+    gone.put_ca_journal(b"j".to_vec()).await.unwrap();
+    gone.put_own_authorities(vec![authority(1, 5_000)])
+        .await
+        .unwrap();
+    kept.put_ca_journal(b"j".to_vec()).await.unwrap();
+    kept.put_own_authorities(vec![authority(1, 1_000)])
+        .await
+        .unwrap();
+    let forgotten = a.forget_server("gone", 2_000, false).await.unwrap();
+    assert_eq!(forgotten.kept, [1]);
+    let before = *a.revision().borrow();
+    assert_eq!(a.prune_forgotten_authorities(4_999).await.unwrap(), 0);
+    assert_eq!(
+        *a.revision().borrow(),
+        before,
+        "nothing pruned, no revision"
+    );
+    assert_eq!(a.prune_forgotten_authorities(5_000).await.unwrap(), 1);
+    let last = a.changes_since(before, 10).await.unwrap();
+    assert!(
+        matches!(&last[..], [c] if matches!(&c.event, ChangeEvent::AuthoritiesChanged { server } if server == "gone")),
+        "{last:?}"
+    );
+    // kept's expired row is its own to replace: it has a journal.
+    let left: Vec<String> = a
+        .peer_authorities()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.server)
+        .collect();
+    assert_eq!(left, ["kept"]);
+
+    // A running CA does it on its rotation check.
+    gone.put_own_authorities(vec![authority(2, 1_000)])
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = oxid_server::ca::CaManager::start(
+        oxid_server::ca::CaConfig {
+            trust_domain: oxid_pki::TrustDomain::new("example.org").unwrap(),
+            key_type: oxid_pki::KeyAlgorithm::EcdsaP256,
+            ca_ttl: Duration::from_secs(3600),
+            key_dir: Some(dir.path().join("keys")),
+            upstream: None,
+        },
+        Arc::new(oxid_server::clock::SystemClock),
+        a.clone(),
+    )
+    .await
+    .unwrap();
+    ca.rotate().await.unwrap();
+    let left: Vec<String> = a
+        .peer_authorities()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.server)
+        .collect();
+    assert_eq!(left, ["kept"]);
+}
+
 /// A server of schema 2 (during a rolling upgrade) has no heartbeats: it
 /// writes none, sees none, and cannot forget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -232,6 +232,8 @@ impl CaManager {
     }
 
     /// One scheduled rotation step, if one is due. Returns what was done.
+    /// Also drops forgotten servers' authorities once they have expired
+    /// (`DataStore::prune_forgotten_authorities`).
     pub async fn rotate(&self) -> Result<Action, CaError> {
         let _guard = self.rotation.lock().await;
         let now = self.clock.now();
@@ -241,6 +243,11 @@ impl CaManager {
             plan(&entries, now)
         };
         self.apply(&action, now).await?;
+        match self.store.prune_forgotten_authorities(unix_secs(now)).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(rows = n, "removed expired authorities of forgotten servers"),
+            Err(e) => tracing::warn!(error = %e, "cannot prune forgotten servers' authorities"),
+        }
         Ok(action)
     }
 

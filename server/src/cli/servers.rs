@@ -31,7 +31,8 @@ pub enum ServerCommand {
     /// Remove a decommissioned server: its CA journal row, its heartbeat,
     /// and those of its authorities that have expired (its unexpired ones
     /// stay in the trust bundle, so what it signed keeps verifying, until
-    /// they expire: run `forget` again then, or give --force).
+    /// they expire; the servers then remove them. --force removes them
+    /// now).
     #[command(after_help = FORGET_HELP)]
     Forget {
         /// The server's name (its server_name).
@@ -231,7 +232,8 @@ async fn forget(name: &str, force: bool, args: ServerArgs) -> CliResult {
                     String::new()
                 } else {
                     format!(
-                        ", {} kept until they expire (sequences {:?}; --force removes them)",
+                        ", {} kept until they expire (sequences {:?}; the servers remove them \
+                         then, --force now)",
                         forgotten.kept.len(),
                         forgotten.kept
                     )

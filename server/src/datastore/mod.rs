@@ -265,6 +265,15 @@ pub trait DataStore: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
+    /// Removes the authority rows of forgotten servers (no journal row)
+    /// that expired by `now_secs`, entering the feed only if it removed
+    /// any. Returns how many it removed. Every server runs it with its
+    /// rotation check, so what `forget_server` kept goes once it expires.
+    async fn prune_forgotten_authorities(&self, now_secs: u64) -> Result<usize, DataStoreError> {
+        let _ = now_secs;
+        Ok(0)
+    }
+
     /// Removes a stopped server: its journal row and heartbeat, and its
     /// authority rows that expired by `now_secs` (all of them with
     /// `force`), in one transaction that enters the feed, so the other

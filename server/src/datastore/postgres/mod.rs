@@ -334,6 +334,10 @@ impl DataStore for PgStore {
         self.list_servers().await
     }
 
+    async fn prune_forgotten_authorities(&self, now_secs: u64) -> Result<usize, DataStoreError> {
+        self.prune_forgotten(now_secs).await
+    }
+
     async fn forget_server(
         &self,
         name: &str,

@@ -127,6 +127,38 @@ impl PgStore {
         Ok(servers.into_values().collect())
     }
 
+    /// Deletes expired rows of servers without a journal; commits through
+    /// the feed (one `AuthoritiesChanged` per server) only if any went, so
+    /// the check every server runs often takes no revision.
+    pub(super) async fn prune_forgotten(&self, now_secs: u64) -> Result<usize, DataStoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db)?;
+        let gone = tx
+            .query(
+                "DELETE FROM oxid_authorities AS a \
+                 WHERE (a.authority->>'not_after')::bigint <= $1 \
+                 AND NOT EXISTS (SELECT 1 FROM oxid_server_journals AS j \
+                 WHERE j.server = a.server) \
+                 RETURNING a.server",
+                &[&int(now_secs)?],
+            )
+            .await
+            .map_err(db)?;
+        if gone.is_empty() {
+            tx.rollback().await.map_err(db)?;
+            return Ok(0);
+        }
+        let mut servers: Vec<String> = gone.iter().map(|row| row.get(0)).collect();
+        servers.sort();
+        servers.dedup();
+        let events = servers
+            .into_iter()
+            .map(|server| ChangeEvent::AuthoritiesChanged { server })
+            .collect();
+        self.commit(tx, events).await?;
+        Ok(gone.len())
+    }
+
     /// One transaction: the heartbeat row is read `FOR UPDATE` (a live
     /// server is refused), then the journal, the heartbeat and the expired
     /// (or, with `force`, all) authority rows are deleted, and the change
