@@ -335,23 +335,24 @@ fn server_addresses(
     file: &AgentFile,
     flags: &AgentFile,
 ) -> Result<crate::servers::ServerAddresses, AgentError> {
+    // `place` prefixes the flags' errors; the file's get its path from
+    // `AgentConfig::load`.
     let one_place = |f: &AgentFile, place: &str| -> Result<Option<Vec<String>>, AgentError> {
         match (&f.server_address, &f.server_addresses) {
             (Some(_), Some(_)) => Err(AgentError::Config(format!(
-                "{place}: give either server_address or server_addresses, not both"
+                "{place}give either server_address or server_addresses, not both"
             ))),
             (Some(one), None) => Ok(Some(vec![one.clone()])),
             (None, Some(list)) if list.is_empty() => Err(AgentError::Config(format!(
-                "{place}: server_addresses is empty; give at least one host:port"
+                "{place}server_addresses is empty; give at least one host:port"
             ))),
             (None, Some(list)) => Ok(Some(list.clone())),
             (None, None) => Ok(None),
         }
     };
-    let given = match one_place(flags, "flags")? {
+    let given = match one_place(flags, "flags: ")? {
         Some(list) => list,
-        None => one_place(file, "agent.toml")?
-            .unwrap_or_else(|| vec![DEFAULT_SERVER_ADDRESS.to_owned()]),
+        None => one_place(file, "")?.unwrap_or_else(|| vec![DEFAULT_SERVER_ADDRESS.to_owned()]),
     };
     crate::servers::ServerAddresses::new(&given).map_err(AgentError::Config)
 }

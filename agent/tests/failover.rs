@@ -214,3 +214,80 @@ fn a_server_toml_with_a_bad_max_connection_age_is_refused() {
         assert!(e.contains(why), "{value}: {e}");
     }
 }
+
+/// The binary refuses bad server addresses with one error line naming the
+/// problem, from flags and from agent.toml, before it contacts anything.
+#[test]
+fn the_binary_refuses_bad_server_addresses_saying_why() {
+    let bin = env!("CARGO_BIN_EXE_oxid-agent");
+    let dir = tempfile::tempdir().unwrap();
+    let one_line = |out: std::process::Output, why: &str| {
+        assert!(!out.status.success());
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.starts_with("error: configuration: ") && err.contains(why),
+            "{err}"
+        );
+    };
+    for (flags, why) in [
+        (vec!["--server-address", "https://ca-1:8081"], "not a URL"),
+        (vec!["--server-address", "ca-1"], "no port"),
+        (
+            vec![
+                "--server-address",
+                "ca-1:8081",
+                "--server-address",
+                "CA-1:8081",
+            ],
+            "given twice",
+        ),
+        (vec!["--server-address", "::1:8081"], "needs brackets"),
+        (vec!["--server-keepalive-secs", "0"], "between 1 and 60"),
+    ] {
+        let out = std::process::Command::new(bin)
+            .arg("run")
+            .args(&flags)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .output()
+            .unwrap();
+        one_line(out, why);
+    }
+    for (toml, why) in [
+        (
+            "server_address = \"a:1\"\nserver_addresses = [\"b:1\"]\n",
+            "not both",
+        ),
+        ("server_addresses = []\n", "is empty"),
+        ("server_addresses = [\"a:0\"]\n", "between 1 and 65535"),
+    ] {
+        let file = dir.path().join("agent.toml");
+        std::fs::write(&file, toml).unwrap();
+        let out = std::process::Command::new(bin)
+            .arg("validate")
+            .arg("--config")
+            .arg(&file)
+            .output()
+            .unwrap();
+        one_line(out, why);
+    }
+    let file = dir.path().join("agent.toml");
+    std::fs::write(
+        &file,
+        "server_addresses = [\"ca-1.example:8081\", \"[::1]:8081\"]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin)
+        .arg("validate")
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let said = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("servers ca-1.example:8081, [::1]:8081"),
+        "{said}"
+    );
+}
