@@ -110,6 +110,7 @@ contract!(
     a_store_beats_but_never_counts_itself_among_its_peers,
     a_store_never_forgets_its_own_server,
     the_ca_journal_is_replaced_whole,
+    pruning_with_nothing_forgotten_removes_nothing_and_takes_no_revision,
 );
 
 fn id(s: &str) -> SpiffeId {
@@ -707,6 +708,26 @@ async fn a_store_never_forgets_its_own_server(b: Backend) {
     assert!(why.contains("\"default\""), "{why}");
     assert_eq!(*store.revision().borrow(), before);
     assert_eq!(store.get_ca_journal().await.unwrap().unwrap(), b"journal");
+}
+
+/// With no forgotten server, the prune every rotation check runs removes
+/// nothing, not even this server's own expired rows, and writes nothing.
+async fn pruning_with_nothing_forgotten_removes_nothing_and_takes_no_revision(b: Backend) {
+    let store = b.open().await;
+    store.put_ca_journal(b"journal".to_vec()).await.unwrap();
+    let mut expired = authority(1);
+    expired.not_after = 10;
+    store.put_own_authorities(vec![expired]).await.unwrap();
+    let before = *store.revision().borrow();
+    assert_eq!(
+        store
+            .prune_forgotten_authorities(u64::MAX / 2)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(*store.revision().borrow(), before);
+    assert_eq!(store.changes_since(before, 10).await.unwrap(), []);
 }
 
 /// The CA journal is one value, replaced whole, and its write enters the
