@@ -310,7 +310,31 @@ fn decommissioning_a_server_with_the_cli() {
     let rt = pg_cluster::runtime();
     let db = rt.block_on(pg_cluster::fresh());
     let a = start("a", &db);
+    // A server killed long ago: its heartbeat is stale, so b does not wait
+    // for it, says so, and it may be forgotten.
+    rt.block_on(async {
+        pg_cluster::raw(&db)
+            .await
+            .batch_execute(
+                "INSERT INTO oxid_server_heartbeats (server, applied_revision, beat_at) \
+                 VALUES ('killed', 0, clock_timestamp() - interval '1 hour')",
+            )
+            .await
+            .unwrap();
+    });
     let b = start("b", &db);
+    let stale = b
+        .log()
+        .lines()
+        .find(|l| l.contains("not waiting for a server whose heartbeat is stale"))
+        .unwrap_or_else(|| panic!("{}", b.log()))
+        .to_owned();
+    assert!(stale.contains("\"server\":\"killed\""), "{stale}");
+    let killed = ok(server_cli(&db, "a", &["forget", "killed"]));
+    assert!(
+        killed.contains("forgot server killed: journal already gone, 0 authorities removed"),
+        "{killed}"
+    );
 
     // Every server with its authorities, live or not.
     let deadline = Instant::now() + Duration::from_secs(30);
