@@ -5,7 +5,9 @@
 //! killed (SIGKILL) while entries are being created through B. The
 //! workload's stream never ends, the agent is on another server within
 //! seconds (resumed with a delta), and every entry whose creation was
-//! acknowledged reaches the workload. The time to fail over is printed,
+//! acknowledged reaches the workload. Then the server it is on hangs
+//! (SIGSTOP): keepalive moves the agent to the last one, and an entry
+//! created there reaches the workload. The times to fail over are printed,
 //! not asserted. Needs the PostgreSQL cluster `./scripts/test` starts
 //! (`OXID_TEST_PG`); every run makes a database of its own.
 
@@ -265,7 +267,7 @@ async fn killing_the_agents_server_moves_it_to_another_and_its_workloads_lose_no
     let before = *created.borrow();
     created.wait_for(|n| *n >= before + 5).await.unwrap();
     stop.send_replace(true);
-    let (_b, acknowledged) = writer.await.unwrap();
+    let (writer_server, acknowledged) = writer.await.unwrap();
     println!(
         "{} entries created through B around the kill",
         acknowledged.len()
@@ -292,6 +294,44 @@ async fn killing_the_agents_server_moves_it_to_another_and_its_workloads_lose_no
         Some(1.0)
     );
     assert!(a.proc.wait().await.is_none(), "A was killed by a signal");
+
+    // The server the agent is on now hangs (SIGSTOP: its connections stay
+    // open, nothing answers, keepalive pings included): the agent leaves
+    // it for the one server left within seconds.
+    let b = writer_server;
+    let (hung, left) = if failed_over.contains(&format!("to={}", b.address)) {
+        (&b, &c)
+    } else {
+        (&c, &b)
+    };
+    let hung_pid = rustix::process::Pid::from_raw(hung.proc.pid().expect("it runs") as i32)
+        .expect("a running child has a pid");
+    rustix::process::kill_process(hung_pid, rustix::process::Signal::STOP).unwrap();
+    let stopped_at = Instant::now();
+    let second = agent
+        .proc
+        .wait_for_nth("failed over to another server", 2)
+        .await;
+    println!(
+        "time to failover (SIGSTOP of the agent's server, noticed by keepalive): {:?}",
+        stopped_at.elapsed()
+    );
+    println!("agent: {second}");
+    assert!(second.contains(&format!("to={}", left.address)), "{second}");
+    workload.assert_open();
+    left.create_entry(
+        "spiffe://example.org/after-the-hang",
+        &agent_id,
+        &["--selector", &selector],
+    )
+    .await;
+    workload
+        .until(
+            "an entry created after the hang reaches the workload",
+            |ids| ids.contains("spiffe://example.org/after-the-hang"),
+        )
+        .await;
+    workload.assert_open();
+    rustix::process::kill_process(hung_pid, rustix::process::Signal::CONT).unwrap();
     agent.stop().await;
-    let _c = c;
 }

@@ -83,6 +83,10 @@ pub(crate) async fn run(
             .err()
             .is_some_and(|s| StreamEnd::of(s) == Some(StreamEnd::ConnectionAged));
         if was_up {
+            // A stream that was up: the backoff starts again from its
+            // minimum (still jittered, so the agents of a server that died
+            // do not all reach the next one at the same instant).
+            backoff = BACKOFF_MIN;
             lost = Some(Lost {
                 at: std::time::Instant::now(),
                 from: server.connected(),
