@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand};
 mod agent_scale;
 mod cluster;
 mod flood;
+mod ha;
 mod issuance;
 mod propagation;
 mod raw;
@@ -39,7 +40,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Subcommand, Clone, Copy, PartialEq)]
+#[derive(Subcommand, Clone, PartialEq)]
 enum Command {
     /// Every benchmark below, in order.
     All,
@@ -66,6 +67,11 @@ enum Command {
     /// oxid and SPIRE v1.13.3 side by side (not part of `all`; SPIRE must
     /// be built first, `scripts/bench spire` does).
     Spire(spire::SpireArgs),
+    /// High availability on PostgreSQL: propagation across servers,
+    /// issuance against sled, 3 servers × 1,000 agents, failover (not part
+    /// of `all`: it needs a PostgreSQL cluster, `scripts/bench ha` starts
+    /// one).
+    Ha(ha::HaArgs),
 }
 
 #[tokio::main]
@@ -113,6 +119,9 @@ async fn run(cli: Cli) -> BenchResult<()> {
     }
     if let Command::Spire(args) = cli.command {
         spire::run(args, rounds).await?;
+    }
+    if let Command::Ha(args) = cli.command {
+        ha::run(args, rounds).await?;
     }
     eprintln!("oxid-bench: done in {:.0} s", start.elapsed().as_secs_f64());
     Ok(())
