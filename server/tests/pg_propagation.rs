@@ -177,3 +177,37 @@ async fn a_live_server_that_never_catches_up_holds_a_new_authority_back_only_for
     activating.await.unwrap().unwrap();
     beating.abort();
 }
+
+/// Another server's rotation changes this server's bundle (the union) but
+/// not its journal: the bundle's `spiffe_sequence` still moves, and a
+/// re-read that changes nothing leaves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_union_bundles_sequence_moves_with_every_change_of_its_content() {
+    let db = pg_cluster::fresh().await;
+    drop(store(&db, "migrate").await);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let long = Duration::from_secs(30);
+    let a = start(&db, "a", &dir_a, long).await;
+    let b = start(&db, "b", &dir_b, long).await;
+    let mut published = a.subscribe();
+    let two = tokio::time::timeout(
+        long,
+        published.wait_for(|s| s.bundle().x509_authorities().len() == 2),
+    )
+    .await
+    .is_ok();
+    assert!(two, "a never held b's authority");
+    let before = a.snapshot().bundle().sequence_number();
+    a.refresh_peers().await.unwrap();
+    assert_eq!(a.snapshot().bundle().sequence_number(), before);
+
+    b.force_prepare().await.unwrap();
+    let three = tokio::time::timeout(
+        long,
+        published.wait_for(|s| s.bundle().x509_authorities().len() == 3),
+    )
+    .await
+    .is_ok();
+    assert!(three, "a never held b's prepared authority");
+    assert!(a.snapshot().bundle().sequence_number() > before);
+}

@@ -187,6 +187,12 @@ impl CaManager {
             &state,
             &peers,
             now,
+            Sequence {
+                previous: stored_bundle(store.as_ref(), &config.trust_domain)
+                    .await?
+                    .map(|stored| (stored, state.version)),
+                floor: applied,
+            },
         )));
         let manager = Arc::new(Self {
             config,
@@ -493,6 +499,7 @@ impl CaManager {
                 &state,
                 &self.peers(),
                 self.now_secs(),
+                self.sequence(),
             );
             (journal, peers::own_rows(&state), snapshot)
         };
@@ -529,7 +536,67 @@ impl CaManager {
             &self.read(),
             &self.peers(),
             self.now_secs(),
+            self.sequence(),
         )
+    }
+
+    /// What the next snapshot's `spiffe_sequence` follows.
+    fn sequence(&self) -> Sequence {
+        let last = self.snapshot();
+        Sequence {
+            previous: Some((last.bundle().clone(), last.version())),
+            floor: self.applied.load(std::sync::atomic::Ordering::Acquire),
+        }
+    }
+}
+
+/// How a new snapshot numbers its bundle (`spiffe_sequence`, which must
+/// increase and change with every change of the content). The journal's
+/// version alone does not: another server's rotation changes this
+/// server's bundle (the union) and not its journal. So the number stays
+/// while neither the content nor the journal version changes (at start:
+/// the number last stored, if the content is the same), and otherwise
+/// takes at least the last one plus one, the journal version, and the
+/// feed revision of the peers' rows the bundle holds (`floor`: each
+/// change of the number follows at least one new revision, which keeps it
+/// increasing across restarts).
+struct Sequence {
+    /// The last bundle and the journal version it came from.
+    previous: Option<(Arc<Bundle>, u64)>,
+    floor: u64,
+}
+
+impl Sequence {
+    fn of(&self, bundle: &Bundle, version: u64) -> u64 {
+        let base = version.max(self.floor);
+        let Some((previous, previous_version)) = &self.previous else {
+            return base;
+        };
+        let mut same = Bundle::clone(previous);
+        same.set_sequence_number(bundle.sequence_number());
+        if same == *bundle && *previous_version == version {
+            previous.sequence_number()
+        } else {
+            base.max(previous.sequence_number() + 1)
+        }
+    }
+}
+
+/// The own bundle as last stored (`persist`), if it parses: where the
+/// numbering continues after a restart.
+async fn stored_bundle(
+    store: &dyn DataStore,
+    trust_domain: &TrustDomain,
+) -> Result<Option<Arc<Bundle>>, CaError> {
+    match store.get_bundle(trust_domain).await {
+        Ok(stored) => Ok(Bundle::from_spiffe_json(
+            trust_domain.clone(),
+            stored.spiffe_json.as_bytes(),
+        )
+        .ok()
+        .map(Arc::new)),
+        Err(DataStoreError::NotFound(_)) => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -540,19 +607,21 @@ fn snapshot_of(
     state: &State,
     peers: &[peers::Peer],
     now_secs: u64,
+    sequence: Sequence,
 ) -> CaSnapshot {
     let mut bundle = Bundle::new(trust_domain.clone());
-    bundle.set_sequence_number(state.version);
     for g in &state.generations {
         // Invariant: roots were accepted as authorities when created or restored.
         let _ = bundle.add_x509_authority(g.root.clone());
         let _ = bundle.add_jwt_authority(g.jwt_authority.clone());
     }
     peers::add_to(&mut bundle, peers, now_secs);
+    bundle.set_sequence_number(sequence.of(&bundle, state.version));
+    let version = state.version;
     let active = state
         .generations
         .iter()
         .find(|g| g.entry.state == AuthorityState::Active && g.cleared)
         .and_then(|g| Some((g.entry.sequence, g.signers.clone()?)));
-    CaSnapshot::new(bundle, active)
+    CaSnapshot::new(bundle, active, version)
 }

@@ -19,6 +19,9 @@ pub struct CaSnapshot {
     pem: Arc<str>,
     der: Arc<[Vec<u8>]>,
     active: Option<(u64, Arc<Signers>)>,
+    /// The journal version it was built from (how the next one numbers
+    /// its bundle).
+    version: u64,
 }
 
 impl std::fmt::Debug for CaSnapshot {
@@ -32,8 +35,9 @@ impl std::fmt::Debug for CaSnapshot {
 }
 
 impl CaSnapshot {
-    pub(super) fn new(bundle: Bundle, active: Option<(u64, Arc<Signers>)>) -> Self {
+    pub(super) fn new(bundle: Bundle, active: Option<(u64, Arc<Signers>)>, version: u64) -> Self {
         Self {
+            version,
             spiffe_json: bundle.to_spiffe_json().into(),
             pem: bundle.x509_authorities_pem().into(),
             der: bundle
@@ -70,6 +74,10 @@ impl CaSnapshot {
     /// The sequence of the authority that signs now, if any can.
     pub fn active_sequence(&self) -> Option<u64> {
         self.active.as_ref().map(|(sequence, _)| *sequence)
+    }
+
+    pub(super) fn version(&self) -> u64 {
+        self.version
     }
 
     pub(super) fn signers(&self) -> Option<&Arc<Signers>> {
