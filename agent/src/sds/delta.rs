@@ -41,7 +41,7 @@ struct State {
 
 type Tx = crate::sds::stream::Tx<DeltaDiscoveryResponse>;
 
-/// Serves one DeltaSecrets stream in its own task.
+/// Serves one DeltaSecrets stream, polled by the stream it returns.
 pub(crate) fn spawn(
     caller: Caller,
     requests: Streaming<DeltaDiscoveryRequest>,
@@ -75,7 +75,7 @@ impl Caller {
                 return Ok(());
             }
             let wake = crate::workload::recheck_at(&snapshot, None);
-            match next_event(&mut requests, &mut changes, tx, &mut stopping, wake).await? {
+            match next_event(&mut requests, &mut changes, &mut stopping, wake).await? {
                 Event::Request(req) => self.on_delta_request(req, &mut state)?,
                 Event::Recompute => {}
                 Event::Ended => return Ok(()),
@@ -181,7 +181,7 @@ impl Caller {
             nonce: format!("{}-{}", state.system_version, nonce()),
             ..DeltaDiscoveryResponse::default()
         };
-        if tx.send(Box::new(Ok(response))).await.is_err() {
+        if tx.send(Ok(response)).await.is_err() {
             return Ok(false);
         }
         // A NACKed version is still the one sent: it is not sent again

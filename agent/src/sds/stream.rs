@@ -10,6 +10,7 @@
 //! resolve, on the same stream.
 
 use std::collections::BTreeSet;
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -19,8 +20,6 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use oxid_pki::Selector;
 use ring::rand::SecureRandom as _;
-use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
 use crate::cache::{Cache, Snapshot};
@@ -172,7 +171,7 @@ impl Caller {
     }
 }
 
-/// Serves one StreamSecrets stream in its own task.
+/// Serves one StreamSecrets stream, polled by the stream it returns.
 pub(crate) fn spawn(
     caller: Caller,
     requests: Streaming<DiscoveryRequest>,
@@ -184,27 +183,99 @@ pub(crate) fn spawn(
     })
 }
 
-/// A stream's responses. Items are boxed: a channel allocates its slots 32
-/// at a time, and 32 unboxed responses (with room for a `Status`) were 4.9
-/// KB per stream.
-pub(crate) type Tx<T> = tokio::sync::mpsc::Sender<Box<Result<T, Status>>>;
+/// Where a stream's loop puts its next response: a one-item mailbox that
+/// the response stream empties. The loop is polled in place by the stream
+/// (no task or channel of its own per stream: those were about 1 KB of
+/// each SDS stream, `oxid-bench sds`), so `send` completes once the item
+/// has been taken, and a client that leaves drops the loop with the stream.
+pub(crate) struct Tx<T> {
+    slot: Arc<std::sync::Mutex<Option<Result<T, Status>>>>,
+}
 
-/// Runs `serve` in a task of its own, holding `permit` for as long as it
-/// runs, and streams what it sends; an error it returns is the last item.
+impl<T> Tx<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Result<T, Status>>> {
+        self.slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Hands `item` to the stream; completes when the stream has taken it.
+    /// It cannot fail: a client that left drops the loop with the stream.
+    pub(crate) async fn send(&self, item: Result<T, Status>) -> Result<(), Infallible> {
+        *self.lock() = Some(item);
+        // The stream takes the item right after this returns Pending, and
+        // polls the loop again when its consumer wants the next item.
+        std::future::poll_fn(|_| {
+            if self.lock().is_some() {
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(())
+            }
+        })
+        .await;
+        Ok(())
+    }
+}
+
+/// Runs `serve` inside the returned stream, holding `permit` for as long
+/// as the stream lives, and streams what it sends; an error it returns is
+/// the last item.
 pub(crate) fn spawn_stream<T, F, Fut>(permit: StreamPermit, serve: F) -> BoxStream<T>
 where
     T: Send + 'static,
     F: FnOnce(Tx<T>) -> Fut + Send + 'static,
     Fut: Future<Output = Result<(), Status>> + Send + 'static,
 {
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(async move {
-        let _permit = permit;
-        if let Err(status) = serve(tx.clone()).await {
-            let _ = tx.send(Box::new(Err(status))).await;
+    let slot = Arc::new(std::sync::Mutex::new(None));
+    let tx = Tx { slot: slot.clone() };
+    Box::pin(InPlace {
+        serve: Some(Box::pin(serve(tx))),
+        slot,
+        error: None,
+        _permit: permit,
+    })
+}
+
+/// A stream's loop, boxed.
+type Loop = std::pin::Pin<Box<dyn Future<Output = Result<(), Status>> + Send>>;
+
+/// A stream loop polled by its own response stream.
+struct InPlace<T> {
+    /// `None` once the loop has ended.
+    serve: Option<Loop>,
+    slot: Arc<std::sync::Mutex<Option<Result<T, Status>>>>,
+    /// Why the loop ended, sent after its last item.
+    error: Option<Status>,
+    _permit: StreamPermit,
+}
+
+impl<T> tokio_stream::Stream for InPlace<T> {
+    type Item = Result<T, Status>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if let Some(serve) = this.serve.as_mut()
+            && let Poll::Ready(ended) = serve.as_mut().poll(cx)
+        {
+            // A finished future must not be polled again.
+            this.serve = None;
+            this.error = ended.err();
         }
-    });
-    Box::pin(ReceiverStream::new(rx).map(|item| *item))
+        let item = this
+            .slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        match item {
+            Some(item) => Poll::Ready(Some(item)),
+            None if this.serve.is_none() => Poll::Ready(this.error.take().map(Err)),
+            None => Poll::Pending,
+        }
+    }
 }
 
 /// What a stream's loop wakes for.
@@ -219,10 +290,9 @@ pub(crate) enum Event<R> {
 
 /// Waits for the next request, snapshot change or `wake` (the next SVID
 /// expiry, which changes no snapshot); an error once the agent shuts down.
-pub(crate) async fn next_event<R, T>(
+pub(crate) async fn next_event<R>(
     requests: &mut Streaming<R>,
     changes: &mut tokio::sync::watch::Receiver<Arc<Snapshot>>,
-    tx: &Tx<T>,
     stopping: &mut tokio::sync::watch::Receiver<bool>,
     wake: tokio::time::Instant,
 ) -> Result<Event<R>, Status> {
@@ -232,7 +302,6 @@ pub(crate) async fn next_event<R, T>(
             Ok(None) | Err(_) => Event::Ended,
         }),
         r = changes.changed() => Ok(if r.is_err() { Event::Ended } else { Event::Recompute }),
-        () = tx.closed() => Ok(Event::Ended),
         () = async { let _ = stopping.wait_for(|stop| *stop).await; } => {
             Err(Status::unavailable("the agent is shutting down"))
         }
@@ -256,7 +325,7 @@ impl Caller {
                 return Ok(());
             }
             let wake = crate::workload::recheck_at(&snapshot, None);
-            match next_event(&mut requests, &mut changes, tx, &mut stopping, wake).await? {
+            match next_event(&mut requests, &mut changes, &mut stopping, wake).await? {
                 Event::Request(req) => self.on_request(req, &mut state)?,
                 Event::Recompute => {}
                 Event::Ended => return Ok(()),
@@ -350,7 +419,7 @@ impl Caller {
             nonce: nonce.clone(),
             ..DiscoveryResponse::default()
         };
-        if tx.send(Box::new(Ok(response))).await.is_err() {
+        if tx.send(Ok(response)).await.is_err() {
             return Ok(false);
         }
         state.last_nonce = Some(nonce);
