@@ -73,10 +73,17 @@ fn proc_status(pid: u32, key: &str) -> String {
         .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
 }
 
-/// Waits until process `pid` is gone.
+/// Waits until process `pid` has exited (a zombie has: an orphan waits
+/// for whoever adopted it to reap it).
 async fn gone(pid: u32) {
     let deadline = Instant::now() + Duration::from_secs(15);
-    while Path::new(&format!("/proc/{pid}")).exists() {
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+        })
+    };
+    while running() {
         assert!(Instant::now() < deadline, "writer {pid} is still running");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
