@@ -582,6 +582,28 @@ mod tests {
     }
 
     #[test]
+    fn max_connection_age_has_a_default_and_bounds() {
+        assert_eq!(
+            parse("").unwrap().connections.max_age,
+            Duration::from_secs(1800)
+        );
+        assert_eq!(
+            parse("max_connection_age = \"2s\"")
+                .unwrap()
+                .connections
+                .max_age,
+            Duration::from_secs(2)
+        );
+        for text in ["max_connection_age = \"0s\"", "max_connection_age = \"8d\""] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(
+                err.contains("max_connection_age") && err.contains("between 1s and 7d"),
+                "{text}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn connection_limits_are_checked() {
         let c = parse("max_connections = 100\nconnection_idle_timeout = \"5s\"").unwrap();
         assert_eq!(c.connections.max, 100);
