@@ -674,13 +674,19 @@ async fn a_stores_own_authorities_are_never_its_peers(b: Backend) {
     // Replaced whole: the second write leaves no row of the first.
     let again = store.put_own_authorities(vec![authority(3)]).await.unwrap();
     assert!(again >= at);
+    let own = store.own_authorities().await.unwrap();
     if let Backend::Pg(_) = b {
+        let mut expected = authority(3);
+        expected.server = "default".into();
+        assert_eq!(own, [expected], "the last rows written, under its name");
         assert!(again > at, "each write of the rows enters the feed");
         let last = store.changes_since(again - 1, 10).await.unwrap();
         assert!(
             matches!(&last[0].event, ChangeEvent::AuthoritiesChanged { server } if server == "default"),
             "{last:?}"
         );
+    } else {
+        assert!(own.is_empty(), "a single-server store keeps no rows");
     }
 }
 

@@ -155,6 +155,18 @@ async fn a_live_server_that_never_catches_up_holds_a_new_authority_back_only_for
     assert!(started.elapsed() >= bound, "{:?}", started.elapsed());
     assert!(ca.snapshot().active_sequence().is_some());
 
+    // Restarted, it signs at once: its authority was shared by the run
+    // before (a fresh one would wait the whole bound, here 30 s).
+    let long = Duration::from_secs(30);
+    let restarted = Instant::now();
+    let again = start(&db, "a", &dir, long).await;
+    assert!(restarted.elapsed() < long, "{:?}", restarted.elapsed());
+    assert_eq!(
+        again.snapshot().active_sequence(),
+        ca.snapshot().active_sequence()
+    );
+    drop(again);
+
     // A forced rotation waits the bound too, and the old authority signs
     // meanwhile.
     ca.force_prepare().await.unwrap();

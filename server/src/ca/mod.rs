@@ -31,6 +31,7 @@ use crate::clock::{Clock, unix_secs};
 use crate::datastore::{DataStore, DataStoreError, StoredBundle};
 
 use self::generation::{Generation, Signers};
+use self::journal::unb64;
 pub use self::journal::{AuthorityState, Journal, JournalEntry};
 pub use self::propagation::Propagation;
 pub use self::schedule::{Action, plan};
@@ -174,10 +175,22 @@ impl CaManager {
                 ))
             })?;
         }
-        let state = match store.get_ca_journal().await? {
+        let mut state = match store.get_ca_journal().await? {
             Some(bytes) => generation::restore_state(&config, &bytes)?,
             None => State::default(),
         };
+        // What a previous run of this server already shared (its rows are
+        // in the shared bundle as they are) has had at least a restart's
+        // time to reach the other servers: it signs without waiting again,
+        // so a server restarting while another is dead but not yet stale
+        // is not held up (`propagation.rs`).
+        let shared = store.own_authorities().await?;
+        for g in &mut state.generations {
+            g.cleared = shared.iter().any(|row| {
+                row.sequence == g.entry.sequence
+                    && unb64(&row.x509_authority).is_ok_and(|der| der == g.root.as_ref())
+            });
+        }
         let (rows, applied) = store.peer_authorities_at().await?;
         let peers = peers::parse(rows);
         let restored = !state.generations.is_empty();

@@ -16,7 +16,10 @@
 //! applied revision has reached `shared_at` (`await_peers`), and then a
 //! short grace has passed for the sync streams' push to reach the agents.
 //! That is checked for the authority a new server creates at start (it
-//! serves nothing until then), for one restored at start, and before a
+//! serves nothing until then), for one restored at start unless a previous
+//! run already shared it (its row in the shared bundle is as restored: it
+//! has had at least a restart's time to propagate, and a server restarting
+//! while another is dead but not yet stale must not wait for it), and before a
 //! prepared authority is activated (the old one signs meanwhile; on
 //! schedule the prepared one has been shared for 1/3 of a lifetime, so the
 //! wait is over at once). A server is live while its heartbeat is fresher
@@ -71,12 +74,15 @@ impl CaManager {
     /// the revision that shared it (bounded), and publishes. Called with
     /// `rotation` held.
     pub(super) async fn clear(&self, sequence: u64) -> Result<(), CaError> {
-        let shared_at = self
+        let (cleared, shared_at) = self
             .read()
             .generations
             .iter()
             .find(|g| g.entry.sequence == sequence)
-            .and_then(|g| g.shared_at);
+            .map_or((false, None), |g| (g.cleared, g.shared_at));
+        if cleared {
+            return Ok(());
+        }
         if let Some(revision) = shared_at {
             self.await_peers(sequence, revision).await;
         }

@@ -229,6 +229,11 @@ pub trait DataStore: Send + Sync + 'static {
         Ok(*self.revision().borrow())
     }
 
+    /// This server's own rows of the shared bundle, as last written.
+    async fn own_authorities(&self) -> Result<Vec<ServerAuthority>, DataStoreError> {
+        Ok(Vec::new())
+    }
+
     /// The other servers' rows of the shared bundle.
     async fn peer_authorities(&self) -> Result<Vec<ServerAuthority>, DataStoreError> {
         Ok(self.peer_authorities_at().await?.0)

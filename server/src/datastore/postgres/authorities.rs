@@ -45,6 +45,21 @@ impl PgStore {
         Ok(changes.last().map_or(0, |c| c.revision))
     }
 
+    pub(super) async fn mine(&self) -> Result<Vec<ServerAuthority>, DataStoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT authority::text FROM oxid_authorities WHERE server = $1 \
+                 ORDER BY sequence",
+                &[&self.server_name],
+            )
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(|row| decode::<ServerAuthority>(row.get(0)))
+            .collect()
+    }
+
     /// The other servers' rows and the revision they are current as of,
     /// in one REPEATABLE READ snapshot: by the feed's claim (the module
     /// doc), every row committed at or below the counter it reads is in it.

@@ -309,6 +309,10 @@ impl DataStore for PgStore {
         self.set_authorities(authorities).await
     }
 
+    async fn own_authorities(&self) -> Result<Vec<ServerAuthority>, DataStoreError> {
+        self.mine().await
+    }
+
     async fn peer_authorities_at(&self) -> Result<(Vec<ServerAuthority>, u64), DataStoreError> {
         self.others_authorities().await
     }
