@@ -126,8 +126,12 @@ async fn a_server_gone_silent_is_left_for_the_next_address_and_workload_streams_
     );
 
     // The first "server" stops answering anything, keepalive pings
-    // included, without closing the connection.
+    // included, without closing the connection; and, as a hung server
+    // would, it completes no new connection (its listener goes away, the
+    // silent connection stays held), so an agent renewal reconnecting
+    // meanwhile cannot land there again.
     first.set(NetMode::Blackhole);
+    drop(first);
     let cut = Instant::now();
     until_on(metrics, &second).await;
     println!(
