@@ -327,34 +327,21 @@ impl AgentConfig {
     }
 }
 
-/// The server addresses: the flags' if any are given (all of them: flags
-/// replace the file's list, they do not add to it), else the file's, else
-/// [`DEFAULT_SERVER_ADDRESS`]. `server_address` and `server_addresses`
-/// together in one place is an error, as is an empty list.
+/// The server addresses: the flags' if any are given, else the file's,
+/// else [`DEFAULT_SERVER_ADDRESS`] (see [`crate::servers::choose`]).
 fn server_addresses(
     file: &AgentFile,
     flags: &AgentFile,
 ) -> Result<crate::servers::ServerAddresses, AgentError> {
-    // `place` prefixes the flags' errors; the file's get its path from
-    // `AgentConfig::load`.
-    let one_place = |f: &AgentFile, place: &str| -> Result<Option<Vec<String>>, AgentError> {
-        match (&f.server_address, &f.server_addresses) {
-            (Some(_), Some(_)) => Err(AgentError::Config(format!(
-                "{place}give either server_address or server_addresses, not both"
-            ))),
-            (Some(one), None) => Ok(Some(vec![one.clone()])),
-            (None, Some(list)) if list.is_empty() => Err(AgentError::Config(format!(
-                "{place}server_addresses is empty; give at least one host:port"
-            ))),
-            (None, Some(list)) => Ok(Some(list.clone())),
-            (None, None) => Ok(None),
-        }
-    };
-    let given = match one_place(flags, "flags: ")? {
-        Some(list) => list,
-        None => one_place(file, "")?.unwrap_or_else(|| vec![DEFAULT_SERVER_ADDRESS.to_owned()]),
-    };
-    crate::servers::ServerAddresses::new(&given).map_err(AgentError::Config)
+    crate::servers::choose(
+        (
+            flags.server_address.as_ref(),
+            flags.server_addresses.as_ref(),
+        ),
+        (file.server_address.as_ref(), file.server_addresses.as_ref()),
+        DEFAULT_SERVER_ADDRESS,
+    )
+    .map_err(AgentError::Config)
 }
 
 /// Largest join token file read; a token is a few dozen bytes.

@@ -207,6 +207,36 @@ impl std::fmt::Display for ServerAddresses {
     }
 }
 
+/// `server_address` and `server_addresses` as one place (the flags, or
+/// agent.toml) gives them.
+pub type Given<'a> = (Option<&'a String>, Option<&'a Vec<String>>);
+
+/// The addresses to use: the flags' if they give any (all of them: flags
+/// replace the file's list, they do not add to it), else the file's, else
+/// `default`. Both keys in one place is an error, as is an empty list.
+pub fn choose(flags: Given<'_>, file: Given<'_>, default: &str) -> Result<ServerAddresses, String> {
+    // `place` prefixes the flags' errors; the file's get its path from
+    // `AgentConfig::load`.
+    let one_place = |given: Given<'_>, place: &str| -> Result<Option<Vec<String>>, String> {
+        match given {
+            (Some(_), Some(_)) => Err(format!(
+                "{place}give either server_address or server_addresses, not both"
+            )),
+            (Some(one), None) => Ok(Some(vec![one.clone()])),
+            (None, Some(list)) if list.is_empty() => Err(format!(
+                "{place}server_addresses is empty; give at least one host:port"
+            )),
+            (None, Some(list)) => Ok(Some(list.clone())),
+            (None, None) => Ok(None),
+        }
+    };
+    let given = match one_place(flags, "flags: ")? {
+        Some(list) => list,
+        None => one_place(file, "")?.unwrap_or_else(|| vec![default.to_owned()]),
+    };
+    ServerAddresses::new(&given)
+}
+
 /// Where a connection got through.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Connected {
