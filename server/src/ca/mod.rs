@@ -115,6 +115,8 @@ pub struct CaManager {
     /// The revision as of which the published bundle holds every other
     /// server's authorities (reported in the heartbeat).
     applied: std::sync::atomic::AtomicU64,
+    /// The last heartbeat failed (logged once per outage).
+    beat_failing: std::sync::atomic::AtomicBool,
     /// X509-SVIDs signed since start (metrics).
     x509_signed: std::sync::atomic::AtomicU64,
     /// JWT-SVIDs minted since start (metrics).
@@ -218,6 +220,7 @@ impl CaManager {
             peers: RwLock::new(Arc::new(peers)),
             propagation,
             applied: std::sync::atomic::AtomicU64::new(applied),
+            beat_failing: std::sync::atomic::AtomicBool::new(false),
             x509_signed: std::sync::atomic::AtomicU64::new(0),
             jwt_signed: std::sync::atomic::AtomicU64::new(0),
         });

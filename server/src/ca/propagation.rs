@@ -194,11 +194,24 @@ impl CaManager {
         })
     }
 
-    /// Reports this server live, its bundle current as of `applied`.
+    /// Reports this server live, its bundle current as of `applied`. A
+    /// failure is logged when it starts and when it ends, not every beat
+    /// (the database being away is already reported by readiness).
     pub(super) async fn beat(&self) {
         let applied = self.applied.load(Ordering::Acquire);
-        if let Err(e) = self.store.beat(applied).await {
-            tracing::warn!(error = %e, "cannot record this server's heartbeat");
+        match self.store.beat(applied).await {
+            Ok(()) => {
+                if self.beat_failing.swap(false, Ordering::AcqRel) {
+                    tracing::info!("this server's heartbeat is recorded again");
+                }
+            }
+            Err(e) => {
+                if !self.beat_failing.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(error = %e,
+                        "cannot record this server's heartbeat; the other servers will stop \
+                         waiting for it after {} s", self.propagation.liveness.as_secs());
+                }
+            }
         }
     }
 
