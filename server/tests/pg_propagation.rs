@@ -223,3 +223,28 @@ async fn the_union_bundles_sequence_moves_with_every_change_of_its_content() {
     assert!(three, "a never held b's prepared authority");
     assert!(a.snapshot().bundle().sequence_number() > before);
 }
+
+/// Heartbeats that cannot be read do not count as "no server is behind":
+/// the new authority waits (to the bound) as for a server behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_that_cannot_be_read_hold_a_new_authority_back_to_the_bound() {
+    let db = pg_cluster::fresh().await;
+    drop(store(&db, "migrate").await);
+    let raw = pg_cluster::raw(&db).await;
+    let role = format!("{}_blind", db.dbname);
+    raw.batch_execute(&format!(
+        "CREATE ROLE {role} LOGIN; GRANT USAGE, CREATE ON SCHEMA public TO {role}; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}; \
+         REVOKE SELECT ON oxid_server_heartbeats FROM {role}"
+    ))
+    .await
+    .unwrap();
+    let mut blind = db.clone();
+    blind.user = role;
+    let dir = tempfile::tempdir().unwrap();
+    let bound = Duration::from_secs(2);
+    let started = Instant::now();
+    let ca = start(&blind, "a", &dir, bound).await;
+    assert!(started.elapsed() >= bound, "{:?}", started.elapsed());
+    assert!(ca.snapshot().active_sequence().is_some());
+}

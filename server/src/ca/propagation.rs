@@ -69,6 +69,61 @@ impl Default for Propagation {
 /// After this long, a wait is logged.
 const LOG_AFTER: Duration = Duration::from_secs(1);
 
+/// What one wait has logged already: each thing once.
+#[derive(Default)]
+struct WaitLog {
+    waiting: bool,
+    unreadable: bool,
+    stale: Vec<String>,
+}
+
+impl WaitLog {
+    /// Names each server not waited for because its heartbeat is stale.
+    fn stale(&mut self, beats: &[Heartbeat], liveness: Duration) {
+        for b in beats.iter().filter(|b| !b.stopped && !b.is_live(liveness)) {
+            if !self.stale.contains(&b.server) {
+                tracing::info!(
+                    server = %b.server,
+                    heartbeat_age_s = b.age.as_secs(),
+                    "not waiting for a server whose heartbeat is stale (not live); if it is \
+                     gone for good, remove it with `oxid-server server forget`"
+                );
+                self.stale.push(b.server.clone());
+            }
+        }
+    }
+
+    fn waiting(&mut self, sequence: u64, revision: u64, started: Instant, behind: &[&str]) {
+        if !self.waiting && started.elapsed() >= LOG_AFTER {
+            tracing::info!(
+                sequence,
+                revision,
+                servers = ?behind,
+                "waiting for the other live servers to apply this server's new CA authority \
+                 before it signs"
+            );
+            self.waiting = true;
+        }
+    }
+
+    fn unreadable(&mut self, e: &crate::datastore::DataStoreError) {
+        if !std::mem::replace(&mut self.unreadable, true) {
+            tracing::warn!(error = %e, "cannot read the other servers' heartbeats; retrying");
+        }
+    }
+
+    fn done(&self, sequence: u64, revision: u64, started: Instant) {
+        if self.waiting {
+            tracing::info!(
+                sequence,
+                revision,
+                waited_ms = started.elapsed().as_millis() as u64,
+                "every live server has this server's new CA authority; it may sign"
+            );
+        }
+    }
+}
+
 impl CaManager {
     /// Lets generation `sequence` sign once every live server has applied
     /// the revision that shared it (bounded), and publishes. Called with
@@ -105,8 +160,7 @@ impl CaManager {
     async fn await_peers(&self, sequence: u64, revision: u64) {
         let p = &self.propagation;
         let started = Instant::now();
-        let mut logged_wait = false;
-        let mut logged_stale: Vec<String> = Vec::new();
+        let mut log = WaitLog::default();
         loop {
             // Our own view first: a server waiting on us while we wait on
             // it must see us apply its change.
@@ -115,68 +169,46 @@ impl CaManager {
                     tracing::warn!(error = %e, "cannot read the other servers' CA authorities");
                 }
             }
-            let beats = match self.store.peer_heartbeats().await {
-                Ok(beats) => beats,
+            let timed_out = started.elapsed() >= p.timeout;
+            match self.store.peer_heartbeats().await {
+                Ok(beats) => {
+                    log.stale(&beats, p.liveness);
+                    let live = beats.iter().any(|b| b.is_live(p.liveness));
+                    let behind: Vec<&str> = beats
+                        .iter()
+                        .filter(|b| b.is_live(p.liveness) && b.applied_revision < revision)
+                        .map(|b| b.server.as_str())
+                        .collect();
+                    if behind.is_empty() {
+                        if live {
+                            tokio::time::sleep(p.grace).await;
+                        }
+                        log.done(sequence, revision, started);
+                        return;
+                    }
+                    if timed_out {
+                        tracing::warn!(
+                            sequence,
+                            revision,
+                            servers = ?behind,
+                            "live servers have not applied this server's new CA authority after \
+                             {} s; signing with it anyway: their agents may refuse what it signs \
+                             until they catch up (is their feed following? see \
+                             oxid_feed_lag_seconds)",
+                            p.timeout.as_secs()
+                        );
+                        return;
+                    }
+                    log.waiting(sequence, revision, started, &behind);
+                }
+                // Not knowing who is behind is not "nobody": retry.
+                Err(e) if !timed_out => log.unreadable(&e),
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the other servers' heartbeats");
-                    Vec::new()
+                    tracing::warn!(error = %e, sequence, revision,
+                        "cannot read the other servers' heartbeats for {} s; signing with the \
+                         new CA authority anyway", p.timeout.as_secs());
+                    return;
                 }
-            };
-            for stale in beats
-                .iter()
-                .filter(|b| !b.stopped && !b.is_live(p.liveness))
-            {
-                if !logged_stale.contains(&stale.server) {
-                    tracing::info!(
-                        server = %stale.server,
-                        heartbeat_age_s = stale.age.as_secs(),
-                        "not waiting for a server whose heartbeat is stale (not live); if it \
-                         is gone for good, remove it with `oxid-server server forget`"
-                    );
-                    logged_stale.push(stale.server.clone());
-                }
-            }
-            let live: Vec<&Heartbeat> = beats.iter().filter(|b| b.is_live(p.liveness)).collect();
-            let behind: Vec<String> = live
-                .iter()
-                .filter(|b| b.applied_revision < revision)
-                .map(|b| b.server.clone())
-                .collect();
-            if behind.is_empty() {
-                if !live.is_empty() {
-                    tokio::time::sleep(p.grace).await;
-                }
-                if logged_wait {
-                    tracing::info!(
-                        sequence,
-                        revision,
-                        waited_ms = started.elapsed().as_millis() as u64,
-                        "every live server has this server's new CA authority; it may sign"
-                    );
-                }
-                return;
-            }
-            if started.elapsed() >= p.timeout {
-                tracing::warn!(
-                    sequence,
-                    revision,
-                    servers = ?behind,
-                    "live servers have not applied this server's new CA authority after {} s; \
-                     signing with it anyway: their agents may refuse what it signs until they \
-                     catch up (is their feed following? see oxid_feed_lag_seconds)",
-                    p.timeout.as_secs()
-                );
-                return;
-            }
-            if !logged_wait && started.elapsed() >= LOG_AFTER {
-                tracing::info!(
-                    sequence,
-                    revision,
-                    servers = ?behind,
-                    "waiting for the other live servers to apply this server's new CA \
-                     authority before it signs"
-                );
-                logged_wait = true;
             }
             tokio::time::sleep(p.poll).await;
         }
