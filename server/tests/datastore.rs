@@ -707,7 +707,16 @@ async fn a_store_never_forgets_its_own_server(b: Backend) {
     let store = b.open().await;
     store.put_ca_journal(b"journal".to_vec()).await.unwrap();
     let before = *store.revision().borrow();
-    let refused = store.forget_server("default", u64::MAX, true).await;
+    let refused = store
+        .forget_server(
+            "default",
+            u64::MAX,
+            oxid_server::datastore::ForgetOptions {
+                force: true,
+                assume_stopped: true,
+            },
+        )
+        .await;
     let Err(DataStoreError::Refused(why)) = refused else {
         panic!("{refused:?}");
     };

@@ -14,9 +14,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use oxid_server::datastore::{
-    ChangeEvent, DataStore as _, DataStoreError, LIVENESS, PgConfig, PgStore, ServerAuthority,
+    ChangeEvent, DataStore as _, DataStoreError, ForgetOptions, LIVENESS, PgConfig, PgStore,
+    ServerAuthority,
 };
 use support::cli_process::{BIN, Server};
+
+const KEEP: ForgetOptions = ForgetOptions {
+    force: false,
+    assume_stopped: false,
+};
+const FORCE: ForgetOptions = ForgetOptions {
+    force: true,
+    assume_stopped: false,
+};
+const ASSUME_STOPPED: ForgetOptions = ForgetOptions {
+    force: false,
+    assume_stopped: true,
+};
 
 fn authority(sequence: u64, not_after: u64) -> ServerAuthority {
     ServerAuthority {
@@ -79,18 +93,18 @@ async fn forgetting_a_server_refuses_a_live_one_and_keeps_its_unexpired_authorit
     b.beat(0).await.unwrap();
     let now = 2_000;
 
-    let Err(DataStoreError::Refused(live)) = a.forget_server("b", now, false).await else {
+    let Err(DataStoreError::Refused(live)) = a.forget_server("b", now, KEEP).await else {
         panic!("a live server was forgotten");
     };
     assert!(
         live.contains("\"b\" is live") && live.contains("Stop it first"),
         "{live}"
     );
-    let Err(DataStoreError::Refused(own)) = a.forget_server("a", now, true).await else {
+    let Err(DataStoreError::Refused(own)) = a.forget_server("a", now, FORCE).await else {
         panic!("a server forgot itself");
     };
     assert!(own.contains("own name"), "{own}");
-    let Err(DataStoreError::NotFound(none)) = a.forget_server("nosuch", now, false).await else {
+    let Err(DataStoreError::NotFound(none)) = a.forget_server("nosuch", now, KEEP).await else {
         panic!("an unknown server was forgotten");
     };
     assert!(none.contains("\"nosuch\""), "{none}");
@@ -102,7 +116,7 @@ async fn forgetting_a_server_refuses_a_live_one_and_keeps_its_unexpired_authorit
 
     b.stop_beating().await.unwrap();
     let before = *a.revision().borrow();
-    let forgotten = a.forget_server("b", now, false).await.unwrap();
+    let forgotten = a.forget_server("b", now, KEEP).await.unwrap();
     assert!(forgotten.journal);
     assert_eq!(forgotten.removed, [1], "the expired one");
     assert_eq!(forgotten.kept, [2], "what it signed may still be in use");
@@ -129,13 +143,13 @@ async fn forgetting_a_server_refuses_a_live_one_and_keeps_its_unexpired_authorit
     assert!(b.get_ca_journal().await.unwrap().is_none());
 
     // Again with --force: the rest goes.
-    let forced = a.forget_server("b", now, true).await.unwrap();
+    let forced = a.forget_server("b", now, FORCE).await.unwrap();
     assert!(!forced.journal);
     assert_eq!(forced.removed, [2]);
     assert!(a.peer_authorities().await.unwrap().is_empty());
     assert!(a.servers().await.unwrap().is_empty());
     assert!(matches!(
-        a.forget_server("b", now, true).await,
+        a.forget_server("b", now, FORCE).await,
         Err(DataStoreError::NotFound(_))
     ));
 }
@@ -159,7 +173,19 @@ async fn a_forgotten_servers_kept_authorities_go_once_they_expire() {
     kept.put_own_authorities(vec![authority(1, 1_000)])
         .await
         .unwrap();
-    let forgotten = a.forget_server("gone", 2_000, false).await.unwrap();
+    // gone never beat: nothing shows it is stopped, so the operator must say so.
+    let Err(DataStoreError::Refused(unsure)) = a.forget_server("gone", 2_000, KEEP).await else {
+        panic!("a server that never beat was forgotten");
+    };
+    assert!(unsure.contains("--assume-stopped"), "{unsure}");
+    assert!(
+        gone.get_ca_journal().await.unwrap().is_some(),
+        "nothing changed"
+    );
+    let forgotten = a
+        .forget_server("gone", 2_000, ASSUME_STOPPED)
+        .await
+        .unwrap();
     assert_eq!(forgotten.kept, [1]);
     let before = *a.revision().borrow();
     assert_eq!(a.prune_forgotten_authorities(4_999).await.unwrap(), 0);
@@ -232,7 +258,7 @@ async fn a_schema_2_server_writes_and_reads_no_heartbeats() {
     old.beat(1).await.unwrap();
     old.stop_beating().await.unwrap();
     assert!(old.peer_heartbeats().await.unwrap().is_empty());
-    let Err(DataStoreError::Refused(why)) = old.forget_server("x", 0, false).await else {
+    let Err(DataStoreError::Refused(why)) = old.forget_server("x", 0, KEEP).await else {
         panic!("a schema 2 store forgot a server");
     };
     assert!(why.contains("schema version 3"), "{why}");
@@ -334,6 +360,29 @@ fn decommissioning_a_server_with_the_cli() {
     assert!(
         killed.contains("forgot server killed: journal already gone, 0 authorities removed"),
         "{killed}"
+    );
+    // One with a journal that never beat (a schema 2 server, which may be
+    // running): only with --assume-stopped.
+    rt.block_on(async {
+        pg_cluster::raw(&db)
+            .await
+            .batch_execute("INSERT INTO oxid_server_journals VALUES ('older', '\\x7b7d')")
+            .await
+            .unwrap();
+    });
+    let unsure = error_line(server_cli(&db, "a", &["forget", "older"]));
+    assert!(
+        unsure.contains("never recorded a heartbeat") && unsure.contains("--assume-stopped"),
+        "{unsure}"
+    );
+    let older = ok(server_cli(
+        &db,
+        "a",
+        &["forget", "older", "--assume-stopped"],
+    ));
+    assert!(
+        older.contains("forgot server older: journal removed"),
+        "{older}"
     );
 
     // Every server with its authorities, live or not.

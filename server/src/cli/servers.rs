@@ -19,7 +19,9 @@ use super::commands::CliResult;
 use super::output::{outln, println};
 use super::time::rfc3339;
 use crate::config::{Config, Overrides};
-use crate::datastore::{DataStore as _, DataStoreError, LIVENESS, PgStore, ServerInfo};
+use crate::datastore::{
+    DataStore as _, DataStoreError, ForgetOptions, LIVENESS, PgStore, ServerInfo,
+};
 
 /// Commands about the servers of one database.
 #[derive(Debug, Subcommand)]
@@ -41,6 +43,11 @@ pub enum ServerCommand {
         /// verifying as soon as the servers re-read the bundle.
         #[arg(long)]
         force: bool,
+        /// Forget it although it never recorded a heartbeat (a server of
+        /// schema 2, or one that has not run since the upgrade): nothing
+        /// shows it is stopped, so make sure it is.
+        #[arg(long)]
+        assume_stopped: bool,
         /// The database and this server's name.
         #[command(flatten)]
         args: ServerArgs,
@@ -74,7 +81,18 @@ refused. Its CA keys stay on its own disk: delete its data directory to destroy 
 pub(crate) async fn servers(command: ServerCommand) -> CliResult {
     match command {
         ServerCommand::List(args) => list(args).await,
-        ServerCommand::Forget { name, force, args } => forget(&name, force, args).await,
+        ServerCommand::Forget {
+            name,
+            force,
+            assume_stopped,
+            args,
+        } => {
+            let options = ForgetOptions {
+                force,
+                assume_stopped,
+            };
+            forget(&name, options, args).await
+        }
     }
 }
 
@@ -202,11 +220,11 @@ fn server_pretty(s: &ServerInfo, me: &str, now: u64) -> String {
     out
 }
 
-async fn forget(name: &str, force: bool, args: ServerArgs) -> CliResult {
+async fn forget(name: &str, options: ForgetOptions, args: ServerArgs) -> CliResult {
     check_name(name)?;
     let (store, _) = open(&args).await?;
     let forgotten = store
-        .forget_server(name, now_secs(), force)
+        .forget_server(name, now_secs(), options)
         .await
         .map_err(|e| match e {
             DataStoreError::NotFound(what) => format!("no such server: {what}"),

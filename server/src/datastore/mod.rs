@@ -23,8 +23,8 @@ pub use self::contents::StoreContents;
 pub use self::postgres::{PgConfig, PgStore};
 pub use self::sled_store::SledStore;
 pub use self::types::{
-    Agent, Change, ChangeEvent, Entry, EntryId, Forgotten, Heartbeat, InvalidEntryId, JoinToken,
-    SelectorSet, ServerAuthority, ServerInfo, StoredBundle,
+    Agent, Change, ChangeEvent, Entry, EntryId, ForgetOptions, Forgotten, Heartbeat,
+    InvalidEntryId, JoinToken, SelectorSet, ServerAuthority, ServerInfo, StoredBundle,
 };
 
 /// Why a datastore operation failed.
@@ -281,16 +281,17 @@ pub trait DataStore: Send + Sync + 'static {
 
     /// Removes a stopped server: its journal row and heartbeat, and its
     /// authority rows that expired by `now_secs` (all of them with
-    /// `force`), in one transaction that enters the feed, so the other
-    /// servers drop what it removed from their bundles. Refused for this
-    /// server's own name, and for a live server ([`LIVENESS`]).
+    /// `options.force`), in one transaction that enters the feed, so the
+    /// other servers drop what it removed from their bundles. Refused for
+    /// this server's own name, for a live server ([`LIVENESS`]), and for
+    /// one with a journal that never beat unless `options.assume_stopped`.
     async fn forget_server(
         &self,
         name: &str,
         now_secs: u64,
-        force: bool,
+        options: ForgetOptions,
     ) -> Result<Forgotten, DataStoreError> {
-        let _ = (now_secs, force);
+        let _ = (now_secs, options);
         Err(DataStoreError::Refused(format!(
             "cannot forget server {name:?}: this datastore has one server only (the embedded \
              store); forgetting servers is for several servers on one PostgreSQL database"

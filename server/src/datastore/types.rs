@@ -361,6 +361,17 @@ pub struct ServerInfo {
     pub authorities: Vec<ServerAuthority>,
 }
 
+/// How `DataStore::forget_server` forgets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ForgetOptions {
+    /// Remove its unexpired authorities too.
+    pub force: bool,
+    /// Forget it although it never recorded a heartbeat (a server of
+    /// schema 2, or one that has not run since the upgrade), so nothing
+    /// shows it is stopped: the operator says it is.
+    pub assume_stopped: bool,
+}
+
 /// What `DataStore::forget_server` removed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Forgotten {

@@ -106,7 +106,7 @@ pub use self::config::{
 pub use self::schema::SCHEMA_VERSION;
 use super::{
     Agent, Change, ChangeEvent, CreateMode, DataStore, DataStoreError, Entry, EntryFilter, EntryId,
-    Forgotten, Heartbeat, JoinToken, ServerAuthority, ServerInfo, StoredBundle,
+    ForgetOptions, Forgotten, Heartbeat, JoinToken, ServerAuthority, ServerInfo, StoredBundle,
 };
 
 /// The PostgreSQL store.
@@ -346,9 +346,9 @@ impl DataStore for PgStore {
         &self,
         name: &str,
         now_secs: u64,
-        force: bool,
+        options: ForgetOptions,
     ) -> Result<Forgotten, DataStoreError> {
-        self.forget(name, now_secs, force).await
+        self.forget(name, now_secs, options).await
     }
 
     async fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<Change>, DataStoreError> {

@@ -13,7 +13,8 @@ use std::time::Duration;
 use super::schema::HEARTBEATS;
 use super::{PgStore, db, decode, int, uint};
 use crate::datastore::{
-    ChangeEvent, DataStoreError, Forgotten, Heartbeat, LIVENESS, ServerAuthority, ServerInfo,
+    ChangeEvent, DataStoreError, ForgetOptions, Forgotten, Heartbeat, LIVENESS, ServerAuthority,
+    ServerInfo,
 };
 
 /// Columns of a heartbeat, its age by the database's clock.
@@ -168,7 +169,7 @@ impl PgStore {
         &self,
         name: &str,
         now_secs: u64,
-        force: bool,
+        options: ForgetOptions,
     ) -> Result<Forgotten, DataStoreError> {
         if name == self.server_name {
             return Err(DataStoreError::Refused(format!(
@@ -213,6 +214,14 @@ impl PgStore {
             .await
             .map_err(db)?
             > 0;
+        if journal && beat.is_none() && !options.assume_stopped {
+            // The transaction rolls back when dropped: nothing changes.
+            return Err(DataStoreError::Refused(format!(
+                "server {name:?} has never recorded a heartbeat (a server of schema 2, or one \
+                 that has not run since the upgrade), so nothing shows it is stopped; make \
+                 sure it is, then give --assume-stopped"
+            )));
+        }
         tx.execute(
             "DELETE FROM oxid_server_heartbeats WHERE server = $1",
             &[&name],
@@ -237,7 +246,7 @@ impl PgStore {
         }
         let (gone, kept): (Vec<_>, Vec<_>) = rows
             .into_iter()
-            .partition(|a| force || a.not_after <= now_secs);
+            .partition(|a| options.force || a.not_after <= now_secs);
         let removed: Vec<u64> = gone.iter().map(|a| a.sequence).collect();
         let sequences = removed
             .iter()
