@@ -5,13 +5,14 @@
 //! reports the agent's memory per stream, a Workload API stream per
 //! connection as the baseline, and, when the SVID rotates, the time from
 //! the Workload API's own stream seeing the new SVID to every SDS stream
-//! carrying it. SPIRE's agent reached ~3.5 GB at ~450 SDS connections
+//! carrying it. A third agent holds 1,000 `DeltaSecrets` streams, one per
+//! connection, for their memory. SPIRE's agent reached ~3.5 GB at ~450 SDS connections
 //! (spiffe/spire#5348); the goal here is at most 20 KB per stream.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use oxid_proto::workload as pb;
 use tokio::sync::mpsc;
@@ -38,12 +39,18 @@ type Update = (usize, Instant);
 /// Set when the figures are in: the streams' errors from then on are the
 /// agents being stopped, not news.
 static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// The same for the `DeltaSecrets` agent, stopped once measured.
+static DELTA_DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 pub(crate) async fn run(rounds: usize) -> BenchResult<()> {
-    eprintln!("sds: server and three agents; {STREAMS} streams on each");
+    eprintln!("sds: server and four agents; {STREAMS} streams on each");
     let mut c = Cluster::start("", "[ca]\nttl = \"6h\"\n").await?;
     let (one, mut updates, opened) = sds_agent(&mut c, "one", 1).await?;
     let (_ten, _, ten_opened) = sds_agent(&mut c, "ten", 10).await?;
+    let (mut delta, _, delta_opened) = sds_agent(&mut c, "delta", 1).await?;
+    // Measured: stopped, so it adds no load to the rotation rows below.
+    DELTA_DONE.store(true, std::sync::atomic::Ordering::Relaxed);
+    delta.stop().await;
     let baseline = workload_baseline(&mut c).await?;
 
     // Rotations on the one-per-connection agent: the Workload API stream
@@ -70,6 +77,7 @@ pub(crate) async fn run(rounds: usize) -> BenchResult<()> {
     for (what, (per_stream, took)) in [
         ("one stream per connection", opened),
         ("ten streams per connection", ten_opened),
+        ("DeltaSecrets, one stream per connection", delta_opened),
     ] {
         println!(
             "| **agent memory per SDS stream**, {what} | **{:.1} KB** | ≤ 20 KB {} |",
@@ -122,8 +130,12 @@ async fn sds_agent(
     for conn in 0..STREAMS / per {
         let (socket, tx) = (agent.socket.clone(), tx.clone());
         tokio::spawn(async move {
+            let quiet = |flag: &std::sync::atomic::AtomicBool| {
+                flag.load(std::sync::atomic::Ordering::Relaxed)
+            };
             if let Err(e) = hold(conn * per, per, &socket, name, tx).await
-                && !DONE.load(std::sync::atomic::Ordering::Relaxed)
+                && !quiet(&DONE)
+                && !(name == "delta" && quiet(&DELTA_DONE))
             {
                 eprintln!("sds: connection {conn}: {e}");
             }
@@ -160,7 +172,11 @@ async fn hold(
     let client = SecretDiscoveryServiceClient::new(uds_channel(socket).await?);
     let resource = format!("{ID}/{name}");
     let mut streams = tokio::task::JoinSet::new();
-    for i in first..first + per {
+    if name == "delta" {
+        let (client, updates) = (client.clone(), updates.clone());
+        streams.spawn(hold_delta(first, client, resource.clone(), updates));
+    }
+    for i in (first..first + per).filter(|_| name != "delta") {
         let (mut client, updates, resource) = (client.clone(), updates.clone(), resource.clone());
         streams.spawn(async move {
             let (tx, rx) = mpsc::channel(2);
@@ -188,6 +204,37 @@ async fn hold(
         done??;
     }
     Err("the SDS streams ended".into())
+}
+
+/// One `DeltaSecrets` stream, numbered `i`, subscribed to `resource` and
+/// `ALL`; it ACKs every response and reports it on `updates`.
+async fn hold_delta(
+    i: usize,
+    mut client: SecretDiscoveryServiceClient<tonic::transport::Channel>,
+    resource: String,
+    updates: mpsc::UnboundedSender<Update>,
+) -> BenchResult<()> {
+    let (tx, rx) = mpsc::channel(2);
+    tx.send(DeltaDiscoveryRequest {
+        type_url: SECRET.into(),
+        resource_names_subscribe: vec![resource, "ALL".into()],
+        ..DeltaDiscoveryRequest::default()
+    })
+    .await?;
+    let mut stream = client
+        .delta_secrets(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    while let Some(resp) = stream.message().await? {
+        let _ = updates.send((i, Instant::now()));
+        tx.send(DeltaDiscoveryRequest {
+            type_url: SECRET.into(),
+            response_nonce: resp.nonce.clone(),
+            ..DeltaDiscoveryRequest::default()
+        })
+        .await?;
+    }
+    Ok(())
 }
 
 /// The instants at which the Workload API stream of this uid on `agent`

@@ -6,8 +6,8 @@
 //! that grows to the largest response (4 KiB for an SVID, its key and a
 //! bundle) and stays for the stream's life; these buffers were a third of
 //! what an SDS stream cost the agent (`oxid-bench sds`, BENCHMARKS.md).
-//! `FetchSecrets` and `DeltaSecrets` go to the generated service as they
-//! are.
+//! `DeltaSecrets` is served the same way; `FetchSecrets`, one request and
+//! one answer, goes to the generated service.
 
 use std::convert::Infallible;
 use std::marker::PhantomData;
@@ -15,7 +15,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::{
     SecretDiscoveryService, SecretDiscoveryServiceServer,
 };
@@ -29,6 +28,7 @@ use tonic_prost::ProstCodec;
 use super::Sds;
 
 const STREAM_SECRETS: &str = "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets";
+const DELTA_SECRETS: &str = "/envoy.service.secret.v3.SecretDiscoveryService/DeltaSecrets";
 
 /// The request decoder's initial buffer: a request is a few hundred
 /// bytes (the buffer grows for a larger one).
@@ -81,34 +81,44 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if req.uri().path() != STREAM_SECRETS {
-            return self.generated.call(req);
-        }
         let (inner, max) = (self.inner.clone(), self.max_request_bytes);
-        Box::pin(async move { Ok(stream_secrets(&inner, max, req).await) })
+        match req.uri().path() {
+            STREAM_SECRETS => Box::pin(async move {
+                Ok(streaming(max, req, |r| async move { inner.stream_secrets(r).await }).await)
+            }),
+            DELTA_SECRETS => Box::pin(async move {
+                Ok(streaming(max, req, |r| async move { inner.delta_secrets(r).await }).await)
+            }),
+            _ => self.generated.call(req),
+        }
     }
 }
 
-/// `StreamSecrets`: the requests through tonic's decoder, the responses
-/// through [`Frames`]. Compression is not offered, so a compressed request
-/// is refused, as tonic refuses it.
-async fn stream_secrets<B>(
-    sds: &Sds,
+/// A stream of `Req` to `Resp` (`StreamSecrets`, `DeltaSecrets`): the
+/// requests through tonic's decoder, the responses through [`Frames`].
+/// Compression is not offered, so a compressed request is refused, as
+/// tonic refuses it.
+async fn streaming<B, Req, Resp, F, Fut>(
     max_request_bytes: usize,
     req: http::Request<B>,
+    call: F,
 ) -> http::Response<tonic::body::Body>
 where
     B: Body + Send + 'static,
     B::Error: Into<StdError> + Send + 'static,
+    Req: prost::Message + Default + Send + 'static,
+    Resp: prost::Message + Send + 'static,
+    F: FnOnce(Request<Streaming<Req>>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<super::BoxStream<Resp>>, Status>>,
 {
     if let Some(refused) = compressed(req.headers()) {
         return refused.into_http();
     }
-    let decoder = SmallBuffers::<DiscoveryResponse, DiscoveryRequest>::default().decoder();
+    let decoder = SmallBuffers::<Resp, Req>::default().decoder();
     let request = Request::from_http(
         req.map(|body| Streaming::new_request(decoder, body, None, Some(max_request_bytes))),
     );
-    match sds.stream_secrets(request).await {
+    match call(request).await {
         Ok(response) => {
             let (metadata, responses, extensions) = response.into_parts();
             let mut http = http::Response::new(tonic::body::Body::new(Frames {
@@ -140,14 +150,13 @@ fn compressed(headers: &http::HeaderMap) -> Option<Status> {
 
 /// The responses of one stream as gRPC messages, each encoded into a
 /// buffer of its own size, then the status as trailers.
-struct Frames {
-    responses: <Sds as SecretDiscoveryService>::StreamSecretsStream,
+struct Frames<T> {
+    responses: super::BoxStream<T>,
     ended: bool,
 }
 
 /// One length-prefixed gRPC message (uncompressed).
-fn grpc_message(response: &DiscoveryResponse) -> Result<Bytes, Status> {
-    use prost::Message as _;
+fn grpc_message(response: &impl prost::Message) -> Result<Bytes, Status> {
     let len = response.encoded_len();
     let prefix = u32::try_from(len)
         .map_err(|_| Status::internal("an SDS response past 4 GiB"))?
@@ -174,7 +183,7 @@ fn trailers(status: &Status) -> http::HeaderMap {
     map
 }
 
-impl Body for Frames {
+impl<T: prost::Message> Body for Frames<T> {
     type Data = Bytes;
     type Error = Status;
 
@@ -236,6 +245,8 @@ where
 
 #[cfg(test)]
 mod tests {
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
+
     use super::*;
 
     #[test]
