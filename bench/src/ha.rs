@@ -492,10 +492,14 @@ struct ScaleRow {
 async fn scale(pg: &Pg, agents: usize, per_agent: usize) -> BenchResult<()> {
     let total = agents * per_agent;
     eprintln!("ha scale: {SERVERS} servers on PostgreSQL × {agents} agents × {per_agent} entries");
-    let on_pg = scale_setup(pg.servers("scale", SERVERS, "").await?, agents, per_agent).await?;
+    // Every simulated agent connects from 127.0.0.1, where real ones come
+    // from an address each: the per-address cap on handshakes would
+    // refuse them when all open Sync at once.
+    let top = format!("max_connections_per_address = {}\n", agents.max(64));
+    let on_pg = scale_setup(pg.servers("scale", SERVERS, &top).await?, agents, per_agent).await?;
     eprintln!("ha scale: 1 server on sled × {agents} agents × {per_agent} entries");
     let on_sled = scale_setup(
-        vec![Store::Sled.server(pg, "scale", "").await?],
+        vec![Store::Sled.server(pg, "scale", &top).await?],
         agents,
         per_agent,
     )
@@ -506,7 +510,9 @@ async fn scale(pg: &Pg, agents: usize, per_agent: usize) -> BenchResult<()> {
          each authorised for {per_agent} entries ({total} in all, created through server 1 in \
          CreateEntries batches of 1,000 before any agent attests). With {SERVERS} servers the \
          agents are spread evenly, agent i on server i mod {SERVERS}. Then every agent opens \
-         Sync at once and reads its snapshot. RSS is each server's VmRSS once all are synced.\n"
+         Sync at once and reads its snapshot. RSS is each server's VmRSS once all are synced. \
+         The servers take `max_connections_per_address = {agents}`, since every simulated agent \
+         connects from 127.0.0.1.\n"
     );
     println!(
         "| setup | {total} entries created | {agents} attestations ({ATTEST_CONCURRENCY} in \
@@ -583,7 +589,24 @@ async fn scale_setup(
     }
     let mut sims = Vec::with_capacity(agents);
     while let Some(r) = set.join_next().await {
-        sims.push(r?.map_err(|e| e.to_string())?);
+        match r? {
+            Ok(agent) => sims.push(agent),
+            Err(e) => {
+                for (i, s) in servers.iter().enumerate() {
+                    let log = s.server.proc.log();
+                    let odd: Vec<&str> = log
+                        .lines()
+                        .filter(|l| !l.contains("agent attested") && !l.contains(" INFO "))
+                        .collect();
+                    eprintln!(
+                        "server {} log (warnings and errors):\n{}",
+                        i + 1,
+                        odd.join("\n")
+                    );
+                }
+                return Err(e.into());
+            }
+        }
     }
     let attest = t.elapsed();
 
