@@ -428,3 +428,57 @@ impl Caller {
         Ok(true)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio_stream::StreamExt as _;
+
+    use super::*;
+    use crate::workload::limits::StreamLimits;
+
+    #[tokio::test]
+    async fn the_loop_runs_in_its_stream_ends_with_its_error_and_holds_the_permit() {
+        let limits = StreamLimits::new(1);
+        let mut responses = spawn_stream(limits.acquire(7).unwrap(), |tx| async move {
+            for n in [1u32, 2] {
+                let _ = tx.send(Ok(n)).await;
+            }
+            Err(Status::unavailable("the agent is shutting down"))
+        });
+        assert_eq!(responses.next().await.unwrap().unwrap(), 1);
+        assert_eq!(responses.next().await.unwrap().unwrap(), 2);
+        let end = responses.next().await.unwrap().unwrap_err();
+        assert_eq!(end.code(), tonic::Code::Unavailable);
+        assert!(responses.next().await.is_none());
+        assert!(
+            responses.next().await.is_none(),
+            "a finished loop is not polled"
+        );
+        // The stream holds the uid's slot until it is dropped.
+        assert!(limits.acquire(7).is_err());
+        drop(responses);
+        assert!(limits.acquire(7).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_client_that_leaves_drops_the_waiting_loop_and_its_slot() {
+        let limits = StreamLimits::new(1);
+        let (dropped_tx, dropped) = tokio::sync::oneshot::channel::<()>();
+        let mut responses = spawn_stream(limits.acquire(7).unwrap(), |tx| async move {
+            let _guard = dropped_tx;
+            let _ = tx.send(Ok(1u32)).await;
+            std::future::pending::<Result<(), Status>>().await
+        });
+        assert_eq!(responses.next().await.unwrap().unwrap(), 1);
+        // Polled once more, the loop is waiting, with nothing to send.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(
+            tokio_stream::Stream::poll_next(responses.as_mut(), &mut cx).is_pending(),
+            "the loop has nothing to send"
+        );
+        drop(responses);
+        // The loop's state went with the stream: its sender is dropped.
+        assert!(dropped.await.is_err());
+        assert!(limits.acquire(7).is_ok());
+    }
+}
