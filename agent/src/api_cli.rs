@@ -425,15 +425,12 @@ async fn watch_files(args: WatchArgs) -> Result<(), AgentError> {
         }
         _ => Notify::None,
     };
-    let code = files::watch(
-        args.api,
-        writer,
-        args.spiffe_id,
-        args.jwt_audiences,
-        notify,
-        say,
-    )
-    .await?;
+    let choice = files::Choice {
+        spiffe_id: args.spiffe_id,
+        jwt_audiences: args.jwt_audiences,
+        federated_bundles: !args.no_federated_bundles,
+    };
+    let code = files::watch(args.api, writer, choice, notify, say).await?;
     if code != 0 {
         std::process::exit(code);
     }

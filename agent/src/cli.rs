@@ -121,6 +121,11 @@ pub struct WatchArgs {
     /// the JWT bundle as jwt_bundle.json (plain JWKS).
     #[arg(long = "jwt-audience", requires = "write")]
     pub jwt_audiences: Vec<String>,
+    /// Leave out the federated trust domains' bundles
+    /// (federated_bundle.N.pem), which are written by default when the
+    /// entry federates with them.
+    #[arg(long, requires = "write")]
+    pub no_federated_bundles: bool,
     /// After each update, send this signal (HUP, USR1, ...) to the process
     /// in --pid-file, or to the command after `--` (from its second update
     /// on).

@@ -41,6 +41,9 @@ pub struct FilesFile {
     /// JWT-SVIDs to keep, one per audience (jwt_svid.N.token).
     #[serde(default)]
     pub jwt_audiences: Vec<String>,
+    /// Write the federated trust domains' bundles (federated_bundle.N.pem)
+    /// when the entry federates with them [default true].
+    pub federated_bundles: Option<bool>,
     /// Signal sent after each update to the process in `pid_file`.
     pub signal: Option<String>,
     /// The process to signal: a file holding its PID.
@@ -130,6 +133,9 @@ fn resolve_one(t: FilesFile, passwd: &str, groups: &str) -> Result<FilesTable, S
     };
     let dir = checked_path("dir", &t.dir)?;
     let mut args: Vec<OsString> = vec!["--group".into(), gid.to_string().into()];
+    if t.federated_bundles == Some(false) {
+        args.push("--no-federated-bundles".into());
+    }
     let mut flag = |name: &str, value: OsString| {
         args.push(format!("--{name}").into());
         args.push(value);
@@ -300,9 +306,13 @@ mod tests {
         assert_eq!((t.uid, t.gid), (101, 102));
         let t = table("[[files]]\nuser = \"4000\"\ngroup = \"4001\"\ndir = \"/d\"\n").unwrap();
         assert_eq!((t.uid, t.gid), (4000, 4001));
-        let t = table("[[files]]\nuser = \"0\"\ndir = \"/d\"\nreload_command = \"x\"\n").unwrap();
+        let t = table(
+            "[[files]]\nuser = \"0\"\ndir = \"/d\"\nreload_command = \"x\"\nfederated_bundles = false\n",
+        )
+        .unwrap();
         assert_eq!((t.uid, t.gid), (0, 0));
         assert!(args(&t).ends_with(&["--reload-command".into(), "x".into()]));
+        assert!(args(&t).contains(&"--no-federated-bundles".into()));
     }
 
     #[test]
@@ -407,6 +417,7 @@ mod tests {
             key_file_name: None,
             bundle_file_name: None,
             jwt_audiences: Vec::new(),
+            federated_bundles: None,
             signal: None,
             pid_file: None,
             reload_command: None,

@@ -72,14 +72,23 @@ pub fn parse_signal(name: &str) -> Result<Signal, String> {
     })
 }
 
-/// The contents of `svid` (from `resp`) as files.
-fn contents(resp: &pb::X509svidResponse, svid: &pb::X509svid) -> Result<Contents, AgentError> {
+/// The contents of `svid` (from `resp`) as files, with the federated
+/// bundles if `federated`.
+fn contents(
+    resp: &pb::X509svidResponse,
+    svid: &pb::X509svid,
+    federated: bool,
+) -> Result<Contents, AgentError> {
     let pem = |der: &[u8]| -> Result<String, AgentError> {
         let certs = oxid_pki::x509::split_der_certs(der)
             .map_err(|e| AgentError::WorkloadApi(e.to_string()))?;
         Ok(oxid_pki::x509::certs_to_pem(&certs))
     };
-    let mut federated: Vec<_> = resp.federated_bundles.iter().collect();
+    let mut federated: Vec<_> = resp
+        .federated_bundles
+        .iter()
+        .filter(|_| federated)
+        .collect();
     federated.sort();
     Ok(Contents {
         chain_pem: pem(&svid.x509_svid)?,
@@ -179,16 +188,16 @@ async fn add_jwts(
 pub async fn watch(
     source: impl Source,
     writer: Writer,
-    spiffe_id: Option<String>,
-    audiences: Vec<String>,
+    choice: Choice,
     notify: Notify,
     say: impl Fn(&str),
 ) -> Result<i32, AgentError> {
     let mut control = Control::new()?;
     let mut files = Files {
         writer,
-        spiffe_id,
-        audiences,
+        spiffe_id: choice.spiffe_id,
+        audiences: choice.jwt_audiences,
+        federated: choice.federated_bundles,
         last: None,
         last_id: String::new(),
         jwt_due: tokio::time::Instant::now() + Duration::from_secs(86_400 * 365),
@@ -310,11 +319,23 @@ enum Written {
     Reconnect,
 }
 
+/// What the files hold besides the X509-SVID and its bundle.
+#[derive(Debug, Clone, Default)]
+pub struct Choice {
+    /// Which SVID, when the process has several (default: the first).
+    pub spiffe_id: Option<String>,
+    /// JWT-SVIDs to keep, one per audience.
+    pub jwt_audiences: Vec<String>,
+    /// Whether the federated trust domains' bundles are written.
+    pub federated_bundles: bool,
+}
+
 /// The files' state between updates.
 struct Files {
     writer: Writer,
     spiffe_id: Option<String>,
     audiences: Vec<String>,
+    federated: bool,
     /// What the current generation holds.
     last: Option<Contents>,
     /// The SPIFFE ID of the SVID in `last`.
@@ -346,7 +367,7 @@ impl Files {
             ));
             return Ok(Written::Nothing);
         };
-        let mut new = contents(resp, svid)?;
+        let mut new = contents(resp, svid, self.federated)?;
         if self.last.as_ref().is_some_and(|l| same_x509(l, &new)) {
             return Ok(Written::Nothing);
         }
@@ -521,6 +542,51 @@ async fn stop_child(child: &mut Option<Child>, signal: Signal) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn federated_bundles_are_written_unless_left_out() {
+        let root = |td: &str| {
+            let key = oxid_pki::KeyPair::generate(oxid_pki::KeyAlgorithm::EcdsaP256).unwrap();
+            let ca = oxid_pki::x509::X509Ca::new_root(
+                oxid_pki::TrustDomain::new(td).unwrap(),
+                key,
+                Duration::from_secs(3600),
+                std::time::SystemTime::now(),
+            )
+            .unwrap();
+            ca.cert().to_vec()
+        };
+        let own = root("example.org");
+        let svid = pb::X509svid {
+            spiffe_id: "spiffe://example.org/w".into(),
+            x509_svid: own.clone(),
+            x509_svid_key: vec![1, 2, 3],
+            bundle: own,
+            ..pb::X509svid::default()
+        };
+        let resp = pb::X509svidResponse {
+            svids: vec![svid.clone()],
+            federated_bundles: [
+                ("spiffe://b.org".to_owned(), root("b.org")),
+                ("spiffe://a.org".to_owned(), root("a.org")),
+            ]
+            .into(),
+            ..pb::X509svidResponse::default()
+        };
+        let with = contents(&resp, &svid, true).unwrap();
+        assert_eq!(with.federated_pem.len(), 2);
+        assert!(
+            with.federated_pem
+                .iter()
+                .all(|p| p.contains("BEGIN CERTIFICATE"))
+        );
+        assert!(
+            contents(&resp, &svid, false)
+                .unwrap()
+                .federated_pem
+                .is_empty()
+        );
+    }
 
     #[test]
     fn signal_names() {
