@@ -111,6 +111,7 @@ contract!(
     a_store_never_forgets_its_own_server,
     the_ca_journal_is_replaced_whole,
     pruning_with_nothing_forgotten_removes_nothing_and_takes_no_revision,
+    the_committed_revision_is_read_now_not_from_the_watch,
 );
 
 fn id(s: &str) -> SpiffeId {
@@ -743,6 +744,46 @@ async fn pruning_with_nothing_forgotten_removes_nothing_and_takes_no_revision(b:
     );
     assert_eq!(*store.revision().borrow(), before);
     assert_eq!(store.changes_since(before, 10).await.unwrap(), []);
+}
+
+/// `committed_revision` is the revision committed now: after this store's
+/// own write, that write's; and on PostgreSQL, also a revision another
+/// writer committed whose wake-up this store has not had (here a commit
+/// that sends none, with no poll for an hour), which its `revision()`
+/// watch does not show yet. A server deciding whether the database itself
+/// is behind an agent must not take that lag for a restored backup.
+async fn the_committed_revision_is_read_now_not_from_the_watch(b: Backend) {
+    let store = b.open().await;
+    assert_eq!(store.committed_revision().await.unwrap(), 0);
+    let e = create_one(
+        &*store,
+        entry("spiffe://example.org/web", AGENT, &["unix:uid:1"], 1),
+    )
+    .await
+    .unwrap();
+    assert_eq!(store.committed_revision().await.unwrap(), e.revision);
+    let Backend::Pg(config) = &b else {
+        return;
+    };
+    let mut config = config.clone();
+    config.feed_poll = std::time::Duration::from_secs(3600);
+    let lagging = PgStore::open(&config).await.unwrap();
+    let raw = pg_cluster::raw(&config).await;
+    let bumped: i64 = raw
+        .query_one(
+            "UPDATE oxid_feed SET revision = revision + 1 RETURNING revision",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let bumped = u64::try_from(bumped).unwrap();
+    assert_eq!(
+        *lagging.revision().borrow(),
+        e.revision,
+        "the watch had a wake-up"
+    );
+    assert_eq!(lagging.committed_revision().await.unwrap(), bumped);
 }
 
 /// The CA journal is one value, replaced whole, and its write enters the

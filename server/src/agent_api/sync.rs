@@ -133,7 +133,17 @@ async fn catch_up(inner: &SyncDeps, revision: u64) -> Result<(), Status> {
         return Ok(());
     }
     let reached = inner.index.read().revision();
-    let committed = *inner.store.revision().borrow();
+    // Read from the database now, not from the revision watch: a watch
+    // that trails (a wake-up not yet delivered, a listener stalled short of
+    // its timeout) would pass this lagging server off as a restored backup
+    // and send the agent older state.
+    let committed = inner.store.committed_revision().await.map_err(|e| {
+        Status::unavailable(format!(
+            "this server is behind the agent (index at revision {reached}, the agent at \
+             {revision}) and cannot read the database's revision ({e}); the agent tries \
+             another server"
+        ))
+    })?;
     if committed >= revision || inner.store.feed_stale_since().is_some() {
         return Err(Status::unavailable(format!(
             "this server is behind the agent: its index is at revision {reached}, the agent \

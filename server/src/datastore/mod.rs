@@ -309,6 +309,16 @@ pub trait DataStore: Send + Sync + 'static {
     /// on it instead of polling.
     fn revision(&self) -> watch::Receiver<u64>;
 
+    /// The newest committed revision, read now where it is kept. For a
+    /// store other processes write too, `revision()` can trail it (a
+    /// wake-up not yet delivered, a listener stalled short of its timeout),
+    /// so a decision that the store itself is behind a revision seen
+    /// elsewhere must ask this instead. A store this process alone writes
+    /// answers from `revision()`, which is then exact.
+    async fn committed_revision(&self) -> Result<u64, DataStoreError> {
+        Ok(*self.revision().borrow())
+    }
+
     /// Why the store refuses writes, if it does (a write that could not be
     /// made durable, such as on a full disk; a database that cannot be
     /// reached), as a message for the operator. Reads are still served

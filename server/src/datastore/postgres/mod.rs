@@ -365,6 +365,12 @@ impl DataStore for PgStore {
         self.revision.subscribe()
     }
 
+    /// `oxid_feed.revision` as of now, whatever the listener has seen.
+    async fn committed_revision(&self) -> Result<u64, DataStoreError> {
+        let client = self.client().await?;
+        feed::current(&client).await
+    }
+
     /// The listener's connection is the probe: it is dropped at once when
     /// the database goes away, and every `feed_poll` it proves a read.
     fn write_failure(&self) -> Option<String> {
