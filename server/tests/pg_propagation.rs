@@ -11,11 +11,11 @@
 mod pg_cluster;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use oxid_pki::{KeyAlgorithm, TrustDomain};
 use oxid_server::ca::{CaConfig, CaManager, Propagation};
-use oxid_server::clock::SystemClock;
+use oxid_server::clock::{Clock, ManualClock, SystemClock};
 use oxid_server::datastore::{DataStore, PgConfig, PgStore};
 
 fn config(dir: &std::path::Path) -> CaConfig {
@@ -51,11 +51,22 @@ async fn start(
     dir: &tempfile::TempDir,
     timeout: Duration,
 ) -> Arc<CaManager> {
+    start_at(db, name, dir, timeout, Arc::new(SystemClock)).await
+}
+
+/// [`start`] reading the time from `clock`.
+async fn start_at(
+    db: &PgConfig,
+    name: &str,
+    dir: &tempfile::TempDir,
+    timeout: Duration,
+    clock: Arc<dyn Clock>,
+) -> Arc<CaManager> {
     let store = store(db, name).await;
     let ca = CaManager::start_with(
         config(dir.path()),
         propagation(timeout),
-        Arc::new(SystemClock),
+        clock,
         store.clone(),
     )
     .await
@@ -125,28 +136,30 @@ async fn a_server_whose_heartbeat_is_stale_is_not_waited_for() {
     assert!(ca.snapshot().active_sequence().is_some());
 }
 
+/// A server `stuck` that beats but never applies anything, until the task
+/// is aborted.
+async fn stuck_server(raw: Arc<tokio_postgres::Client>) -> tokio::task::JoinHandle<()> {
+    ghost(&raw, "stuck", "0 seconds").await;
+    tokio::spawn(async move {
+        loop {
+            raw.execute(
+                "UPDATE oxid_server_heartbeats SET beat_at = clock_timestamp() \
+                 WHERE server = 'stuck'",
+                &[],
+            )
+            .await
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_server_that_never_catches_up_holds_a_new_authority_back_only_for_the_bound() {
     let db = pg_cluster::fresh().await;
     drop(store(&db, "migrate").await);
     let raw = Arc::new(pg_cluster::raw(&db).await);
-    // A server that beats but never applies anything.
-    ghost(&raw, "stuck", "0 seconds").await;
-    let beating = tokio::spawn({
-        let raw = raw.clone();
-        async move {
-            loop {
-                raw.execute(
-                    "UPDATE oxid_server_heartbeats SET beat_at = clock_timestamp() \
-                     WHERE server = 'stuck'",
-                    &[],
-                )
-                .await
-                .unwrap();
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    });
+    let beating = stuck_server(raw.clone()).await;
     let dir = tempfile::tempdir().unwrap();
     let bound = Duration::from_secs(2);
     let started = Instant::now();
@@ -155,11 +168,14 @@ async fn a_live_server_that_never_catches_up_holds_a_new_authority_back_only_for
     assert!(started.elapsed() >= bound, "{:?}", started.elapsed());
     assert!(ca.snapshot().active_sequence().is_some());
 
-    // Restarted, it signs at once: its authority was shared by the run
-    // before (a fresh one would wait the whole bound, here 30 s).
+    // Restarted once its authority has been shared for longer than the
+    // bound (the clock moved on past it, and the certificate's backdating),
+    // it signs at once: the run before would have by now (a fresh one
+    // would wait the whole bound, here 30 s).
     let long = Duration::from_secs(30);
+    let later = SystemTime::now() + long + oxid_pki::x509::BACKDATE + Duration::from_secs(2);
     let restarted = Instant::now();
-    let again = start(&db, "a", &dir, long).await;
+    let again = start_at(&db, "a", &dir, long, Arc::new(ManualClock::new(later))).await;
     assert!(restarted.elapsed() < long, "{:?}", restarted.elapsed());
     assert_eq!(
         again.snapshot().active_sequence(),
@@ -187,6 +203,54 @@ async fn a_live_server_that_never_catches_up_holds_a_new_authority_back_only_for
     assert!(switched, "the prepared authority never activated");
     assert!(waited.elapsed() >= bound - Duration::from_millis(200));
     activating.await.unwrap().unwrap();
+    beating.abort();
+}
+
+/// A first run that shares its new authority and dies while waiting for
+/// the other servers (a crash at start) has not made it safe to sign: the
+/// restart, soon after, waits for them again (here to the bound, as the
+/// live server never catches up) instead of signing at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_after_a_run_that_died_waiting_waits_again() {
+    let db = pg_cluster::fresh().await;
+    drop(store(&db, "migrate").await);
+    let raw = Arc::new(pg_cluster::raw(&db).await);
+    let beating = stuck_server(raw.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let first = tokio::spawn({
+        let (db, dir) = (db.clone(), dir.path().to_owned());
+        async move {
+            let store = store(&db, "a").await;
+            let _ = CaManager::start_with(
+                config(&dir),
+                propagation(Duration::from_secs(600)),
+                Arc::new(SystemClock),
+                store,
+            )
+            .await;
+        }
+    });
+    // Shared, then the run dies in its wait.
+    pg_cluster::until(
+        &raw,
+        "SELECT EXISTS (SELECT 1 FROM oxid_authorities WHERE server = 'a')",
+    )
+    .await;
+    first.abort();
+    assert!(
+        first.await.unwrap_err().is_cancelled(),
+        "the first run finished"
+    );
+
+    let bound = Duration::from_secs(2);
+    let restarted = Instant::now();
+    let again = start(&db, "a", &dir, bound).await;
+    assert!(
+        restarted.elapsed() >= bound,
+        "the restart signed after {:?} with an authority no other server had",
+        restarted.elapsed()
+    );
+    assert!(again.snapshot().active_sequence().is_some());
     beating.abort();
 }
 

@@ -31,7 +31,6 @@ use crate::clock::{Clock, unix_secs};
 use crate::datastore::{DataStore, DataStoreError, StoredBundle};
 
 use self::generation::{Generation, Signers};
-use self::journal::unb64;
 pub use self::journal::{AuthorityState, Journal, JournalEntry};
 pub use self::propagation::Propagation;
 pub use self::schedule::{Action, plan};
@@ -181,22 +180,21 @@ impl CaManager {
             Some(bytes) => generation::restore_state(&config, &bytes)?,
             None => State::default(),
         };
-        // What a previous run of this server already shared (its rows are
-        // in the shared bundle as they are) has had at least a restart's
-        // time to reach the other servers: it signs without waiting again,
-        // so a server restarting while another is dead but not yet stale
-        // is not held up (`propagation.rs`).
+        // What a previous run of this server shared (its rows are in the
+        // shared bundle as they are) longer ago than the wait's bound signs
+        // without waiting again, so a server restarting while another is
+        // dead but not yet stale is not held up (`propagation.rs`): that
+        // run would have signed with it by now, whatever the others did. A
+        // younger one waits again: the previous run may have died in its
+        // own wait (a crash at start), before anyone else had it.
         let shared = store.own_authorities().await?;
+        let now = unix_secs(clock.now());
         for g in &mut state.generations {
-            g.cleared = shared.iter().any(|row| {
-                row.sequence == g.entry.sequence
-                    && unb64(&row.x509_authority).is_ok_and(|der| der == g.root.as_ref())
-            });
+            g.cleared = propagation::shared_long_enough(g, &shared, now, propagation.timeout);
         }
         let (rows, applied) = store.peer_authorities_at().await?;
         let peers = peers::parse(rows);
         let restored = !state.generations.is_empty();
-        let now = unix_secs(clock.now());
         let (published, _) = watch::channel(Arc::new(snapshot_of(
             &config.trust_domain,
             &state,

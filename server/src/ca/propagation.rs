@@ -17,9 +17,11 @@
 //! short grace has passed for the sync streams' push to reach the agents.
 //! That is checked for the authority a new server creates at start (it
 //! serves nothing until then), for one restored at start unless a previous
-//! run already shared it (its row in the shared bundle is as restored: it
-//! has had at least a restart's time to propagate, and a server restarting
-//! while another is dead but not yet stale must not wait for it), and before a
+//! run shared it longer ago than `timeout` (its row in the shared bundle is
+//! as restored, and that run would have signed with it by now whatever the
+//! others did, so a server restarting while another is dead but not yet
+//! stale must not wait for it; a younger one waits again, since the run
+//! that shared it may have died in its own wait), and before a
 //! prepared authority is activated (the old one signs meanwhile; on
 //! schedule the prepared one has been shared for 1/3 of a lifetime, so the
 //! wait is over at once). A server is live while its heartbeat is fresher
@@ -35,8 +37,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use super::generation::Generation;
+use super::journal::unb64;
 use super::{CaError, CaManager};
-use crate::datastore::{HEARTBEAT_INTERVAL, Heartbeat, LIVENESS};
+use crate::datastore::{HEARTBEAT_INTERVAL, Heartbeat, LIVENESS, ServerAuthority};
 
 /// How a new authority waits for the other servers.
 #[derive(Debug, Clone)]
@@ -122,6 +126,28 @@ impl WaitLog {
             );
         }
     }
+}
+
+/// Whether restored generation `g` is in `shared` (this server's rows of
+/// the shared bundle) as it is, and was made more than `bound` before
+/// `now` (its certificate's `not_before` is backdated by
+/// [`oxid_pki::x509::BACKDATE`]): shared so long ago that the run that
+/// shared it had stopped waiting for the other servers.
+pub(super) fn shared_long_enough(
+    g: &Generation,
+    shared: &[ServerAuthority],
+    now: u64,
+    bound: Duration,
+) -> bool {
+    let made = g
+        .entry
+        .not_before
+        .saturating_add(oxid_pki::x509::BACKDATE.as_secs());
+    made.saturating_add(bound.as_secs()) < now
+        && shared.iter().any(|row| {
+            row.sequence == g.entry.sequence
+                && unb64(&row.x509_authority).is_ok_and(|der| der == g.root.as_ref())
+        })
 }
 
 impl CaManager {
