@@ -239,3 +239,33 @@ fn validate_and_run_never_print_a_password() {
     );
     assert!(!printed.contains(secret), "{printed}");
 }
+
+#[test]
+fn a_server_that_cannot_reach_postgresql_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port nothing listens on: the driver's own text is only "error
+    // connecting to server"; the reason is in its causes.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = Command::new(BIN)
+        .args(["run", "--bind-address", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--socket-path")
+        .arg(dir.path().join("admin.sock"))
+        .args([
+            "--datastore-url",
+            &format!("postgresql://oxid@127.0.0.1:{port}/oxid?sslmode=disable"),
+        ])
+        .env_remove("PGPASSWORD")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("error connecting to server: ") && err.contains("refused"),
+        "{err}"
+    );
+}

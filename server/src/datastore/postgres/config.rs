@@ -212,7 +212,7 @@ impl PgConfig {
         // `?host=/socket/dir`); its messages name the option, not the value.
         let parsed: tokio_postgres::Config = url
             .parse()
-            .map_err(|e: tokio_postgres::Error| PgConfigError::Url(e.to_string()))?;
+            .map_err(|e: tokio_postgres::Error| PgConfigError::Url(super::with_causes(&e)))?;
         if parsed.get_password().is_some() {
             return Err(PgConfigError::Url(
                 "holds a password: put it in password_file (the [datastore] table) or \

@@ -391,7 +391,7 @@ fn db(e: tokio_postgres::Error) -> DataStoreError {
 fn message(e: &tokio_postgres::Error) -> String {
     use tokio_postgres::error::SqlState;
     let Some(server) = e.as_db_error() else {
-        return format!("PostgreSQL: {e}");
+        return format!("PostgreSQL: {}", with_causes(e));
     };
     let code = server.code();
     let hint = if code == &SqlState::QUERY_CANCELED {
@@ -403,6 +403,20 @@ fn message(e: &tokio_postgres::Error) -> String {
         ""
     };
     format!("PostgreSQL: {} [{}]{hint}", server.message(), code.code())
+}
+
+/// The driver's error and its causes: its own text alone is only the kind
+/// ("error connecting to server"), with the reason (refused, no such
+/// socket, certificate not trusted) in its source chain.
+pub(super) fn with_causes(e: &tokio_postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// Why no pooled connection was had.
