@@ -165,13 +165,15 @@ fn live(s: &ServerInfo) -> bool {
     s.heartbeat.as_ref().is_some_and(|b| b.is_live(LIVENESS))
 }
 
-/// What the server is, in a word or two.
+/// What the server is, in a word or two. Live comes first: a server
+/// starting beats before it writes its CA journal, so a live one without a
+/// journal is starting, not forgotten (forgetting removes the heartbeat).
 fn state(s: &ServerInfo) -> &'static str {
     match &s.heartbeat {
+        Some(b) if b.is_live(LIVENESS) => "live",
         _ if !s.has_journal => "forgotten",
         None => "no heartbeat (schema 2 server, or never started)",
         Some(b) if b.stopped => "stopped",
-        Some(b) if b.is_live(LIVENESS) => "live",
         Some(_) => "not live (heartbeat stale)",
     }
 }
@@ -264,7 +266,39 @@ async fn forget(name: &str, options: ForgetOptions, args: ServerArgs) -> CliResu
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::datastore::Heartbeat;
+
+    fn info(has_journal: bool, beat: Option<(u64, bool)>) -> ServerInfo {
+        ServerInfo {
+            server: "b".into(),
+            has_journal,
+            heartbeat: beat.map(|(age, stopped)| Heartbeat {
+                server: "b".into(),
+                applied_revision: 1,
+                age: Duration::from_secs(age),
+                stopped,
+            }),
+            authorities: vec![],
+        }
+    }
+
+    #[test]
+    fn a_live_server_is_live_with_or_without_a_journal() {
+        // Starting: it beats before its first journal write.
+        assert_eq!(state(&info(false, Some((0, false)))), "live");
+        assert_eq!(state(&info(true, Some((0, false)))), "live");
+        assert_eq!(state(&info(false, None)), "forgotten");
+        assert_eq!(state(&info(false, Some((3600, false)))), "forgotten");
+        assert_eq!(state(&info(true, Some((0, true)))), "stopped");
+        assert_eq!(
+            state(&info(true, Some((3600, false)))),
+            "not live (heartbeat stale)"
+        );
+        assert!(state(&info(true, None)).starts_with("no heartbeat"));
+    }
 
     #[test]
     fn server_names_are_checked_before_the_database_is_asked() {
