@@ -175,6 +175,28 @@ impl Envoy {
             .unwrap_or_else(|| panic!("no listener port in {body}")) as u16
     }
 
+    /// How this Envoy holds its SDS on the agent's cluster `oxid_agent`,
+    /// from its own stats: connections open and ever opened, streams
+    /// (gRPC requests) open and ever opened.
+    async fn sds_streams(&self) -> SdsStreams {
+        let mut v = [0; 4];
+        for (n, name) in ["cx_active", "cx_total", "rq_active", "rq_total"]
+            .into_iter()
+            .enumerate()
+        {
+            v[n] = self
+                .stat(&format!("cluster.oxid_agent.upstream_{name}"))
+                .await;
+        }
+        let [connections, connections_total, streams, streams_total] = v;
+        SdsStreams {
+            connections,
+            connections_total,
+            streams,
+            streams_total,
+        }
+    }
+
     /// The sum of the counters whose names end with `suffix`.
     async fn stat(&self, suffix: &str) -> u64 {
         let (_, body) = self.admin(&format!("/stats?filter={suffix}$")).await;
@@ -185,6 +207,26 @@ impl Envoy {
             .sum()
     }
 }
+
+/// An Envoy's SDS connections and streams to the agent (`Envoy::sds_streams`).
+#[derive(Debug, PartialEq)]
+struct SdsStreams {
+    connections: u64,
+    connections_total: u64,
+    streams: u64,
+    streams_total: u64,
+}
+
+/// What Envoy 1.40 opens for a transport socket with one certificate and
+/// one validation context from SDS: one subscription, so one gRPC stream,
+/// per secret, both on a single HTTP/2 connection of the static cluster
+/// (the shape `oxid-bench sds` measures as "as Envoys open them").
+const ONE_CONNECTION_TWO_STREAMS: SdsStreams = SdsStreams {
+    connections: 1,
+    connections_total: 1,
+    streams: 2,
+    streams_total: 2,
+};
 
 /// One HTTP/1.1 GET on a new connection: (status, body).
 async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
@@ -311,6 +353,15 @@ async fn mtls_across_rotations(
     a.ready().await;
     let a_addr: SocketAddr = ([127, 0, 0, 1], a.listener_port().await).into();
 
+    // Ready means both secrets arrived, so both streams are open by now.
+    for (who, e) in [("front", &a), ("back", &b)] {
+        assert_eq!(
+            e.sds_streams().await,
+            ONE_CONNECTION_TWO_STREAMS,
+            "{api} {who}"
+        );
+    }
+
     let updates_a = a.stat("ssl_context_update_by_sds").await;
     let updates_b = b.stat("ssl_context_update_by_sds").await;
     let start = Instant::now();
@@ -343,6 +394,14 @@ async fn mtls_across_rotations(
         "{api} back: {updates_b} -> {after_b}"
     );
     assert_eq!(a.stat("ssl.fail_verify_san").await, 0);
+    // Rotations came on the same streams: no reconnect, no new stream.
+    for (who, e) in [("front", &a), ("back", &b)] {
+        assert_eq!(
+            e.sds_streams().await,
+            ONE_CONNECTION_TWO_STREAMS,
+            "{api} {who}"
+        );
+    }
     // No NACK on the way: every secret sent was taken.
     let log = agent.proc.log();
     assert!(!log.contains("(NACK)"), "{log}");
