@@ -185,27 +185,7 @@ impl PgStore {
         }
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db)?;
-        let beat = tx
-            .query_opt(
-                &format!(
-                    "SELECT {BEAT_COLUMNS} FROM oxid_server_heartbeats WHERE server = $1 \
-                     FOR UPDATE"
-                ),
-                &[&name],
-            )
-            .await
-            .map_err(db)?
-            .map(|row| heartbeat_of(&row))
-            .transpose()?;
-        if let Some(beat) = beat.as_ref().filter(|b| b.is_live(LIVENESS)) {
-            return Err(DataStoreError::Refused(format!(
-                "server {name:?} is live: its last heartbeat was {:.1} s ago. Stop it first \
-                 (a server killed without a clean stop counts as live until its heartbeat is \
-                 {} s old)",
-                beat.age.as_secs_f64(),
-                LIVENESS.as_secs()
-            )));
-        }
+        let beat = unless_live(&tx, name).await?;
         let journal = tx
             .execute(
                 "DELETE FROM oxid_server_journals WHERE server = $1",
@@ -228,36 +208,15 @@ impl PgStore {
         )
         .await
         .map_err(db)?;
-        let rows = tx
-            .query(
-                "SELECT authority::text FROM oxid_authorities WHERE server = $1 \
-                 ORDER BY sequence FOR UPDATE",
-                &[&name],
-            )
-            .await
-            .map_err(db)?
-            .iter()
-            .map(|row| decode::<ServerAuthority>(row.get(0)))
-            .collect::<Result<Vec<_>, _>>()?;
-        if !journal && beat.is_none() && rows.is_empty() {
-            return Err(DataStoreError::NotFound(format!(
-                "server {name:?} (no journal, heartbeat or authority of that name)"
-            )));
-        }
-        let (gone, kept): (Vec<_>, Vec<_>) = rows
-            .into_iter()
-            .partition(|a| options.force || a.not_after <= now_secs);
-        let removed: Vec<u64> = gone.iter().map(|a| a.sequence).collect();
-        let sequences = removed
-            .iter()
-            .map(|s| int(*s))
-            .collect::<Result<Vec<_>, _>>()?;
-        tx.execute(
-            "DELETE FROM oxid_authorities WHERE server = $1 AND sequence = ANY($2)",
-            &[&name, &sequences],
-        )
-        .await
-        .map_err(db)?;
+        let (removed, kept) = match remove_authorities(&tx, name, now_secs, options.force).await? {
+            Some(split) => split,
+            None if !journal && beat.is_none() => {
+                return Err(DataStoreError::NotFound(format!(
+                    "server {name:?} (no journal, heartbeat or authority of that name)"
+                )));
+            }
+            None => (Vec::new(), Vec::new()),
+        };
         self.commit(
             tx,
             vec![ChangeEvent::AuthoritiesChanged {
@@ -268,7 +227,76 @@ impl PgStore {
         Ok(Forgotten {
             journal,
             removed,
-            kept: kept.iter().map(|a| a.sequence).collect(),
+            kept,
         })
     }
+}
+
+/// `name`'s heartbeat, read `FOR UPDATE` in `tx` (a beat waits for the
+/// transaction); a live one is refused.
+async fn unless_live(
+    tx: &deadpool_postgres::Transaction<'_>,
+    name: &str,
+) -> Result<Option<Heartbeat>, DataStoreError> {
+    let beat = tx
+        .query_opt(
+            &format!(
+                "SELECT {BEAT_COLUMNS} FROM oxid_server_heartbeats WHERE server = $1 \
+                 FOR UPDATE"
+            ),
+            &[&name],
+        )
+        .await
+        .map_err(db)?
+        .map(|row| heartbeat_of(&row))
+        .transpose()?;
+    if let Some(beat) = beat.as_ref().filter(|b| b.is_live(LIVENESS)) {
+        return Err(DataStoreError::Refused(format!(
+            "server {name:?} is live: its last heartbeat was {:.1} s ago. Stop it first \
+             (a server killed without a clean stop counts as live until its heartbeat is \
+             {} s old)",
+            beat.age.as_secs_f64(),
+            LIVENESS.as_secs()
+        )));
+    }
+    Ok(beat)
+}
+
+/// Deletes `name`'s expired (with `force`, all) authority rows in `tx`:
+/// the sequences removed and kept, or `None` if it has no rows.
+async fn remove_authorities(
+    tx: &deadpool_postgres::Transaction<'_>,
+    name: &str,
+    now_secs: u64,
+    force: bool,
+) -> Result<Option<(Vec<u64>, Vec<u64>)>, DataStoreError> {
+    let rows = tx
+        .query(
+            "SELECT authority::text FROM oxid_authorities WHERE server = $1 \
+             ORDER BY sequence FOR UPDATE",
+            &[&name],
+        )
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|row| decode::<ServerAuthority>(row.get(0)))
+        .collect::<Result<Vec<_>, _>>()?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let (gone, kept): (Vec<_>, Vec<_>) = rows
+        .into_iter()
+        .partition(|a| force || a.not_after <= now_secs);
+    let removed: Vec<u64> = gone.iter().map(|a| a.sequence).collect();
+    let sequences = removed
+        .iter()
+        .map(|s| int(*s))
+        .collect::<Result<Vec<_>, _>>()?;
+    tx.execute(
+        "DELETE FROM oxid_authorities WHERE server = $1 AND sequence = ANY($2)",
+        &[&name, &sequences],
+    )
+    .await
+    .map_err(db)?;
+    Ok(Some((removed, kept.iter().map(|a| a.sequence).collect())))
 }
