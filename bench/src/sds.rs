@@ -1,15 +1,20 @@
-//! Envoy SDS at scale: 1,000 `StreamSecrets` streams on one agent, each
-//! asking for the caller's SVID and the SPIFFE-validator bundle (`ALL`), as
-//! Envoys open them: one stream per connection (1,000 Envoys with one
-//! secret each), and ten streams per connection (100 Envoys with ten). It
-//! reports the agent's memory per stream, a Workload API stream per
-//! connection as the baseline, and, when the SVID rotates, the time from
-//! the Workload API's own stream seeing the new SVID to every SDS stream
-//! carrying it. A third agent holds 1,000 `DeltaSecrets` streams, one per
-//! connection, for their memory. SPIRE's agent reached ~3.5 GB at ~450 SDS connections
+//! Envoy SDS at scale: 1,000 `StreamSecrets` streams on one agent. As a
+//! real Envoy 1.40 opens them (`tests/envoy.rs` reads it from Envoy's
+//! stats): one stream per secret, multiplexed on one HTTP/2 connection, so
+//! two per connection for an Envoy with a certificate and a validation
+//! context, one asking for the SVID and one for the SPIFFE-validator
+//! bundle (`ALL`): 500 such Envoys. Two bounds beside it, every stream
+//! asking for both names: one stream per connection, and ten per
+//! connection. It reports the agent's memory per stream, a Workload API
+//! stream per connection as the baseline, and, when the SVID rotates (on
+//! the one-per-connection agent), the time from the Workload API's own
+//! stream seeing the new SVID to every SDS stream carrying it. Another
+//! agent holds 1,000 `DeltaSecrets` streams, one per connection, for their
+//! memory. SPIRE's agent reached ~3.5 GB at ~450 SDS connections
 //! (spiffe/spire#5348); the goal here is at most 20 KB per stream.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
@@ -38,18 +43,49 @@ type Update = (usize, Instant);
 
 /// Set when the figures are in: the streams' errors from then on are the
 /// agents being stopped, not news.
-static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-/// The same for the `DeltaSecrets` agent, stopped once measured.
-static DELTA_DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static DONE: AtomicBool = AtomicBool::new(false);
+/// The same for the agents stopped once measured (Envoy's shape, delta).
+static ENVOY_DONE: AtomicBool = AtomicBool::new(false);
+static DELTA_DONE: AtomicBool = AtomicBool::new(false);
+
+/// How an agent's 1,000 streams are opened.
+#[derive(Clone, Copy, PartialEq)]
+enum Shape {
+    /// `StreamSecrets` streams, this many to a connection, each asking for
+    /// the SVID and `ALL`.
+    Both(usize),
+    /// Two `StreamSecrets` streams to a connection, one asking for the
+    /// SVID and one for `ALL`: a real Envoy with one certificate and one
+    /// validation context.
+    Envoy,
+    /// `DeltaSecrets` streams, one to a connection, subscribed to both.
+    Delta,
+}
+
+impl Shape {
+    /// Streams to a connection.
+    fn per(self) -> usize {
+        match self {
+            Self::Both(per) => per,
+            Self::Envoy => 2,
+            Self::Delta => 1,
+        }
+    }
+}
 
 pub(crate) async fn run(rounds: usize) -> BenchResult<()> {
-    eprintln!("sds: server and four agents; {STREAMS} streams on each");
+    eprintln!("sds: server and five agents; {STREAMS} streams on each");
     let mut c = Cluster::start("", "[ca]\nttl = \"6h\"\n").await?;
-    let (one, mut updates, opened) = sds_agent(&mut c, "one", 1).await?;
-    let (_ten, _, ten_opened) = sds_agent(&mut c, "ten", 10).await?;
-    let (mut delta, _, delta_opened) = sds_agent(&mut c, "delta", 1).await?;
+    let (one, mut updates, opened) = sds_agent(&mut c, "one", Shape::Both(1), &DONE).await?;
+    let (_ten, _, ten_opened) = sds_agent(&mut c, "ten", Shape::Both(10), &DONE).await?;
+    let (mut envoy, _, envoy_opened) =
+        sds_agent(&mut c, "envoy", Shape::Envoy, &ENVOY_DONE).await?;
     // Measured: stopped, so it adds no load to the rotation rows below.
-    DELTA_DONE.store(true, std::sync::atomic::Ordering::Relaxed);
+    ENVOY_DONE.store(true, Ordering::Relaxed);
+    envoy.stop().await;
+    let (mut delta, _, delta_opened) =
+        sds_agent(&mut c, "delta", Shape::Delta, &DELTA_DONE).await?;
+    DELTA_DONE.store(true, Ordering::Relaxed);
     delta.stop().await;
     let baseline = workload_baseline(&mut c).await?;
 
@@ -63,18 +99,24 @@ pub(crate) async fn run(rounds: usize) -> BenchResult<()> {
         spreads.push(spread);
     }
 
-    DONE.store(true, std::sync::atomic::Ordering::Relaxed);
+    DONE.store(true, Ordering::Relaxed);
     println!("\n## Envoy SDS: {STREAMS} streams on one agent\n");
     println!(
-        "`oxid-bench sds`: on each agent {STREAMS} `StreamSecrets` streams asking for `{ID}` \
-         and `ALL`, opened one per Unix connection (as {STREAMS} Envoys) or ten per connection \
-         (as 100 Envoys with ten secrets each). X509-SVID TTL {TTL_SECS} s, so the agent renews \
-         about every {} s. Memory is the agent's RSS with the streams open minus before, / \
-         {STREAMS}.\n",
+        "`oxid-bench sds`: on each agent {STREAMS} `StreamSecrets` streams on Unix \
+         connections: two per connection, one asking for `{ID}` and one for `ALL` (as {} \
+         Envoys 1.40 with a certificate and a validation context open them); or each asking \
+         for both, one per connection or ten per connection. X509-SVID TTL {TTL_SECS} s, so \
+         the agent renews about every {} s. Memory is the agent's RSS with the streams open \
+         minus before, / {STREAMS}.\n",
+        STREAMS / 2,
         TTL_SECS / 2
     );
     println!("| measure | figure | goal |\n|---|---:|---|");
     for (what, (per_stream, took)) in [
+        (
+            "two per connection, one for the SVID, one for `ALL` (as Envoy opens them)",
+            envoy_opened,
+        ),
         ("one stream per connection", opened),
         ("ten streams per connection", ten_opened),
         ("DeltaSecrets, one stream per connection", delta_opened),
@@ -84,6 +126,12 @@ pub(crate) async fn run(rounds: usize) -> BenchResult<()> {
             per_stream / 1000.0,
             if per_stream <= 20_000.0 { "✔" } else { "✘" }
         );
+        if what.contains("Envoy") {
+            println!(
+                "| … per Envoy (its connection and two streams) | {:.1} KB | — |",
+                2.0 * per_stream / 1000.0
+            );
+        }
         println!(
             "| … all {STREAMS} open and answered | {:.0} ms | — |",
             took.as_secs_f64() * 1e3
@@ -106,13 +154,15 @@ pub(crate) async fn run(rounds: usize) -> BenchResult<()> {
     Ok(())
 }
 
-/// An agent with an entry for this uid and `STREAMS` SDS streams, `per`
-/// to a connection: the agent, the streams' updates, and (memory per
+/// An agent with an entry for this uid and `STREAMS` SDS streams opened
+/// as `shape` says (their errors unreported once `stopped` or `DONE` is
+/// set): the agent, the streams' updates, and (memory per
 /// stream in bytes, time to open and answer them all).
 async fn sds_agent(
     c: &mut Cluster,
     name: &'static str,
-    per: usize,
+    shape: Shape,
+    stopped: &'static AtomicBool,
 ) -> BenchResult<(
     oxid_e2e::Agent,
     mpsc::UnboundedReceiver<Update>,
@@ -127,17 +177,16 @@ async fn sds_agent(
     let before = proc_stat(pid)?.rss;
     let (tx, mut rx) = mpsc::unbounded_channel::<Update>();
     let start = Instant::now();
+    let per = shape.per();
     for conn in 0..STREAMS / per {
         let (socket, tx) = (agent.socket.clone(), tx.clone());
+        let resource = format!("{ID}/{name}");
         tokio::spawn(async move {
-            let quiet = |flag: &std::sync::atomic::AtomicBool| {
-                flag.load(std::sync::atomic::Ordering::Relaxed)
-            };
-            if let Err(e) = hold(conn * per, per, &socket, name, tx).await
-                && !quiet(&DONE)
-                && !(name == "delta" && quiet(&DELTA_DONE))
+            if let Err(e) = hold(conn * per, shape, &socket, resource, tx).await
+                && !DONE.load(Ordering::Relaxed)
+                && !stopped.load(Ordering::Relaxed)
             {
-                eprintln!("sds: connection {conn}: {e}");
+                eprintln!("sds: {name} connection {conn}: {e}");
             }
         });
     }
@@ -160,29 +209,36 @@ async fn sds_agent(
     Ok((agent, rx, (per_stream, took)))
 }
 
-/// `per` SDS streams on one connection, numbered from `first`; each ACKs
-/// every response and reports it on `updates`.
+/// One connection's SDS streams, as `shape` says, numbered from `first`,
+/// asking for `resource` (the SVID) and `ALL`; each ACKs every response
+/// and reports it on `updates`.
 async fn hold(
     first: usize,
-    per: usize,
+    shape: Shape,
     socket: &Path,
-    name: &str,
+    resource: String,
     updates: mpsc::UnboundedSender<Update>,
 ) -> BenchResult<()> {
     let client = SecretDiscoveryServiceClient::new(uds_channel(socket).await?);
-    let resource = format!("{ID}/{name}");
     let mut streams = tokio::task::JoinSet::new();
-    if name == "delta" {
+    if shape == Shape::Delta {
         let (client, updates) = (client.clone(), updates.clone());
         streams.spawn(hold_delta(first, client, resource.clone(), updates));
     }
-    for i in (first..first + per).filter(|_| name != "delta") {
-        let (mut client, updates, resource) = (client.clone(), updates.clone(), resource.clone());
+    for i in (first..first + shape.per()).filter(|_| shape != Shape::Delta) {
+        // Envoy's shape: the connection's first stream for the SVID, its
+        // second for the bundle.
+        let names = match shape {
+            Shape::Envoy if i % 2 == 0 => vec![resource.clone()],
+            Shape::Envoy => vec!["ALL".to_owned()],
+            _ => vec![resource.clone(), "ALL".to_owned()],
+        };
+        let (mut client, updates) = (client.clone(), updates.clone());
         streams.spawn(async move {
             let (tx, rx) = mpsc::channel(2);
             let request = |version: String, nonce: String| DiscoveryRequest {
                 version_info: version,
-                resource_names: vec![resource.clone(), "ALL".into()],
+                resource_names: names.clone(),
                 type_url: SECRET.into(),
                 response_nonce: nonce,
                 ..DiscoveryRequest::default()
