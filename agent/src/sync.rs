@@ -37,6 +37,10 @@ fn jitter_by(base: Duration, unit: f64) -> Duration {
 #[derive(Default)]
 struct View {
     revision: u64,
+    /// The incarnation of the store `revision` is of, as the server gave
+    /// it: a server whose store is of another (a restored backup) answers
+    /// with a snapshot instead of a delta. Empty from an older server.
+    incarnation: String,
     /// Shared with published snapshots: a delta copies pointers, not entries.
     entries: HashMap<String, Arc<Entry>>,
     bundles: BTreeMap<TrustDomain, Arc<Bundle>>,
@@ -199,23 +203,10 @@ async fn follow(
     view: &mut View,
     lost: &mut Option<Lost>,
 ) -> Result<(), tonic::Status> {
-    // Resume from what we hold: the server answers with a delta.
-    let known_entry_ids = if view.revision > 0 {
-        view.entries.keys().cloned().collect()
-    } else {
-        vec![]
-    };
     // Taken before the stream opens: a renewal from here on reconnects it.
     let mut identity = server.identity_changes();
     identity.mark_unchanged();
-    let mut stream = server
-        .api()
-        .sync(pb::SyncRequest {
-            revision: view.revision,
-            known_entry_ids,
-        })
-        .await?
-        .into_inner();
+    let mut stream = server.api().sync(resume_request(view)).await?.into_inner();
     let mut staging: Option<View> = None;
     loop {
         let page = tokio::select! {
@@ -247,6 +238,7 @@ async fn follow(
         } else {
             staging.get_or_insert_with(|| View {
                 revision: view.revision,
+                incarnation: view.incarnation.clone(),
                 entries: view.entries.clone(),
                 bundles: view.bundles.clone(),
             })
@@ -264,8 +256,26 @@ async fn follow(
     Ok(())
 }
 
+/// Resumes from what the agent holds: the server answers with a delta if
+/// its store is of the view's incarnation, else with a snapshot.
+fn resume_request(view: &View) -> pb::SyncRequest {
+    let known_entry_ids = if view.revision > 0 {
+        view.entries.keys().cloned().collect()
+    } else {
+        vec![]
+    };
+    pb::SyncRequest {
+        revision: view.revision,
+        known_entry_ids,
+        incarnation: view.incarnation.clone(),
+    }
+}
+
 fn apply(view: &mut View, page: &pb::SyncResponse, own: &TrustDomain) {
     view.revision = page.revision;
+    // A delta may come from a later opening of the same store (sled's
+    // lineage), whose incarnation the agent resumes from next time.
+    view.incarnation.clone_from(&page.incarnation);
     for e in &page.upserts {
         if let Some(entry) = Entry::from_pb(e) {
             view.entries.insert(entry.id.clone(), Arc::new(entry));
@@ -336,6 +346,29 @@ fn publish(view: &View, cache: &Cache, tls_bundle: &SharedBundle, data_dir: &std
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_view_resumes_with_the_incarnation_of_its_last_page() {
+        let own = TrustDomain::new("example.org").unwrap();
+        let mut view = View::default();
+        let page = pb::SyncResponse {
+            revision: 9,
+            incarnation: "pg-1-2".into(),
+            ..Default::default()
+        };
+        apply(&mut view, &page, &own);
+        let request = resume_request(&view);
+        assert_eq!(request.revision, 9);
+        assert_eq!(request.incarnation, "pg-1-2");
+        // A delta from a later opening of the same store (sled) moves it on.
+        let page = pb::SyncResponse {
+            revision: 10,
+            incarnation: "next".into(),
+            ..Default::default()
+        };
+        apply(&mut view, &page, &own);
+        assert_eq!(resume_request(&view).incarnation, "next");
+    }
 
     #[test]
     fn jitter_stays_within_half_and_one_and_a_half() {

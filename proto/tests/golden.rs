@@ -376,3 +376,51 @@ fn validate_jwt_svid_response_claims_presence() {
     };
     assert_golden(&no_claims, &[]);
 }
+
+/// The agent API's sync request, with `incarnation` (field 3, added later:
+/// an older agent sends none, and an older server skips it).
+#[test]
+fn sync_request() {
+    let value = oxid_proto::agent::SyncRequest {
+        revision: 5,
+        known_entry_ids: vec!["e1".into()],
+        incarnation: "i9".into(),
+    };
+    let bytes = cat(&[
+        &[0x08, 0x05],             // field 1 revision, VARINT: 5
+        &[0x12, 0x02, b'e', b'1'], // field 2 known_entry_ids, LEN 2
+        &[0x1a, 0x02, b'i', b'9'], // field 3 incarnation, LEN 2
+    ]);
+    assert_golden(&value, &bytes);
+}
+
+/// A sync page, with `incarnation` (field 8, added later). Entries are not
+/// set here.
+#[test]
+fn sync_response() {
+    let value = oxid_proto::agent::SyncResponse {
+        revision: 7,
+        snapshot: true,
+        more: true,
+        upserts: vec![],
+        removed_ids: vec!["r".into()],
+        bundles: vec![oxid_proto::agent::Bundle {
+            trust_domain: "a".into(),
+            spiffe_json: "{}".into(),
+        }],
+        removed_bundles: vec!["td".into()],
+        incarnation: "i9".into(),
+    };
+    let bytes = cat(&[
+        &[0x08, 0x07],             // field 1 revision, VARINT: 7
+        &[0x10, 0x01],             // field 2 snapshot, VARINT: true
+        &[0x18, 0x01],             // field 3 more, VARINT: true
+        &[0x2a, 0x01, b'r'],       // field 5 removed_ids, LEN 1
+        &[0x32, 0x07],             // field 6 bundles, LEN 7: a Bundle
+        &[0x0a, 0x01, b'a'],       //   field 1 trust_domain, LEN 1
+        &[0x12, 0x02, b'{', b'}'], //   field 2 spiffe_json, LEN 2
+        &[0x3a, 0x02, b't', b'd'], // field 7 removed_bundles, LEN 2
+        &[0x42, 0x02, b'i', b'9'], // field 8 incarnation, LEN 2
+    ]);
+    assert_golden(&value, &bytes);
+}

@@ -722,6 +722,7 @@ async fn a_reconnecting_agent_resumes_with_a_delta() {
         .sync(pb::SyncRequest {
             revision: first.revision,
             known_entry_ids: vec![keep.clone(), gone.clone()],
+            incarnation: String::new(),
         })
         .await
         .unwrap()
@@ -746,6 +747,7 @@ async fn a_reconnecting_agent_resumes_with_a_delta() {
         .sync(pb::SyncRequest {
             revision: u64::MAX,
             known_entry_ids: vec![keep],
+            incarnation: String::new(),
         })
         .await
         .unwrap()

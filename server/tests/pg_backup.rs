@@ -5,15 +5,21 @@
 //! agent attested before the backup keeps its identity and gets an SVID
 //! that verifies with the bundle it held; a token made before the backup
 //! still attests; what was written after the backup is gone from what a
-//! restarted agent gets and from the running agent's resumed view. Needs
-//! the cluster `./scripts/test` starts.
+//! restarted agent gets and from the running agent's resumed view, and an
+//! entry changed after the backup is back as the backup holds it, though
+//! the restored store's revision has passed the agent's: the restored
+//! database is another incarnation, so the resumed agent gets a snapshot.
+//! Needs the cluster `./scripts/test` starts.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "support/pg.rs"]
 mod pg_cluster;
+#[path = "support/resume.rs"]
+mod resume;
 mod support;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::SystemTime;
@@ -22,6 +28,7 @@ use oxid_pki::x509::{Csr, ExtendedKeyUsage, verify_x509_svid};
 use oxid_pki::{KeyAlgorithm, KeyPair};
 use oxid_proto::agent as pb;
 use oxid_server::datastore::postgres::PgHost;
+use resume::synced;
 use support::cli_process::Server;
 
 /// `tool args…` against the test cluster's socket, as `postgres`; its
@@ -114,8 +121,23 @@ fn a_pg_dump_restored_into_a_new_database_serves_the_same_identities() {
         ],
     );
     let lost = create(&b, "lost", agent.id.as_str());
-    let (revision, held) = rt.block_on(synced(addr_b, &bundle, &agent, 2, None));
-    assert!(held.contains(&kept) && held.contains(&lost));
+    a.ok(&[
+        "entry",
+        "update",
+        "--entry-id",
+        &kept,
+        "--x509-svid-ttl",
+        "17m",
+    ]);
+    let before = rt.block_on(synced(addr_b, &bundle, &agent, None, |v| {
+        v.ttls.len() == 2 && v.ttls.get(&kept) == Some(&1020)
+    }));
+    assert!(before.ttls.contains_key(&lost));
+    assert!(!before.incarnation.is_empty());
+    // Every server on the database is of the same incarnation.
+    let addr_a: SocketAddr = a.ready_field("agent_api").parse().unwrap();
+    let on_a = rt.block_on(synced(addr_a, &bundle, &agent, None, |v| v.ttls.len() == 2));
+    assert_eq!(on_a.incarnation, before.incarnation);
 
     // Restore into an empty database; both servers start on it with their
     // own data directories.
@@ -148,13 +170,48 @@ fn a_pg_dump_restored_into_a_new_database_serves_the_same_identities() {
     );
 
     rt.block_on(async {
-        // A restarted agent (revision 0) gets the restored state; so does
-        // the running one, resuming from its revision: the entry written
-        // after the backup is removed from its view.
-        let (_, fresh) = synced(addr_b, &bundle, &agent, 1, None).await;
-        assert_eq!(fresh, [kept.clone()].into());
-        let (_, resumed) = synced(addr_b, &bundle, &agent, 1, Some((revision, &held))).await;
-        assert_eq!(resumed, [kept.clone()].into());
+        // A restarted agent (revision 0) gets the restored state: the entry
+        // written after the backup is gone, the changed one as it was.
+        let restored_ttls: BTreeMap<String, u64> = [(kept.clone(), 3600)].into();
+        let fresh = synced(addr_b, &bundle, &agent, None, |v| v.ttls.len() == 1).await;
+        assert_eq!(fresh.ttls, restored_ttls);
+        assert_ne!(
+            fresh.incarnation, before.incarnation,
+            "a restore is another incarnation"
+        );
+        // The restored store's revision passes the running agent's (the
+        // servers' own start writes, then others' entries), so its
+        // revision alone would resume it by a delta that keeps its 17m.
+        let mut revision = fresh.revision;
+        let mut i = 0;
+        while revision < before.revision {
+            create(&b, &format!("other-{i}"), "spiffe://example.org/elsewhere");
+            i += 1;
+            revision = synced(addr_b, &bundle, &agent, None, |_| true)
+                .await
+                .revision;
+        }
+        // The running agent resumes from its revision, with its
+        // incarnation: a snapshot of the restored state.
+        let resumed = synced(addr_b, &bundle, &agent, Some(&before), |v| {
+            v.ttls.len() == 1
+        })
+        .await;
+        assert!(
+            resumed.snapshot,
+            "another incarnation's revision gets a snapshot"
+        );
+        assert_eq!(
+            resumed.ttls, restored_ttls,
+            "the database's TTL, not the stale one"
+        );
+        // Resumed again with what it now holds: a delta.
+        let again = synced(addr_b, &bundle, &agent, Some(&resumed), |v| {
+            v.ttls.len() == 1
+        })
+        .await;
+        assert!(!again.snapshot, "the same incarnation resumes by a delta");
+        assert_eq!(again.ttls, restored_ttls);
         // Its identity holds, and an SVID for the kept entry verifies with
         // the bundle it held before the backup.
         let mut client = support::agent_api_client(
@@ -195,46 +252,4 @@ fn a_pg_dump_restored_into_a_new_database_serves_the_same_identities() {
             .await
             .unwrap();
     });
-}
-
-/// Opens Sync for `agent` (from `resume`'s revision and entry IDs, if
-/// given) and reads until a complete view holds `n` entries; the revision
-/// reached and the entry IDs.
-async fn synced(
-    addr: SocketAddr,
-    bundle: &oxid_pki::bundle::Bundle,
-    agent: &support::Agent,
-    n: usize,
-    resume: Option<(u64, &std::collections::BTreeSet<String>)>,
-) -> (u64, std::collections::BTreeSet<String>) {
-    let mut client = support::agent_api_client(
-        addr,
-        bundle.clone(),
-        support::SERVER_ID,
-        Some(agent.certs.clone()),
-    )
-    .await
-    .unwrap();
-    let request = match resume {
-        Some((revision, known)) => pb::SyncRequest {
-            revision,
-            known_entry_ids: known.iter().cloned().collect(),
-        },
-        None => pb::SyncRequest::default(),
-    };
-    let mut stream = client.sync(request).await.unwrap().into_inner();
-    let mut ids = resume.map(|(_, known)| known.clone()).unwrap_or_default();
-    loop {
-        let page = stream.message().await.unwrap().unwrap();
-        if page.snapshot {
-            ids.clear();
-        }
-        ids.extend(page.upserts.into_iter().map(|e| e.id));
-        for id in &page.removed_ids {
-            ids.remove(id);
-        }
-        if !page.more && ids.len() == n {
-            return (page.revision, ids);
-        }
-    }
 }

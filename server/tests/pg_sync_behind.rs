@@ -74,6 +74,7 @@ async fn sync_once(
         .sync(pb::SyncRequest {
             revision,
             known_entry_ids: vec![],
+            incarnation: String::new(),
         })
         .await?
         .into_inner();

@@ -384,14 +384,7 @@ impl pb::agent_api_server::AgentApi for AgentApiService {
         let (agent, caller) = self.0.authenticate(&req).await?;
         let aged_at = req.extensions().get::<super::PeerInfo>().map(|p| p.aged_at);
         let r = req.into_inner();
-        let rx = sync::start(
-            self.0.sync.clone(),
-            agent,
-            caller,
-            r.revision,
-            r.known_entry_ids,
-            aged_at,
-        );
+        let rx = sync::start(self.0.sync.clone(), agent, caller, r, aged_at);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

@@ -3,9 +3,10 @@
 //! diff against what this stream already sent, so every way an entry can
 //! leave the authorised set (deleted, re-parented, alias or node selectors
 //! changed, expired) is a removal. A reconnecting agent resumes from the
-//! revision it holds (a delta); a server whose index is behind that
-//! revision waits for it, bounded, then refuses, so an agent's view never
-//! goes back in time.
+//! revision it holds (a delta) if that is of this store's incarnation,
+//! else gets a snapshot (a restored backup); a server whose index is
+//! behind that revision waits for it, bounded, then refuses, so an agent's
+//! view never goes back in time.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -160,20 +161,48 @@ async fn catch_up(inner: &SyncDeps, revision: u64) -> Result<(), Status> {
     Ok(())
 }
 
+/// The revision and entries `request` resumes from: revision 0 (a
+/// snapshot) when they are of another incarnation of the store (a restored
+/// backup), whose revisions say nothing of this one's. A request without
+/// an incarnation (an older agent) is taken by its revision alone.
+fn resume_from(inner: &SyncDeps, agent: &Agent, request: pb::SyncRequest) -> (u64, Vec<String>) {
+    let pb::SyncRequest {
+        revision,
+        known_entry_ids,
+        incarnation,
+    } = request;
+    if revision != 0
+        && !incarnation.is_empty()
+        && !inner.store.holds_history_of(&incarnation, revision)
+    {
+        tracing::info!(
+            agent = %agent.spiffe_id,
+            agent_revision = revision,
+            agent_incarnation = %incarnation,
+            store_incarnation = %inner.store.incarnation(),
+            "an agent holds a view of another incarnation of the store (a restored backup?); \
+             sending it a snapshot"
+        );
+        return (0, Vec::new());
+    }
+    (revision, known_entry_ids)
+}
+
 /// Starts the stream for `agent`, called by `caller`: a snapshot, or, for
-/// an agent that says which revision and entries it holds, a delta from
-/// there. It ends when the caller's SVID expires or is retired (the
-/// renewed one was used), when the agent is banned or evicted.
+/// an agent that says which revision and entries it holds (of this
+/// store's incarnation), a delta from there. It ends when the caller's
+/// SVID expires or is retired (the renewed one was used), when the agent
+/// is banned or evicted.
 pub(crate) fn start(
     inner: Arc<SyncDeps>,
     agent: Agent,
     caller: Caller,
-    revision: u64,
-    known: Vec<String>,
+    request: pb::SyncRequest,
     aged_at: Option<tokio::time::Instant>,
 ) -> mpsc::Receiver<Result<pb::SyncResponse, Status>> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
+        let (revision, known) = resume_from(&inner, &agent, request);
         if let Err(status) = catch_up(&inner, revision).await {
             let _ = tx.send(Err(status)).await;
             return;
@@ -239,7 +268,8 @@ pub(crate) fn start(
                     }
                 };
             if first || !delta.is_empty() {
-                for page in paginate(delta, revision, snapshot) {
+                let incarnation = inner.store.incarnation();
+                for page in paginate(delta, revision, snapshot, incarnation) {
                     if tx.send(Ok(page)).await.is_err() {
                         return;
                     }
@@ -413,10 +443,16 @@ async fn compute(
 }
 
 /// Splits a delta into pages under [`MAX_PAGE_BYTES`]; all but the last say
-/// `more`.
-fn paginate(delta: Delta, revision: u64, snapshot: bool) -> Vec<pb::SyncResponse> {
+/// `more`. Each carries the store's incarnation with the revision.
+fn paginate(
+    delta: Delta,
+    revision: u64,
+    snapshot: bool,
+    incarnation: &str,
+) -> Vec<pb::SyncResponse> {
     let blank = |first: bool| pb::SyncResponse {
         revision,
+        incarnation: incarnation.to_owned(),
         snapshot: snapshot && first,
         more: false,
         upserts: vec![],
@@ -462,13 +498,14 @@ mod tests {
             bundles: vec![],
             removed_bundles: vec![],
         };
-        let pages = paginate(delta, 7, true);
+        let pages = paginate(delta, 7, true, "i");
         assert!(pages.len() >= 4);
         assert!(pages[0].snapshot && !pages[1].snapshot);
         for (i, p) in pages.iter().enumerate() {
             assert!(p.encoded_len() <= MAX_PAGE_BYTES);
             assert_eq!(p.more, i + 1 < pages.len());
             assert_eq!(p.revision, 7);
+            assert_eq!(p.incarnation, "i");
         }
         assert_eq!(pages.iter().map(|p| p.upserts.len()).sum::<usize>(), 40);
         assert_eq!(pages[0].removed_ids, ["gone"]);
@@ -482,7 +519,7 @@ mod tests {
             bundles: vec![],
             removed_bundles: vec![],
         };
-        let pages = paginate(delta, 1, true);
+        let pages = paginate(delta, 1, true, "i");
         assert_eq!(pages.len(), 1);
         assert!(pages[0].snapshot && !pages[0].more);
     }

@@ -11,6 +11,7 @@
 //!   restarted server (or several servers sharing one database) can resume.
 
 mod contents;
+mod incarnation;
 pub mod postgres;
 mod sled_store;
 mod types;
@@ -308,6 +309,21 @@ pub trait DataStore: Send + Sync + 'static {
     /// The latest revision, updated after each durable write: followers wait
     /// on it instead of polling.
     fn revision(&self) -> watch::Receiver<u64>;
+
+    /// Which history the store's revisions belong to (`incarnation.rs`):
+    /// the same for every server on one database, another after a restore
+    /// from a backup. Sync pages carry it, so an agent's revision is only
+    /// taken as one of this store's when it comes with it.
+    fn incarnation(&self) -> &str;
+
+    /// True if a view at `revision` of incarnation `incarnation` is a state
+    /// of this store's history, so a delta from it is right. A store whose
+    /// incarnation changes when it is opened (sled) also holds those of
+    /// its earlier openings.
+    fn holds_history_of(&self, incarnation: &str, revision: u64) -> bool {
+        let _ = revision;
+        incarnation == self.incarnation()
+    }
 
     /// The newest committed revision, read now where it is kept. For a
     /// store other processes write too, `revision()` can trail it (a

@@ -29,6 +29,7 @@ use sled::transaction::{
 };
 use tokio::sync::watch;
 
+use super::incarnation::{self, Lineage};
 use super::{
     Agent, Change, ChangeEvent, CreateMode, DataStore, DataStoreError, Entry, EntryFilter, EntryId,
     JoinToken, StoredBundle,
@@ -37,6 +38,8 @@ use super::{
 const REVISION_KEY: &[u8] = b"revision";
 const PRUNED_KEY: &[u8] = b"pruned_up_to";
 const CA_JOURNAL_KEY: &[u8] = b"ca_journal";
+/// The store's past openings (`incarnation::Lineage`).
+const LINEAGE_KEY: &[u8] = b"lineage";
 
 /// The trees of one transaction, named.
 struct Txn<'a> {
@@ -177,6 +180,28 @@ fn read_revision(meta: &sled::Tree) -> Result<u64, DataStoreError> {
     }
 }
 
+/// Records this opening as a new incarnation (see `incarnation.rs`: a
+/// copy of the directory cannot be told from the original, so every
+/// opening is one), durably before the store serves: an agent given it
+/// must find it here after a restart.
+fn open_lineage(
+    db: &sled::Db,
+    meta: &sled::Tree,
+    revision: u64,
+) -> Result<Lineage, DataStoreError> {
+    let mut lineage: Lineage = match meta.get(LINEAGE_KEY).map_err(backend)? {
+        Some(v) => decode(&v)?,
+        None => Lineage::default(),
+    };
+    let id = incarnation::random()
+        .map_err(|_| DataStoreError::Backend("no randomness for the store's incarnation".into()))?;
+    lineage.open(id, revision);
+    meta.insert(LINEAGE_KEY, encode(&lineage)?)
+        .map_err(backend)?;
+    db.flush().map_err(backend)?;
+    Ok(lineage)
+}
+
 /// The embedded store.
 pub struct SledStore {
     db: sled::Db,
@@ -192,6 +217,8 @@ pub struct SledStore {
     /// The change feed, keyed by big-endian revision so iteration is ordered.
     changes: sled::Tree,
     revision_tx: watch::Sender<u64>,
+    /// This opening's incarnation and the ones before it.
+    lineage: Lineage,
     /// Set by the first write that could not be made durable. sled keeps
     /// failing after an I/O error, and the failed write may already be
     /// visible in memory, so no later write is attempted and the revision
@@ -232,6 +259,7 @@ impl SledStore {
         let tree = |name: &str| db.open_tree(name).map_err(backend);
         let meta = tree("meta")?;
         let revision = read_revision(&meta)?;
+        let lineage = open_lineage(&db, &meta, revision)?;
         let (revision_tx, _) = watch::channel(revision);
         let log_file = std::fs::File::open(dir.join("db")).map_err(backend)?;
         Ok(Self {
@@ -244,6 +272,7 @@ impl SledStore {
             meta,
             db,
             revision_tx,
+            lineage,
             failed: std::sync::OnceLock::new(),
             log_file: std::sync::Arc::new(log_file),
             commits: std::sync::atomic::AtomicU64::new(0),
@@ -726,6 +755,15 @@ impl DataStore for SledStore {
 
     fn revision(&self) -> watch::Receiver<u64> {
         self.revision_tx.subscribe()
+    }
+
+    fn incarnation(&self) -> &str {
+        // Invariant: `open_lineage` added this opening.
+        self.lineage.openings.last().map_or("", |o| o.id.as_str())
+    }
+
+    fn holds_history_of(&self, incarnation: &str, revision: u64) -> bool {
+        self.lineage.holds(incarnation, revision)
     }
 
     fn write_failure(&self) -> Option<String> {

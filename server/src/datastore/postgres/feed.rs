@@ -87,6 +87,38 @@ pub(super) async fn current(client: &tokio_postgres::Client) -> Result<u64, Data
     uint(row.get(0))
 }
 
+/// The database's incarnation (`datastore/incarnation.rs`): the cluster's
+/// `system_identifier` and the database's OID. `pg_restore` into a new
+/// database, or into one dropped and created again, gives a new OID, and a
+/// new cluster a new identifier; neither is in a dump, and both stay the
+/// same across restarts. A role that may not call `pg_control_system` (a
+/// hardened cluster can revoke it) goes by the OID alone.
+pub(super) async fn incarnation(client: &tokio_postgres::Client) -> Result<String, DataStoreError> {
+    let row = client
+        .query_one(
+            "SELECT oid FROM pg_database WHERE datname = current_database()",
+            &[],
+        )
+        .await
+        .map_err(db)?;
+    let oid: u32 = row.get(0);
+    let system = match client
+        .query_one("SELECT system_identifier FROM pg_control_system()", &[])
+        .await
+    {
+        Ok(row) => row.get::<_, i64>(0).to_string(),
+        Err(e) => {
+            tracing::warn!(
+                error = %super::message(&e),
+                "cannot read the cluster's system_identifier; the store's incarnation is the \
+                 database's OID alone"
+            );
+            "-".to_owned()
+        }
+    };
+    Ok(format!("pg-{system}-{oid}"))
+}
+
 /// Changes after `after`, at most `limit`, in one snapshot with the
 /// retention mark, so a prune between the two reads cannot hide a change.
 pub(super) async fn changes_since(

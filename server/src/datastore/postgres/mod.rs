@@ -121,6 +121,9 @@ pub struct PgStore {
     server_name: String,
     /// The schema version this server speaks (`PgConfig::schema_version`).
     schema_version: i32,
+    /// `feed::incarnation`, read once: it cannot change under a running
+    /// server.
+    incarnation: String,
 }
 
 impl Drop for PgStore {
@@ -169,6 +172,7 @@ impl PgStore {
         })?;
         schema::migrate(&mut client, config.schema_version).await?;
         let (revision, _) = watch::channel(feed::current(&client).await?);
+        let incarnation = feed::incarnation(&client).await?;
         drop(client);
         let revision = Arc::new(revision);
         let health = Arc::new(feed::FeedHealth::new());
@@ -191,6 +195,7 @@ impl PgStore {
             health,
             server_name: config.server_name.clone(),
             schema_version: config.schema_version,
+            incarnation,
         })
     }
 
@@ -363,6 +368,10 @@ impl DataStore for PgStore {
 
     fn revision(&self) -> watch::Receiver<u64> {
         self.revision.subscribe()
+    }
+
+    fn incarnation(&self) -> &str {
+        &self.incarnation
     }
 
     /// `oxid_feed.revision` as of now, whatever the listener has seen.
