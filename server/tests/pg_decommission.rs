@@ -67,9 +67,18 @@ async fn heartbeats_are_seen_by_the_others_and_their_applied_revision_never_goes
     b.stop_beating().await.unwrap();
     let stopped = &a.peer_heartbeats().await.unwrap()[0];
     assert!(stopped.stopped && !stopped.is_live(LIVENESS));
-    // Beating again (a restart) makes it live again.
+    // A beat of the stopped run landing after the stop (its task was
+    // aborted with the beat on its way) does not undo it.
     b.beat(10).await.unwrap();
-    assert!(a.peer_heartbeats().await.unwrap()[0].is_live(LIVENESS));
+    let late = &a.peer_heartbeats().await.unwrap()[0];
+    assert!(late.stopped && !late.is_live(LIVENESS), "{late:?}");
+    // A restart (a new opening of the store) beating makes it live again.
+    drop(b);
+    let b = open(&db, "b").await;
+    b.beat(11).await.unwrap();
+    let restarted = &a.peer_heartbeats().await.unwrap()[0];
+    assert!(restarted.is_live(LIVENESS), "{restarted:?}");
+    assert_eq!(restarted.applied_revision, 11);
     // An old heartbeat, by the database's clock, is not live.
     let raw = pg_cluster::raw(&db).await;
     raw.batch_execute(

@@ -224,3 +224,79 @@ async fn while_the_database_is_unreachable_the_server_is_not_ready_and_says_why(
     assert!(s.child.is_some());
     s.ok(&["token", "generate"]);
 }
+
+/// A proxy on a Unix socket in a directory of its own, in front of the
+/// cluster's socket; once `silent` is set it forwards nothing more and
+/// closes nothing, as a network that drops packets does.
+fn silent_proxy(
+    config: &oxid_server::datastore::postgres::PgConfig,
+    silent: Arc<std::sync::atomic::AtomicBool>,
+) -> tempfile::TempDir {
+    let oxid_server::datastore::postgres::PgHost::Unix(cluster) = &config.host else {
+        panic!("the test cluster is reached over its socket");
+    };
+    let name = format!(".s.PGSQL.{}", config.port);
+    let upstream = cluster.join(&name);
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::UnixListener::bind(dir.path().join(&name)).unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::UnixStream::connect(&upstream).await.unwrap();
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            tokio::spawn(pipe(client_read, server_write, silent.clone()));
+            tokio::spawn(pipe(server_read, client_write, silent.clone()));
+        }
+    });
+    dir
+}
+
+/// Copies `from` to `to` until `silent` is set, then holds both open.
+async fn pipe(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    mut to: impl tokio::io::AsyncWrite + Unpin,
+    silent: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if silent.load(std::sync::atomic::Ordering::Acquire) {
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The committed-revision read is on an agent's Sync path (a server
+/// behind the agent asks whether the database is): a database gone silent
+/// must not hold it past the statement_timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_database_does_not_hold_the_committed_revision_read() {
+    let mut config = pg_cluster::fresh().await;
+    config.statement_timeout = Duration::from_secs(1);
+    let silent = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let proxy = silent_proxy(&config, silent.clone());
+    config.host = oxid_server::datastore::postgres::PgHost::Unix(proxy.path().to_owned());
+    let store = store(&config, "silent").await;
+    let before = store.committed_revision().await.unwrap();
+
+    silent.store(true, std::sync::atomic::Ordering::Release);
+    let started = Instant::now();
+    let read = tokio::time::timeout(Duration::from_secs(30), store.committed_revision())
+        .await
+        .expect("the read hung on a silent database");
+    let took = started.elapsed();
+    let err = read.expect_err("a silent database answered").to_string();
+    assert!(
+        err.contains("no answer") && err.contains("statement_timeout"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    eprintln!("revision {before} read; refused after {took:?} of silence: {err}");
+}

@@ -124,6 +124,11 @@ pub struct PgStore {
     /// `feed::incarnation`, read once: it cannot change under a running
     /// server.
     incarnation: String,
+    /// `PgConfig::statement_timeout`, also the client's own bound where
+    /// a call is on an agent's path.
+    timeout: std::time::Duration,
+    /// This opening of the store, in its heartbeat row (`servers.rs`).
+    run: String,
 }
 
 impl Drop for PgStore {
@@ -196,6 +201,8 @@ impl PgStore {
             server_name: config.server_name.clone(),
             schema_version: config.schema_version,
             incarnation,
+            timeout: config.statement_timeout,
+            run: new_run()?,
         })
     }
 
@@ -376,8 +383,22 @@ impl DataStore for PgStore {
 
     /// `oxid_feed.revision` as of now, whatever the listener has seen.
     async fn committed_revision(&self) -> Result<u64, DataStoreError> {
-        let client = self.client().await?;
-        feed::current(&client).await
+        // An agent's Sync call waits on this. statement_timeout bounds a
+        // database that is slow, not a network gone silent (no reset, no
+        // answer), which would hold the call until TCP gives up.
+        let read = async {
+            let client = self.client().await?;
+            feed::current(&client).await
+        };
+        tokio::time::timeout(self.timeout, read)
+            .await
+            .unwrap_or_else(|_| {
+                Err(DataStoreError::Backend(format!(
+                    "PostgreSQL: no answer to reading the committed revision within the \
+                     statement_timeout ({} ms)",
+                    self.timeout.as_millis()
+                )))
+            })
     }
 
     /// The listener's connection is the probe: it is dropped at once when
@@ -389,6 +410,14 @@ impl DataStore for PgStore {
     fn feed_stale_since(&self) -> Option<std::time::Instant> {
         self.health.stale_since()
     }
+}
+
+/// A random name for one opening of the store.
+fn new_run() -> Result<String, DataStoreError> {
+    let mut bytes = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| DataStoreError::Backend("the system random source failed".into()))?;
+    Ok(oxid_pki::hex(&bytes))
 }
 
 /// A driver error as the operator should read it.

@@ -115,7 +115,11 @@ CREATE TABLE oxid_server_heartbeats (
     -- By the database's clock, so servers' clocks need not agree.
     beat_at timestamptz NOT NULL,
     -- Set by a clean stop: not live, whatever beat_at says.
-    stopped boolean NOT NULL DEFAULT false
+    stopped boolean NOT NULL DEFAULT false,
+    -- The run (one opening of the store) that beat last: a clean stop
+    -- marks its own run stopped, and a beat of that run still on its way
+    -- when the server stopped cannot make it live again.
+    run text NOT NULL DEFAULT ''
 );
 ";
 

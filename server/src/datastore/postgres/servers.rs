@@ -53,15 +53,21 @@ impl PgStore {
             return Ok(());
         }
         let client = self.client().await?;
-        // The applied revision never moves back, even if beats race.
+        // The applied revision never moves back, even if beats race. A
+        // beat of a run already marked stopped changes nothing: a server's
+        // stop aborts its tasks, and a beat they had sent may land after
+        // the stop was recorded.
         client
             .execute(
-                "INSERT INTO oxid_server_heartbeats (server, applied_revision, beat_at, stopped) \
-                 VALUES ($1, $2, clock_timestamp(), false) \
+                "INSERT INTO oxid_server_heartbeats \
+                 (server, applied_revision, beat_at, stopped, run) \
+                 VALUES ($1, $2, clock_timestamp(), false, $3) \
                  ON CONFLICT (server) DO UPDATE SET \
                  applied_revision = GREATEST(oxid_server_heartbeats.applied_revision, \
-                 EXCLUDED.applied_revision), beat_at = EXCLUDED.beat_at, stopped = false",
-                &[&self.server_name, &int(applied)?],
+                 EXCLUDED.applied_revision), beat_at = EXCLUDED.beat_at, stopped = false, \
+                 run = EXCLUDED.run \
+                 WHERE NOT (oxid_server_heartbeats.stopped AND oxid_server_heartbeats.run = $3)",
+                &[&self.server_name, &int(applied)?, &self.run],
             )
             .await
             .map_err(db)?;
@@ -75,8 +81,8 @@ impl PgStore {
         let client = self.client().await?;
         client
             .execute(
-                "UPDATE oxid_server_heartbeats SET stopped = true WHERE server = $1",
-                &[&self.server_name],
+                "UPDATE oxid_server_heartbeats SET stopped = true WHERE server = $1 AND run = $2",
+                &[&self.server_name, &self.run],
             )
             .await
             .map_err(db)?;
