@@ -235,6 +235,9 @@ pub struct ConfigFile {
     /// the agent reconnects, to the next server first, so agents spread
     /// over the servers again after one returns.
     pub max_connection_age: Option<HumanDuration>,
+    /// How long the change feed keeps a change (default `24h`, `1m` to
+    /// `365d`): an index or agent behind by more reloads (`retention.rs`).
+    pub change_retention: Option<HumanDuration>,
     /// The CA.
     pub ca: Option<CaFile>,
 }
@@ -314,6 +317,23 @@ pub struct Config {
     pub jwt_svid_ttl: Duration,
     /// Upstream CA, if any.
     pub upstream: Option<UpstreamFile>,
+    /// How long the change feed keeps a change.
+    pub change_retention: Duration,
+}
+
+/// Default `change_retention`.
+pub const DEFAULT_CHANGE_RETENTION: Duration = Duration::from_secs(86_400);
+
+/// `change_retention`, strictly within 1m and 365d.
+fn change_retention(value: Option<HumanDuration>) -> Result<Duration, ConfigError> {
+    let d = value.map_or(DEFAULT_CHANGE_RETENTION, |d| d.0);
+    if d < Duration::from_secs(60) || d > Duration::from_secs(365 * 86_400) {
+        return Err(ConfigError::Invalid(format!(
+            "change_retention {} must be between 1m and 365d",
+            HumanDuration(d)
+        )));
+    }
+    Ok(d)
 }
 
 /// A server name: 1 to 64 of `a-z`, `0-9`, `.`, `_`, `-` (it shows in
@@ -491,6 +511,7 @@ impl Config {
             x509_svid_ttl,
             jwt_svid_ttl,
             upstream: ca.upstream,
+            change_retention: change_retention(file.change_retention)?,
         })
     }
 }
@@ -579,6 +600,36 @@ mod tests {
         assert_eq!(c.connections.per_address, 64);
         assert_eq!(c.connections.timeouts.preface, Duration::from_secs(10));
         assert_eq!(c.connections.timeouts.idle, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn change_retention_has_a_default_and_strict_bounds() {
+        assert_eq!(
+            parse("").unwrap().change_retention,
+            Duration::from_secs(86_400)
+        );
+        assert_eq!(
+            parse("change_retention = \"1m\"").unwrap().change_retention,
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            parse("change_retention = \"365d\"")
+                .unwrap()
+                .change_retention,
+            Duration::from_secs(365 * 86_400)
+        );
+        for text in [
+            "change_retention = \"59s\"",
+            "change_retention = \"0s\"",
+            "change_retention = \"366d\"",
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(
+                err.contains("change_retention") && err.contains("between 1m and 365d"),
+                "{text}: {err}"
+            );
+        }
+        assert!(parse("change_retention = \"a day\"").is_err());
     }
 
     #[test]

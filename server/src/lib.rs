@@ -18,4 +18,5 @@ pub mod datastore;
 pub mod fuzzing;
 pub mod index;
 pub mod metrics;
+pub mod retention;
 pub mod run;

@@ -311,6 +311,7 @@ impl Built {
             .unwrap_or_else(|| "off".into());
 
         let rotation = spawn_rotation(ca.clone(), config.ca_ttl);
+        let retention = crate::retention::spawn(store.clone(), config.change_retention);
         let follower = index.clone().follow(store.clone());
         let peers = ca.clone().follow_peers(index.authorities_changed());
         let heartbeat = ca.clone().keep_beating();
@@ -383,10 +384,12 @@ impl Built {
         // whose lock must be released when `run` returns (a restart
         // reopens it).
         rotation.abort();
+        retention.abort();
         follower.abort();
         peers.abort();
         heartbeat.abort();
         let _ = rotation.await;
+        let _ = retention.await;
         let _ = follower.await;
         let _ = peers.await;
         let _ = heartbeat.await;

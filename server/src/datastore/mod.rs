@@ -303,8 +303,10 @@ pub trait DataStore: Send + Sync + 'static {
     /// `limit`. Fails with `RevisionGone` if changes after `after` were pruned.
     async fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<Change>, DataStoreError>;
 
-    /// Drops changes with revision at most `up_to` (feed retention).
-    async fn prune_changes(&self, up_to: u64) -> Result<(), DataStoreError>;
+    /// Drops changes with revision at most `up_to` (feed retention, see
+    /// `retention.rs`) and returns how many this call removed. Idempotent:
+    /// several servers may prune one PostgreSQL store at once.
+    async fn prune_changes(&self, up_to: u64) -> Result<usize, DataStoreError>;
 
     /// The latest revision, updated after each durable write: followers wait
     /// on it instead of polling.

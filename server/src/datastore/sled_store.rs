@@ -732,25 +732,37 @@ impl DataStore for SledStore {
             .collect()
     }
 
-    async fn prune_changes(&self, up_to: u64) -> Result<(), DataStoreError> {
+    async fn prune_changes(&self, up_to: u64) -> Result<usize, DataStoreError> {
         if let Some(reason) = self.failed.get() {
             return Err(refused(reason));
         }
         // Removing keys one by one outside a transaction is safe: readers
         // check the retention mark first, and it is raised before removal.
+        // The mark never moves back (a lower `up_to` would leave a gap
+        // below it): idempotent, as on PostgreSQL.
         let current = *self.revision_tx.borrow();
-        let up_to = up_to.min(current);
+        let marked = match self.meta.get(PRUNED_KEY).map_err(backend)? {
+            Some(v) => decode_u64(&v)?,
+            None => 0,
+        };
+        let up_to = up_to.min(current).max(marked);
         self.meta
             .insert(PRUNED_KEY, &up_to.to_be_bytes())
             .map_err(backend)?;
         self.flush_serialized().await.map_err(backend)?;
+        let mut removed = 0;
         for key in self.changes.range(..=up_to.to_be_bytes()).keys() {
-            self.changes
+            if self
+                .changes
                 .remove(key.map_err(backend)?)
-                .map_err(backend)?;
+                .map_err(backend)?
+                .is_some()
+            {
+                removed += 1;
+            }
         }
         self.flush_serialized().await.map_err(backend)?;
-        Ok(())
+        Ok(removed)
     }
 
     fn revision(&self) -> watch::Receiver<u64> {

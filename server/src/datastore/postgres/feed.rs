@@ -165,11 +165,12 @@ pub(super) async fn changes_since(
 }
 
 /// Drops changes at or below `up_to` (never past the last revision), and
-/// raises the retention mark in the same transaction.
+/// raises the retention mark in the same transaction. Returns the rows
+/// this call deleted: servers pruning at once each delete a share (or none).
 pub(super) async fn prune(
     client: &mut deadpool_postgres::Client,
     up_to: u64,
-) -> Result<(), DataStoreError> {
+) -> Result<usize, DataStoreError> {
     let tx = client.transaction().await.map_err(db)?;
     let mark: i64 = tx
         .query_one(
@@ -180,10 +181,12 @@ pub(super) async fn prune(
         .await
         .map_err(db)?
         .get(0);
-    tx.execute("DELETE FROM oxid_changes WHERE revision <= $1", &[&mark])
+    let removed = tx
+        .execute("DELETE FROM oxid_changes WHERE revision <= $1", &[&mark])
         .await
         .map_err(db)?;
-    tx.commit().await.map_err(db)
+    tx.commit().await.map_err(db)?;
+    Ok(usize::try_from(removed).unwrap_or(usize::MAX))
 }
 
 /// Moves `revision` forward to `to` (never back).

@@ -368,7 +368,7 @@ impl DataStore for PgStore {
         feed::changes_since(&mut client, after, limit).await
     }
 
-    async fn prune_changes(&self, up_to: u64) -> Result<(), DataStoreError> {
+    async fn prune_changes(&self, up_to: u64) -> Result<usize, DataStoreError> {
         let mut client = self.client().await?;
         feed::prune(&mut client, up_to).await
     }
