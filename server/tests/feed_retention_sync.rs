@@ -10,33 +10,10 @@ mod resume;
 mod support;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use resume::synced;
 use support::cli_process::Server;
-
-fn agent_addr(s: &Server) -> SocketAddr {
-    s.ready_field("agent_api").parse().unwrap()
-}
-
-/// Entry `name` under `parent` through `s`; its ID.
-fn create(s: &Server, name: &str, parent: &str) -> String {
-    let created = s.json(&[
-        "entry",
-        "create",
-        "--spiffe-id",
-        &format!("spiffe://example.org/{name}"),
-        "--parent-id",
-        parent,
-        "--selector",
-        "unix:uid:1000",
-    ]);
-    created["results"][0]["entry"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
-}
 
 /// Waits for the INFO line of a prune that went past `revision`; the
 /// revision it pruned up to, and how many changes the server's prunes
@@ -76,7 +53,7 @@ fn an_agent_resuming_from_a_pruned_revision_ends_with_the_table() {
     let token = s.json(&["token", "generate"]);
     let agent = rt.block_on(async {
         let client =
-            support::agent_api_client(agent_addr(&s), bundle.clone(), support::SERVER_ID, None)
+            support::agent_api_client(s.agent_addr(), bundle.clone(), support::SERVER_ID, None)
                 .await
                 .unwrap();
         support::attest_token_with(client, token["token"].as_str().unwrap(), |c| c)
@@ -84,8 +61,8 @@ fn an_agent_resuming_from_a_pruned_revision_ends_with_the_table() {
             .unwrap()
     });
     let parent = agent.id.to_string();
-    let [changed, gone, kept] = ["changed", "gone", "kept"].map(|n| create(&s, n, &parent));
-    let old = rt.block_on(synced(agent_addr(&s), &bundle, &agent, None, |v| {
+    let [changed, gone, kept] = ["changed", "gone", "kept"].map(|n| s.create_id(n, &parent));
+    let old = rt.block_on(synced(s.agent_addr(), &bundle, &agent, None, |v| {
         v.ttls.len() == 3
     }));
 
@@ -98,17 +75,17 @@ fn an_agent_resuming_from_a_pruned_revision_ends_with_the_table() {
         "17m",
     ]);
     s.ok(&["entry", "delete", "--entry-id", &gone]);
-    let added = create(&s, "added", &parent);
+    let added = s.create_id("added", &parent);
     // The changes since the agent's view were committed after it: once a
     // prune has passed the current revision, the feed no longer holds them.
-    let now = rt.block_on(synced(agent_addr(&s), &bundle, &agent, None, |v| {
+    let now = rt.block_on(synced(s.agent_addr(), &bundle, &agent, None, |v| {
         v.ttls.len() == 3 && v.ttls.contains_key(&added)
     }));
     assert!(now.revision > old.revision);
     let (up_to, removed) = pruned_past(&s, now.revision - 1);
     assert_eq!(removed, up_to, "every change up to the mark, each once");
 
-    let resumed = rt.block_on(synced(agent_addr(&s), &bundle, &agent, Some(&old), |_| {
+    let resumed = rt.block_on(synced(s.agent_addr(), &bundle, &agent, Some(&old), |_| {
         true
     }));
     let table: BTreeMap<String, u64> = [(changed, 1020), (kept, 3600), (added, 3600)].into();

@@ -24,9 +24,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::SystemTime;
 
-use oxid_pki::x509::{Csr, ExtendedKeyUsage, verify_x509_svid};
-use oxid_pki::{KeyAlgorithm, KeyPair};
-use oxid_proto::agent as pb;
+use oxid_pki::x509::{ExtendedKeyUsage, verify_x509_svid};
 use oxid_server::datastore::postgres::PgHost;
 use resume::synced;
 use support::cli_process::Server;
@@ -54,24 +52,6 @@ fn pg_tool(tool: &str, args: &[&str]) {
 
 fn config(name: &str) -> String {
     format!("server_name = {name:?}\n")
-}
-
-/// Entry `name` under `parent` through `s`; its ID.
-fn create(s: &Server, name: &str, parent: &str) -> String {
-    let created = s.json(&[
-        "entry",
-        "create",
-        "--spiffe-id",
-        &format!("spiffe://example.org/{name}"),
-        "--parent-id",
-        parent,
-        "--selector",
-        "unix:uid:1000",
-    ]);
-    created["results"][0]["entry"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
 }
 
 #[test]
@@ -105,7 +85,7 @@ fn a_pg_dump_restored_into_a_new_database_serves_the_same_identities() {
             .await
             .unwrap()
     });
-    let kept = create(&a, "kept", agent.id.as_str());
+    let kept = a.create_id("kept", agent.id.as_str());
 
     // The backup, while both run; then a write it does not hold, which
     // the agent receives.
@@ -120,7 +100,7 @@ fn a_pg_dump_restored_into_a_new_database_serves_the_same_identities() {
             &db.dbname,
         ],
     );
-    let lost = create(&b, "lost", agent.id.as_str());
+    let lost = b.create_id("lost", agent.id.as_str());
     a.ok(&[
         "entry",
         "update",
@@ -185,7 +165,7 @@ fn a_pg_dump_restored_into_a_new_database_serves_the_same_identities() {
         let mut revision = fresh.revision;
         let mut i = 0;
         while revision < before.revision {
-            create(&b, &format!("other-{i}"), "spiffe://example.org/elsewhere");
+            b.create_id(&format!("other-{i}"), "spiffe://example.org/elsewhere");
             i += 1;
             revision = synced(addr_b, &bundle, &agent, None, |_| true)
                 .await
@@ -222,19 +202,7 @@ fn a_pg_dump_restored_into_a_new_database_serves_the_same_identities() {
         )
         .await
         .unwrap();
-        let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
-        let svid = client
-            .sign_x509_svids(pb::SignX509SvidsRequest {
-                requests: vec![pb::SvidRequest {
-                    entry_id: kept.clone(),
-                    csr: Csr::create(&key).unwrap(),
-                }],
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .svids
-            .remove(0);
+        let svid = support::inproc::sign_on(&mut client, &kept).await.unwrap();
         assert!(svid.error.is_empty(), "{}", svid.error);
         let chain = support::chain_of(svid.cert_chain);
         verify_x509_svid(

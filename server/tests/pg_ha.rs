@@ -16,9 +16,9 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use oxid_pki::TrustDomain;
 use oxid_pki::bundle::Bundle;
-use oxid_pki::x509::{Csr, ExtendedKeyUsage, verify_x509_svid};
-use oxid_pki::{KeyAlgorithm, KeyPair, TrustDomain};
+use oxid_pki::x509::{ExtendedKeyUsage, verify_x509_svid};
 use oxid_proto::agent as pb;
 use oxid_tls::SvidResolver;
 use support::cli_process::Server;
@@ -103,19 +103,9 @@ async fn sign(
     let mut client = support::agent_api_client(addr, trusted, support::SERVER_ID, Some(certs))
         .await
         .unwrap();
-    let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
-    let signed = client
-        .sign_x509_svids(pb::SignX509SvidsRequest {
-            requests: vec![pb::SvidRequest {
-                entry_id: entry_id.into(),
-                csr: Csr::create(&key).unwrap(),
-            }],
-        })
+    let signed = support::inproc::sign_on(&mut client, entry_id)
         .await
-        .unwrap()
-        .into_inner()
-        .svids
-        .remove(0);
+        .unwrap();
     assert!(signed.error.is_empty(), "{}", signed.error);
     support::chain_of(signed.cert_chain)
 }

@@ -21,9 +21,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use oxid_pki::TrustDomain;
 use oxid_pki::bundle::Bundle;
-use oxid_pki::x509::{Csr, ExtendedKeyUsage, verify_x509_svid};
-use oxid_pki::{KeyAlgorithm, KeyPair, TrustDomain};
+use oxid_pki::x509::{ExtendedKeyUsage, verify_x509_svid};
 use oxid_proto::agent as pb;
 use oxid_proto::agent::agent_api_client::AgentApiClient;
 use oxid_server::datastore::PgConfig;
@@ -179,19 +179,9 @@ async fn sign(
     client: &mut AgentApiClient<Channel>,
     view: &View,
 ) -> Result<Vec<CertificateDer<'static>>, String> {
-    let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
-    let mut signed = client
-        .sign_x509_svids(pb::SignX509SvidsRequest {
-            requests: vec![pb::SvidRequest {
-                entry_id: view.entry_id.clone(),
-                csr: Csr::create(&key).unwrap(),
-            }],
-        })
+    let one = support::inproc::sign_on(client, &view.entry_id)
         .await
-        .map_err(|e| e.to_string())?
-        .into_inner()
-        .svids;
-    let one = signed.remove(0);
+        .map_err(|e| e.to_string())?;
     if !one.error.is_empty() {
         return Err(one.error);
     }

@@ -16,8 +16,7 @@ mod support;
 use std::process::{Command, Output};
 use std::time::{Duration, SystemTime};
 
-use oxid_pki::x509::{Csr, ExtendedKeyUsage, verify_x509_svid};
-use oxid_pki::{KeyAlgorithm, KeyPair};
+use oxid_pki::x509::{ExtendedKeyUsage, verify_x509_svid};
 use oxid_proto::agent as pb;
 use support::cli_process::{BIN, Server};
 
@@ -141,19 +140,9 @@ fn a_sled_server_moves_to_postgres_and_its_agent_keeps_its_svids() {
             }
         };
         assert_eq!(entry.spiffe_id, "spiffe://example.org/web");
-        let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
-        let signed = client
-            .sign_x509_svids(pb::SignX509SvidsRequest {
-                requests: vec![pb::SvidRequest {
-                    entry_id: entry_id.clone(),
-                    csr: Csr::create(&key).unwrap(),
-                }],
-            })
+        let signed = support::inproc::sign_on(&mut client, &entry_id)
             .await
-            .unwrap()
-            .into_inner()
-            .svids
-            .remove(0);
+            .unwrap();
         assert!(signed.error.is_empty(), "{}", signed.error);
         let verified = verify_x509_svid(
             &support::chain_of(signed.cert_chain),

@@ -25,10 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
-use oxid_pki::x509::Csr;
-use oxid_pki::{KeyAlgorithm, KeyPair};
 use oxid_proto::admin as admin_pb;
-use oxid_proto::agent as pb;
 use private_pg::PrivateCluster;
 use support::cli_process::Server;
 use tokio::sync::watch;
@@ -376,19 +373,9 @@ async fn sign(
     mut api: oxid_proto::agent::agent_api_client::AgentApiClient<tonic::transport::Channel>,
     entry_id: String,
 ) -> Result<String, String> {
-    let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
-    let mut svids = api
-        .sign_x509_svids(pb::SignX509SvidsRequest {
-            requests: vec![pb::SvidRequest {
-                entry_id,
-                csr: Csr::create(&key).unwrap(),
-            }],
-        })
+    let svid = support::inproc::sign_on(&mut api, &entry_id)
         .await
-        .map_err(|s| format!("{s:?}"))?
-        .into_inner()
-        .svids;
-    let svid = svids.remove(0);
+        .map_err(|s| format!("{s:?}"))?;
     if svid.error.is_empty() {
         Ok(format!("{} certificates", svid.cert_chain.len()))
     } else {

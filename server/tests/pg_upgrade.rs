@@ -17,9 +17,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use hyper_util::rt::TokioIo;
+use oxid_pki::TrustDomain;
 use oxid_pki::bundle::Bundle;
-use oxid_pki::x509::{Csr, ExtendedKeyUsage, verify_x509_svid};
-use oxid_pki::{KeyAlgorithm, KeyPair, TrustDomain};
+use oxid_pki::x509::{ExtendedKeyUsage, verify_x509_svid};
 use oxid_proto::admin as admin_pb;
 use oxid_proto::admin::admin_client::AdminClient;
 use oxid_proto::agent as pb;
@@ -196,19 +196,9 @@ async fn signs(s: &Server, trusted: Bundle, certs: Arc<SvidResolver>, entry_id: 
         support::agent_api_client(s.addr, trusted.clone(), support::SERVER_ID, Some(certs))
             .await
             .unwrap();
-    let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).unwrap();
-    let signed = client
-        .sign_x509_svids(pb::SignX509SvidsRequest {
-            requests: vec![pb::SvidRequest {
-                entry_id: entry_id.into(),
-                csr: Csr::create(&key).unwrap(),
-            }],
-        })
+    let signed = support::inproc::sign_on(&mut client, entry_id)
         .await
-        .unwrap()
-        .into_inner()
-        .svids
-        .remove(0);
+        .unwrap();
     assert!(signed.error.is_empty(), "{}", signed.error);
     let chain = support::chain_of(signed.cert_chain);
     verify_x509_svid(

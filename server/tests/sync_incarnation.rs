@@ -12,7 +12,6 @@ mod resume;
 mod support;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 
@@ -34,28 +33,6 @@ fn copy_dir(from: &Path, to: &Path) {
     );
 }
 
-fn agent_addr(s: &Server) -> SocketAddr {
-    s.ready_field("agent_api").parse().unwrap()
-}
-
-/// Entry `name` under `parent` through `s`; its ID.
-fn create(s: &Server, name: &str, parent: &str) -> String {
-    let created = s.json(&[
-        "entry",
-        "create",
-        "--spiffe-id",
-        &format!("spiffe://example.org/{name}"),
-        "--parent-id",
-        parent,
-        "--selector",
-        "unix:uid:1000",
-    ]);
-    created["results"][0]["entry"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
-}
-
 #[test]
 fn a_restored_sled_copy_sends_a_running_agent_a_snapshot() {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -64,15 +41,15 @@ fn a_restored_sled_copy_sends_a_running_agent_a_snapshot() {
     let token = s.json(&["token", "generate"]);
     let agent = rt.block_on(async {
         let client =
-            support::agent_api_client(agent_addr(&s), bundle.clone(), support::SERVER_ID, None)
+            support::agent_api_client(s.agent_addr(), bundle.clone(), support::SERVER_ID, None)
                 .await
                 .unwrap();
         support::attest_token_with(client, token["token"].as_str().unwrap(), |c| c)
             .await
             .unwrap()
     });
-    let kept = create(&s, "kept", agent.id.as_str());
-    let first = rt.block_on(synced(agent_addr(&s), &bundle, &agent, None, |v| {
+    let kept = s.create_id("kept", agent.id.as_str());
+    let first = rt.block_on(synced(s.agent_addr(), &bundle, &agent, None, |v| {
         v.ttls.len() == 1
     }));
     assert!(first.snapshot && !first.incarnation.is_empty());
@@ -81,7 +58,7 @@ fn a_restored_sled_copy_sends_a_running_agent_a_snapshot() {
     // of another history at this revision) by a snapshot, none (an older
     // agent) by the revision alone.
     let resumed = rt.block_on(synced(
-        agent_addr(&s),
+        s.agent_addr(),
         &bundle,
         &agent,
         Some(&first),
@@ -93,7 +70,7 @@ fn a_restored_sled_copy_sends_a_running_agent_a_snapshot() {
         ..first.clone()
     };
     let resumed = rt.block_on(synced(
-        agent_addr(&s),
+        s.agent_addr(),
         &bundle,
         &agent,
         Some(&other),
@@ -106,7 +83,7 @@ fn a_restored_sled_copy_sends_a_running_agent_a_snapshot() {
         ..first.clone()
     };
     let resumed = rt.block_on(synced(
-        agent_addr(&s),
+        s.agent_addr(),
         &bundle,
         &agent,
         Some(&older_agent),
@@ -121,7 +98,7 @@ fn a_restored_sled_copy_sends_a_running_agent_a_snapshot() {
     // delta still.
     let s = Server::start_in(s.stop(), "", &[]);
     let restarted = rt.block_on(synced(
-        agent_addr(&s),
+        s.agent_addr(),
         &bundle,
         &agent,
         Some(&first),
@@ -145,7 +122,7 @@ fn a_restored_sled_copy_sends_a_running_agent_a_snapshot() {
         "17m",
     ]);
     let running = rt.block_on(synced(
-        agent_addr(&s),
+        s.agent_addr(),
         &bundle,
         &agent,
         Some(&restarted),
@@ -161,15 +138,15 @@ fn a_restored_sled_copy_sends_a_running_agent_a_snapshot() {
     // a delta that keeps its 17m.
     let mut i = 0;
     while rt
-        .block_on(synced(agent_addr(&s), &bundle, &agent, None, |_| true))
+        .block_on(synced(s.agent_addr(), &bundle, &agent, None, |_| true))
         .revision
         < running.revision
     {
-        create(&s, &format!("other-{i}"), "spiffe://example.org/elsewhere");
+        s.create_id(&format!("other-{i}"), "spiffe://example.org/elsewhere");
         i += 1;
     }
     let resumed = rt.block_on(synced(
-        agent_addr(&s),
+        s.agent_addr(),
         &bundle,
         &agent,
         Some(&running),

@@ -127,18 +127,43 @@ impl Server {
         stderr
     }
 
+    /// The agent API's address, from the ready line.
+    pub(crate) fn agent_addr(&self) -> std::net::SocketAddr {
+        self.ready_field("agent_api").parse().unwrap()
+    }
+
     pub(crate) fn create(&self, spiffe_id: &str, extra: &[&str]) -> serde_json::Value {
+        self.create_under(spiffe_id, AGENT, extra)
+    }
+
+    /// `entry create` of `spiffe_id` under `parent`; the created entry.
+    pub(crate) fn create_under(
+        &self,
+        spiffe_id: &str,
+        parent: &str,
+        extra: &[&str],
+    ) -> serde_json::Value {
         let mut args = vec![
             "entry",
             "create",
             "--spiffe-id",
             spiffe_id,
             "--parent-id",
-            AGENT,
+            parent,
         ];
         args.extend_from_slice(extra);
         let r = self.json(&args);
         r["results"][0]["entry"].clone()
+    }
+
+    /// An entry for `spiffe://example.org/<name>` and uid 1000 under
+    /// `parent`; its ID.
+    pub(crate) fn create_id(&self, name: &str, parent: &str) -> String {
+        let spiffe_id = format!("spiffe://example.org/{name}");
+        self.create_under(&spiffe_id, parent, &["--selector", "unix:uid:1000"])["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
     }
 
     /// The server's own bundle, from `bundle show --format spiffe`.
