@@ -326,6 +326,9 @@ fn publish(view: &View, cache: &Cache, tls_bundle: &SharedBundle, data_dir: &std
         }
     }
     let bundles = view.bundles.clone();
+    // Before the view is published: whoever sees it synced (readiness,
+    // metrics) then also sees a sync time, never "not synced yet" (-1).
+    mark_synced(cache);
     cache.update(|old| {
         let mut next = old.clone_shallow();
         next.synced = true;
@@ -335,7 +338,6 @@ fn publish(view: &View, cache: &Cache, tls_bundle: &SharedBundle, data_dir: &std
         next.svids.retain(|id, _| next.entries.contains(id));
         next
     });
-    mark_synced(cache);
     tracing::debug!(
         revision = view.revision,
         entries = view.entries.len(),
